@@ -1,0 +1,38 @@
+"""disagg: move multimodal embeddings from vision-encoder ranks to LLM prefill
+ranks over torch.distributed point-to-point, with ZeroMQ for control.
+
+See README.md (usage) and disagg/README.md (layers)."""
+
+from .config import DisaggConfig
+from .context import Context, init
+from .embedding import Sender
+from .errors import (
+    DisaggError,
+    GeometryMismatch,
+    PeerLost,
+    PoolFull,
+    ProtocolError,
+    TransferTimeout,
+)
+from .language import Receiver
+from .queue import LockstepError, RoomQueue
+from .types import EmbeddingResult, TransferStatus
+
+__all__ = [
+    "Context",
+    "DisaggConfig",
+    "DisaggError",
+    "EmbeddingResult",
+    "GeometryMismatch",
+    "LockstepError",
+    "PeerLost",
+    "PoolFull",
+    "ProtocolError",
+    "Receiver",
+    "RoomQueue",
+    "Sender",
+    "TransferStatus",
+    "TransferTimeout",
+    "init",
+]
+__version__ = "0.1.0"

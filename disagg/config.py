@@ -1,0 +1,147 @@
+"""`DisaggConfig`: one keyword-only dataclass, validated on construction.
+
+Every rank of a job builds the same config; the role split and pool geometry
+derive from it (see `geometry.py`), and `init` checks at start-up that every
+rank agrees on the geometry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+# Names accepted for `dtype` and for extra buffers' dtypes.
+DTYPES: dict[str, torch.dtype] = {
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+    "int16": torch.int16,
+    "int32": torch.int32,
+    "int64": torch.int64,
+}
+
+RESERVED_BUFFERS = ("embeddings", "fill_ids", "mrope_positions")
+RECV_INTO = ("output", "pool")
+BACKENDS = (None, "gloo", "nccl")
+
+
+def dtype_of(name: str) -> torch.dtype:
+    return DTYPES[name]
+
+
+def _bad(field_name: str, value: Any, why: str) -> ValueError:
+    return ValueError(f"DisaggConfig.{field_name}={value!r}: {why}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DisaggConfig:
+    num_embedding_ranks: int = 1
+    """Ranks [0, num_embedding_ranks) run the encoder and send."""
+
+    language_tp_size: int = 1
+    """Language instances are groups of this many consecutive ranks after the
+    Embedding ranks; every rank of an instance receives the whole embedding."""
+
+    hidden_size: int = 3584
+    """Width of one embedding row."""
+
+    dtype: str = "bfloat16"
+    """Embedding dtype, by name (see `DTYPES`)."""
+
+    block_size: int = 128
+    """Tokens per block; allocation is always in whole blocks."""
+
+    num_blocks: int = 256
+    """Blocks in each rank's pool (Language: landing space / credit;
+    Embedding: budget of unfinished tokens)."""
+
+    default_alloc_tokens: int | str = 8192
+    """First allocation of a room, in tokens (rounded up to whole blocks), or
+    "auto" to learn it from a high quantile of recent lengths."""
+
+    auto_resume: bool = True
+    """The receiver thread allocates and sends RESUME itself as soon as it
+    learns a chunk is partial; `needs_resume` then shows only when it could
+    not get blocks."""
+
+    mrope: bool = True
+    """Carry `mrope_positions` ([3, seq] int32)."""
+
+    extra_buffers: dict[str, tuple[tuple[int, ...], str]] = field(default_factory=dict)
+    """name -> (per-token shape, dtype name) of optional extra buffers."""
+
+    recv_into: str = "output"
+    """Where a Language rank lands payload: "output" receives straight into the
+    room's result tensors (no copy; the pool is flow-control credit and holds
+    no memory), "pool" lands in preallocated pool blocks and copies out."""
+
+    backend: str | None = None
+    """None: NCCL when every rank has its own GPU, else Gloo."""
+
+    host: str | None = None
+    """Address other ranks use to reach this rank's ZeroMQ socket (None: detected)."""
+
+    bootstrap_timeout: float = 300.0
+    """Seconds a room may wait for its ALLOC, or for data, before it fails."""
+
+    peer_timeout: float = 10.0
+    """Seconds after which a silent or dead peer is declared dead."""
+
+    def __post_init__(self) -> None:
+        def positive_int(name: str) -> None:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise _bad(name, v, "must be an int >= 1")
+
+        for name in ("num_embedding_ranks", "language_tp_size", "hidden_size",
+                     "block_size", "num_blocks"):
+            positive_int(name)
+        if self.dtype not in DTYPES:
+            raise _bad("dtype", self.dtype, f"must be one of {sorted(DTYPES)}")
+        d = self.default_alloc_tokens
+        if d != "auto" and (isinstance(d, bool) or not isinstance(d, int) or d < 1):
+            raise _bad("default_alloc_tokens", d, 'must be an int >= 1 or "auto"')
+        for name in ("auto_resume", "mrope"):
+            if not isinstance(getattr(self, name), bool):
+                raise _bad(name, getattr(self, name), "must be a bool")
+        if self.recv_into not in RECV_INTO:
+            raise _bad("recv_into", self.recv_into, f"must be one of {RECV_INTO}")
+        if self.backend not in BACKENDS:
+            raise _bad("backend", self.backend, 'must be None, "gloo" or "nccl"')
+        if self.host is not None and (not isinstance(self.host, str) or not self.host
+                                      or self.host == "0.0.0.0"):
+            raise _bad("host", self.host, "must be a routable address or None")
+        for name in ("bootstrap_timeout", "peer_timeout"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+                raise _bad(name, v, "must be a number of seconds > 0")
+        self._check_extra_buffers()
+
+    def _check_extra_buffers(self) -> None:
+        if not isinstance(self.extra_buffers, dict):
+            raise _bad("extra_buffers", self.extra_buffers, "must be a dict")
+        for name, spec in self.extra_buffers.items():
+            if not isinstance(name, str) or not name.isidentifier() or name in RESERVED_BUFFERS:
+                raise _bad("extra_buffers", name,
+                           f"buffer names must be identifiers other than {RESERVED_BUFFERS}")
+            ok = (isinstance(spec, (tuple, list)) and len(spec) == 2
+                  and isinstance(spec[0], (tuple, list))
+                  and all(isinstance(n, int) and not isinstance(n, bool) and n >= 1
+                          for n in spec[0])
+                  and spec[1] in DTYPES)
+            if not ok:
+                raise _bad("extra_buffers", {name: spec},
+                           "each value must be (per-token shape of ints >= 1, dtype name)")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def replace(self, **changes: Any) -> DisaggConfig:
+        return dataclasses.replace(self, **changes)

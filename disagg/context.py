@@ -1,0 +1,297 @@
+"""`disagg.init`: join the world, check every rank's geometry, build the pair
+groups, the control sockets and this rank's engine.
+
+Start-up, identical on every rank:
+ 1. init_process_group (env:// inside torchrun, or the explicit arguments);
+ 2. publish hostname, then geometry and (Embedding ranks) the ZeroMQ address in
+    the c10d store, and check every rank's geometry against rank 0's;
+ 3. create one process group per (Embedding, Language) pair and one Gloo group
+    per Language instance, all in the same order on every rank, so a broken
+    pair can be torn down alone;
+ 4. start the control thread.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import socket
+import time
+
+import torch
+import torch.distributed as dist
+import zmq
+
+from .config import DisaggConfig
+from .control import ControlChannel
+from .embedding import EmbeddingEngine
+from .errors import DisaggError, GeometryMismatch
+from .geometry import Geometry, Topology
+from .language import LanguageEngine
+from .queue import RoomQueue
+from .stats import Stats
+from .transport import PairTransport, TorchPairTransport
+
+log = logging.getLogger(__name__)
+
+_KEY = "disagg/v1"
+
+
+def init(cfg: DisaggConfig | None = None, *, rank: int | None = None,
+         world_size: int | None = None, init_method: str | None = None,
+         timeout: datetime.timedelta | None = None) -> Context:
+    """Join (or reuse) the torch.distributed world and build this rank's side.
+
+    Inside torchrun: `init(cfg)`. Elsewhere pass rank, world_size and
+    init_method ("tcp://host:port" or "file://..."). If the default process
+    group is already initialised it is reused and left alone at shutdown.
+    """
+    cfg = cfg or DisaggConfig()
+    owns_world = not dist.is_initialized()
+    backend = _pick_backend(cfg)
+    if owns_world:
+        kwargs: dict[str, object] = {}
+        if rank is not None:
+            kwargs["rank"] = rank
+        if world_size is not None:
+            kwargs["world_size"] = world_size
+        if timeout is not None:
+            kwargs["timeout"] = timeout
+        dist.init_process_group("cpu:gloo,cuda:nccl" if backend == "nccl" else "gloo",
+                                init_method=init_method or "env://", **kwargs)
+    elif (rank is not None and rank != dist.get_rank()) or (
+            world_size is not None and world_size != dist.get_world_size()):
+        raise ValueError(f"init(rank={rank}, world_size={world_size}) disagrees with the "
+                         f"initialised world (rank {dist.get_rank()} of "
+                         f"{dist.get_world_size()})")
+    try:
+        return Context(cfg, backend, owns_world)
+    except BaseException:
+        if owns_world and dist.is_initialized():
+            dist.destroy_process_group()
+        raise
+
+
+def _local_rank() -> tuple[int, int]:
+    # torchrun's contract; without it every rank is alone on its host as far as we know
+    return int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+
+
+def _pick_backend(cfg: DisaggConfig) -> str:
+    local_rank, local_world = _local_rank()
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if cfg.backend == "nccl":
+        if gpus == 0:
+            raise ValueError("DisaggConfig.backend='nccl' but this rank sees no CUDA GPU; "
+                             "use backend='gloo' (CPU) or None to pick automatically")
+        if local_world > gpus:
+            raise ValueError(f"DisaggConfig.backend='nccl' needs one GPU per rank: "
+                             f"{local_world} ranks on this node but {gpus} GPU(s); NCCL "
+                             f"refuses two ranks on one GPU. Use fewer ranks per node or "
+                             f"backend='gloo'")
+        return "nccl"
+    if cfg.backend == "gloo":
+        return "gloo"
+    return "nccl" if gpus >= local_world and gpus > 0 else "gloo"
+
+
+def _routable_host(hostnames: list[str]) -> str:
+    if len(set(hostnames)) == 1:
+        return "127.0.0.1"
+    for info in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET):
+        ip = str(info[4][0])
+        if not ip.startswith("127.") and ip != "0.0.0.0":
+            return ip
+    raise DisaggError("the world spans several hosts but no routable address was found for "
+                      "this one; set DisaggConfig.host")
+
+
+class _RoleError:
+    """Stands in for the side this rank does not have, with a clear message."""
+
+    def __init__(self, what: str) -> None:
+        self._what = what
+
+    def __getattr__(self, name: str) -> object:
+        raise DisaggError(self._what)
+
+
+class Context:
+    """One rank's handle: `role`, `instance`, `embedding` or `language`, `stats()`,
+    `shutdown()`. Build it with `disagg.init`."""
+
+    def __init__(self, cfg: DisaggConfig, backend: str, owns_world: bool) -> None:
+        self.cfg = cfg
+        self.backend = backend
+        self._owns_world = owns_world
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        self.topology = Topology(self.world_size, cfg.num_embedding_ranks, cfg.language_tp_size)
+        self.role = self.topology.role(self.rank)
+        self.instance = self.topology.instance_of(self.rank)
+        local_rank, _ = _local_rank()
+        self.device = (torch.device("cuda", local_rank) if backend == "nccl"
+                       else torch.device("cpu"))
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.geometry = Geometry.from_config(cfg)
+        self._closed = False
+        self._groups: list[dist.ProcessGroup] = []
+        self._zctx = zmq.Context()
+        self._control: ControlChannel | None = None
+        self.control_address: str | None = None
+        try:
+            self._start()
+        except BaseException:
+            self._zctx.destroy(linger=0)
+            raise
+
+    def _start(self) -> None:
+        store = dist.distributed_c10d._get_default_store()
+        topo = self.topology
+        store.set(f"{_KEY}/host/{self.rank}", socket.gethostname())
+        hostnames = [_get(store, f"{_KEY}/host/{r}") for r in range(self.world_size)]
+        is_embedding = self.role == "embedding"
+        stats = Stats(pool_total_blocks=self.geometry.num_blocks,
+                      pool_free_blocks=self.geometry.num_blocks, rooms_live=0)
+        self._stats = stats
+        if is_embedding:
+            self._control = ControlChannel(self._zctx, handler=lambda *a: None,
+                                           name=f"disagg-control-{self.rank}")
+            self.control_address = self._control.bind_router(
+                self.cfg.host or _routable_host(hostnames))
+        store.set(f"{_KEY}/rank/{self.rank}", json.dumps(
+            {"geometry": json.loads(self.geometry.to_json()), "address": self.control_address,
+             "backend": self.backend}))
+        peers = {r: json.loads(_get(store, f"{_KEY}/rank/{r}")) for r in range(self.world_size)}
+        self._check_peers(peers)
+        # Groups: the same calls in the same order on every rank.
+        timeout = datetime.timedelta(seconds=self.cfg.bootstrap_timeout + self.cfg.peer_timeout)
+        pair_groups: dict[tuple[int, int], dist.ProcessGroup] = {}
+        for e in topo.embedding_ranks:
+            for lang in topo.language_ranks:
+                g = dist.new_group([e, lang], timeout=timeout, backend=self.backend)
+                if self.rank in (e, lang):
+                    pair_groups[(e, lang)] = g
+                    self._groups.append(g)
+        instance_group = None
+        for i in range(topo.num_instances):
+            g = dist.new_group(topo.instance_ranks(i), backend="gloo",
+                               timeout=datetime.timedelta(seconds=self.cfg.peer_timeout))
+            if self.instance == i:
+                instance_group = g
+                self._groups.append(g)
+        transports: dict[int, PairTransport] = {}
+        for (e, lang), g in pair_groups.items():
+            peer = lang if is_embedding else e
+            transports[peer] = TorchPairTransport(g, peer, self.device, timeout.total_seconds())
+        if is_embedding:
+            peer_blocks = {r: int(peers[r]["geometry"]["num_blocks"]) for r in topo.language_ranks}
+            engine = EmbeddingEngine(self.cfg, self.rank, topo, self.geometry, peer_blocks,
+                                     transports, self.device, stats)
+            assert self._control is not None
+            self._control._handler = engine.on_message
+            self._control._on_tick = engine.on_tick
+            engine.control = self._control
+            self._embedding: EmbeddingEngine | _RoleError = engine
+            self._language: LanguageSide | _RoleError = _RoleError(
+                f"rank {self.rank} is an embedding rank: ctx.language exists only on ranks "
+                f"[{topo.num_embedding_ranks}, {self.world_size})")
+        else:
+            lang_engine = LanguageEngine(self.cfg, self.rank, topo, self.geometry, transports,
+                                         self.device, stats)
+            self._control = ControlChannel(self._zctx, lang_engine.on_message,
+                                           lang_engine.on_tick,
+                                           name=f"disagg-control-{self.rank}")
+            self._control.connect_dealers(
+                self.rank, {e: peers[e]["address"] for e in topo.embedding_ranks})
+            lang_engine.control = self._control
+            self._language = LanguageSide(lang_engine, instance_group)
+            self._embedding = _RoleError(
+                f"rank {self.rank} is a language rank: ctx.embedding exists only on ranks "
+                f"[0, {topo.num_embedding_ranks})")
+        self._control.start()
+
+    def _check_peers(self, peers: dict[int, dict[str, object]]) -> None:
+        mine = self.geometry
+        for r, info in peers.items():
+            theirs = Geometry.from_json(json.dumps(info["geometry"]))
+            if r != self.rank:
+                mine.check_compatible(theirs, rank=self.rank, peer=r)
+            if info["backend"] != self.backend:
+                raise GeometryMismatch(f"backend differs: rank {self.rank} uses "
+                                       f"{self.backend}, rank {r} uses {info['backend']}",
+                                       rank=self.rank, peer=r)
+
+    @property
+    def embedding(self) -> EmbeddingEngine:
+        return self._embedding  # type: ignore[return-value]
+
+    @property
+    def language(self) -> LanguageSide:
+        return self._language  # type: ignore[return-value]
+
+    def stats(self) -> dict[str, object]:
+        return self._stats.snapshot()
+
+    def shutdown(self, timeout_s: float | None = None) -> None:
+        """End every live room FAILED("shutdown"), stop threads, close sockets and
+        destroy the process groups this context created. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        bound = self.cfg.peer_timeout if timeout_s is None else timeout_s
+        try:
+            engine = self._embedding if self.role == "embedding" else self._language
+            if isinstance(engine, EmbeddingEngine):
+                engine.close(bound)
+            elif isinstance(engine, LanguageSide):
+                engine.engine.close(bound)
+        finally:
+            if self._control is not None:
+                self._control.close()
+            self._zctx.term()
+            for g in self._groups:
+                try:
+                    dist.destroy_process_group(g)
+                except Exception as e:  # a group broken by a dead peer
+                    log.debug("destroying a pair group: %s", e)
+            self._groups.clear()
+            if self._owns_world and dist.is_initialized():
+                dist.destroy_process_group()
+
+    def __enter__(self) -> Context:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+
+class LanguageSide:
+    """`ctx.language`: receivers and the serving-loop queue."""
+
+    def __init__(self, engine: LanguageEngine, instance_group: dist.ProcessGroup | None) -> None:
+        self.engine = engine
+        self._instance_group = instance_group
+
+    def receiver(self, room: int, src_rank: int):  # -> Receiver
+        return self.engine.receiver(room, src_rank)
+
+    def queue(self, window: int | None = None) -> RoomQueue:
+        return RoomQueue(self.engine, self._instance_group, **(
+            {"window": window} if window is not None else {}))
+
+    @property
+    def pool(self):  # -> BlockPool
+        return self.engine.pool
+
+
+def _get(store: dist.Store, key: str) -> str:
+    t0 = time.monotonic()
+    try:
+        return store.get(key).decode()
+    except RuntimeError as e:
+        raise DisaggError(f"start-up: {key} not published after {time.monotonic() - t0:.0f}s; "
+                          f"did every rank call disagg.init? ({e})") from e

@@ -1,0 +1,694 @@
+"""Embedding side: serve each room's embeddings to the Language ranks that ask.
+
+Who sends what, per room and Language rank ("pair"):
+
+    Language --ALLOC(blocks)------------>  Embedding   (before or after send())
+    Language <--meta, payload (chunk 0)--  Embedding   (once data and ALLOC are both here)
+    Language --RESUME(sent_tokens, ...)->  Embedding   (only if chunk 0 was partial)
+    Language <--meta, payload (chunk 1)--  ...          until the last chunk
+
+The rule that keeps both ends in step: every ALLOC or RESUME accepted from a
+genuine Language rank is answered by exactly one frame on that pair's stream,
+a DATA chunk or an ABORT frame. The Language side frees blocks only when a
+frame answers them, and keeps a meta recv posted only while answers are owed,
+so nothing can land in a freed block and no recv waits for a frame that never
+comes. REJECT messages only carry the reason a room failed.
+
+Resume is keyed by `sent_tokens`, which only grows: a RESUME at a key already
+served is a repeat and is ignored; any other key than what was really sent on
+the pair fails the room. A room is SUCCESS once every rank of the instance has
+received everything (its last chunk's send completed), FAILED once it failed
+and no chunk of it is still in flight (only then may the caller touch its
+tensors again). Its budget blocks are returned at that moment, exactly once.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import DisaggConfig
+from .control import ControlChannel, RateLimitedLog, rank_of_identity
+from .errors import DisaggError, PeerLost, PoolFull, ProtocolError
+from .geometry import Geometry, Topology
+from .plan import Segment, chunk_tokens, num_blocks_for, segment_plan
+from .pool import BlockAllocator
+from .stats import Stats
+from .transport import PairTransport
+from .types import TransferStatus
+from .wire import (
+    MAX_AUX,
+    Abort,
+    Alloc,
+    FrameKind,
+    Meta,
+    Reject,
+    Resume,
+    decode,
+    encode,
+    peek_room,
+)
+
+log = logging.getLogger(__name__)
+
+MAX_EARLY_ALLOCS = 1 << 14
+MAX_TOMBSTONES = 1 << 14
+
+
+@dataclass
+class _Grant:
+    """An accepted allocation from one Language rank, not yet answered."""
+
+    key: int  # sent_tokens at which it starts (0 for ALLOC)
+    block_ids: tuple[int, ...]
+    allocated_tokens: int
+    direct: bool
+    arrived: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class _Pair:
+    lang_rank: int
+    sent_tokens: int = 0  # handed to the sender thread; the next chunk starts here
+    chunk_index: int = 0
+    pending: _Grant | None = None
+    in_flight: int = 0
+    done: bool = False
+    keys: set[int] = field(default_factory=set)  # sent_tokens of every grant accepted
+
+
+@dataclass
+class _Room:
+    room: int
+    created: float = field(default_factory=time.monotonic)
+    last_progress: float = field(default_factory=time.monotonic)
+    seq_len: int = 0
+    sources: list[torch.Tensor] | None = None  # geometry order, each [seq, *per_token]
+    aux: tuple[int, ...] = ()
+    ready: torch.cuda.Event | None = None
+    budget: list[int] = field(default_factory=list)
+    instance_size: int | None = None
+    pairs: dict[int, _Pair] = field(default_factory=dict)
+    failure: str | None = None
+    status: TransferStatus = TransferStatus.WAITING_FOR_INPUT
+    ended: bool = False
+    # time of the first send() and of the end, for latency stats
+    sent_at: float | None = None
+
+
+@dataclass
+class _Job:
+    """One frame for a pair's sender thread."""
+
+    meta: Meta
+    payload: list[torch.Tensor]
+    ready: torch.cuda.Event | None
+    done: Callable[[BaseException | None], None]
+
+
+class _PairSender:
+    """The one thread that writes a pair's stream, in job order."""
+
+    def __init__(self, transport: PairTransport, name: str) -> None:
+        self.transport = transport
+        self._jobs: collections.deque[_Job] = collections.deque()
+        self._cv = threading.Condition()
+        self._stop = False
+        self.dead: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, job: _Job) -> None:
+        with self._cv:
+            if self._stop:
+                raise DisaggError("sender thread stopped")
+            self._jobs.append(job)
+            self._cv.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._jobs and not self._stop:
+                    self._cv.wait(0.5)
+                if not self._jobs:
+                    return
+                job = self._jobs.popleft()
+            err: BaseException | None = self.dead
+            if err is None:
+                try:
+                    self.transport.send_frame(job.meta, job.payload, job.ready)
+                except Exception as e:  # recorded, reported through every room on the pair
+                    self.dead = err = e
+            job.done(err)
+
+    def stop(self, timeout_s: float) -> bool:
+        """Finish queued jobs, then exit. True if the thread ended in time."""
+        with self._cv:
+            self._stop = True
+            self._cv.notify()
+        self._thread.join(timeout_s)
+        return not self._thread.is_alive()
+
+
+class EmbeddingEngine:
+    """All rooms of one Embedding rank. Built by `disagg.init`; use `sender(room)`."""
+
+    def __init__(self, cfg: DisaggConfig, rank: int, topology: Topology, geometry: Geometry,
+                 peer_num_blocks: dict[int, int], transports: dict[int, PairTransport],
+                 device: torch.device, stats: Stats) -> None:
+        self.cfg = cfg
+        self.rank = rank
+        self.topology = topology
+        self.geometry = geometry
+        self.device = device
+        self.stats = stats
+        self.budget = BlockAllocator(geometry.num_blocks)
+        self._peer_num_blocks = peer_num_blocks
+        self._transports = transports
+        self._senders: dict[int, _PairSender] = {}
+        self._rooms: dict[int, _Room] = {}
+        self._early: dict[int, dict[int, _Grant]] = {}
+        self._early_instance: dict[int, int] = {}
+        self._tombstones: collections.OrderedDict[int, str] = collections.OrderedDict()
+        self._lock = threading.RLock()
+        self._warn = RateLimitedLog(log)
+        self.control: ControlChannel | None = None  # set by init before start
+        self._closing = False
+
+    # ------------------------------------------------------------ public
+
+    def sender(self, room: int) -> Sender:
+        _check_room_id(room)
+        with self._lock:
+            if self._closing:
+                raise DisaggError("context is shut down", rank=self.rank)
+            if room in self._rooms:
+                raise ValueError(f"room {room} is still live on embedding rank {self.rank}; "
+                                 f"room ids must be unique among live rooms")
+            r = _Room(room)
+            self._rooms[room] = r
+            self._tombstones.pop(room, None)
+            self.stats.set_gauge("rooms_live", len(self._rooms))
+        return Sender(self, r)
+
+    # ------------------------------------------------------------ sender API (locked)
+
+    def _send(self, r: _Room, sources: list[torch.Tensor], seq_len: int,
+              aux: tuple[int, ...]) -> None:
+        bs = self.geometry.block_size
+        need = num_blocks_for(seq_len, bs)
+        if need > self.budget.num_blocks:
+            raise ValueError(f"seq_len={seq_len} needs {need} blocks of {bs} tokens, more "
+                             f"than the whole budget of {self.budget.num_blocks} blocks")
+        ready = None
+        if self.device.type == "cuda":
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(self.device))
+        with self._lock:
+            if r.ended or r.failure is not None:
+                raise DisaggError(f"room {r.room} already ended: {r.failure or 'success'}",
+                                  rank=self.rank, room=r.room)
+            if r.sources is not None:
+                raise ValueError(f"room {r.room}: send() was already called")
+            try:
+                r.budget = self.budget.allocate(need, owner=r.room)
+            except PoolFull as e:
+                raise PoolFull(f"embedding budget full: room {r.room} needs {need} blocks, "
+                               f"{self.budget.num_free} of {self.budget.num_blocks} free",
+                               rank=self.rank, room=r.room) from e
+            self.stats.set_gauge("pool_free_blocks", self.budget.num_free)
+            r.sources, r.seq_len, r.aux, r.ready = sources, seq_len, aux, ready
+            r.sent_at = r.last_progress = time.monotonic()
+            r.status = TransferStatus.BOOTSTRAPPING
+            early = self._early.pop(r.room, {})
+            inst = self._early_instance.pop(r.room, None)
+            if inst is not None:
+                r.instance_size = inst
+            for lang_rank, grant in early.items():
+                r.pairs[lang_rank] = _Pair(lang_rank, pending=grant, keys={0})
+                r.status = TransferStatus.TRANSFERRING
+            for pair in list(r.pairs.values()):
+                self._schedule(r, pair)
+
+    def _abort(self, r: _Room, reason: str) -> None:
+        with self._lock:
+            if r.ended or r.failure is not None:
+                return
+            self._fail(r, f"aborted on embedding rank {self.rank}: {reason}", cause="abort")
+
+    # ------------------------------------------------------------ scheduling (locked)
+
+    def _schedule(self, r: _Room, pair: _Pair) -> None:
+        grant = pair.pending
+        if grant is None or r.sources is None or r.failure is not None:
+            return
+        pair.pending = None
+        n = chunk_tokens(r.seq_len, pair.sent_tokens, grant.allocated_tokens)
+        offset = pair.sent_tokens
+        plan = segment_plan(grant.block_ids, self.geometry.block_size, n, direct=grant.direct)
+        flags = (1 if offset == 0 else 0) | (2 if offset + n == r.seq_len else 0)
+        meta = Meta(FrameKind.DATA, r.room, pair.chunk_index, offset, n, r.seq_len, flags, r.aux)
+        payload = _slice_payload(r.sources, offset, plan)
+        pair.sent_tokens += n
+        pair.chunk_index += 1
+        pair.in_flight += 1
+        nbytes = n * self.geometry.token_nbytes
+        self._submit(pair.lang_rank, _Job(meta, payload, r.ready,
+                                          lambda err: self._on_chunk_done(r, pair, nbytes, err)))
+
+    def _answer_with_abort(self, room: int, lang_rank: int,
+                           on_done: Callable[[BaseException | None], None] | None = None) -> None:
+        """Answer one outstanding allocation of `lang_rank` with an ABORT frame."""
+        self._submit(lang_rank, _Job(Meta(FrameKind.ABORT, room), [], None,
+                                     on_done or (lambda err: None)))
+
+    def _submit(self, lang_rank: int, job: _Job) -> None:
+        s = self._senders.get(lang_rank)
+        if s is None:
+            s = _PairSender(self._transports[lang_rank],
+                            f"disagg-send-{self.rank}->{lang_rank}")
+            self._senders[lang_rank] = s
+        s.submit(job)
+
+    def _on_chunk_done(self, r: _Room, pair: _Pair, nbytes: int,
+                       err: BaseException | None) -> None:
+        with self._lock:
+            pair.in_flight -= 1
+            r.last_progress = time.monotonic()
+            if err is not None:
+                self._pair_lost(pair.lang_rank, err)
+            elif r.failure is None:
+                self.stats.add(bytes_sent=nbytes, chunks=1)
+                if pair.sent_tokens == r.seq_len and pair.in_flight == 0:
+                    pair.done = True
+                    self._maybe_succeed(r)
+            self._maybe_end(r)
+
+    def _maybe_succeed(self, r: _Room) -> None:
+        done = sum(p.done for p in r.pairs.values())
+        if r.instance_size is not None and done == r.instance_size:
+            r.status = TransferStatus.SUCCESS
+            if r.sent_at is not None:
+                self.stats.observe("send_total_s", time.monotonic() - r.sent_at)
+            self._end(r, "success")
+
+    def _maybe_end(self, r: _Room) -> None:
+        if r.failure is not None and not r.ended and all(
+                p.in_flight == 0 for p in r.pairs.values()):
+            r.status = TransferStatus.FAILED
+            self._end(r, r.failure)
+
+    def _end(self, r: _Room, outcome: str) -> None:
+        r.ended = True
+        if r.budget:
+            self.budget.free(r.budget, owner=r.room)
+            r.budget = []
+        r.sources = None  # drop the caller's tensors
+        if self._rooms.get(r.room) is r:
+            del self._rooms[r.room]
+            self._tombstones[r.room] = outcome
+            while len(self._tombstones) > MAX_TOMBSTONES:
+                self._tombstones.popitem(last=False)
+        self.stats.set_gauge("rooms_live", len(self._rooms))
+        self.stats.set_gauge("pool_free_blocks", self.budget.num_free)
+
+    def _fail(self, r: _Room, reason: str, *, cause: str) -> None:
+        """Fail a live room: answer pending grants with ABORT frames, tell every
+        Language rank of the room why, end it once nothing is in flight."""
+        if r.failure is not None or r.ended:
+            return
+        r.failure = reason
+        self.stats.failure(cause)
+        for pair in r.pairs.values():
+            if pair.pending is not None:
+                pair.pending = None
+                pair.in_flight += 1
+                self._answer_with_abort(r.room, pair.lang_rank,
+                                        lambda err, p=pair: self._on_abort_sent(r, p, err))
+            if not pair.done:
+                self._reject(pair.lang_rank, r.room, -1, reason)
+        self._maybe_end(r)
+
+    def _on_abort_sent(self, r: _Room, pair: _Pair, err: BaseException | None) -> None:
+        with self._lock:
+            pair.in_flight -= 1
+            if err is not None:
+                self._pair_lost(pair.lang_rank, err)
+            self._maybe_end(r)
+
+    def _pair_lost(self, lang_rank: int, err: BaseException) -> None:
+        """The stream to `lang_rank` is broken: every room that involves it fails."""
+        for r in list(self._rooms.values()):
+            pair = r.pairs.get(lang_rank)
+            if pair is not None and not pair.done:
+                pair.pending = None
+                self._fail(r, f"embedding rank {self.rank}: stream to language rank "
+                              f"{lang_rank} lost: {err}", cause="peer_lost")
+        self._early_drop(lambda room, lr: lr == lang_rank)
+
+    def _reject(self, lang_rank: int, room: int, key: int, reason: str) -> None:
+        if self.control is not None and not self._closing:
+            try:
+                self.control.post(_ident(lang_rank), encode(Reject(room, key, reason)))
+            except DisaggError as e:
+                self._warn.warning("reject", "could not send REJECT for room %d: %s", room, e)
+
+    # ------------------------------------------------------------ control thread
+
+    def on_message(self, identity: bytes | int, data: bytes) -> None:
+        """Called by the control thread for each inbound message."""
+        assert isinstance(identity, bytes)
+        claimed = rank_of_identity(identity)
+        if claimed is None or claimed not in self.topology.language_ranks:
+            self.stats.failure("bad_peer")
+            self._warn.warning("bad_peer", "embedding rank %d: message from unknown peer "
+                               "identity %r dropped", self.rank, identity[:32])
+            return
+        try:
+            msg = decode(data)
+        except ProtocolError as e:
+            self.stats.failure("bad_message")
+            self._warn.warning("bad_message", "embedding rank %d: malformed message from "
+                               "language rank %d: %s", self.rank, claimed, e)
+            room = peek_room(data)
+            if room is not None:
+                self._reject(claimed, room, -1, f"malformed control message: {e}")
+            return
+        with self._lock:
+            if isinstance(msg, Reject) or msg.lang_rank != claimed:
+                self.stats.failure("bad_message")
+                what = ("REJECT is not a Language->Embedding message" if isinstance(msg, Reject)
+                        else f"message claims language rank {msg.lang_rank} but comes "
+                             f"from {claimed}")
+                self._warn.warning("bad_message", "embedding rank %d: %s", self.rank, what)
+                self._reject(claimed, msg.room, -1, what)
+                return
+            if isinstance(msg, Alloc):
+                self._on_alloc(msg)
+            elif isinstance(msg, Resume):
+                self._on_resume(msg)
+            else:
+                self._on_abort(msg)
+
+    def _check_grant(self, lang_rank: int, block_ids: tuple[int, ...], allocated: int,
+                     direct: bool, *, allow_empty: bool) -> str | None:
+        """Why these blocks cannot be a destination on `lang_rank`, or None."""
+        bs = self.geometry.block_size
+        num = self._peer_num_blocks[lang_rank]
+        if allocated < 1:
+            return f"allocated_tokens={allocated} must be >= 1"
+        if not block_ids:
+            if direct and allow_empty:
+                return None
+            return "no blocks"
+        if allocated != len(block_ids) * bs:
+            return (f"allocated_tokens={allocated} != {len(block_ids)} blocks x "
+                    f"block_size {bs}")
+        bad = [b for b in block_ids if not 0 <= b < num]
+        if bad:
+            return f"block ids {bad[:8]} out of range [0, {num})"
+        if len(set(block_ids)) != len(block_ids):
+            return "duplicate block ids"
+        return None
+
+    def _on_alloc(self, m: Alloc) -> None:
+        l, room = m.lang_rank, m.room
+        why = self._check_grant(l, m.block_ids, m.allocated_tokens, m.direct,
+                                allow_empty=False)
+        tp = self.topology.language_tp_size
+        if why is None and not 1 <= m.instance_size <= tp:
+            why = f"instance_size={m.instance_size} outside [1, {tp}]"
+        grant = _Grant(0, m.block_ids, m.allocated_tokens, m.direct)
+        r = self._rooms.get(room)
+        if r is None:
+            if room in self._tombstones:
+                self._refuse(l, room, 0, f"room already ended on embedding rank "
+                                         f"{self.rank}: {self._tombstones[room]}")
+            elif why is not None:
+                self._refuse(l, room, 0, f"bad ALLOC: {why}")
+            else:
+                self._early_alloc(l, room, m.instance_size, grant)
+            return
+        if r.failure is not None or r.ended:
+            self._refuse(l, room, 0, f"room already failed: {r.failure}")
+            return
+        if why is None and l in r.pairs:
+            why = "duplicate ALLOC from this language rank"
+        if why is None and r.instance_size not in (None, m.instance_size):
+            why = f"instance_size={m.instance_size} disagrees with {r.instance_size}"
+        if why is not None:
+            self._refuse(l, room, 0, f"bad ALLOC: {why}")
+            self.stats.failure("bad_message")
+            self._fail(r, f"embedding rank {self.rank}: bad ALLOC from language rank {l}: "
+                          f"{why}", cause="bad_message")
+            return
+        r.instance_size = m.instance_size
+        pair = r.pairs[l] = _Pair(l, pending=grant, keys={0})
+        r.last_progress = time.monotonic()
+        if r.sources is not None:
+            r.status = TransferStatus.TRANSFERRING
+        self._schedule(r, pair)
+
+    def _on_resume(self, m: Resume) -> None:
+        l, room = m.lang_rank, m.room
+        r = self._rooms.get(room)
+        if r is None or r.failure is not None or r.ended:
+            ended = self._tombstones.get(room) if r is None else r.failure
+            self._refuse(l, room, m.sent_tokens,
+                         f"RESUME for a room that is {'unknown' if ended is None else 'ended'}"
+                         f" on embedding rank {self.rank}" + (f": {ended}" if ended else ""))
+            return
+        pair = r.pairs.get(l)
+        why = self._check_grant(l, m.block_ids, m.allocated_tokens, m.direct, allow_empty=True)
+        if why is None and pair is None:
+            why = "RESUME before ALLOC"
+        elif why is None and pair is not None:
+            if m.sent_tokens in pair.keys:
+                return  # a repeat of a grant already accepted: resume is idempotent
+            if pair.pending is not None:
+                why = "RESUME while the previous allocation is still unanswered"
+            elif m.sent_tokens != pair.sent_tokens:
+                why = (f"RESUME sent_tokens={m.sent_tokens} but {pair.sent_tokens} tokens "
+                       f"were sent on this pair")
+            elif pair.sent_tokens >= r.seq_len:
+                why = f"RESUME after all {r.seq_len} tokens were sent"
+        if why is not None:
+            self._refuse(l, room, m.sent_tokens, f"bad RESUME: {why}")
+            self.stats.failure("bad_message")
+            self._fail(r, f"embedding rank {self.rank}: bad RESUME from language rank {l}: "
+                          f"{why}", cause="bad_message")
+            return
+        assert pair is not None
+        pair.pending = _Grant(m.sent_tokens, m.block_ids, m.allocated_tokens, m.direct)
+        pair.keys.add(m.sent_tokens)
+        r.last_progress = time.monotonic()
+        self.stats.add(resumes=1)
+        self._schedule(r, pair)
+
+    def _on_abort(self, m: Abort) -> None:
+        l, room = m.lang_rank, m.room
+        early = self._early.get(room)
+        if early is not None and l in early:
+            del early[l]
+            if not early:
+                self._early.pop(room, None)
+            self._answer_with_abort(room, l)
+            for other in early:  # the rest of the instance learns why
+                self._reject(other, room, -1, f"aborted by language rank {l}: {m.reason}")
+            self._tombstones[room] = f"aborted by language rank {l}"
+            return
+        r = self._rooms.get(room)
+        if r is not None:
+            self._fail(r, f"aborted by language rank {l}: {m.reason}", cause="abort")
+
+    def _refuse(self, lang_rank: int, room: int, key: int, reason: str) -> None:
+        """Refuse an allocation: its answer is an ABORT frame; REJECT says why."""
+        self._reject(lang_rank, room, key, reason)
+        self._answer_with_abort(room, lang_rank)
+
+    def _early_alloc(self, l: int, room: int, instance_size: int, grant: _Grant) -> None:
+        total = sum(len(v) for v in self._early.values())
+        pending = self._early.setdefault(room, {})
+        inst = self._early_instance.setdefault(room, instance_size)
+        if l in pending or inst != instance_size or total >= MAX_EARLY_ALLOCS:
+            why = ("duplicate ALLOC" if l in pending else
+                   "instance_size disagrees" if inst != instance_size else
+                   f"too many ALLOCs waiting for data ({total})")
+            if not pending:
+                self._early.pop(room, None)
+                self._early_instance.pop(room, None)
+            self._refuse(l, room, 0, f"bad ALLOC: {why}")
+            return
+        pending[l] = grant
+
+    def _early_drop(self, match: Callable[[int, int], bool], reason: str = "") -> None:
+        for room in list(self._early):
+            grants = self._early[room]
+            for l in [l for l in grants if match(room, l)]:
+                del grants[l]
+                if reason:
+                    self._refuse(l, room, 0, reason)
+            if not grants:
+                del self._early[room]
+                self._early_instance.pop(room, None)
+
+    def on_tick(self) -> None:
+        """Control thread, every poll interval: bootstrap timeouts."""
+        now = time.monotonic()
+        limit = self.cfg.bootstrap_timeout
+        with self._lock:
+            self._early_drop(
+                lambda room, l: now - self._early[room][l].arrived > limit,
+                f"no data for this room on embedding rank {self.rank} within "
+                f"bootstrap_timeout={limit:g}s")
+            for r in list(self._rooms.values()):
+                if r.sources is None or r.failure is not None:
+                    continue
+                if now - r.last_progress > limit and not any(
+                        p.in_flight for p in r.pairs.values()):
+                    waiting = ("ALLOC" if not r.pairs else
+                               f"ALLOC from {r.instance_size - len(r.pairs)} more rank(s)"
+                               if r.instance_size and len(r.pairs) < r.instance_size
+                               else "RESUME")
+                    self._fail(r, f"embedding rank {self.rank}: timed out after {limit:g}s "
+                                  f"waiting for {waiting}", cause="timeout")
+
+    # ------------------------------------------------------------ shutdown
+
+    def close(self, timeout_s: float) -> None:
+        """Fail every live room ("shutdown"), flush ABORT frames, stop threads."""
+        with self._lock:
+            for r in list(self._rooms.values()):
+                if r.sources is None and not r.pairs:
+                    r.failure = "shutdown"
+                    r.status = TransferStatus.FAILED
+                    self._end(r, "shutdown")
+                else:
+                    self._fail(r, f"embedding rank {self.rank} shut down", cause="shutdown")
+            self._early_drop(lambda room, l: True, f"embedding rank {self.rank} shut down")
+            self._closing = True
+            senders = list(self._senders.values())
+        deadline = time.monotonic() + timeout_s
+        for s in senders:
+            if not s.stop(max(0.0, deadline - time.monotonic())):
+                log.error("embedding rank %d: a sender thread did not stop in %.1fs",
+                          self.rank, timeout_s)
+
+
+def _ident(lang_rank: int) -> bytes:
+    return b"L%d" % lang_rank
+
+
+def _check_room_id(room: int) -> None:
+    if isinstance(room, bool) or not isinstance(room, int) or not 0 <= room < (1 << 63):
+        raise ValueError(f"room={room!r} must be an int in [0, 2**63)")
+
+
+def _slice_payload(sources: list[torch.Tensor], offset: int,
+                   plan: list[Segment]) -> list[torch.Tensor]:
+    """Payload tensors in wire order: for each buffer, one slice per segment."""
+    return [src[offset + s.chunk_start:offset + s.chunk_start + s.num_tokens]
+            for src in sources for s in plan]
+
+
+class Sender:
+    """One room on an Embedding rank. See the module docstring for the protocol."""
+
+    def __init__(self, engine: EmbeddingEngine, state: _Room) -> None:
+        self._engine = engine
+        self._r = state
+        self.room = state.room
+
+    def send(self, embeddings: torch.Tensor, fill_ids: torch.Tensor,
+             mrope_positions: torch.Tensor | None = None, aux: tuple[int, ...] | None = None,
+             **extra: torch.Tensor) -> None:
+        """Hand the room's tensors over, without a copy of the embeddings.
+
+        embeddings [seq, hidden]; fill_ids [seq] int32; mrope_positions [3, seq]
+        int32; extra buffers [seq, *per_token_shape]. Do not modify them until
+        `poll()` is SUCCESS or FAILED. Raises `PoolFull` when the budget cannot
+        take seq tokens now, `ValueError` for bad input.
+        """
+        sources, seq_len, aux_t = _validate_send(
+            self._engine.cfg, self._engine.geometry, self._engine.device, self.room,
+            embeddings, fill_ids, mrope_positions, aux, extra)
+        self._engine._send(self._r, sources, seq_len, aux_t)
+
+    def poll(self) -> TransferStatus:
+        return self._r.status
+
+    @property
+    def failure(self) -> str | None:
+        return self._r.failure
+
+    def abort(self, reason: str = "aborted") -> None:
+        self._engine._abort(self._r, reason)
+
+
+def _validate_send(cfg: DisaggConfig, geometry: Geometry, device: torch.device, room: int,
+                   embeddings: torch.Tensor, fill_ids: torch.Tensor,
+                   mrope_positions: torch.Tensor | None, aux: tuple[int, ...] | None,
+                   extra: dict[str, torch.Tensor]) -> tuple[list[torch.Tensor], int,
+                                                            tuple[int, ...]]:
+    """Check every tensor against the geometry; return them in wire order."""
+
+    def bad(msg: str) -> ValueError:
+        return ValueError(f"send(room={room}): {msg}")
+
+    def check(name: str, t: object, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        if not isinstance(t, torch.Tensor):
+            raise bad(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if tuple(t.shape) != shape:
+            raise bad(f"{name} has shape {list(t.shape)}, expected {list(shape)}")
+        if t.dtype != dtype:
+            raise bad(f"{name} has dtype {t.dtype}, expected {dtype}")
+        if t.device.type != device.type or (device.index is not None
+                                            and t.device.index not in (None, device.index)):
+            raise bad(f"{name} is on {t.device}, expected {device}")
+        return t
+
+    if not isinstance(embeddings, torch.Tensor) or embeddings.dim() != 2:
+        raise bad(f"embeddings must be a 2-D [seq, hidden] tensor, got "
+                  f"{list(embeddings.shape) if isinstance(embeddings, torch.Tensor) else type(embeddings).__name__}")
+    seq = embeddings.shape[0]
+    if seq == 0:
+        raise bad("seq_len is 0: nothing to send")
+    by_name = {b.name: b for b in geometry.buffers}
+    hidden = by_name["embeddings"].per_token_shape[0]
+    out = [check("embeddings", embeddings, (seq, hidden), by_name["embeddings"].dtype)]
+    if not embeddings.is_contiguous():
+        raise bad("embeddings must be contiguous (no copy is made); pass .contiguous()")
+    out.append(check("fill_ids", fill_ids, (seq,), torch.int32).contiguous())
+    if "mrope_positions" in by_name:
+        if mrope_positions is None:
+            raise bad("mrope_positions [3, seq] is required (config mrope=True)")
+        m = check("mrope_positions", mrope_positions, (3, seq), torch.int32)
+        out.append(m.t().contiguous())  # [seq, 3]: 12 bytes per token, the only copy made
+    elif mrope_positions is not None:
+        raise bad("mrope_positions given but the config has mrope=False")
+    names = geometry.extra_names
+    unknown = sorted(set(extra) - set(names))
+    missing = sorted(set(names) - set(extra))
+    if unknown or missing:
+        raise bad(f"extra buffers: unknown {unknown}, missing {missing} "
+                  f"(config declares {list(names)})")
+    for name in names:
+        b = by_name[name]
+        t = check(name, extra[name], (seq, *b.per_token_shape), b.dtype)
+        if not t.is_contiguous():
+            raise bad(f"{name} must be contiguous")
+        out.append(t)
+    aux_t: tuple[int, ...] = ()
+    if aux is not None:
+        aux_t = tuple(aux)
+        if len(aux_t) > MAX_AUX or not all(
+                isinstance(a, int) and not isinstance(a, bool) and -(1 << 63) <= a < (1 << 63)
+                for a in aux_t):
+            raise bad(f"aux must be at most {MAX_AUX} int64 values, got {aux!r}")
+    return out, seq, aux_t

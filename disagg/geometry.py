@@ -1,0 +1,131 @@
+"""Pool geometry: the per-token buffers every rank must agree on, and the
+role split of the world.
+
+Geometry is published in the c10d store as JSON (never pickle) and compared at
+start-up, so a mismatch is an error naming both sides instead of a garbled
+transfer later.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .config import DTYPES, DisaggConfig
+from .errors import GeometryMismatch
+
+_DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class BufferSpec:
+    name: str
+    per_token_shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def token_numel(self) -> int:
+        return math.prod(self.per_token_shape)
+
+    @property
+    def token_nbytes(self) -> int:
+        return self.token_numel * self.dtype.itemsize
+
+
+@dataclass(frozen=True)
+class Geometry:
+    block_size: int
+    num_blocks: int
+    buffers: tuple[BufferSpec, ...]
+
+    @classmethod
+    def from_config(cls, cfg: DisaggConfig) -> Geometry:
+        bufs = [BufferSpec("embeddings", (cfg.hidden_size,), cfg.torch_dtype),
+                BufferSpec("fill_ids", (), torch.int32)]
+        if cfg.mrope:
+            bufs.append(BufferSpec("mrope_positions", (3,), torch.int32))
+        for name, (shape, dt) in sorted(cfg.extra_buffers.items()):
+            bufs.append(BufferSpec(name, tuple(shape), DTYPES[dt]))
+        return cls(cfg.block_size, cfg.num_blocks, tuple(bufs))
+
+    @property
+    def token_nbytes(self) -> int:
+        return sum(b.token_nbytes for b in self.buffers)
+
+    @property
+    def extra_names(self) -> tuple[str, ...]:
+        return tuple(b.name for b in self.buffers[2:] if b.name != "mrope_positions")
+
+    def to_json(self) -> str:
+        return json.dumps({
+            "block_size": self.block_size,
+            "num_blocks": self.num_blocks,
+            "buffers": [[b.name, list(b.per_token_shape), _DTYPE_NAMES[b.dtype]]
+                        for b in self.buffers],
+        }, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> Geometry:
+        d = json.loads(text)
+        return cls(int(d["block_size"]), int(d["num_blocks"]),
+                   tuple(BufferSpec(n, tuple(s), DTYPES[t]) for n, s, t in d["buffers"]))
+
+    def check_compatible(self, other: Geometry, *, rank: int, peer: int) -> None:
+        """Raise `GeometryMismatch` naming both sides' values. `num_blocks` may differ."""
+
+        def describe(g: Geometry) -> str:
+            return ", ".join(f"{b.name}{list(b.per_token_shape)}:{_DTYPE_NAMES[b.dtype]}"
+                             for b in g.buffers)
+
+        if self.block_size != other.block_size:
+            raise GeometryMismatch(
+                f"block_size differs: rank {rank} has {self.block_size}, "
+                f"rank {peer} has {other.block_size}", rank=rank, peer=peer)
+        if self.buffers != other.buffers:
+            raise GeometryMismatch(
+                f"pool buffers differ: rank {rank} has [{describe(self)}], "
+                f"rank {peer} has [{describe(other)}]", rank=rank, peer=peer)
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Role split: ranks [0, E) embed; then instances of T consecutive Language ranks."""
+
+    world_size: int
+    num_embedding_ranks: int
+    language_tp_size: int
+
+    def __post_init__(self) -> None:
+        e, t, w = self.num_embedding_ranks, self.language_tp_size, self.world_size
+        if w <= e or (w - e) % t:
+            raise ValueError(
+                f"world_size={w} does not fit num_embedding_ranks={e} plus Language "
+                f"instances of language_tp_size={t}: world_size must be {e} + k*{t} "
+                f"with k >= 1 (e.g. {e + t} or {e + 2 * t})")
+
+    @property
+    def embedding_ranks(self) -> range:
+        return range(self.num_embedding_ranks)
+
+    @property
+    def language_ranks(self) -> range:
+        return range(self.num_embedding_ranks, self.world_size)
+
+    @property
+    def num_instances(self) -> int:
+        return (self.world_size - self.num_embedding_ranks) // self.language_tp_size
+
+    def role(self, rank: int) -> str:
+        return "embedding" if rank < self.num_embedding_ranks else "language"
+
+    def instance_of(self, rank: int) -> int | None:
+        if rank < self.num_embedding_ranks:
+            return None
+        return (rank - self.num_embedding_ranks) // self.language_tp_size
+
+    def instance_ranks(self, instance: int) -> list[int]:
+        start = self.num_embedding_ranks + instance * self.language_tp_size
+        return list(range(start, start + self.language_tp_size))

@@ -1,0 +1,580 @@
+"""Language side: receive rooms from Embedding ranks into bounded memory.
+
+Room state machine on one Language rank (see `embedding.py` for the peer):
+
+    BOOTSTRAPPING      receiver(room) made; init() has not got blocks yet
+    WAITING_FOR_INPUT  ALLOC sent; the first chunk has not arrived
+    TRANSFERRING       a chunk landed but not the last one. Either a RESUME is
+                       in flight ("resume in flight") or the room waits for one
+                       ("partial landed": `needs_resume`)
+    SUCCESS            every token landed; result() is ready
+    FAILED             with `failure` saying which side, peer, stage and cause
+
+Each allocation (ALLOC or RESUME) is answered by exactly one frame on the
+pair's stream. The pair's receiver thread keeps a meta recv posted only while
+answers are owed; on a DATA meta it checks every size against the allocation,
+posts the payload recvs, and once they completed (host-observed) lands the
+chunk at `token_offset` of the room's output and frees the blocks at once.
+seq_len and aux come from the FIRST chunk's meta and are cached; a later chunk
+that disagrees fails the room. A meta for a room with nothing owed, or whose
+sizes disagree with the allocation, means the stream cannot be trusted: the
+pair is torn down and its rooms fail.
+
+Resume is keyed by the tokens landed so far, which only grow: repeated polls
+and repeated resume() calls in one round never free, allocate or send twice.
+With `auto_resume` the receiver thread sends the next RESUME as soon as a
+partial chunk's meta arrives, while its payload is still landing.
+
+Abort keeps the room's blocks until a frame answers the allocation (the chunk
+in flight lands, or an ABORT frame arrives), so a later room that reuses the
+blocks can never receive a ghost of the aborted one.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .config import DisaggConfig
+from .control import ControlChannel, RateLimitedLog
+from .errors import DisaggError, PeerLost, ProtocolError, TransferTimeout
+from .geometry import Geometry, Topology
+from .plan import Segment, alloc_tokens_for, segment_plan
+from .pool import BlockPool
+from .stats import Stats
+from .transport import PairTransport
+from .types import EmbeddingResult, TransferStatus
+from .wire import Abort, Alloc, FrameKind, Meta, Reject, Resume, decode, encode
+
+log = logging.getLogger(__name__)
+
+AUTO_WINDOW = 256  # recent lengths that "auto" first allocation learns from
+AUTO_QUANTILE = 90
+AUTO_MIN_SAMPLES = 8
+
+
+class _StreamBroken(DisaggError):
+    """A frame that disagrees with what this side allocated: the pair is unusable."""
+
+
+@dataclass
+class _Alloc:
+    """Blocks (or direct credit) announced to the Embedding rank, by `key` =
+    tokens landed before it."""
+
+    key: int
+    block_ids: list[int]
+    allocated_tokens: int
+    direct: bool
+
+
+@dataclass
+class _Room:
+    room: int
+    src_rank: int
+    status: TransferStatus = TransferStatus.BOOTSTRAPPING
+    failure: str | None = None
+    seq_len: int | None = None
+    aux: tuple[int, ...] = ()
+    received: int = 0
+    chunk_index: int = 0
+    outstanding: _Alloc | None = None  # sent, not yet answered by a frame
+    landing: _Alloc | None = None  # answered by a DATA meta, payload landing
+    outputs: dict[str, torch.Tensor] | None = None
+    alloc_sent: bool = False
+    created: float = field(default_factory=time.monotonic)
+    last_progress: float = field(default_factory=time.monotonic)
+    first_byte_at: float | None = None
+
+
+class _PairReceiver:
+    """The one thread that reads a pair's stream (from Embedding rank `src`)."""
+
+    def __init__(self, engine: LanguageEngine, src: int, transport: PairTransport) -> None:
+        self.engine = engine
+        self.src = src
+        self.transport = transport
+        self.owed = 0  # frames the Embedding rank owes us (guarded by engine lock)
+        self.dead: str | None = None
+        self.stopping = False
+        self.cv = threading.Condition(engine._lock)
+        self.thread = threading.Thread(target=self._run, daemon=True,
+                                       name=f"disagg-recv-{src}->{engine.rank}")
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            with self.cv:
+                while self.owed == 0 and not self.stopping and self.dead is None:
+                    self.cv.wait(0.5)
+                if self.owed == 0 or self.dead is not None:
+                    return
+            try:
+                meta = self.transport.recv_meta()
+                self.engine._on_frame(self, meta)
+            except (PeerLost, TransferTimeout, ProtocolError, _StreamBroken) as e:
+                self.engine._pair_lost(self, e)
+                return
+            except Exception as e:  # a bug: never leave the stream half read
+                log.exception("receiver thread for embedding rank %d", self.src)
+                self.engine._pair_lost(self, e)
+                return
+
+
+class LanguageEngine:
+    """All rooms of one Language rank. Built by `disagg.init`; use `receiver()`."""
+
+    def __init__(self, cfg: DisaggConfig, rank: int, topology: Topology, geometry: Geometry,
+                 transports: dict[int, PairTransport], device: torch.device,
+                 stats: Stats) -> None:
+        self.cfg = cfg
+        self.rank = rank
+        self.topology = topology
+        self.geometry = geometry
+        self.device = device
+        self.stats = stats
+        self.pool = BlockPool(geometry, device, with_buffers=cfg.recv_into == "pool")
+        self.direct = cfg.recv_into == "output"
+        self._transports = transports
+        self._lock = threading.RLock()
+        self._rooms: dict[int, _Room] = {}
+        self._pairs: dict[int, _PairReceiver] = {}
+        self._recent_lengths: collections.deque[int] = collections.deque(maxlen=AUTO_WINDOW)
+        self._warn = RateLimitedLog(log)
+        self.control: ControlChannel | None = None
+        self._closing = False
+        self.instance_size = topology.language_tp_size
+
+    # ------------------------------------------------------------ public
+
+    def receiver(self, room: int, src_rank: int) -> Receiver:
+        if isinstance(room, bool) or not isinstance(room, int) or not 0 <= room < (1 << 63):
+            raise ValueError(f"room={room!r} must be an int in [0, 2**63)")
+        if src_rank not in self.topology.embedding_ranks:
+            raise ValueError(f"src_rank={src_rank!r} is not an embedding rank (embedding "
+                             f"ranks are {list(self.topology.embedding_ranks)})")
+        with self._lock:
+            if self._closing:
+                raise DisaggError("context is shut down", rank=self.rank)
+            if room in self._rooms:
+                raise ValueError(f"room {room} is still live on language rank {self.rank}; "
+                                 f"room ids must be unique among live rooms")
+            r = self._rooms[room] = _Room(room, src_rank)
+            self.stats.set_gauge("rooms_live", len(self._rooms))
+        return Receiver(self, r)
+
+    def first_alloc_tokens(self) -> int:
+        """The first allocation of a room when the caller names none."""
+        d = self.cfg.default_alloc_tokens
+        if d != "auto":
+            assert isinstance(d, int)
+            return d
+        with self._lock:
+            lengths = list(self._recent_lengths)
+        if len(lengths) < AUTO_MIN_SAMPLES:
+            return 8192
+        fair_share = max(1, self.pool.allocator.num_blocks // 4) * self.geometry.block_size
+        return max(1, min(int(np.percentile(lengths, AUTO_QUANTILE)), fair_share))
+
+    # ------------------------------------------------------------ receiver API (locked)
+
+    def _init(self, r: _Room, num_tokens: int | None) -> bool:
+        if num_tokens is not None and (isinstance(num_tokens, bool) or num_tokens < 1):
+            raise ValueError(f"init(num_tokens={num_tokens!r}): must be an int >= 1 or None")
+        want = num_tokens if num_tokens is not None else self.first_alloc_tokens()
+        with self._lock:
+            if r.failure is not None:
+                return False
+            if r.alloc_sent:
+                return True
+            pair = self._pair(r.src_rank)
+            if pair.dead is not None:
+                self._fail(r, f"language rank {self.rank}: stream from embedding rank "
+                              f"{r.src_rank} is down: {pair.dead}", cause="peer_lost")
+                return False
+            a = self._allocate(r, want, remaining=None, resume=False)
+            if a is None:
+                return False
+            r.alloc_sent = True
+            r.status = TransferStatus.WAITING_FOR_INPUT
+            r.last_progress = time.monotonic()
+            self._post(r.src_rank, Alloc(r.room, self.rank, self.instance_size,
+                                         tuple(a.block_ids), a.allocated_tokens, a.direct))
+            return True
+
+    def _resume(self, r: _Room, num_tokens: int | None) -> bool:
+        if num_tokens is not None and (isinstance(num_tokens, bool) or num_tokens < 1):
+            raise ValueError(f"resume(num_tokens={num_tokens!r}): must be an int >= 1 or None")
+        with self._lock:
+            if r.failure is not None:
+                return False
+            if not self._needs_resume(r):
+                return True  # nothing to do this round: in flight, done, or a repeat
+            assert r.seq_len is not None
+            remaining = r.seq_len - r.received
+            a = self._allocate(r, num_tokens or remaining, remaining=remaining, resume=True)
+            if a is None:
+                return False
+            self.stats.add(resumes=1)
+            self._post(r.src_rank, Resume(r.room, self.rank, a.key, tuple(a.block_ids),
+                                          a.allocated_tokens, a.direct))
+            return True
+
+    def _allocate(self, r: _Room, want: int, *, remaining: int | None,
+                  resume: bool) -> _Alloc | None:
+        """Take blocks (or direct credit) for `want` tokens and record them as owed."""
+        bs = self.geometry.block_size
+        num = alloc_tokens_for(want, bs, remaining, self.pool.allocator.num_blocks)
+        if resume and self.direct:
+            ids: list[int] = []  # straight into the output: credit only, no blocks
+        else:
+            got = self.pool.allocator.try_allocate(num, owner=r.room)
+            if got is None:
+                return None
+            ids = got
+            self.stats.set_gauge("pool_free_blocks", self.pool.allocator.num_free)
+        a = _Alloc(r.received, ids, num * bs, self.direct)
+        r.outstanding = a
+        pair = self._pairs[r.src_rank]
+        pair.owed += 1
+        pair.cv.notify()
+        return a
+
+    @staticmethod
+    def _needs_resume(r: _Room) -> bool:
+        return (r.failure is None and r.status == TransferStatus.TRANSFERRING
+                and r.outstanding is None and r.landing is None
+                and r.seq_len is not None and r.received < r.seq_len)
+
+    def _abort(self, r: _Room, reason: str) -> None:
+        with self._lock:
+            if r.status in (TransferStatus.SUCCESS, TransferStatus.FAILED):
+                return
+            self._fail(r, f"aborted on language rank {self.rank}: {reason}", cause="abort")
+            if r.alloc_sent:
+                self._post(r.src_rank, Abort(r.room, self.rank, reason))
+
+    def _result(self, r: _Room) -> EmbeddingResult:
+        with self._lock:
+            if r.status != TransferStatus.SUCCESS:
+                raise DisaggError(f"room {r.room} has no result: status {r.status.name}"
+                                  + (f" ({r.failure})" if r.failure else ""),
+                                  rank=self.rank, room=r.room)
+            out = r.outputs
+            assert out is not None
+        mrope = out.get("mrope_positions")
+        return EmbeddingResult(
+            embeddings=out["embeddings"], fill_ids=out["fill_ids"],
+            mrope_positions=None if mrope is None else mrope.t().contiguous(),
+            aux=r.aux, extra={n: out[n] for n in self.geometry.extra_names})
+
+    # ------------------------------------------------------------ state changes (locked)
+
+    def _pair(self, src: int) -> _PairReceiver:
+        p = self._pairs.get(src)
+        if p is None:
+            p = self._pairs[src] = _PairReceiver(self, src, self._transports[src])
+        return p
+
+    def _post(self, src: int, msg: Alloc | Resume | Abort) -> None:
+        if self.control is None:
+            return
+        try:
+            self.control.post(src, encode(msg))
+        except DisaggError as e:
+            self._warn.warning("post", "language rank %d: control message to embedding "
+                               "rank %d not sent: %s", self.rank, src, e)
+
+    def _fail(self, r: _Room, reason: str, *, cause: str) -> None:
+        if r.failure is not None or r.status == TransferStatus.SUCCESS:
+            return
+        r.failure = reason
+        r.status = TransferStatus.FAILED
+        self.stats.failure(cause)
+        self._maybe_untrack(r)
+
+    def _maybe_untrack(self, r: _Room) -> None:
+        """Forget a finished room once no frame can still land in its blocks."""
+        if (r.status in (TransferStatus.SUCCESS, TransferStatus.FAILED)
+                and r.outstanding is None and r.landing is None
+                and self._rooms.get(r.room) is r):
+            del self._rooms[r.room]
+            self.stats.set_gauge("rooms_live", len(self._rooms))
+
+    def _release(self, r: _Room, a: _Alloc) -> None:
+        if a.block_ids:
+            self.pool.allocator.free(a.block_ids, owner=r.room)
+            self.stats.set_gauge("pool_free_blocks", self.pool.allocator.num_free)
+
+    # ------------------------------------------------------------ receiver thread
+
+    def _on_frame(self, pair: _PairReceiver, meta: Meta) -> None:
+        """One frame from `pair`: validate, land the payload, update the room."""
+        with self._lock:
+            r = self._rooms.get(meta.room)
+            if r is None or r.src_rank != pair.src or r.outstanding is None:
+                raise _StreamBroken(f"language rank {self.rank}: {meta.kind.name} frame for "
+                                    f"room {meta.room}, which has nothing outstanding towards "
+                                    f"embedding rank {pair.src}")
+            a = r.outstanding
+            r.outstanding = None
+            pair.owed -= 1
+            r.last_progress = time.monotonic()
+            if meta.kind is FrameKind.ABORT:
+                self._release(r, a)
+                self._fail(r, f"language rank {self.rank}: room aborted by embedding rank "
+                              f"{pair.src}", cause="aborted_by_peer")
+                self._maybe_untrack(r)
+                return
+            if meta.kind is not FrameKind.DATA:
+                raise _StreamBroken(f"unexpected {meta.kind.name} frame for room {r.room}")
+            n, offset, last, corrupt = self._check_data(r, a, meta)
+            if r.first_byte_at is None:
+                r.first_byte_at = time.monotonic()
+                self.stats.observe("alloc_to_first_byte_s", r.first_byte_at - r.created)
+            plan, dsts = self._destinations(r, a, n, offset)
+            r.landing = a
+            if not last and self.cfg.auto_resume and r.failure is None and corrupt is None:
+                r.status = TransferStatus.TRANSFERRING
+                r.received += n  # the RESUME names what will have landed
+                self._resume_or_wait(r)
+                r.received -= n
+        t0 = time.monotonic()
+        pair.transport.recv_payload(dsts)
+        with self._lock:
+            if not self.direct and r.outputs is not None:
+                self._copy_out(r, plan, offset)
+            self.stats.observe("chunk_transfer_s", time.monotonic() - t0)
+            self.stats.add(bytes_received=n * self.geometry.token_nbytes, chunks=1)
+            r.landing = None
+            self._release(r, a)
+            r.received += n
+            r.chunk_index += 1
+            if corrupt is not None:
+                self._fail(r, corrupt, cause="corrupt_frame")
+            elif r.failure is None:
+                if r.received == r.seq_len:
+                    r.status = TransferStatus.SUCCESS
+                    self.stats.observe("recv_total_s", time.monotonic() - r.created)
+                else:
+                    r.status = TransferStatus.TRANSFERRING
+                    if self.cfg.auto_resume and r.outstanding is None:
+                        self._resume_or_wait(r)  # our own blocks just came free
+            self._maybe_untrack(r)
+
+    def _resume_or_wait(self, r: _Room) -> None:
+        """Eager resume from the receiver thread; on no blocks, leave it to the loop."""
+        assert r.seq_len is not None
+        remaining = r.seq_len - r.received
+        a = self._allocate(r, remaining, remaining=remaining, resume=True)
+        if a is not None:
+            self.stats.add(resumes=1)
+            self._post(r.src_rank, Resume(r.room, self.rank, a.key, tuple(a.block_ids),
+                                          a.allocated_tokens, a.direct))
+
+    def _check_data(self, r: _Room, a: _Alloc, m: Meta) -> tuple[int, int, bool, str | None]:
+        """Sizes must match the allocation exactly, else the stream is broken.
+        Returns (n_tokens, offset, last, why the room is corrupt or None)."""
+
+        def broken(why: str) -> _StreamBroken:
+            return _StreamBroken(f"language rank {self.rank}: room {r.room} chunk from "
+                                 f"embedding rank {r.src_rank}: {why}", room=r.room)
+
+        if m.token_offset != a.key or m.chunk_index != r.chunk_index:
+            raise broken(f"token_offset={m.token_offset} chunk_index={m.chunk_index}, "
+                         f"expected {a.key} and {r.chunk_index}")
+        if m.first != (m.token_offset == 0):
+            raise broken("FIRST flag does not match token_offset")
+        corrupt = None
+        if m.first:
+            if m.seq_len < 1:
+                raise broken(f"seq_len={m.seq_len}")
+            seq_len = m.seq_len
+        else:
+            assert r.seq_len is not None
+            seq_len = r.seq_len
+            if m.seq_len != r.seq_len or m.aux != r.aux:
+                corrupt = (f"language rank {self.rank}: chunk {m.chunk_index} of room {r.room} "
+                           f"says seq_len={m.seq_len} aux={m.aux}, first chunk said "
+                           f"seq_len={r.seq_len} aux={r.aux}")
+        expect = min(seq_len - m.token_offset, a.allocated_tokens)
+        if m.num_tokens != expect:
+            raise broken(f"num_tokens={m.num_tokens}, expected {expect} "
+                         f"(seq_len {seq_len}, allocated {a.allocated_tokens})")
+        last = m.token_offset + m.num_tokens == seq_len
+        if m.last != last:
+            raise broken("LAST flag does not match the token count")
+        if m.first:
+            r.seq_len, r.aux = m.seq_len, m.aux
+            self._recent_lengths.append(m.seq_len)
+            try:
+                r.outputs = {b.name: torch.empty((m.seq_len, *b.per_token_shape),
+                                                 dtype=b.dtype, device=self.device)
+                             for b in self.geometry.buffers}
+            except (RuntimeError, MemoryError) as e:
+                corrupt = f"language rank {self.rank}: cannot allocate output: {e}"
+        return m.num_tokens, m.token_offset, last, corrupt
+
+    def _destinations(self, r: _Room, a: _Alloc, n: int,
+                      offset: int) -> tuple[list[Segment], list[torch.Tensor]]:
+        """Recv targets in wire order: for each buffer, one tensor per segment."""
+        plan = segment_plan(a.block_ids, self.geometry.block_size, n, direct=a.direct,
+                            dst_offset=offset)
+        bufs = self.geometry.buffers
+        if a.direct and r.outputs is not None:
+            return plan, [r.outputs[b.name][s.dst_token:s.dst_token + s.num_tokens]
+                          for b in bufs for s in plan]
+        if not a.direct:
+            return plan, [self.pool.token_view(b.name, s.dst_token, s.num_tokens)
+                          for b in bufs for s in plan]
+        # no output to land in (allocation failed): drain into scratch to keep the stream
+        return plan, [torch.empty((s.num_tokens, *b.per_token_shape), dtype=b.dtype,
+                                  device=self.device) for b in bufs for s in plan]
+
+    def _copy_out(self, r: _Room, plan: list[Segment], offset: int) -> None:
+        assert r.outputs is not None
+        for b in self.geometry.buffers:
+            out = r.outputs[b.name]
+            for s in plan:
+                start = offset + s.chunk_start
+                out[start:start + s.num_tokens].copy_(
+                    self.pool.token_view(b.name, s.dst_token, s.num_tokens))
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()  # before blocks are reused
+
+    def _pair_lost(self, pair: _PairReceiver, err: BaseException) -> None:
+        """The stream from `pair.src` is unusable: fail its rooms, free their blocks
+        (nothing more can land: no recv will be posted on it again)."""
+        with self._lock:
+            if pair.dead is None:
+                pair.dead = str(err)
+                if not self._closing:
+                    log.error("language rank %d: stream from embedding rank %d lost: %s",
+                              self.rank, pair.src, err)
+            pair.owed = 0
+            for r in list(self._rooms.values()):
+                if r.src_rank != pair.src:
+                    continue
+                for a in (r.outstanding, r.landing):
+                    if a is not None:
+                        self._release(r, a)
+                r.outstanding = r.landing = None
+                self._fail(r, f"language rank {self.rank}: stream from embedding rank "
+                              f"{pair.src} lost: {err}", cause="peer_lost")
+                self._maybe_untrack(r)
+
+    # ------------------------------------------------------------ control thread
+
+    def on_message(self, src: bytes | int, data: bytes) -> None:
+        assert isinstance(src, int)
+        try:
+            msg = decode(data)
+        except ProtocolError as e:
+            self._warn.warning("bad_message", "language rank %d: malformed message from "
+                               "embedding rank %d: %s", self.rank, src, e)
+            self.stats.failure("bad_message")
+            return
+        if not isinstance(msg, Reject):
+            self._warn.warning("bad_message", "language rank %d: unexpected %s from "
+                               "embedding rank %d", self.rank, type(msg).__name__, src)
+            return
+        with self._lock:
+            r = self._rooms.get(msg.room)
+            if r is None or r.src_rank != src:
+                return  # a room that already ended here
+            self._fail(r, f"rejected by embedding rank {src}: {msg.reason}", cause="rejected")
+
+    def on_tick(self) -> None:
+        now = time.monotonic()
+        boot = self.cfg.bootstrap_timeout
+        with self._lock:
+            for r in list(self._rooms.values()):
+                if r.failure is not None:
+                    continue
+                idle = now - r.last_progress
+                if r.status == TransferStatus.BOOTSTRAPPING and idle > boot:
+                    self._fail(r, f"language rank {self.rank}: no free blocks for room "
+                                  f"{r.room} within bootstrap_timeout={boot:g}s",
+                               cause="timeout")
+                elif self._needs_resume(r) and idle > boot:
+                    self._fail(r, f"language rank {self.rank}: room {r.room} waited "
+                                  f"{boot:g}s for blocks to resume", cause="timeout")
+                    self._post(r.src_rank, Abort(r.room, self.rank, "resume timeout"))
+                elif r.outstanding is not None and idle > boot + self.cfg.peer_timeout:
+                    stage = "first chunk" if r.seq_len is None else "next chunk"
+                    self._fail(r, f"language rank {self.rank}: no {stage} from embedding "
+                                  f"rank {r.src_rank} within {boot + self.cfg.peer_timeout:g}s",
+                               cause="timeout")
+                    self._post(r.src_rank, Abort(r.room, self.rank, "timeout"))
+
+    # ------------------------------------------------------------ shutdown
+
+    def close(self, timeout_s: float) -> None:
+        """Abort every live room ("shutdown"), wait (bounded) for the answers owed
+        on each stream, then stop the receiver threads."""
+        with self._lock:
+            self._closing = True
+            for r in list(self._rooms.values()):
+                if r.status not in (TransferStatus.SUCCESS, TransferStatus.FAILED):
+                    self._fail(r, f"language rank {self.rank} shut down", cause="shutdown")
+                    if r.alloc_sent:
+                        self._post(r.src_rank, Abort(r.room, self.rank, "shutdown"))
+            pairs = list(self._pairs.values())
+            for p in pairs:
+                p.stopping = True
+                p.cv.notify_all()
+        deadline = time.monotonic() + timeout_s
+        for p in pairs:
+            p.thread.join(max(0.0, deadline - time.monotonic()))
+            if p.thread.is_alive():
+                log.error("language rank %d: receiver thread for embedding rank %d still "
+                          "waits for %d frame(s) after %.1fs", self.rank, p.src, p.owed,
+                          timeout_s)
+
+
+class Receiver:
+    """One room on a Language rank. Every TP rank of the instance makes the same calls."""
+
+    def __init__(self, engine: LanguageEngine, state: _Room) -> None:
+        self._engine = engine
+        self._r = state
+        self.room = state.room
+        self.src_rank = state.src_rank
+
+    def init(self, num_tokens: int | None = None) -> bool:
+        """Allocate (default_alloc_tokens if None) and send ALLOC. False: no free
+        blocks yet, or the room failed (see poll()); call again later."""
+        return self._engine._init(self._r, num_tokens)
+
+    def poll(self) -> TransferStatus:
+        return self._r.status
+
+    @property
+    def needs_resume(self) -> bool:
+        with self._engine._lock:
+            return self._engine._needs_resume(self._r)
+
+    @property
+    def progress(self) -> tuple[int, int | None]:
+        return self._r.received, self._r.seq_len
+
+    @property
+    def failure(self) -> str | None:
+        return self._r.failure
+
+    def resume(self, num_tokens: int | None = None) -> bool:
+        """Allocate for the rest (or num_tokens of it) and send RESUME. False: no
+        blocks yet (or the room failed); a repeat in the same round does nothing."""
+        return self._engine._resume(self._r, num_tokens)
+
+    def result(self) -> EmbeddingResult:
+        return self._engine._result(self._r)
+
+    def abort(self, reason: str = "aborted") -> None:
+        self._engine._abort(self._r, reason)

@@ -1,0 +1,82 @@
+"""Pure planning: block arithmetic, segment plans, chunk sizes.
+
+Integers in, integers out, no I/O: both ends of a pair call the same functions
+on the same inputs (the destination block list, n_tokens) and so post sends and
+recvs that match one for one, in order and in size. Property tests hammer these.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+
+class Segment(NamedTuple):
+    """`num_tokens` tokens at `chunk_start` within the chunk, landing at token
+    `dst_token` of the destination (the pool's flat token space, or the
+    room's output when the plan is direct)."""
+
+    chunk_start: int
+    num_tokens: int
+    dst_token: int
+
+
+def num_blocks_for(num_tokens: int, block_size: int) -> int:
+    """Whole blocks needed to hold `num_tokens` (ceil)."""
+    if num_tokens < 0 or block_size < 1:
+        raise ValueError(f"num_tokens={num_tokens}, block_size={block_size}")
+    return -(-num_tokens // block_size)
+
+
+def runs(block_ids: Sequence[int]) -> list[tuple[int, int]]:
+    """Maximal runs of consecutive ids, in list order: [(first_id, length), ...]."""
+    out: list[tuple[int, int]] = []
+    for b in block_ids:
+        if out and out[-1][0] + out[-1][1] == b:
+            out[-1] = (out[-1][0], out[-1][1] + 1)
+        else:
+            out.append((b, 1))
+    return out
+
+
+def segment_plan(block_ids: Sequence[int], block_size: int, num_tokens: int,
+                 *, direct: bool = False, dst_offset: int = 0) -> list[Segment]:
+    """How `num_tokens` chunk tokens map onto the destination.
+
+    Token i of the chunk goes to block `block_ids[i // block_size]`. One segment
+    per contiguous run of blocks, the last one cut at `num_tokens`. A direct plan
+    is a single segment landing at `dst_offset` of the output.
+    """
+    capacity = len(block_ids) * block_size
+    if num_tokens < 1:
+        raise ValueError(f"num_tokens={num_tokens} must be >= 1")
+    if direct:
+        return [Segment(0, num_tokens, dst_offset)]
+    if num_tokens > capacity:
+        raise ValueError(f"num_tokens={num_tokens} exceeds {len(block_ids)} blocks "
+                         f"x {block_size} = {capacity} tokens")
+    plan: list[Segment] = []
+    start = 0
+    for first, length in runs(block_ids):
+        if start >= num_tokens:
+            break
+        n = min(length * block_size, num_tokens - start)
+        plan.append(Segment(start, n, first * block_size))
+        start += n
+    return plan
+
+
+def chunk_tokens(seq_len: int, sent_tokens: int, allocated_tokens: int) -> int:
+    """Tokens the next chunk carries: min(remaining, allocated)."""
+    if not 0 <= sent_tokens < seq_len or allocated_tokens < 1:
+        raise ValueError(f"seq_len={seq_len}, sent_tokens={sent_tokens}, "
+                         f"allocated_tokens={allocated_tokens}")
+    return min(seq_len - sent_tokens, allocated_tokens)
+
+
+def alloc_tokens_for(request: int, block_size: int, remaining: int | None,
+                     max_blocks: int) -> int:
+    """Blocks to take for a request of `request` tokens: whole blocks, never
+    more than the rest of the room needs (when known) nor the whole pool."""
+    want = request if remaining is None else min(request, remaining)
+    return max(1, min(num_blocks_for(want, block_size), max_blocks))

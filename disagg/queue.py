@@ -1,0 +1,110 @@
+"""Serving-loop helper for Language ranks: init / resume / retry, and agreement
+across the tensor-parallel instance.
+
+Lockstep contract: every TP rank of an instance calls `add` with the same rooms
+in the same order and calls `step` the same number of times. Each `step` does
+one fixed-size all-reduce (MIN) over the instance's Gloo group holding a header
+(number of rooms and a checksum of the room list, each with its negation so MIN
+yields both the least and the greatest value) and one status per room. FAILED
+wins, a room is done only when every rank holds all of it, and so every rank
+returns the same `done` and `failed` lists in the same order. A rank that broke
+the contract gets `LockstepError` on every rank instead of a hang or a silently
+different answer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .errors import DisaggError
+from .language import LanguageEngine, Receiver
+from .types import EmbeddingResult, TransferStatus
+
+MAX_WINDOW = 1024  # rooms agreed on per step; later ones keep moving and wait their turn
+_HEADER = 6
+
+
+class LockstepError(DisaggError):
+    """TP ranks of one instance disagree on the queue's rooms or steps."""
+
+
+@dataclass
+class _Entry:
+    room: int
+    src_rank: int
+    receiver: Receiver
+    started: bool = False
+
+
+class RoomQueue:
+    def __init__(self, engine: LanguageEngine, group: dist.ProcessGroup | None,
+                 window: int = MAX_WINDOW) -> None:
+        self._engine = engine
+        self._group = group
+        self._window = window
+        self._entries: list[_Entry] = []
+        self._buf = torch.empty(_HEADER + window, dtype=torch.int64)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def add(self, room: int, src_rank: int) -> None:
+        self._entries.append(_Entry(room, src_rank, self._engine.receiver(room, src_rank)))
+
+    def step(self) -> tuple[list[tuple[int, EmbeddingResult]], list[tuple[int, str]]]:
+        """Advance every queued room once; return the rooms finished on every TP rank."""
+        for e in self._entries:  # FIFO: earlier rooms get blocks first
+            if not e.started:
+                e.started = e.receiver.init()
+            elif e.receiver.needs_resume:
+                e.receiver.resume()
+        window = self._entries[:self._window]
+        statuses = [int(e.receiver.poll()) for e in window]
+        agreed = self._agree(window, statuses)
+        done: list[tuple[int, EmbeddingResult]] = []
+        failed: list[tuple[int, str]] = []
+        finished: set[int] = set()
+        for i, e in enumerate(window):
+            s = agreed[i]
+            if s == TransferStatus.SUCCESS:
+                done.append((e.room, e.receiver.result()))
+            elif s == TransferStatus.FAILED:
+                reason = e.receiver.failure
+                if reason is None:  # it failed on another rank of the instance
+                    reason = f"room {e.room} failed on another rank of the TP instance"
+                    e.receiver.abort(reason)
+                failed.append((e.room, reason))
+            else:
+                continue
+            finished.add(i)
+        if finished:
+            self._entries = [e for i, e in enumerate(self._entries) if i not in finished]
+        return done, failed
+
+    def _agree(self, window: list[_Entry], statuses: list[int]) -> list[int]:
+        if self._group is None or dist.get_world_size(self._group) == 1:
+            return statuses
+        n = len(window)
+        h = hashlib.blake2b(struct.pack(f"<{2 * n}q", *[v for e in window
+                                                         for v in (e.room, e.src_rank)]),
+                            digest_size=8).digest()
+        lo, hi = struct.unpack("<ii", h)
+        buf = self._buf
+        buf.fill_(int(TransferStatus.SUCCESS))
+        buf[:_HEADER] = torch.tensor([n, -n, lo, -lo, hi, -hi], dtype=torch.int64)
+        if n:
+            buf[_HEADER:_HEADER + n] = torch.tensor(statuses, dtype=torch.int64)
+        dist.all_reduce(buf, op=dist.ReduceOp.MIN, group=self._group)
+        head = buf[:_HEADER].tolist()
+        if any(head[i] != -head[i + 1] for i in (0, 2, 4)):
+            raise LockstepError(
+                f"language rank {self._engine.rank}: TP ranks disagree on the queue "
+                f"(rooms between {head[0]} and {-head[1]} in the window, or different "
+                f"rooms/order): every TP rank must add the same rooms in the same order and "
+                f"step the same number of times")
+        return buf[_HEADER:_HEADER + n].tolist()

@@ -1,0 +1,54 @@
+"""Counters, gauges and latency samples behind `ctx.stats()`: cheap to update
+from any thread, summarised on read."""
+
+from __future__ import annotations
+
+import collections
+import threading
+
+import numpy as np
+
+MAX_SAMPLES = 4096  # per latency series: a sliding window, so memory stays bounded
+
+
+class Stats:
+    def __init__(self, **gauges: int) -> None:
+        self._lock = threading.Lock()
+        self._counters: collections.Counter[str] = collections.Counter(
+            bytes_sent=0, bytes_received=0, chunks=0, resumes=0, failures=0)
+        self._failures: collections.Counter[str] = collections.Counter()
+        self._gauges: dict[str, int] = dict(gauges)
+        self._samples: dict[str, collections.deque[float]] = {}
+
+    def add(self, **counts: int) -> None:
+        with self._lock:
+            self._counters.update(counts)
+
+    def failure(self, cause: str) -> None:
+        with self._lock:
+            self._counters["failures"] += 1
+            self._failures[cause] += 1
+
+    def set_gauge(self, name: str, value: int) -> None:
+        self._gauges[name] = value
+
+    def observe(self, series: str, seconds: float) -> None:
+        with self._lock:
+            q = self._samples.get(series)
+            if q is None:
+                q = self._samples[series] = collections.deque(maxlen=MAX_SAMPLES)
+            q.append(seconds)
+
+    def snapshot(self) -> dict[str, object]:
+        with self._lock:
+            out: dict[str, object] = dict(self._gauges)
+            out.update(self._counters)
+            out["failures_by_cause"] = dict(self._failures)
+            lat: dict[str, dict[str, float]] = {}
+            for name, q in self._samples.items():
+                if q:
+                    a = np.fromiter(q, dtype=np.float64)
+                    lat[name] = {"count": float(a.size), "p50": float(np.percentile(a, 50)),
+                                 "p99": float(np.percentile(a, 99)), "max": float(a.max())}
+            out["latency_s"] = lat
+        return out

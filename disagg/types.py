@@ -1,0 +1,33 @@
+"""Public value types: transfer status and the received result."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import torch
+
+
+class TransferStatus(enum.IntEnum):
+    """Ordered so that an all-reduce MIN gives the least advanced state and FAILED wins."""
+
+    FAILED = 0
+    BOOTSTRAPPING = 1
+    WAITING_FOR_INPUT = 2
+    TRANSFERRING = 3
+    SUCCESS = 4
+
+
+@dataclass(frozen=True)
+class EmbeddingResult:
+    """One room's data as it arrived on a Language rank.
+
+    embeddings [seq, hidden]; fill_ids [seq]; mrope_positions [3, seq] or None;
+    aux: the ints the sender attached; extra: name -> [seq, *per_token_shape].
+    """
+
+    embeddings: torch.Tensor
+    fill_ids: torch.Tensor
+    mrope_positions: torch.Tensor | None
+    aux: tuple[int, ...] = ()
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)

@@ -1,0 +1,266 @@
+"""Wire formats, no I/O: ZeroMQ control messages and the data plane's meta frame.
+
+Control message (little-endian): a fixed 44-byte header
+
+    magic u16 | version u8 | kind u8 | flags u32 | room i64 | lang_rank i32 |
+    instance_size i32 | sent_tokens i64 | allocated_tokens i64 | num_items u32
+
+then `num_items` int32 block ids (ALLOC, RESUME) or `num_items` UTF-8 bytes of
+reason (ABORT, REJECT). Decoding checks structure only and raises
+`ProtocolError`; whether block ids fit the receiver's pool is checked by the
+Embedding engine, which knows each peer's geometry.
+
+Meta frame: `META_LEN` int64 words sent before every payload; see `Meta`.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .errors import ProtocolError
+
+MAGIC = 0xD15A
+VERSION = 1
+MAX_ROOM = (1 << 63) - 1
+MAX_BLOCKS_PER_MESSAGE = 1 << 20
+MAX_REASON_BYTES = 1024
+MAX_AUX = 8
+
+_HEADER = struct.Struct("<HBBIqiiqqI")
+HEADER_SIZE = _HEADER.size
+
+
+class MsgKind(enum.IntEnum):
+    ALLOC = 1
+    RESUME = 2
+    ABORT = 3
+    REJECT = 4
+
+
+FLAG_DIRECT = 1  # the plan is one contiguous run into the room's output; blocks are credit
+
+
+@dataclass(frozen=True)
+class Alloc:
+    """L -> E: first allocation of a room by one Language rank."""
+
+    room: int
+    lang_rank: int
+    instance_size: int
+    block_ids: tuple[int, ...]
+    allocated_tokens: int
+    direct: bool = False
+
+
+@dataclass(frozen=True)
+class Resume:
+    """L -> E: next allocation after `sent_tokens` landed. `direct` with no
+    blocks means straight into the output, `allocated_tokens` of credit."""
+
+    room: int
+    lang_rank: int
+    sent_tokens: int
+    block_ids: tuple[int, ...]
+    allocated_tokens: int
+    direct: bool = False
+
+
+@dataclass(frozen=True)
+class Abort:
+    """L -> E: this Language rank gives up the room."""
+
+    room: int
+    lang_rank: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class Reject:
+    """E -> L: the room failed on the Embedding side, or a request was refused.
+
+    `sent_tokens` names the refused allocation (0 for an ALLOC, the RESUME's
+    sent_tokens); -1 when no allocation of this Language rank was refused, in
+    which case any outstanding one will still be answered on the data stream.
+    """
+
+    room: int
+    sent_tokens: int
+    reason: str
+
+
+ControlMessage = Alloc | Resume | Abort | Reject
+
+
+def _reason_bytes(reason: str) -> bytes:
+    raw = reason.encode("utf-8", errors="replace")
+    if len(raw) <= MAX_REASON_BYTES:
+        return raw
+    return raw[:MAX_REASON_BYTES].decode("utf-8", errors="ignore").encode("utf-8")
+
+
+def encode(msg: ControlMessage) -> bytes:
+    if isinstance(msg, (Alloc, Resume)):
+        if len(msg.block_ids) > MAX_BLOCKS_PER_MESSAGE:
+            raise ValueError(f"{len(msg.block_ids)} blocks in one message")
+        is_alloc = isinstance(msg, Alloc)
+        head = _HEADER.pack(
+            MAGIC, VERSION, MsgKind.ALLOC if is_alloc else MsgKind.RESUME,
+            FLAG_DIRECT if msg.direct else 0, msg.room, msg.lang_rank,
+            msg.instance_size if isinstance(msg, Alloc) else 0,
+            0 if isinstance(msg, Alloc) else msg.sent_tokens,
+            msg.allocated_tokens, len(msg.block_ids))
+        return head + np.asarray(msg.block_ids, dtype="<i4").tobytes()
+    if isinstance(msg, Abort):
+        raw = _reason_bytes(msg.reason)
+        return _HEADER.pack(MAGIC, VERSION, MsgKind.ABORT, 0, msg.room, msg.lang_rank,
+                            0, 0, 0, len(raw)) + raw
+    if isinstance(msg, Reject):
+        raw = _reason_bytes(msg.reason)
+        return _HEADER.pack(MAGIC, VERSION, MsgKind.REJECT, 0, msg.room, -1,
+                            0, msg.sent_tokens, 0, len(raw)) + raw
+    raise TypeError(f"not a control message: {type(msg).__name__}")
+
+
+def peek_room(data: bytes) -> int | None:
+    """The room a (possibly malformed) message names, if its header is readable."""
+    if len(data) < HEADER_SIZE:
+        return None
+    room = _HEADER.unpack_from(data)[4]
+    return room if 0 <= room <= MAX_ROOM else None
+
+
+def decode(data: bytes) -> ControlMessage:
+    """Parse one control message; raise `ProtocolError` saying what is wrong."""
+    if len(data) < HEADER_SIZE:
+        raise ProtocolError(f"truncated control message: {len(data)} bytes < header "
+                            f"{HEADER_SIZE}")
+    (magic, version, kind, flags, room, lang_rank, instance_size, sent_tokens,
+     allocated_tokens, num_items) = _HEADER.unpack_from(data)
+    if magic != MAGIC:
+        raise ProtocolError(f"bad magic 0x{magic:04x}")
+    if version != VERSION:
+        raise ProtocolError(f"unsupported protocol version {version} (this side speaks "
+                            f"{VERSION})")
+    try:
+        kind = MsgKind(kind)
+    except ValueError:
+        raise ProtocolError(f"unknown message kind {kind}") from None
+    if room < 0:
+        raise ProtocolError(f"negative room id {room}")
+    if flags & ~FLAG_DIRECT:
+        raise ProtocolError(f"unknown flags 0x{flags:x}")
+    body = data[HEADER_SIZE:]
+    if kind in (MsgKind.ALLOC, MsgKind.RESUME):
+        if num_items > MAX_BLOCKS_PER_MESSAGE:
+            raise ProtocolError(f"{num_items} blocks exceeds the limit "
+                                f"{MAX_BLOCKS_PER_MESSAGE}", room=room)
+        if len(body) != 4 * num_items:
+            raise ProtocolError(f"{kind.name} announces {num_items} blocks but carries "
+                                f"{len(body)} bytes", room=room)
+        blocks = tuple(np.frombuffer(body, dtype="<i4").tolist())
+        direct = bool(flags & FLAG_DIRECT)
+        if kind is MsgKind.ALLOC:
+            return Alloc(room, lang_rank, instance_size, blocks, allocated_tokens, direct)
+        return Resume(room, lang_rank, sent_tokens, blocks, allocated_tokens, direct)
+    if num_items > MAX_REASON_BYTES or len(body) != num_items:
+        raise ProtocolError(f"{kind.name} reason length {num_items} does not match "
+                            f"{len(body)} bytes (limit {MAX_REASON_BYTES})", room=room)
+    try:
+        reason = body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ProtocolError(f"{kind.name} reason is not UTF-8", room=room) from None
+    if kind is MsgKind.ABORT:
+        return Abort(room, lang_rank, reason)
+    return Reject(room, sent_tokens, reason)
+
+
+# ---------------------------------------------------------------- meta frame
+
+class FrameKind(enum.IntEnum):
+    DATA = 1
+    ABORT = 2  # answers an allocation: nothing of this room follows on the pair
+    CLOSE = 3
+
+
+FLAG_FIRST = 1
+FLAG_LAST = 2
+META_MAGIC = 0xD15A_0000 | VERSION
+META_LEN = 18
+_CHECK_SALT = 0x5EED_D15A_C0DE
+
+
+@dataclass(frozen=True)
+class Meta:
+    """Header of one frame on a pair's stream.
+
+    Words: magic|version, kind, room, chunk_index, token_offset, num_tokens,
+    seq_len, flags, num_aux, aux[8], check. `seq_len` and aux are meaningful
+    in the FIRST chunk; later chunks repeat them and the receiver checks they
+    agree with what it cached. `check` xors every other word with a salt so a
+    frame read out of step with its sender is caught, not trusted.
+    """
+
+    kind: FrameKind
+    room: int
+    chunk_index: int = 0
+    token_offset: int = 0
+    num_tokens: int = 0
+    seq_len: int = 0
+    flags: int = 0
+    aux: tuple[int, ...] = ()
+
+    @property
+    def first(self) -> bool:
+        return bool(self.flags & FLAG_FIRST)
+
+    @property
+    def last(self) -> bool:
+        return bool(self.flags & FLAG_LAST)
+
+    def words(self) -> list[int]:
+        if len(self.aux) > MAX_AUX:
+            raise ValueError(f"at most {MAX_AUX} aux values, got {len(self.aux)}")
+        w = [META_MAGIC, int(self.kind), self.room, self.chunk_index, self.token_offset,
+             self.num_tokens, self.seq_len, self.flags, len(self.aux),
+             *self.aux, *([0] * (MAX_AUX - len(self.aux)))]
+        return [*w, _check(w)]
+
+    def to_tensor(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        t = torch.tensor(self.words(), dtype=torch.int64)
+        if out is None:
+            return t
+        out.copy_(t)
+        return out
+
+    @classmethod
+    def from_tensor(cls, t: torch.Tensor) -> Meta:
+        return cls.from_words(t.tolist())
+
+    @classmethod
+    def from_words(cls, w: list[int]) -> Meta:
+        if len(w) != META_LEN:
+            raise ProtocolError(f"meta frame has {len(w)} words, expected {META_LEN}")
+        if w[0] != META_MAGIC:
+            raise ProtocolError(f"bad meta magic/version 0x{w[0] & 0xFFFFFFFFFFFFFFFF:x}")
+        if _check(w[:-1]) != w[-1]:
+            raise ProtocolError("meta frame check word mismatch")
+        try:
+            kind = FrameKind(w[1])
+        except ValueError:
+            raise ProtocolError(f"unknown frame kind {w[1]}") from None
+        num_aux = w[8]
+        if not 0 <= num_aux <= MAX_AUX:
+            raise ProtocolError(f"meta frame num_aux={num_aux}")
+        return cls(kind, w[2], w[3], w[4], w[5], w[6], w[7], tuple(w[9:9 + num_aux]))
+
+
+def _check(words: list[int]) -> int:
+    acc = _CHECK_SALT
+    for i, x in enumerate(words):
+        acc ^= (x * (2 * i + 1)) & 0x7FFF_FFFF_FFFF_FFFF
+    return acc
