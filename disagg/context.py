@@ -80,7 +80,7 @@ def _local_rank() -> tuple[int, int]:
 
 
 def _pick_backend(cfg: DisaggConfig) -> str:
-    local_rank, local_world = _local_rank()
+    _, local_world = _local_rank()
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if cfg.backend == "nccl":
         if gpus == 0:

@@ -11,6 +11,7 @@ survives anything the handler raises.
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import socket
 import threading
@@ -119,18 +120,14 @@ class ControlChannel:
             if len(self._outbox) >= MAX_OUTBOX:
                 raise DisaggError(f"control outbox full ({MAX_OUTBOX} messages)")
             self._outbox.append((dest, payload))
-        try:
+        with contextlib.suppress(BlockingIOError):  # a wake-up is already pending
             self._wake_w.send(b"\0")
-        except BlockingIOError:
-            pass  # a wake-up is already pending
 
     def close(self, timeout_s: float = 5.0) -> None:
         """Stop the thread (flushing queued messages first) and close every socket."""
         self._stop.set()
-        try:
+        with contextlib.suppress(OSError):
             self._wake_w.send(b"\0")
-        except OSError:
-            pass
         if self._thread is not None:
             self._thread.join(timeout_s)
             if self._thread.is_alive():

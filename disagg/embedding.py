@@ -35,7 +35,7 @@ import torch
 
 from .config import DisaggConfig
 from .control import ControlChannel, RateLimitedLog, rank_of_identity
-from .errors import DisaggError, PeerLost, PoolFull, ProtocolError
+from .errors import DisaggError, PoolFull, ProtocolError
 from .geometry import Geometry, Topology
 from .plan import Segment, chunk_tokens, num_blocks_for, segment_plan
 from .pool import BlockAllocator
@@ -269,6 +269,9 @@ class EmbeddingEngine:
                                      on_done or (lambda err: None)))
 
     def _submit(self, lang_rank: int, job: _Job) -> None:
+        if self._closing:  # the streams are closing: the peer learns from their end
+            job.done(DisaggError(f"embedding rank {self.rank} is shut down"))
+            return
         s = self._senders.get(lang_rank)
         if s is None:
             s = _PairSender(self._transports[lang_rank],
@@ -418,8 +421,8 @@ class EmbeddingEngine:
         return None
 
     def _on_alloc(self, m: Alloc) -> None:
-        l, room = m.lang_rank, m.room
-        why = self._check_grant(l, m.block_ids, m.allocated_tokens, m.direct,
+        lang, room = m.lang_rank, m.room
+        why = self._check_grant(lang, m.block_ids, m.allocated_tokens, m.direct,
                                 allow_empty=False)
         tp = self.topology.language_tp_size
         if why is None and not 1 <= m.instance_size <= tp:
@@ -428,44 +431,46 @@ class EmbeddingEngine:
         r = self._rooms.get(room)
         if r is None:
             if room in self._tombstones:
-                self._refuse(l, room, 0, f"room already ended on embedding rank "
+                self._refuse(lang, room, 0, f"room already ended on embedding rank "
                                          f"{self.rank}: {self._tombstones[room]}")
             elif why is not None:
-                self._refuse(l, room, 0, f"bad ALLOC: {why}")
+                self._refuse(lang, room, 0, f"bad ALLOC: {why}")
             else:
-                self._early_alloc(l, room, m.instance_size, grant)
+                self._early_alloc(lang, room, m.instance_size, grant)
             return
         if r.failure is not None or r.ended:
-            self._refuse(l, room, 0, f"room already failed: {r.failure}")
+            self._refuse(lang, room, 0, f"room already failed: {r.failure}")
             return
-        if why is None and l in r.pairs:
+        if why is None and lang in r.pairs:
             why = "duplicate ALLOC from this language rank"
         if why is None and r.instance_size not in (None, m.instance_size):
             why = f"instance_size={m.instance_size} disagrees with {r.instance_size}"
+        if why is None and r.pairs:
+            why = self._other_instance(lang, next(iter(r.pairs)))
         if why is not None:
-            self._refuse(l, room, 0, f"bad ALLOC: {why}")
+            self._refuse(lang, room, 0, f"bad ALLOC: {why}")
             self.stats.failure("bad_message")
-            self._fail(r, f"embedding rank {self.rank}: bad ALLOC from language rank {l}: "
+            self._fail(r, f"embedding rank {self.rank}: bad ALLOC from language rank {lang}: "
                           f"{why}", cause="bad_message")
             return
         r.instance_size = m.instance_size
-        pair = r.pairs[l] = _Pair(l, pending=grant, keys={0})
+        pair = r.pairs[lang] = _Pair(lang, pending=grant, keys={0})
         r.last_progress = time.monotonic()
         if r.sources is not None:
             r.status = TransferStatus.TRANSFERRING
         self._schedule(r, pair)
 
     def _on_resume(self, m: Resume) -> None:
-        l, room = m.lang_rank, m.room
+        lang, room = m.lang_rank, m.room
         r = self._rooms.get(room)
         if r is None or r.failure is not None or r.ended:
             ended = self._tombstones.get(room) if r is None else r.failure
-            self._refuse(l, room, m.sent_tokens,
+            self._refuse(lang, room, m.sent_tokens,
                          f"RESUME for a room that is {'unknown' if ended is None else 'ended'}"
                          f" on embedding rank {self.rank}" + (f": {ended}" if ended else ""))
             return
-        pair = r.pairs.get(l)
-        why = self._check_grant(l, m.block_ids, m.allocated_tokens, m.direct, allow_empty=True)
+        pair = r.pairs.get(lang)
+        why = self._check_grant(lang, m.block_ids, m.allocated_tokens, m.direct, allow_empty=True)
         if why is None and pair is None:
             why = "RESUME before ALLOC"
         elif why is None and pair is not None:
@@ -479,9 +484,9 @@ class EmbeddingEngine:
             elif pair.sent_tokens >= r.seq_len:
                 why = f"RESUME after all {r.seq_len} tokens were sent"
         if why is not None:
-            self._refuse(l, room, m.sent_tokens, f"bad RESUME: {why}")
+            self._refuse(lang, room, m.sent_tokens, f"bad RESUME: {why}")
             self.stats.failure("bad_message")
-            self._fail(r, f"embedding rank {self.rank}: bad RESUME from language rank {l}: "
+            self._fail(r, f"embedding rank {self.rank}: bad RESUME from language rank {lang}: "
                           f"{why}", cause="bad_message")
             return
         assert pair is not None
@@ -492,48 +497,59 @@ class EmbeddingEngine:
         self._schedule(r, pair)
 
     def _on_abort(self, m: Abort) -> None:
-        l, room = m.lang_rank, m.room
+        lang, room = m.lang_rank, m.room
         early = self._early.get(room)
-        if early is not None and l in early:
-            del early[l]
+        if early is not None and lang in early:
+            del early[lang]
             if not early:
                 self._early.pop(room, None)
-            self._answer_with_abort(room, l)
+            self._answer_with_abort(room, lang)
             for other in early:  # the rest of the instance learns why
-                self._reject(other, room, -1, f"aborted by language rank {l}: {m.reason}")
-            self._tombstones[room] = f"aborted by language rank {l}"
+                self._reject(other, room, -1, f"aborted by language rank {lang}: {m.reason}")
+            self._tombstones[room] = f"aborted by language rank {lang}"
             return
         r = self._rooms.get(room)
         if r is not None:
-            self._fail(r, f"aborted by language rank {l}: {m.reason}", cause="abort")
+            self._fail(r, f"aborted by language rank {lang}: {m.reason}", cause="abort")
 
     def _refuse(self, lang_rank: int, room: int, key: int, reason: str) -> None:
         """Refuse an allocation: its answer is an ABORT frame; REJECT says why."""
         self._reject(lang_rank, room, key, reason)
         self._answer_with_abort(room, lang_rank)
 
-    def _early_alloc(self, l: int, room: int, instance_size: int, grant: _Grant) -> None:
+    def _other_instance(self, lang: int, first: int) -> str | None:
+        """A room is received by one Language instance: why `lang` may not join a
+        room that `first` already asked for, or None."""
+        mine, theirs = self.topology.instance_of(lang), self.topology.instance_of(first)
+        if mine == theirs:
+            return None
+        return (f"room already claimed by language instance {theirs} (rank {first}); "
+                f"rank {lang} is in instance {mine}")
+
+    def _early_alloc(self, lang: int, room: int, instance_size: int, grant: _Grant) -> None:
         total = sum(len(v) for v in self._early.values())
         pending = self._early.setdefault(room, {})
         inst = self._early_instance.setdefault(room, instance_size)
-        if l in pending or inst != instance_size or total >= MAX_EARLY_ALLOCS:
-            why = ("duplicate ALLOC" if l in pending else
+        other = self._other_instance(lang, next(iter(pending))) if pending else None
+        if lang in pending or inst != instance_size or other or total >= MAX_EARLY_ALLOCS:
+            why = ("duplicate ALLOC" if lang in pending else
                    "instance_size disagrees" if inst != instance_size else
+                   other if other else
                    f"too many ALLOCs waiting for data ({total})")
             if not pending:
                 self._early.pop(room, None)
                 self._early_instance.pop(room, None)
-            self._refuse(l, room, 0, f"bad ALLOC: {why}")
+            self._refuse(lang, room, 0, f"bad ALLOC: {why}")
             return
-        pending[l] = grant
+        pending[lang] = grant
 
     def _early_drop(self, match: Callable[[int, int], bool], reason: str = "") -> None:
         for room in list(self._early):
             grants = self._early[room]
-            for l in [l for l in grants if match(room, l)]:
-                del grants[l]
+            for lang in [lang for lang in grants if match(room, lang)]:
+                del grants[lang]
                 if reason:
-                    self._refuse(l, room, 0, reason)
+                    self._refuse(lang, room, 0, reason)
             if not grants:
                 del self._early[room]
                 self._early_instance.pop(room, None)
@@ -544,7 +560,7 @@ class EmbeddingEngine:
         limit = self.cfg.bootstrap_timeout
         with self._lock:
             self._early_drop(
-                lambda room, l: now - self._early[room][l].arrived > limit,
+                lambda room, lang: now - self._early[room][lang].arrived > limit,
                 f"no data for this room on embedding rank {self.rank} within "
                 f"bootstrap_timeout={limit:g}s")
             for r in list(self._rooms.values()):
@@ -571,7 +587,7 @@ class EmbeddingEngine:
                     self._end(r, "shutdown")
                 else:
                     self._fail(r, f"embedding rank {self.rank} shut down", cause="shutdown")
-            self._early_drop(lambda room, l: True, f"embedding rank {self.rank} shut down")
+            self._early_drop(lambda room, lang: True, f"embedding rank {self.rank} shut down")
             self._closing = True
             senders = list(self._senders.values())
         deadline = time.monotonic() + timeout_s
