@@ -52,15 +52,11 @@ def init(cfg: DisaggConfig | None = None, *, rank: int | None = None,
     owns_world = not dist.is_initialized()
     backend = _pick_backend(cfg)
     if owns_world:
-        kwargs: dict[str, object] = {}
-        if rank is not None:
-            kwargs["rank"] = rank
-        if world_size is not None:
-            kwargs["world_size"] = world_size
-        if timeout is not None:
-            kwargs["timeout"] = timeout
         dist.init_process_group("cpu:gloo,cuda:nccl" if backend == "nccl" else "gloo",
-                                init_method=init_method or "env://", **kwargs)
+                                init_method=init_method or "env://",
+                                rank=-1 if rank is None else rank,
+                                world_size=-1 if world_size is None else world_size,
+                                timeout=timeout)
     elif (rank is not None and rank != dist.get_rank()) or (
             world_size is not None and world_size != dist.get_world_size()):
         raise ValueError(f"init(rank={rank}, world_size={world_size}) disagrees with the "

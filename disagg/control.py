@@ -145,10 +145,10 @@ class ControlChannel:
         sockets: dict[zmq.Socket, int | None] = {}
         if self._router is not None:
             sockets[self._router] = None
-        for peer, s in self._dealers.items():
-            sockets[s] = peer
-        for s in sockets:
-            poller.register(s, zmq.POLLIN)
+        for e_rank, dealer in self._dealers.items():
+            sockets[dealer] = e_rank
+        for sock in sockets:
+            poller.register(sock, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
         while True:
             events = dict(poller.poll(int(POLL_INTERVAL_S * 1000)))
@@ -159,9 +159,9 @@ class ControlChannel:
                 except BlockingIOError:
                     pass
             self._flush()
-            for s, peer in sockets.items():
-                if s in events:
-                    self._drain(s, peer)
+            for sock, peer in sockets.items():
+                if sock in events:
+                    self._drain(sock, peer)
             if self._on_tick is not None:
                 self._guard(self._on_tick)
             if self._stop.is_set():

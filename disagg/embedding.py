@@ -25,6 +25,7 @@ tensors again). Its budget blocks are returned at that moment, exactly once.
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import threading
 import time
@@ -333,7 +334,7 @@ class EmbeddingEngine:
                 pair.pending = None
                 pair.in_flight += 1
                 self._answer_with_abort(r.room, pair.lang_rank,
-                                        lambda err, p=pair: self._on_abort_sent(r, p, err))
+                                        functools.partial(self._on_abort_sent, r, pair))
             if not pair.done:
                 self._reject(pair.lang_rank, r.room, -1, reason)
         self._maybe_end(r)

@@ -63,6 +63,7 @@ class TorchPairTransport:
 
     def recv_meta(self) -> Meta:
         work = dist.irecv(self._meta_recv, self.peer, group=self.group)
+        assert work is not None  # we are a member of the pair group
         self._complete([work], "meta recv")
         return Meta.from_tensor(self._meta_recv.cpu())
 
