@@ -177,6 +177,9 @@ class EmbeddingEngine:
         self._early: dict[int, dict[int, _Grant]] = {}
         self._early_instance: dict[int, int] = {}
         self._tombstones: collections.OrderedDict[int, str] = collections.OrderedDict()
+        # ABORTs for rooms this rank has not created yet: the sender starts FAILED
+        self._early_aborts: collections.OrderedDict[int, tuple[str, float]] = (
+            collections.OrderedDict())
         self._lock = threading.RLock()
         self._warn = RateLimitedLog(log)
         self.control: ControlChannel | None = None  # set by init before start
@@ -193,8 +196,13 @@ class EmbeddingEngine:
                 raise ValueError(f"room {room} is still live on embedding rank {self.rank}; "
                                  f"room ids must be unique among live rooms")
             r = _Room(room)
-            self._rooms[room] = r
             self._tombstones.pop(room, None)
+            early_abort = self._early_aborts.pop(room, None)
+            if early_abort is not None and (time.monotonic() - early_abort[1]
+                                            < self.cfg.bootstrap_timeout):
+                r.failure, r.status, r.ended = early_abort[0], TransferStatus.FAILED, True
+                return Sender(self, r)
+            self._rooms[room] = r
             self.stats.set_gauge("rooms_live", len(self._rooms))
         return Sender(self, r)
 
@@ -212,8 +220,10 @@ class EmbeddingEngine:
             ready = torch.cuda.Event()
             ready.record(torch.cuda.current_stream(self.device))
         with self._lock:
-            if r.ended or r.failure is not None:
-                raise DisaggError(f"room {r.room} already ended: {r.failure or 'success'}",
+            if r.failure is not None:
+                return  # aborted before its data came (e.g. by Language): poll() says why
+            if r.ended:
+                raise DisaggError(f"room {r.room} already ended: success",
                                   rank=self.rank, room=r.room)
             if r.sources is not None:
                 raise ValueError(f"room {r.room}: send() was already called")
@@ -507,11 +517,19 @@ class EmbeddingEngine:
             self._answer_with_abort(room, lang)
             for other in early:  # the rest of the instance learns why
                 self._reject(other, room, -1, f"aborted by language rank {lang}: {m.reason}")
-            self._tombstones[room] = f"aborted by language rank {lang}"
+            self._remember_early_abort(room, lang, m.reason)
             return
         r = self._rooms.get(room)
         if r is not None:
             self._fail(r, f"aborted by language rank {lang}: {m.reason}", cause="abort")
+        elif room not in self._tombstones:
+            self._remember_early_abort(room, lang, m.reason)
+
+    def _remember_early_abort(self, room: int, lang: int, reason: str) -> None:
+        self._early_aborts[room] = (f"aborted by language rank {lang} before this rank "
+                                    f"had the room's data: {reason}", time.monotonic())
+        while len(self._early_aborts) > MAX_TOMBSTONES:
+            self._early_aborts.popitem(last=False)
 
     def _refuse(self, lang_rank: int, room: int, key: int, reason: str) -> None:
         """Refuse an allocation: its answer is an ABORT frame; REJECT says why."""

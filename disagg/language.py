@@ -257,8 +257,8 @@ class LanguageEngine:
             if r.status in (TransferStatus.SUCCESS, TransferStatus.FAILED):
                 return
             self._fail(r, f"aborted on language rank {self.rank}: {reason}", cause="abort")
-            if r.alloc_sent:
-                self._post(r.src_rank, Abort(r.room, self.rank, reason))
+            # Also before ALLOC: the Embedding rank may hold the data and its budget.
+            self._post(r.src_rank, Abort(r.room, self.rank, reason))
 
     def _result(self, r: _Room) -> EmbeddingResult:
         with self._lock:
