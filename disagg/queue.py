@@ -99,7 +99,13 @@ class RoomQueue:
         buf[:_HEADER] = torch.tensor([n, -n, lo, -lo, hi, -hi], dtype=torch.int64)
         if n:
             buf[_HEADER:_HEADER + n] = torch.tensor(statuses, dtype=torch.int64)
-        dist.all_reduce(buf, op=dist.ReduceOp.MIN, group=self._group)
+        try:
+            dist.all_reduce(buf, op=dist.ReduceOp.MIN, group=self._group)
+        except RuntimeError as e:  # the group's timeout is peer_timeout
+            raise LockstepError(
+                f"language rank {self._engine.rank}: the other TP ranks did not step() within "
+                f"peer_timeout={self._engine.cfg.peer_timeout:g}s (a rank stepped fewer "
+                f"times, or died): {str(e)[:200]}") from e
         head = buf[:_HEADER].tolist()
         if any(head[i] != -head[i + 1] for i in (0, 2, 4)):
             raise LockstepError(
