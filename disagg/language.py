@@ -45,7 +45,7 @@ from .config import DisaggConfig
 from .control import ControlChannel, RateLimitedLog
 from .errors import DisaggError, PeerLost, ProtocolError, TransferTimeout
 from .geometry import Geometry, Topology
-from .plan import Segment, alloc_tokens_for, segment_plan
+from .plan import Segment, alloc_blocks_for, segment_plan
 from .pool import BlockPool
 from .stats import Stats
 from .transport import PairTransport
@@ -230,7 +230,7 @@ class LanguageEngine:
                   resume: bool) -> _Alloc | None:
         """Take blocks (or direct credit) for `want` tokens and record them as owed."""
         bs = self.geometry.block_size
-        num = alloc_tokens_for(want, bs, remaining, self.pool.allocator.num_blocks)
+        num = alloc_blocks_for(want, bs, remaining, self.pool.allocator.num_blocks)
         if resume and self.direct:
             ids: list[int] = []  # straight into the output: credit only, no blocks
         else:

@@ -74,7 +74,7 @@ def chunk_tokens(seq_len: int, sent_tokens: int, allocated_tokens: int) -> int:
     return min(seq_len - sent_tokens, allocated_tokens)
 
 
-def alloc_tokens_for(request: int, block_size: int, remaining: int | None,
+def alloc_blocks_for(request: int, block_size: int, remaining: int | None,
                      max_blocks: int) -> int:
     """Blocks to take for a request of `request` tokens: whole blocks, never
     more than the rest of the room needs (when known) nor the whole pool."""

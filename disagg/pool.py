@@ -82,7 +82,11 @@ class BlockAllocator:
         `ValueError` and nothing is freed."""
         if not block_ids:
             return
-        ids = np.asarray(block_ids, dtype=np.int64)
+        try:
+            ids = np.asarray(block_ids, dtype=np.int64)
+        except OverflowError:
+            raise ValueError(f"block ids out of range [0, {self.num_blocks}): "
+                             f"{block_ids}") from None
         with self._lock:
             if ids.min() < 0 or ids.max() >= self.num_blocks:
                 raise ValueError(f"block ids out of range [0, {self.num_blocks}): {block_ids}")

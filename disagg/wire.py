@@ -260,7 +260,9 @@ class Meta:
 
 
 def _check(words: list[int]) -> int:
+    """Every bit of every word, sign bit included, reaches the check: an odd
+    multiplier is a bijection mod 2**64. Returned as a signed int64."""
     acc = _CHECK_SALT
     for i, x in enumerate(words):
-        acc ^= (x * (2 * i + 1)) & 0x7FFF_FFFF_FFFF_FFFF
-    return acc
+        acc ^= (x * (2 * i + 1)) & 0xFFFF_FFFF_FFFF_FFFF
+    return acc - (1 << 64) if acc >= 1 << 63 else acc
