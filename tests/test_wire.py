@@ -1,0 +1,392 @@
+"""Pure layer (cheapest first): wire formats, bytes in and bytes out.
+
+ZeroMQ control messages (ALLOC / RESUME / ABORT / REJECT) and the data plane's
+meta frame, with no socket in sight: round trips for arbitrary valid fields,
+and every malformed input ends in `ProtocolError` saying what is wrong.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from disagg.errors import ProtocolError
+from disagg.wire import (
+    FLAG_DIRECT,
+    FLAG_FIRST,
+    FLAG_LAST,
+    HEADER_SIZE,
+    MAGIC,
+    MAX_AUX,
+    MAX_BLOCKS_PER_MESSAGE,
+    MAX_REASON_BYTES,
+    MAX_ROOM,
+    META_LEN,
+    META_MAGIC,
+    VERSION,
+    Abort,
+    Alloc,
+    FrameKind,
+    Meta,
+    MsgKind,
+    Reject,
+    Resume,
+    _check,
+    decode,
+    encode,
+    peek_room,
+)
+
+FAST = settings(max_examples=200, deadline=None)
+
+HEADER = struct.Struct("<HBBIqiiqqI")
+I32 = st.integers(-(2**31), 2**31 - 1)
+I64 = st.integers(-(2**63), 2**63 - 1)
+ROOMS = st.integers(0, MAX_ROOM)
+BLOCKS = st.lists(st.integers(0, 2**31 - 1), max_size=64).map(tuple)
+# <= 256 code points is <= 1024 UTF-8 bytes, so the reason survives whole
+REASONS = st.text(max_size=256)
+
+allocs = st.builds(Alloc, room=ROOMS, lang_rank=I32, instance_size=I32, block_ids=BLOCKS,
+                   allocated_tokens=I64, direct=st.booleans())
+resumes = st.builds(Resume, room=ROOMS, lang_rank=I32, sent_tokens=I64, block_ids=BLOCKS,
+                    allocated_tokens=I64, direct=st.booleans())
+aborts = st.builds(Abort, room=ROOMS, lang_rank=I32, reason=REASONS)
+rejects = st.builds(Reject, room=ROOMS, sent_tokens=I64, reason=REASONS)
+messages = st.one_of(allocs, resumes, aborts, rejects)
+
+
+def header(*, magic=MAGIC, version=VERSION, kind=MsgKind.ALLOC, flags=0, room=7, lang_rank=1,
+           instance_size=2, sent_tokens=0, allocated_tokens=256, num_items=0) -> bytes:
+    return HEADER.pack(magic, version, int(kind), flags, room, lang_rank, instance_size,
+                       sent_tokens, allocated_tokens, num_items)
+
+
+# ------------------------------------------------------------------ control messages
+
+
+def test_header_is_44_bytes():
+    assert HEADER_SIZE == 44 == HEADER.size
+
+
+@FAST
+@given(messages)
+def test_round_trip(msg):
+    data = encode(msg)
+    assert decode(data) == msg
+    assert peek_room(data) == msg.room
+
+
+def test_alloc_exact_bytes():
+    msg = Alloc(room=5, lang_rank=3, instance_size=2, block_ids=(10, 11, 12),
+                allocated_tokens=384)
+    data = encode(msg)
+    assert data == (header(kind=MsgKind.ALLOC, room=5, lang_rank=3, instance_size=2,
+                           allocated_tokens=384, num_items=3)
+                    + struct.pack("<3i", 10, 11, 12))
+    assert len(data) == HEADER_SIZE + 12
+
+
+def test_direct_resume_without_blocks_round_trips():
+    msg = Resume(room=1, lang_rank=4, sent_tokens=8064, block_ids=(), allocated_tokens=1936,
+                 direct=True)
+    data = encode(msg)
+    assert len(data) == HEADER_SIZE
+    assert HEADER.unpack(data)[3] == FLAG_DIRECT
+    assert decode(data) == msg
+
+
+def test_long_reason_is_cut_at_a_character_boundary():
+    reason = "é" * 600 + "x"  # 1201 UTF-8 bytes; the limit falls inside an "é"
+    data = encode(Abort(room=3, lang_rank=0, reason=reason))
+    got = decode(data)
+    assert isinstance(got, Abort)
+    assert got.reason == "é" * 512
+    assert len(got.reason.encode()) == MAX_REASON_BYTES
+
+
+@FAST
+@given(st.text(min_size=200, max_size=2000))
+def test_any_reason_decodes_to_a_prefix_within_the_limit(reason):
+    got = decode(encode(Reject(room=1, sent_tokens=-1, reason=reason)))
+    assert reason.startswith(got.reason)
+    assert len(got.reason.encode()) <= MAX_REASON_BYTES
+    if len(reason.encode()) <= MAX_REASON_BYTES:
+        assert got.reason == reason
+
+
+def test_encode_refuses_non_messages_and_too_many_blocks():
+    with pytest.raises(TypeError):
+        encode("ALLOC")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="blocks in one message"):
+        encode(Alloc(1, 0, 1, tuple(range(MAX_BLOCKS_PER_MESSAGE + 1)), 0))
+
+
+@FAST
+@given(st.binary(max_size=200))
+def test_random_bytes_only_ever_raise_protocol_error(data):
+    try:
+        msg = decode(data)
+    except ProtocolError:
+        return
+    assert decode(encode(msg)) == msg
+
+
+@st.composite
+def plausible_messages(draw):
+    """A well-formed-looking header with random fields and a random body: reaches
+    the deep checks that random bytes almost never get past the magic for."""
+    head = HEADER.pack(
+        draw(st.sampled_from([MAGIC, MAGIC, MAGIC, 0, 0x5AD1])),
+        draw(st.sampled_from([VERSION, VERSION, VERSION, 0, 2, 255])),
+        draw(st.integers(0, 255) | st.sampled_from(list(MsgKind))),
+        draw(st.sampled_from([0, FLAG_DIRECT, 2, 0xFFFFFFFF]) | st.integers(0, 2**32 - 1)),
+        draw(I64), draw(I32), draw(I32), draw(I64), draw(I64),
+        draw(st.integers(0, 64) | st.integers(0, 2**32 - 1)))
+    body = draw(st.binary(max_size=300))
+    return head + body
+
+
+@FAST
+@given(plausible_messages())
+def test_plausible_garbage_only_ever_raises_protocol_error(data):
+    try:
+        msg = decode(data)
+    except ProtocolError as e:
+        assert str(e)  # says something
+        return
+    assert isinstance(msg, (Alloc, Resume, Abort, Reject))
+    assert 0 <= msg.room <= MAX_ROOM
+    assert decode(encode(msg)) == msg
+
+
+@pytest.mark.parametrize("cut", [0, 1, HEADER_SIZE - 1])
+def test_truncated_header(cut):
+    data = encode(Alloc(1, 0, 1, (1, 2), 256))
+    with pytest.raises(ProtocolError, match=f"truncated control message: {cut} bytes"):
+        decode(data[:cut])
+    assert peek_room(data[:cut]) is None
+
+
+@pytest.mark.parametrize("kind", [MsgKind.ALLOC, MsgKind.RESUME])
+def test_truncated_block_list(kind):
+    data = header(kind=kind, room=9, num_items=3) + struct.pack("<2i", 1, 2)
+    with pytest.raises(ProtocolError, match=f"{kind.name} announces 3 blocks but carries 8 "
+                                            r"bytes \[room=9\]") as ei:
+        decode(data)
+    assert ei.value.room == 9
+
+
+def test_block_count_mismatch_too_many_bytes():
+    data = header(num_items=1) + struct.pack("<2i", 1, 2)
+    with pytest.raises(ProtocolError, match="announces 1 blocks but carries 8 bytes"):
+        decode(data)
+
+
+def test_block_bytes_not_a_whole_int32():
+    with pytest.raises(ProtocolError, match="announces 1 blocks but carries 5 bytes"):
+        decode(header(num_items=1) + b"\x01\x00\x00\x00\x00")
+
+
+@pytest.mark.parametrize("kind", [MsgKind.ABORT, MsgKind.REJECT])
+def test_truncated_reason(kind):
+    data = header(kind=kind, room=4, num_items=10) + b"short"
+    with pytest.raises(ProtocolError, match=f"{kind.name} reason length 10 does not match 5 "
+                                            "bytes"):
+        decode(data)
+
+
+def test_wrong_magic():
+    data = b"\x00\x00" + encode(Alloc(1, 0, 1, (), 0))[2:]
+    with pytest.raises(ProtocolError, match="bad magic 0x0000"):
+        decode(data)
+
+
+@pytest.mark.parametrize("version", [0, 2, 255])
+def test_wrong_version(version):
+    with pytest.raises(ProtocolError, match=f"unsupported protocol version {version} "
+                                            f"\\(this side speaks {VERSION}\\)"):
+        decode(header(version=version))
+
+
+@pytest.mark.parametrize("kind", [0, 5, 255])
+def test_unknown_kind(kind):
+    with pytest.raises(ProtocolError, match=f"unknown message kind {kind}"):
+        decode(header(kind=kind))
+
+
+@pytest.mark.parametrize("flags", [2, 4, 0x80000000, 0xFFFFFFFF])
+def test_unknown_flags(flags):
+    with pytest.raises(ProtocolError, match=f"unknown flags 0x{flags:x}"):
+        decode(header(flags=flags))
+
+
+@pytest.mark.parametrize("room", [-1, -(2**63)])
+def test_negative_room(room):
+    data = header(room=room)
+    with pytest.raises(ProtocolError, match=f"negative room id {room}"):
+        decode(data)
+    assert peek_room(data) is None
+
+
+def test_huge_announced_block_count():
+    n = MAX_BLOCKS_PER_MESSAGE + 1
+    with pytest.raises(ProtocolError, match=f"{n} blocks exceeds the limit "
+                                            f"{MAX_BLOCKS_PER_MESSAGE}"):
+        decode(header(num_items=n))
+    with pytest.raises(ProtocolError, match="4294967295 blocks exceeds the limit"):
+        decode(header(kind=MsgKind.RESUME, num_items=2**32 - 1))
+
+
+@pytest.mark.parametrize("kind", [MsgKind.ABORT, MsgKind.REJECT])
+def test_huge_announced_reason(kind):
+    n = MAX_REASON_BYTES + 1
+    data = header(kind=kind, num_items=n) + b"a" * n
+    with pytest.raises(ProtocolError, match=f"reason length {n} .* \\(limit {MAX_REASON_BYTES}"):
+        decode(data)
+
+
+@pytest.mark.parametrize("kind", [MsgKind.ABORT, MsgKind.REJECT])
+def test_non_utf8_reason(kind):
+    body = b"\xff\xfe bad"
+    data = header(kind=kind, room=12, num_items=len(body)) + body
+    with pytest.raises(ProtocolError, match=rf"{kind.name} reason is not UTF-8 \[room=12\]"):
+        decode(data)
+
+
+def test_peek_room_reads_room_of_a_bad_message():
+    data = header(room=77, num_items=3)  # blocks missing: undecodable, but names its room
+    with pytest.raises(ProtocolError):
+        decode(data)
+    assert peek_room(data) == 77
+
+
+# ------------------------------------------------------------------ meta frame
+
+metas = st.builds(
+    Meta,
+    kind=st.sampled_from(list(FrameKind)),
+    room=ROOMS,
+    chunk_index=st.integers(0, 2**31),
+    token_offset=st.integers(0, 2**40),
+    num_tokens=st.integers(0, 2**40),
+    seq_len=st.integers(0, 2**40),
+    flags=st.sampled_from([0, FLAG_FIRST, FLAG_LAST, FLAG_FIRST | FLAG_LAST]),
+    aux=st.lists(I64, max_size=MAX_AUX).map(tuple),
+)
+
+
+@FAST
+@given(metas)
+def test_meta_round_trip(meta):
+    t = meta.to_tensor()
+    assert t.dtype == torch.int64
+    assert tuple(t.shape) == (META_LEN,)
+    assert Meta.from_tensor(t) == meta
+    out = torch.full((META_LEN,), -7, dtype=torch.int64)
+    assert meta.to_tensor(out) is out
+    assert torch.equal(out, t)
+    assert Meta.from_words(meta.words()) == meta
+
+
+def test_meta_layout():
+    m = Meta(FrameKind.DATA, room=42, chunk_index=1, token_offset=8064, num_tokens=1936,
+             seq_len=10000, flags=FLAG_LAST, aux=(-5, 9))
+    w = m.words()
+    assert w[:-1] == [META_MAGIC, 1, 42, 1, 8064, 1936, 10000, FLAG_LAST, 2, -5, 9,
+                      0, 0, 0, 0, 0, 0]
+    assert len(w) == META_LEN
+    assert m.last and not m.first
+    assert Meta(FrameKind.DATA, 1, flags=FLAG_FIRST).first
+
+
+def test_meta_aux_over_limit_is_rejected():
+    m = Meta(FrameKind.DATA, room=1, aux=tuple(range(MAX_AUX + 1)))
+    with pytest.raises(ValueError, match=f"at most {MAX_AUX} aux values, got {MAX_AUX + 1}"):
+        m.to_tensor()
+    assert Meta.from_words(Meta(FrameKind.DATA, 1, aux=tuple(range(MAX_AUX))).words()).aux == \
+        tuple(range(MAX_AUX))
+
+
+def test_meta_num_aux_over_limit_on_the_wire_is_rejected():
+    w = Meta(FrameKind.DATA, room=1).words()[:-1]
+    w[8] = MAX_AUX + 1
+    with pytest.raises(ProtocolError, match=f"num_aux={MAX_AUX + 1}"):
+        Meta.from_words([*w, _check(w)])
+
+
+@pytest.mark.parametrize("position", range(META_LEN))
+def test_meta_corrupted_word_is_detected(position):
+    m = Meta(FrameKind.DATA, room=123, chunk_index=2, token_offset=256, num_tokens=128,
+             seq_len=1000, flags=FLAG_FIRST, aux=(-3,))
+    w = m.words()
+    w[position] = ~w[position]  # every bit of the word flipped
+    with pytest.raises(ProtocolError):
+        Meta.from_words(w)
+    w = m.words()
+    w[position] += 1
+    with pytest.raises(ProtocolError):
+        Meta.from_words(w)
+
+
+@FAST
+@given(metas, st.integers(0, META_LEN - 1), I64)
+def test_meta_any_changed_word_is_detected(meta, position, value):
+    w = meta.words()
+    if (value - w[position]) % 2**63 == 0:
+        return  # same word, or only its sign bit flipped: see the single-bit-flip test
+    w[position] = value
+    with pytest.raises(ProtocolError):
+        Meta.from_words(w)
+
+
+def test_meta_single_bit_flip_in_any_word_is_detected():
+    # int64 words on the wire: flip each bit of each word, one at a time. The check
+    # word must catch every one (magic and kind/num_aux are also checked on their own).
+    m = Meta(FrameKind.DATA, room=123, chunk_index=2, token_offset=256, num_tokens=128,
+             seq_len=1000, flags=FLAG_FIRST, aux=(-3, 7))
+
+    def flip(x: int, bit: int) -> int:
+        u = (x & (2**64 - 1)) ^ (1 << bit)
+        return u - 2**64 if u >= 2**63 else u
+
+    missed = []
+    for position in range(META_LEN):
+        for bit in range(64):
+            w = m.words()
+            w[position] = flip(w[position], bit)
+            try:
+                Meta.from_words(w)
+            except ProtocolError:
+                continue
+            missed.append((position, bit))
+    assert missed == [], f"undetected (word, bit) flips: {missed}"
+
+
+def test_meta_wrong_length_magic_and_kind():
+    w = Meta(FrameKind.CLOSE, room=1).words()
+    with pytest.raises(ProtocolError, match=f"meta frame has {META_LEN - 1} words, expected "
+                                            f"{META_LEN}"):
+        Meta.from_words(w[:-1])
+    with pytest.raises(ProtocolError, match=f"has {META_LEN + 1} words"):
+        Meta.from_tensor(torch.tensor([*w, 0], dtype=torch.int64))
+    bad = [META_MAGIC + 1, *w[1:-1]]  # another protocol version, correctly checked
+    with pytest.raises(ProtocolError, match=f"bad meta magic/version 0x{META_MAGIC + 1:x}"):
+        Meta.from_words([*bad, _check(bad)])
+    bad = [w[0], 9, *w[2:-1]]
+    with pytest.raises(ProtocolError, match="unknown frame kind 9"):
+        Meta.from_words([*bad, _check(bad)])
+    with pytest.raises(ProtocolError, match="check word mismatch"):
+        Meta.from_words([*w[:-1], w[-1] ^ 1])
+
+
+@FAST
+@given(st.lists(I64, min_size=META_LEN, max_size=META_LEN))
+def test_random_meta_words_are_rejected(words):
+    # a payload read out of step with its sender must never pass for a meta frame
+    with pytest.raises(ProtocolError):
+        Meta.from_words(words)
