@@ -34,9 +34,12 @@ def identity_of(lang_rank: int) -> bytes:
 
 
 def rank_of_identity(identity: bytes) -> int | None:
+    """The rank behind b"L<rank>", only in its canonical spelling: an alias such
+    as b"L01" would let a second connection speak for rank 1."""
     if identity[:1] != b"L" or not identity[1:].isdigit() or len(identity) > 12:
         return None
-    return int(identity[1:])
+    rank = int(identity[1:])
+    return rank if identity_of(rank) == identity else None
 
 
 class RateLimitedLog:

@@ -54,6 +54,7 @@ from .wire import (
     decode,
     encode,
     peek_room,
+    reason_tensor,
 )
 
 log = logging.getLogger(__name__)
@@ -213,7 +214,7 @@ class EmbeddingEngine:
         bs = self.geometry.block_size
         need = num_blocks_for(seq_len, bs)
         if need > self.budget.num_blocks:
-            raise ValueError(f"seq_len={seq_len} needs {need} blocks of {bs} tokens, more "
+            raise ValueError(f"send(room={r.room}): seq_len={seq_len} needs {need} blocks of {bs} tokens, more "
                              f"than the whole budget of {self.budget.num_blocks} blocks")
         ready = None
         if self.device.type == "cuda":
@@ -273,10 +274,12 @@ class EmbeddingEngine:
         self._submit(pair.lang_rank, _Job(meta, payload, r.ready,
                                           lambda err: self._on_chunk_done(r, pair, nbytes, err)))
 
-    def _answer_with_abort(self, room: int, lang_rank: int,
+    def _answer_with_abort(self, room: int, lang_rank: int, reason: str,
                            on_done: Callable[[BaseException | None], None] | None = None) -> None:
-        """Answer one outstanding allocation of `lang_rank` with an ABORT frame."""
-        self._submit(lang_rank, _Job(Meta(FrameKind.ABORT, room), [], None,
+        """Answer one outstanding allocation of `lang_rank` with an ABORT frame,
+        its reason in-band so the Language side reports exactly this one."""
+        payload = [reason_tensor(reason).to(self.device)]
+        self._submit(lang_rank, _Job(Meta(FrameKind.ABORT, room), payload, None,
                                      on_done or (lambda err: None)))
 
     def _submit(self, lang_rank: int, job: _Job) -> None:
@@ -343,9 +346,9 @@ class EmbeddingEngine:
             if pair.pending is not None:
                 pair.pending = None
                 pair.in_flight += 1
-                self._answer_with_abort(r.room, pair.lang_rank,
+                self._answer_with_abort(r.room, pair.lang_rank, reason,
                                         functools.partial(self._on_abort_sent, r, pair))
-            if not pair.done:
+            elif not pair.done:  # no frame owed to it: the reason goes by REJECT
                 self._reject(pair.lang_rank, r.room, -1, reason)
         self._maybe_end(r)
 
@@ -392,7 +395,8 @@ class EmbeddingEngine:
                                "language rank %d: %s", self.rank, claimed, e)
             room = peek_room(data)
             if room is not None:
-                self._reject(claimed, room, -1, f"malformed control message: {e}")
+                with self._lock:
+                    self._bad_message(claimed, room, f"malformed control message: {e}")
             return
         with self._lock:
             if isinstance(msg, Reject) or msg.lang_rank != claimed:
@@ -401,7 +405,7 @@ class EmbeddingEngine:
                         else f"message claims language rank {msg.lang_rank} but comes "
                              f"from {claimed}")
                 self._warn.warning("bad_message", "embedding rank %d: %s", self.rank, what)
-                self._reject(claimed, msg.room, -1, what)
+                self._bad_message(claimed, msg.room, what)
                 return
             if isinstance(msg, Alloc):
                 self._on_alloc(msg)
@@ -409,6 +413,18 @@ class EmbeddingEngine:
                 self._on_resume(msg)
             else:
                 self._on_abort(msg)
+
+    def _bad_message(self, lang: int, room: int, why: str) -> None:
+        """A message from `lang` naming `room` that cannot be served: the room fails
+        here too (its pending grants are answered), or `lang` learns by REJECT."""
+        r = self._rooms.get(room)
+        reason = f"embedding rank {self.rank}: bad message from language rank {lang}: {why}"
+        if r is not None:
+            self._fail(r, reason, cause="bad_message")
+            if lang not in r.pairs:  # no frame is owed to it: REJECT carries the reason
+                self._reject(lang, room, -1, reason)
+        else:
+            self._reject(lang, room, -1, reason)
 
     def _check_grant(self, lang_rank: int, block_ids: tuple[int, ...], allocated: int,
                      direct: bool, *, allow_empty: bool) -> str | None:
@@ -442,15 +458,15 @@ class EmbeddingEngine:
         r = self._rooms.get(room)
         if r is None:
             if room in self._tombstones:
-                self._refuse(lang, room, 0, f"room already ended on embedding rank "
-                                         f"{self.rank}: {self._tombstones[room]}")
+                self._refuse(lang, room, f"ALLOC for a room that already ended: "
+                                         f"{self._tombstones[room]}")
             elif why is not None:
-                self._refuse(lang, room, 0, f"bad ALLOC: {why}")
+                self._refuse(lang, room, f"bad ALLOC from language rank {lang}: {why}")
             else:
                 self._early_alloc(lang, room, m.instance_size, grant)
             return
         if r.failure is not None or r.ended:
-            self._refuse(lang, room, 0, f"room already failed: {r.failure}")
+            self._refuse(lang, room, f"ALLOC for a room that already failed: {r.failure}")
             return
         if why is None and lang in r.pairs:
             why = "duplicate ALLOC from this language rank"
@@ -459,10 +475,9 @@ class EmbeddingEngine:
         if why is None and r.pairs:
             why = self._other_instance(lang, next(iter(r.pairs)))
         if why is not None:
-            self._refuse(lang, room, 0, f"bad ALLOC: {why}")
-            self.stats.failure("bad_message")
-            self._fail(r, f"embedding rank {self.rank}: bad ALLOC from language rank {lang}: "
-                          f"{why}", cause="bad_message")
+            why = f"bad ALLOC from language rank {lang}: {why}"
+            self._refuse(lang, room, why)
+            self._fail(r, f"embedding rank {self.rank}: {why}", cause="bad_message")
             return
         r.instance_size = m.instance_size
         pair = r.pairs[lang] = _Pair(lang, pending=grant, keys={0})
@@ -476,9 +491,8 @@ class EmbeddingEngine:
         r = self._rooms.get(room)
         if r is None or r.failure is not None or r.ended:
             ended = self._tombstones.get(room) if r is None else r.failure
-            self._refuse(lang, room, m.sent_tokens,
-                         f"RESUME for a room that is {'unknown' if ended is None else 'ended'}"
-                         f" on embedding rank {self.rank}" + (f": {ended}" if ended else ""))
+            self._refuse(lang, room, "RESUME for a room that is unknown here" if ended is None
+                         else f"RESUME for a room that already ended: {ended}")
             return
         pair = r.pairs.get(lang)
         why = self._check_grant(lang, m.block_ids, m.allocated_tokens, m.direct, allow_empty=True)
@@ -495,10 +509,9 @@ class EmbeddingEngine:
             elif pair.sent_tokens >= r.seq_len:
                 why = f"RESUME after all {r.seq_len} tokens were sent"
         if why is not None:
-            self._refuse(lang, room, m.sent_tokens, f"bad RESUME: {why}")
-            self.stats.failure("bad_message")
-            self._fail(r, f"embedding rank {self.rank}: bad RESUME from language rank {lang}: "
-                          f"{why}", cause="bad_message")
+            why = f"bad RESUME from language rank {lang}: {why}"
+            self._refuse(lang, room, why)
+            self._fail(r, f"embedding rank {self.rank}: {why}", cause="bad_message")
             return
         assert pair is not None
         pair.pending = _Grant(m.sent_tokens, m.block_ids, m.allocated_tokens, m.direct)
@@ -511,12 +524,9 @@ class EmbeddingEngine:
         lang, room = m.lang_rank, m.room
         early = self._early.get(room)
         if early is not None and lang in early:
-            del early[lang]
-            if not early:
-                self._early.pop(room, None)
-            self._answer_with_abort(room, lang)
-            for other in early:  # the rest of the instance learns why
-                self._reject(other, room, -1, f"aborted by language rank {lang}: {m.reason}")
+            # every rank of the instance that asked gets its answer, with the reason
+            self._early_drop(lambda rm, _: rm == room,
+                             f"aborted by language rank {lang}: {m.reason}")
             self._remember_early_abort(room, lang, m.reason)
             return
         r = self._rooms.get(room)
@@ -531,10 +541,9 @@ class EmbeddingEngine:
         while len(self._early_aborts) > MAX_TOMBSTONES:
             self._early_aborts.popitem(last=False)
 
-    def _refuse(self, lang_rank: int, room: int, key: int, reason: str) -> None:
-        """Refuse an allocation: its answer is an ABORT frame; REJECT says why."""
-        self._reject(lang_rank, room, key, reason)
-        self._answer_with_abort(room, lang_rank)
+    def _refuse(self, lang_rank: int, room: int, why: str) -> None:
+        """Refuse an allocation: its answer is an ABORT frame that says why."""
+        self._answer_with_abort(room, lang_rank, f"embedding rank {self.rank}: {why}")
 
     def _other_instance(self, lang: int, first: int) -> str | None:
         """A room is received by one Language instance: why `lang` may not join a
@@ -558,7 +567,8 @@ class EmbeddingEngine:
             if not pending:
                 self._early.pop(room, None)
                 self._early_instance.pop(room, None)
-            self._refuse(lang, room, 0, f"bad ALLOC: {why}")
+            self._refuse(lang, room, f"bad ALLOC from language rank {lang}: {why}")
+            self.stats.failure("bad_message")
             return
         pending[lang] = grant
 
@@ -568,7 +578,7 @@ class EmbeddingEngine:
             for lang in [lang for lang in grants if match(room, lang)]:
                 del grants[lang]
                 if reason:
-                    self._refuse(lang, room, 0, reason)
+                    self._refuse(lang, room, reason)
             if not grants:
                 del self._early[room]
                 self._early_instance.pop(room, None)
@@ -580,8 +590,7 @@ class EmbeddingEngine:
         with self._lock:
             self._early_drop(
                 lambda room, lang: now - self._early[room][lang].arrived > limit,
-                f"no data for this room on embedding rank {self.rank} within "
-                f"bootstrap_timeout={limit:g}s")
+                f"no data for this room within bootstrap_timeout={limit:g}s")
             for r in list(self._rooms.values()):
                 if r.sources is None or r.failure is not None:
                     continue
@@ -606,7 +615,7 @@ class EmbeddingEngine:
                     self._end(r, "shutdown")
                 else:
                     self._fail(r, f"embedding rank {self.rank} shut down", cause="shutdown")
-            self._early_drop(lambda room, lang: True, f"embedding rank {self.rank} shut down")
+            self._early_drop(lambda room, lang: True, "shut down")
             self._closing = True
             senders = list(self._senders.values())
         deadline = time.monotonic() + timeout_s

@@ -50,7 +50,18 @@ from .pool import BlockPool
 from .stats import Stats
 from .transport import PairTransport
 from .types import EmbeddingResult, TransferStatus
-from .wire import Abort, Alloc, FrameKind, Meta, Reject, Resume, decode, encode
+from .wire import (
+    ABORT_REASON_BYTES,
+    Abort,
+    Alloc,
+    FrameKind,
+    Meta,
+    Reject,
+    Resume,
+    decode,
+    encode,
+    reason_from_tensor,
+)
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +128,13 @@ class _PairReceiver:
                     return
             try:
                 meta = self.transport.recv_meta()
-                self.engine._on_frame(self, meta)
+                if meta.kind is FrameKind.ABORT:  # its reason follows, fixed size
+                    buf = torch.empty(ABORT_REASON_BYTES, dtype=torch.uint8,
+                                      device=self.engine.device)
+                    self.transport.recv_payload([buf])
+                    self.engine._on_abort_frame(self, meta, reason_from_tensor(buf))
+                else:
+                    self.engine._on_frame(self, meta)
             except (PeerLost, TransferTimeout, ProtocolError, _StreamBroken) as e:
                 self.engine._pair_lost(self, e)
                 return
@@ -314,24 +331,36 @@ class LanguageEngine:
 
     # ------------------------------------------------------------ receiver thread
 
+    def _owed_room(self, pair: _PairReceiver, meta: Meta) -> _Room:
+        r = self._rooms.get(meta.room)
+        if r is None or r.src_rank != pair.src or r.outstanding is None:
+            raise _StreamBroken(f"language rank {self.rank}: {meta.kind.name} frame for "
+                                f"room {meta.room}, which has nothing outstanding towards "
+                                f"embedding rank {pair.src}")
+        return r
+
+    def _on_abort_frame(self, pair: _PairReceiver, meta: Meta, reason: str) -> None:
+        """The Embedding rank answered our allocation with ABORT: nothing more of
+        this room can land, so its blocks are free."""
+        with self._lock:
+            r = self._owed_room(pair, meta)
+            assert r.outstanding is not None
+            self._release(r, r.outstanding)
+            r.outstanding = None
+            pair.owed -= 1
+            self._fail(r, f"language rank {self.rank}: room ended by embedding rank "
+                          f"{pair.src}: {reason}", cause="aborted_by_peer")
+            self._maybe_untrack(r)
+
     def _on_frame(self, pair: _PairReceiver, meta: Meta) -> None:
         """One frame from `pair`: validate, land the payload, update the room."""
         with self._lock:
-            r = self._rooms.get(meta.room)
-            if r is None or r.src_rank != pair.src or r.outstanding is None:
-                raise _StreamBroken(f"language rank {self.rank}: {meta.kind.name} frame for "
-                                    f"room {meta.room}, which has nothing outstanding towards "
-                                    f"embedding rank {pair.src}")
+            r = self._owed_room(pair, meta)
             a = r.outstanding
+            assert a is not None
             r.outstanding = None
             pair.owed -= 1
             r.last_progress = time.monotonic()
-            if meta.kind is FrameKind.ABORT:
-                self._release(r, a)
-                self._fail(r, f"language rank {self.rank}: room aborted by embedding rank "
-                              f"{pair.src}", cause="aborted_by_peer")
-                self._maybe_untrack(r)
-                return
             if meta.kind is not FrameKind.DATA:
                 raise _StreamBroken(f"unexpected {meta.kind.name} frame for room {r.room}")
             n, offset, last, corrupt = self._check_data(r, a, meta)

@@ -183,8 +183,24 @@ def decode(data: bytes) -> ControlMessage:
 
 class FrameKind(enum.IntEnum):
     DATA = 1
-    ABORT = 2  # answers an allocation: nothing of this room follows on the pair
+    ABORT = 2  # answers an allocation: nothing of this room follows; payload: its reason
     CLOSE = 3
+
+
+ABORT_REASON_BYTES = 256  # an ABORT frame's payload: its reason, UTF-8, NUL-padded
+
+
+def reason_tensor(reason: str) -> torch.Tensor:
+    raw = reason.encode("utf-8", errors="replace")[:ABORT_REASON_BYTES]
+    raw = raw.decode("utf-8", errors="ignore").encode("utf-8")  # never cut a character
+    out = torch.zeros(ABORT_REASON_BYTES, dtype=torch.uint8)
+    out[:len(raw)] = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+    return out
+
+
+def reason_from_tensor(t: torch.Tensor) -> str:
+    raw = bytes(t.cpu().tolist()).split(b"\0", 1)[0]
+    return raw.decode("utf-8", errors="replace")
 
 
 FLAG_FIRST = 1
