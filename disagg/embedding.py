@@ -182,6 +182,7 @@ class EmbeddingEngine:
         self._early_aborts: collections.OrderedDict[int, tuple[str, float]] = (
             collections.OrderedDict())
         self._lock = threading.RLock()
+        self._ended = threading.Condition(self._lock)  # a room reached SUCCESS or FAILED
         self._warn = RateLimitedLog(log)
         self.control: ControlChannel | None = None  # set by init before start
         self._closing = False
@@ -310,19 +311,18 @@ class EmbeddingEngine:
     def _maybe_succeed(self, r: _Room) -> None:
         done = sum(p.done for p in r.pairs.values())
         if r.instance_size is not None and done == r.instance_size:
-            r.status = TransferStatus.SUCCESS
             if r.sent_at is not None:
                 self.stats.observe("send_total_s", time.monotonic() - r.sent_at)
-            self._end(r, "success")
+            self._end(r, "success", TransferStatus.SUCCESS)
 
     def _maybe_end(self, r: _Room) -> None:
         if r.failure is not None and not r.ended and all(
                 p.in_flight == 0 for p in r.pairs.values()):
-            r.status = TransferStatus.FAILED
-            self._end(r, r.failure)
+            self._end(r, r.failure, TransferStatus.FAILED)
 
-    def _end(self, r: _Room, outcome: str) -> None:
-        r.ended = True
+    def _end(self, r: _Room, outcome: str, status: TransferStatus) -> None:
+        """Return the budget, forget the room, and only then publish `status`: a
+        caller that sees SUCCESS may reuse the id and the budget at once."""
         if r.budget:
             self.budget.free(r.budget, owner=r.room)
             r.budget = []
@@ -334,6 +334,9 @@ class EmbeddingEngine:
                 self._tombstones.popitem(last=False)
         self.stats.set_gauge("rooms_live", len(self._rooms))
         self.stats.set_gauge("pool_free_blocks", self.budget.num_free)
+        r.status = status
+        r.ended = True
+        self._ended.notify_all()
 
     def _fail(self, r: _Room, reason: str, *, cause: str) -> None:
         """Fail a live room: answer pending grants with ABORT frames, tell every
@@ -611,8 +614,7 @@ class EmbeddingEngine:
             for r in list(self._rooms.values()):
                 if r.sources is None and not r.pairs:
                     r.failure = "shutdown"
-                    r.status = TransferStatus.FAILED
-                    self._end(r, "shutdown")
+                    self._end(r, "shutdown", TransferStatus.FAILED)
                 else:
                     self._fail(r, f"embedding rank {self.rank} shut down", cause="shutdown")
             self._early_drop(lambda room, lang: True, "shut down")
@@ -665,6 +667,16 @@ class Sender:
         self._engine._send(self._r, sources, seq_len, aux_t)
 
     def poll(self) -> TransferStatus:
+        return self._r.status
+
+    def wait(self, timeout_s: float | None = None) -> TransferStatus:
+        """Block until SUCCESS or FAILED, or `timeout_s` (default: bootstrap_timeout
+        + peer_timeout) passed; return the status then. For loops that would
+        rather sleep than poll."""
+        e = self._engine
+        bound = e.cfg.bootstrap_timeout + e.cfg.peer_timeout if timeout_s is None else timeout_s
+        with e._ended:
+            e._ended.wait_for(lambda: self._r.ended, bound)
         return self._r.status
 
     @property

@@ -160,6 +160,7 @@ class LanguageEngine:
         self.direct = cfg.recv_into == "output"
         self._transports = transports
         self._lock = threading.RLock()
+        self._changed = threading.Condition(self._lock)  # some room may need the caller
         self._rooms: dict[int, _Room] = {}
         self._pairs: dict[int, _PairReceiver] = {}
         self._recent_lengths: collections.deque[int] = collections.deque(maxlen=AUTO_WINDOW)
@@ -243,18 +244,32 @@ class LanguageEngine:
                                           a.allocated_tokens, a.direct))
             return True
 
-    def _allocate(self, r: _Room, want: int, *, remaining: int | None,
-                  resume: bool) -> _Alloc | None:
-        """Take blocks (or direct credit) for `want` tokens and record them as owed."""
+    def _allocate(self, r: _Room, want: int, *, remaining: int | None, resume: bool,
+                  partial: bool = True) -> _Alloc | None:
+        """Take blocks (or direct credit) for `want` tokens and record them as owed.
+
+        When the pool is short the allocation is partial (at least one block), so
+        a room never waits for more blocks than may ever be free at once (unless
+        `partial` is False: then all or nothing, still capped at the pool). A new
+        room (ALLOC) leaves one block for each room waiting to resume: those
+        hold the Embedding side's data and budget, so they must be able to move
+        or the two sides could wait on each other for good.
+        """
         bs = self.geometry.block_size
         num = alloc_blocks_for(want, bs, remaining, self.pool.allocator.num_blocks)
         if resume and self.direct:
             ids: list[int] = []  # straight into the output: credit only, no blocks
         else:
-            got = self.pool.allocator.try_allocate(num, owner=r.room)
-            if got is None:
+            free = self.pool.allocator.num_free
+            if not resume:
+                free -= sum(1 for x in self._rooms.values()
+                            if x is not r and self._needs_resume(x))
+            if num > free and not partial:
                 return None
-            ids = got
+            num = min(num, free)
+            if num < 1:
+                return None
+            ids = self.pool.allocator.allocate(num, owner=r.room)
             self.stats.set_gauge("pool_free_blocks", self.pool.allocator.num_free)
         a = _Alloc(r.received, ids, num * bs, self.direct)
         r.outstanding = a
@@ -312,14 +327,15 @@ class LanguageEngine:
         if r.failure is not None or r.status == TransferStatus.SUCCESS:
             return
         r.failure = reason
-        r.status = TransferStatus.FAILED
         self.stats.failure(cause)
         self._maybe_untrack(r)
+        r.status = TransferStatus.FAILED  # last: the room is forgotten when it can be
+        self._changed.notify_all()
 
     def _maybe_untrack(self, r: _Room) -> None:
         """Forget a finished room once no frame can still land in its blocks."""
-        if (r.status in (TransferStatus.SUCCESS, TransferStatus.FAILED)
-                and r.outstanding is None and r.landing is None
+        finished = r.failure is not None or r.received == r.seq_len
+        if (finished and r.outstanding is None and r.landing is None
                 and self._rooms.get(r.room) is r):
             del self._rooms[r.room]
             self.stats.set_gauge("rooms_live", len(self._rooms))
@@ -372,7 +388,9 @@ class LanguageEngine:
             if not last and self.cfg.auto_resume and r.failure is None and corrupt is None:
                 r.status = TransferStatus.TRANSFERRING
                 r.received += n  # the RESUME names what will have landed
-                self._resume_or_wait(r)
+                # while our own landing blocks are held, take all or nothing: a
+                # partial chunk now would only split what waiting a moment gives whole
+                self._resume_or_wait(r, partial=False)
                 r.received -= n
         t0 = time.monotonic()
         pair.transport.recv_payload(dsts)
@@ -387,21 +405,21 @@ class LanguageEngine:
             r.chunk_index += 1
             if corrupt is not None:
                 self._fail(r, corrupt, cause="corrupt_frame")
-            elif r.failure is None:
-                if r.received == r.seq_len:
-                    r.status = TransferStatus.SUCCESS
-                    self.stats.observe("recv_total_s", time.monotonic() - r.created)
-                else:
-                    r.status = TransferStatus.TRANSFERRING
-                    if self.cfg.auto_resume and r.outstanding is None:
-                        self._resume_or_wait(r)  # our own blocks just came free
+            elif r.failure is None and r.received < (r.seq_len or 0):
+                r.status = TransferStatus.TRANSFERRING
+                if self.cfg.auto_resume and r.outstanding is None:
+                    self._resume_or_wait(r)  # our own blocks just came free
             self._maybe_untrack(r)
+            if r.failure is None and r.received == r.seq_len:
+                self.stats.observe("recv_total_s", time.monotonic() - r.created)
+                r.status = TransferStatus.SUCCESS  # last: blocks and room id are free
+            self._changed.notify_all()
 
-    def _resume_or_wait(self, r: _Room) -> None:
+    def _resume_or_wait(self, r: _Room, partial: bool = True) -> None:
         """Eager resume from the receiver thread; on no blocks, leave it to the loop."""
         assert r.seq_len is not None
         remaining = r.seq_len - r.received
-        a = self._allocate(r, remaining, remaining=remaining, resume=True)
+        a = self._allocate(r, remaining, remaining=remaining, resume=True, partial=partial)
         if a is not None:
             self.stats.add(resumes=1)
             self._post(r.src_rank, Resume(r.room, self.rank, a.key, tuple(a.block_ids),
@@ -596,6 +614,18 @@ class Receiver:
     @property
     def failure(self) -> str | None:
         return self._r.failure
+
+    def wait(self, timeout_s: float | None = None) -> TransferStatus:
+        """Block until the room is SUCCESS or FAILED or `needs_resume`, or
+        `timeout_s` (default: bootstrap_timeout + peer_timeout) passed; return
+        the status then. For loops that would rather sleep than poll."""
+        e = self._engine
+        bound = e.cfg.bootstrap_timeout + e.cfg.peer_timeout if timeout_s is None else timeout_s
+        done = (TransferStatus.SUCCESS, TransferStatus.FAILED)
+        with e._changed:
+            e._changed.wait_for(lambda: self._r.status in done or e._needs_resume(self._r),
+                                bound)
+        return self._r.status
 
     def resume(self, num_tokens: int | None = None) -> bool:
         """Allocate for the rest (or num_tokens of it) and send RESUME. False: no

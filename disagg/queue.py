@@ -58,11 +58,16 @@ class RoomQueue:
 
     def step(self) -> tuple[list[tuple[int, EmbeddingResult]], list[tuple[int, str]]]:
         """Advance every queued room once; return the rooms finished on every TP rank."""
-        for e in self._entries:  # FIFO: earlier rooms get blocks first
+        # FIFO: earlier rooms get blocks first, and no room starts while an earlier
+        # one waits for blocks (a long room is never starved by short ones behind it).
+        admit = True
+        for e in self._entries:
             if not e.started:
-                e.started = e.receiver.init()
-            elif e.receiver.needs_resume:
-                e.receiver.resume()
+                if admit:
+                    e.started = e.receiver.init()
+                admit = admit and e.started
+            elif e.receiver.needs_resume and not e.receiver.resume():
+                admit = False
         window = self._entries[:self._window]
         statuses = [int(e.receiver.poll()) for e in window]
         agreed = self._agree(window, statuses)

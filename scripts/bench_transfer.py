@@ -82,15 +82,12 @@ def _worker(rank: int, args: argparse.Namespace, port: int, out: dict) -> None:
                 elif rank == 0:
                     s = ctx.embedding.sender(room)
                     s.send(emb, ids, pos)
-                    while s.poll() < disagg.TransferStatus.SUCCESS and not s.failure:
-                        time.sleep(0.0002)
+                    s.wait(30.0)
                 else:
                     r = ctx.language.receiver(room, src_rank=0)
                     r.init()
-                    while r.poll() < disagg.TransferStatus.SUCCESS and not r.failure:
-                        if r.needs_resume:
-                            r.resume()
-                        time.sleep(0.0002)
+                    while r.wait(30.0) < disagg.TransferStatus.SUCCESS and not r.failure:
+                        r.resume()  # only when the receiver could not resume by itself
                     assert r.poll() == disagg.TransferStatus.SUCCESS, r.failure
                     if i == 0:
                         res = r.result()
