@@ -39,7 +39,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--language-tp-size", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=120.0, help="seconds for the whole run")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.max_tokens > args.num_blocks * args.block_size:
+        p.error(f"--max-tokens {args.max_tokens} exceeds the Embedding budget of --num-blocks "
+                f"x --block-size = {args.num_blocks * args.block_size} tokens")
+    if not 1 <= args.min_tokens <= args.max_tokens:
+        p.error("need 1 <= --min-tokens <= --max-tokens")
+    return args
 
 
 def room_tensors(seed: int, room: int, min_tokens: int, max_tokens: int,
@@ -64,18 +70,22 @@ def run_embedding(ctx: disagg.Context, args: argparse.Namespace, deadline: float
             return 1
         if pending:
             room = pending[0]
-            s = ctx.embedding.sender(room)
+            if not senders or senders[-1].room != room:
+                senders.append(ctx.embedding.sender(room))
             emb, ids, pos, aux = room_tensors(args.seed, room, args.min_tokens,
                                               args.max_tokens, args.hidden_size)
             try:
-                s.send(emb, ids, pos, aux=aux)
-                senders.append(s)
+                senders[-1].send(emb, ids, pos, aux=aux)
                 pending.pop(0)
-            except PoolFull:
-                s.abort("budget full, retried later")
-                time.sleep(0.002)
+            except PoolFull:  # the room is untouched: send again once budget frees up
+                busy = [s for s in senders[:-1]
+                        if s.poll() not in (TransferStatus.SUCCESS, TransferStatus.FAILED)]
+                if busy:
+                    busy[0].wait(0.05)
+                else:  # budget still draining from a failed room
+                    time.sleep(0.001)
         else:
-            time.sleep(0.002)
+            senders[-1].wait(0.05)
     failed = [s.room for s in senders if s.poll() == TransferStatus.FAILED]
     for s in senders:
         if s.failure:

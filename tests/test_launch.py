@@ -1,0 +1,48 @@
+"""The README's demo command, run as a user would: torchrun, real ranks on Gloo.
+
+Slowest layer (each run starts fresh interpreters), so settings are small.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.timeout(180)
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["--rooms", "6", "--hidden-size", "64", "--min-tokens", "1", "--max-tokens", "300",
+         "--block-size", "16", "--num-blocks", "32", "--default-alloc-tokens", "64",
+         "--timeout", "60"]
+
+
+def torchrun(nproc: int, module: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone",
+         f"--nproc-per-node={nproc}", "-m", module, *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=150)
+
+
+@pytest.mark.parametrize(("nproc", "extra"), [
+    (2, []),
+    (3, ["--language-tp-size", "2", "--recv-into", "pool"]),
+], ids=["e1-l1", "e1-tp2-pool"])
+def test_transfer_demo_runs_and_verifies(nproc: int, extra: list[str]) -> None:
+    p = torchrun(nproc, "launch.transfer", *SMALL, *extra)
+    assert p.returncode == 0, p.stdout + p.stderr
+    ok_lines = [line for line in p.stdout.splitlines() if "] OK:" in line]
+    assert len(ok_lines) == nproc, p.stdout + p.stderr
+
+
+def test_transfer_demo_help_documents_flags() -> None:
+    p = subprocess.run([sys.executable, "-m", "launch.transfer", "--help"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0
+    for flag in ("--rooms", "--hidden-size", "--block-size", "--default-alloc-tokens",
+                 "--language-tp-size", "--num-embedding-ranks", "--recv-into", "--seed"):
+        assert flag in p.stdout
