@@ -25,6 +25,7 @@ from .errors import DisaggError
 log = logging.getLogger(__name__)
 
 POLL_INTERVAL_S = 0.05
+CLOSE_LINGER_MS = 200
 MAX_OUTBOX = 1 << 16
 MAX_MESSAGE_BYTES = 64 + 4 * (1 << 20)
 
@@ -137,7 +138,7 @@ class ControlChannel:
                 log.error("%s thread did not stop within %.1fs", self._name, timeout_s)
         for s in [self._router, *self._dealers.values()]:
             if s is not None:
-                s.close(linger=0)
+                s.close(linger=CLOSE_LINGER_MS)  # bounded: the last messages (BYE) may leave
         self._wake_r.close()
         self._wake_w.close()
 

@@ -36,7 +36,7 @@ import torch
 
 from .config import DisaggConfig
 from .control import ControlChannel, RateLimitedLog, rank_of_identity
-from .errors import DisaggError, PoolFull, ProtocolError
+from .errors import DisaggError, PeerLost, PoolFull, ProtocolError
 from .geometry import Geometry, Topology
 from .plan import Segment, chunk_tokens, num_blocks_for, segment_plan
 from .pool import BlockAllocator
@@ -48,6 +48,7 @@ from .wire import (
     Abort,
     Alloc,
     FrameKind,
+    Heartbeat,
     Meta,
     Reject,
     Resume,
@@ -186,6 +187,9 @@ class EmbeddingEngine:
         self._warn = RateLimitedLog(log)
         self.control: ControlChannel | None = None  # set by init before start
         self._closing = False
+        now = time.monotonic()
+        self._last_heard = {lang: now for lang in topology.language_ranks}
+        self._dead: dict[int, str] = {}  # Language rank -> why it is considered dead
 
     # ------------------------------------------------------------ public
 
@@ -287,6 +291,10 @@ class EmbeddingEngine:
         if self._closing:  # the streams are closing: the peer learns from their end
             job.done(DisaggError(f"embedding rank {self.rank} is shut down"))
             return
+        if lang_rank in self._dead:
+            job.done(PeerLost(f"language rank {lang_rank} is down: {self._dead[lang_rank]}",
+                              rank=self.rank, peer=lang_rank))
+            return
         s = self._senders.get(lang_rank)
         if s is None:
             s = _PairSender(self._transports[lang_rank],
@@ -306,6 +314,10 @@ class EmbeddingEngine:
                 if pair.sent_tokens == r.seq_len and pair.in_flight == 0:
                     pair.done = True
                     self._maybe_succeed(r)
+                elif pair.lang_rank in self._dead and pair.in_flight == 0:
+                    self._fail(r, f"embedding rank {self.rank}: language rank "
+                                  f"{pair.lang_rank} is down: {self._dead[pair.lang_rank]}",
+                               cause="peer_lost")
             self._maybe_end(r)
 
     def _maybe_succeed(self, r: _Room) -> None:
@@ -363,14 +375,29 @@ class EmbeddingEngine:
             self._maybe_end(r)
 
     def _pair_lost(self, lang_rank: int, err: BaseException) -> None:
-        """The stream to `lang_rank` is broken: every room that involves it fails."""
+        """`lang_rank` is gone or its stream broke: nothing is sent to it again, and
+        every room it was part of, or whose instance it belongs to, fails (such a
+        room can never reach SUCCESS). Idempotent."""
+        if lang_rank in self._dead:
+            return
+        self._dead[lang_rank] = str(err)
+        if not self._closing:
+            log.warning("embedding rank %d: language rank %d is down: %s", self.rank,
+                        lang_rank, err)
+        instance = self.topology.instance_of(lang_rank)
+        why = f"embedding rank {self.rank}: language rank {lang_rank} is down: {err}"
         for r in list(self._rooms.values()):
             pair = r.pairs.get(lang_rank)
-            if pair is not None and not pair.done:
-                pair.pending = None
-                self._fail(r, f"embedding rank {self.rank}: stream to language rank "
-                              f"{lang_rank} lost: {err}", cause="peer_lost")
+            if pair is not None:
+                pair.pending = None  # owed, but it can no longer be answered
+                if pair.done or (pair.in_flight and pair.sent_tokens == r.seq_len):
+                    continue  # its last chunk is on the wire: that send's outcome decides
+                self._fail(r, why, cause="peer_lost")
+            elif r.pairs and self.topology.instance_of(next(iter(r.pairs))) == instance:
+                self._fail(r, why, cause="peer_lost")
         self._early_drop(lambda room, lr: lr == lang_rank)
+        self._early_drop(lambda room, lr: self.topology.instance_of(lr) == instance,
+                         f"language rank {lang_rank} of this room's instance is down: {err}")
 
     def _reject(self, lang_rank: int, room: int, key: int, reason: str) -> None:
         if self.control is not None and not self._closing:
@@ -401,14 +428,25 @@ class EmbeddingEngine:
                 with self._lock:
                     self._bad_message(claimed, room, f"malformed control message: {e}")
             return
+        if isinstance(msg, Heartbeat) and msg.rank == claimed:
+            self._last_heard[claimed] = time.monotonic()
+            if msg.bye:
+                with self._lock:
+                    self._pair_lost(claimed, PeerLost("it shut down", peer=claimed))
+            elif self.control is not None and not self._closing:
+                self.control.post(identity, encode(Heartbeat(self.rank)))
+            return
         with self._lock:
-            if isinstance(msg, Reject) or msg.lang_rank != claimed:
+            if isinstance(msg, (Reject, Heartbeat)) or msg.lang_rank != claimed:
                 self.stats.failure("bad_message")
                 what = ("REJECT is not a Language->Embedding message" if isinstance(msg, Reject)
+                        else f"message claims language rank {msg.rank} but comes from "
+                             f"{claimed}" if isinstance(msg, Heartbeat)
                         else f"message claims language rank {msg.lang_rank} but comes "
                              f"from {claimed}")
                 self._warn.warning("bad_message", "embedding rank %d: %s", self.rank, what)
-                self._bad_message(claimed, msg.room, what)
+                if not isinstance(msg, Heartbeat):
+                    self._bad_message(claimed, msg.room, what)
                 return
             if isinstance(msg, Alloc):
                 self._on_alloc(msg)
@@ -587,10 +625,15 @@ class EmbeddingEngine:
                 self._early_instance.pop(room, None)
 
     def on_tick(self) -> None:
-        """Control thread, every poll interval: bootstrap timeouts."""
+        """Control thread, every poll interval: liveness and bootstrap timeouts."""
         now = time.monotonic()
         limit = self.cfg.bootstrap_timeout
         with self._lock:
+            for lang, heard in self._last_heard.items():
+                if lang not in self._dead and now - heard > self.cfg.peer_timeout:
+                    self._pair_lost(lang, PeerLost(
+                        f"no heartbeat for {now - heard:.1f}s (peer_timeout="
+                        f"{self.cfg.peer_timeout:g}s)", peer=lang))
             self._early_drop(
                 lambda room, lang: now - self._early[room][lang].arrived > limit,
                 f"no data for this room within bootstrap_timeout={limit:g}s")
@@ -625,6 +668,9 @@ class EmbeddingEngine:
             if not s.stop(max(0.0, deadline - time.monotonic())):
                 log.error("embedding rank %d: a sender thread did not stop in %.1fs",
                           self.rank, timeout_s)
+        if self.control is not None:  # after the last frames: a clean goodbye
+            for lang in self.topology.language_ranks:
+                self.control.post(_ident(lang), encode(Heartbeat(self.rank, bye=True)))
 
 
 def _ident(lang_rank: int) -> bytes:

@@ -55,6 +55,7 @@ from .wire import (
     Abort,
     Alloc,
     FrameKind,
+    Heartbeat,
     Meta,
     Reject,
     Resume,
@@ -168,6 +169,11 @@ class LanguageEngine:
         self.control: ControlChannel | None = None
         self._closing = False
         self.instance_size = topology.language_tp_size
+        now = time.monotonic()
+        self._last_heard = {e: now for e in topology.embedding_ranks}
+        self._dead: dict[int, str] = {}  # Embedding rank -> why it is considered dead
+        self._next_heartbeat = now
+        self.heartbeat_interval = min(1.0, cfg.peer_timeout / 4)
 
     # ------------------------------------------------------------ public
 
@@ -211,10 +217,10 @@ class LanguageEngine:
                 return False
             if r.alloc_sent:
                 return True
-            pair = self._pair(r.src_rank)
-            if pair.dead is not None:
-                self._fail(r, f"language rank {self.rank}: stream from embedding rank "
-                              f"{r.src_rank} is down: {pair.dead}", cause="peer_lost")
+            down = self._dead.get(r.src_rank) or self._pair(r.src_rank).dead
+            if down is not None:
+                self._fail(r, f"language rank {self.rank}: embedding rank {r.src_rank} is "
+                              f"down: {down}", cause="peer_lost")
                 return False
             a = self._allocate(r, want, remaining=None, resume=False)
             if a is None:
@@ -314,7 +320,7 @@ class LanguageEngine:
             p = self._pairs[src] = _PairReceiver(self, src, self._transports[src])
         return p
 
-    def _post(self, src: int, msg: Alloc | Resume | Abort) -> None:
+    def _post(self, src: int, msg: Alloc | Resume | Abort | Heartbeat) -> None:
         if self.control is None:
             return
         try:
@@ -348,6 +354,8 @@ class LanguageEngine:
     # ------------------------------------------------------------ receiver thread
 
     def _owed_room(self, pair: _PairReceiver, meta: Meta) -> _Room:
+        if pair.dead is not None:  # declared dead meanwhile: read nothing more from it
+            raise _StreamBroken(f"stream from embedding rank {pair.src} already torn down")
         r = self._rooms.get(meta.room)
         if r is None or r.src_rank != pair.src or r.outstanding is None:
             raise _StreamBroken(f"language rank {self.rank}: {meta.kind.name} frame for "
@@ -406,9 +414,13 @@ class LanguageEngine:
             if corrupt is not None:
                 self._fail(r, corrupt, cause="corrupt_frame")
             elif r.failure is None and r.received < (r.seq_len or 0):
-                r.status = TransferStatus.TRANSFERRING
-                if self.cfg.auto_resume and r.outstanding is None:
-                    self._resume_or_wait(r)  # our own blocks just came free
+                if pair.dead is not None:  # the sender left after this chunk
+                    self._fail(r, f"language rank {self.rank}: embedding rank {pair.src} is "
+                                  f"down: {pair.dead}", cause="peer_lost")
+                else:
+                    r.status = TransferStatus.TRANSFERRING
+                    if self.cfg.auto_resume and r.outstanding is None:
+                        self._resume_or_wait(r)  # our own blocks just came free
             self._maybe_untrack(r)
             if r.failure is None and r.received == r.seq_len:
                 self.stats.observe("recv_total_s", time.monotonic() - r.created)
@@ -495,9 +507,13 @@ class LanguageEngine:
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()  # before blocks are reused
 
-    def _pair_lost(self, pair: _PairReceiver, err: BaseException) -> None:
-        """The stream from `pair.src` is unusable: fail its rooms, free their blocks
-        (nothing more can land: no recv will be posted on it again)."""
+    def _pair_lost(self, pair: _PairReceiver, err: BaseException, *,
+                   from_thread: bool = True) -> None:
+        """The stream from `pair.src` is unusable: no recv is posted on it again.
+        Its rooms fail and their outstanding blocks are freed at once (before a
+        meta frame arrives nothing is posted into them; the meta lands in the
+        transport's own buffer). Blocks a payload recv is landing in are freed by
+        the receiver thread when that recv ends, unless this is that thread."""
         with self._lock:
             if pair.dead is None:
                 pair.dead = str(err)
@@ -505,16 +521,40 @@ class LanguageEngine:
                     log.error("language rank %d: stream from embedding rank %d lost: %s",
                               self.rank, pair.src, err)
             pair.owed = 0
-            for r in list(self._rooms.values()):
-                if r.src_rank != pair.src:
-                    continue
-                for a in (r.outstanding, r.landing):
-                    if a is not None:
-                        self._release(r, a)
-                r.outstanding = r.landing = None
-                self._fail(r, f"language rank {self.rank}: stream from embedding rank "
-                              f"{pair.src} lost: {err}", cause="peer_lost")
-                self._maybe_untrack(r)
+            pair.cv.notify_all()
+            self._fail_rooms_from(pair.src, f"stream from embedding rank {pair.src} lost: "
+                                            f"{err}", release_landing=from_thread)
+
+    def _fail_rooms_from(self, src: int, why: str, *, release_landing: bool) -> None:
+        for r in list(self._rooms.values()):
+            if r.src_rank != src:
+                continue
+            if r.outstanding is not None:
+                self._release(r, r.outstanding)
+                r.outstanding = None
+            if r.landing is not None:
+                if not release_landing:
+                    continue  # its payload recv is posted: the receiver thread decides
+                self._release(r, r.landing)
+                r.landing = None
+            self._fail(r, f"language rank {self.rank}: {why}", cause="peer_lost")
+            self._maybe_untrack(r)
+
+    def _peer_dead(self, src: int, why: str) -> None:
+        """Embedding rank `src` is gone (heartbeats stopped, or it said BYE)."""
+        with self._lock:
+            if src in self._dead:
+                return
+            self._dead[src] = why
+            if not self._closing:
+                log.warning("language rank %d: embedding rank %d is down: %s",
+                            self.rank, src, why)
+            pair = self._pairs.get(src)
+            if pair is not None:
+                self._pair_lost(pair, PeerLost(why, peer=src), from_thread=False)
+            else:
+                self._fail_rooms_from(src, f"embedding rank {src} is down: {why}",
+                                      release_landing=False)
 
     # ------------------------------------------------------------ control thread
 
@@ -526,6 +566,11 @@ class LanguageEngine:
             self._warn.warning("bad_message", "language rank %d: malformed message from "
                                "embedding rank %d: %s", self.rank, src, e)
             self.stats.failure("bad_message")
+            return
+        if isinstance(msg, Heartbeat) and msg.rank == src:
+            self._last_heard[src] = time.monotonic()
+            if msg.bye:
+                self._peer_dead(src, "it shut down")
             return
         if not isinstance(msg, Reject):
             self._warn.warning("bad_message", "language rank %d: unexpected %s from "
@@ -539,6 +584,15 @@ class LanguageEngine:
 
     def on_tick(self) -> None:
         now = time.monotonic()
+        if now >= self._next_heartbeat and not self._closing:
+            self._next_heartbeat = now + self.heartbeat_interval
+            for e in self.topology.embedding_ranks:
+                if e not in self._dead:
+                    self._post(e, Heartbeat(self.rank))
+        for e, heard in self._last_heard.items():
+            if e not in self._dead and now - heard > self.cfg.peer_timeout:
+                self._peer_dead(e, f"no heartbeat for {now - heard:.1f}s "
+                                   f"(peer_timeout={self.cfg.peer_timeout:g}s)")
         boot = self.cfg.bootstrap_timeout
         with self._lock:
             for r in list(self._rooms.values()):
@@ -583,6 +637,8 @@ class LanguageEngine:
                 log.error("language rank %d: receiver thread for embedding rank %d still "
                           "waits for %d frame(s) after %.1fs", self.rank, p.src, p.owed,
                           timeout_s)
+        for e in self.topology.embedding_ranks:  # after the owed frames: a clean goodbye
+            self._post(e, Heartbeat(self.rank, bye=True))
 
 
 class Receiver:

@@ -40,9 +40,11 @@ class MsgKind(enum.IntEnum):
     RESUME = 2
     ABORT = 3
     REJECT = 4
+    HEARTBEAT = 5
 
 
 FLAG_DIRECT = 1  # the plan is one contiguous run into the room's output; blocks are credit
+FLAG_BYE = 2  # HEARTBEAT: the sender is shutting down cleanly
 
 
 @dataclass(frozen=True)
@@ -93,7 +95,17 @@ class Reject:
     reason: str
 
 
-ControlMessage = Alloc | Resume | Abort | Reject
+@dataclass(frozen=True)
+class Heartbeat:
+    """L -> E every heartbeat interval, E -> L in answer: liveness of the pair's
+    peer, so a rank learns within peer_timeout that the other side died even when
+    no recv of its own is posted to notice. `bye`: a clean shutdown."""
+
+    rank: int
+    bye: bool = False
+
+
+ControlMessage = Alloc | Resume | Abort | Reject | Heartbeat
 
 
 def _reason_bytes(reason: str) -> bytes:
@@ -119,6 +131,9 @@ def encode(msg: ControlMessage) -> bytes:
         raw = _reason_bytes(msg.reason)
         return _HEADER.pack(MAGIC, VERSION, MsgKind.ABORT, 0, msg.room, msg.lang_rank,
                             0, 0, 0, len(raw)) + raw
+    if isinstance(msg, Heartbeat):
+        return _HEADER.pack(MAGIC, VERSION, MsgKind.HEARTBEAT, FLAG_BYE if msg.bye else 0, 0,
+                            msg.rank, 0, 0, 0, 0)
     if isinstance(msg, Reject):
         raw = _reason_bytes(msg.reason)
         return _HEADER.pack(MAGIC, VERSION, MsgKind.REJECT, 0, msg.room, -1,
@@ -152,9 +167,14 @@ def decode(data: bytes) -> ControlMessage:
         raise ProtocolError(f"unknown message kind {kind}") from None
     if room < 0:
         raise ProtocolError(f"negative room id {room}")
+    body = data[HEADER_SIZE:]
+    if kind is MsgKind.HEARTBEAT:
+        if flags & ~FLAG_BYE or num_items or body:
+            raise ProtocolError(f"malformed HEARTBEAT (flags 0x{flags:x}, {len(body)} body "
+                                f"bytes)")
+        return Heartbeat(lang_rank, bool(flags & FLAG_BYE))
     if flags & ~FLAG_DIRECT:
         raise ProtocolError(f"unknown flags 0x{flags:x}")
-    body = data[HEADER_SIZE:]
     if kind in (MsgKind.ALLOC, MsgKind.RESUME):
         if num_items > MAX_BLOCKS_PER_MESSAGE:
             raise ProtocolError(f"{num_items} blocks exceeds the limit "

@@ -213,7 +213,7 @@ def test_wrong_version(version):
         decode(header(version=version))
 
 
-@pytest.mark.parametrize("kind", [0, 5, 255])
+@pytest.mark.parametrize("kind", [0, 6, 255])
 def test_unknown_kind(kind):
     with pytest.raises(ProtocolError, match=f"unknown message kind {kind}"):
         decode(header(kind=kind))
@@ -390,3 +390,24 @@ def test_random_meta_words_are_rejected(words):
     # a payload read out of step with its sender must never pass for a meta frame
     with pytest.raises(ProtocolError):
         Meta.from_words(words)
+
+
+@pytest.mark.parametrize("bye", [False, True])
+def test_heartbeat_round_trip(bye):
+    from disagg.wire import Heartbeat
+
+    msg = Heartbeat(rank=3, bye=bye)
+    assert decode(encode(msg)) == msg
+    assert len(encode(msg)) == HEADER_SIZE
+
+
+def test_heartbeat_with_body_or_unknown_flags_is_rejected():
+    from disagg.wire import Heartbeat
+
+    raw = encode(Heartbeat(rank=1))
+    with pytest.raises(ProtocolError, match="malformed HEARTBEAT"):
+        decode(raw + b"x")
+    bad_flags = bytearray(raw)
+    bad_flags[4] = 4  # flags word, low byte: neither 0 nor BYE
+    with pytest.raises(ProtocolError, match="malformed HEARTBEAT"):
+        decode(bytes(bad_flags))
