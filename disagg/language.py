@@ -222,7 +222,7 @@ class LanguageEngine:
                 self._fail(r, f"language rank {self.rank}: embedding rank {r.src_rank} is "
                               f"down: {down}", cause="peer_lost")
                 return False
-            a = self._allocate(r, want, remaining=None, resume=False)
+            a = self._allocate(r, want, key=0, remaining=None, resume=False)
             if a is None:
                 return False
             r.alloc_sent = True
@@ -240,18 +240,25 @@ class LanguageEngine:
                 return False
             if not self._needs_resume(r):
                 return True  # nothing to do this round: in flight, done, or a repeat
-            assert r.seq_len is not None
-            remaining = r.seq_len - r.received
-            a = self._allocate(r, num_tokens or remaining, remaining=remaining, resume=True)
-            if a is None:
-                return False
-            self.stats.add(resumes=1)
-            self._post(r.src_rank, Resume(r.room, self.rank, a.key, tuple(a.block_ids),
-                                          a.allocated_tokens, a.direct))
-            return True
+            return self._send_resume(r, num_tokens, landed=r.received)
 
-    def _allocate(self, r: _Room, want: int, *, remaining: int | None, resume: bool,
-                  partial: bool = True) -> _Alloc | None:
+    def _send_resume(self, r: _Room, num_tokens: int | None, *, landed: int,
+                     partial: bool = True) -> bool:
+        """Allocate for the rest after `landed` tokens (or `num_tokens` of it) and
+        send RESUME keyed by `landed`. False: no blocks now."""
+        assert r.seq_len is not None
+        remaining = r.seq_len - landed
+        a = self._allocate(r, num_tokens or remaining, key=landed, remaining=remaining,
+                           resume=True, partial=partial)
+        if a is None:
+            return False
+        self.stats.add(resumes=1)
+        self._post(r.src_rank, Resume(r.room, self.rank, a.key, tuple(a.block_ids),
+                                      a.allocated_tokens, a.direct))
+        return True
+
+    def _allocate(self, r: _Room, want: int, *, key: int, remaining: int | None,
+                  resume: bool, partial: bool = True) -> _Alloc | None:
         """Take blocks (or direct credit) for `want` tokens and record them as owed.
 
         When the pool is short the allocation is partial (at least one block), so
@@ -277,7 +284,7 @@ class LanguageEngine:
                 return None
             ids = self.pool.allocator.allocate(num, owner=r.room)
             self.stats.set_gauge("pool_free_blocks", self.pool.allocator.num_free)
-        a = _Alloc(r.received, ids, num * bs, self.direct)
+        a = _Alloc(key, ids, num * bs, self.direct)
         r.outstanding = a
         pair = self._pairs[r.src_rank]
         pair.owed += 1
@@ -395,11 +402,10 @@ class LanguageEngine:
             r.landing = a
             if not last and self.cfg.auto_resume and r.failure is None and corrupt is None:
                 r.status = TransferStatus.TRANSFERRING
-                r.received += n  # the RESUME names what will have landed
-                # while our own landing blocks are held, take all or nothing: a
-                # partial chunk now would only split what waiting a moment gives whole
-                self._resume_or_wait(r, partial=False)
-                r.received -= n
+                # Keyed by what will have landed. While our own landing blocks are
+                # held, all or nothing: a partial chunk now would only split what
+                # waiting a moment gives whole.
+                self._send_resume(r, None, landed=offset + n, partial=False)
         t0 = time.monotonic()
         pair.transport.recv_payload(dsts)
         with self._lock:
@@ -420,22 +426,12 @@ class LanguageEngine:
                 else:
                     r.status = TransferStatus.TRANSFERRING
                     if self.cfg.auto_resume and r.outstanding is None:
-                        self._resume_or_wait(r)  # our own blocks just came free
+                        self._send_resume(r, None, landed=r.received)  # our blocks came free
             self._maybe_untrack(r)
             if r.failure is None and r.received == r.seq_len:
                 self.stats.observe("recv_total_s", time.monotonic() - r.created)
                 r.status = TransferStatus.SUCCESS  # last: blocks and room id are free
             self._changed.notify_all()
-
-    def _resume_or_wait(self, r: _Room, partial: bool = True) -> None:
-        """Eager resume from the receiver thread; on no blocks, leave it to the loop."""
-        assert r.seq_len is not None
-        remaining = r.seq_len - r.received
-        a = self._allocate(r, remaining, remaining=remaining, resume=True, partial=partial)
-        if a is not None:
-            self.stats.add(resumes=1)
-            self._post(r.src_rank, Resume(r.room, self.rank, a.key, tuple(a.block_ids),
-                                          a.allocated_tokens, a.direct))
 
     def _check_data(self, r: _Room, a: _Alloc, m: Meta) -> tuple[int, int, bool, str | None]:
         """Sizes must match the allocation exactly, else the stream is broken.
