@@ -511,10 +511,14 @@ class EmbeddingEngine:
             return
         if why is None and lang in r.pairs:
             why = "duplicate ALLOC from this language rank"
+        if why is None and r.pairs:
+            intruder = self._other_instance(lang, next(iter(r.pairs)))
+            if intruder is not None:  # the room is another instance's: refuse only this ALLOC
+                self._refuse(lang, room, f"bad ALLOC from language rank {lang}: {intruder}")
+                self.stats.failure("bad_message")
+                return
         if why is None and r.instance_size not in (None, m.instance_size):
             why = f"instance_size={m.instance_size} disagrees with {r.instance_size}"
-        if why is None and r.pairs:
-            why = self._other_instance(lang, next(iter(r.pairs)))
         if why is not None:
             why = f"bad ALLOC from language rank {lang}: {why}"
             self._refuse(lang, room, why)
