@@ -93,6 +93,10 @@ class DisaggConfig:
     peer_timeout: float = 10.0
     """Seconds after which a silent or dead peer is declared dead."""
 
+    slow_room_s: float | None = 10.0
+    """Rooms slower than this from receiver() to SUCCESS are logged with their
+    stage timings (Language side); None: never."""
+
     def __post_init__(self) -> None:
         def positive_int(name: str) -> None:
             v = getattr(self, name)
@@ -121,6 +125,9 @@ class DisaggConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
                 raise _bad(name, v, "must be a number of seconds > 0")
+        if self.slow_room_s is not None and (isinstance(self.slow_room_s, bool) or not isinstance(
+                self.slow_room_s, (int, float)) or not self.slow_room_s > 0):
+            raise _bad("slow_room_s", self.slow_room_s, "must be a number of seconds > 0 or None")
         self._check_extra_buffers()
 
     def _check_extra_buffers(self) -> None:

@@ -190,6 +190,15 @@ class EmbeddingEngine:
         now = time.monotonic()
         self._last_heard = {lang: now for lang in topology.language_ranks}
         self._dead: dict[int, str] = {}  # Language rank -> why it is considered dead
+        stats.add_source(self._live_by_peer)
+
+    def _live_by_peer(self) -> dict[str, object]:
+        """Live rooms per Language rank that asked for them (-1: none asked yet)."""
+        with self._lock:
+            counts: collections.Counter[int] = collections.Counter()
+            for r in self._rooms.values():
+                counts.update([lang for lang, p in r.pairs.items() if not p.done] or [-1])
+        return {"rooms_live_by_peer": dict(counts)}
 
     # ------------------------------------------------------------ public
 
@@ -374,7 +383,7 @@ class EmbeddingEngine:
                 self._pair_lost(pair.lang_rank, err)
             self._maybe_end(r)
 
-    def _pair_lost(self, lang_rank: int, err: BaseException) -> None:
+    def _pair_lost(self, lang_rank: int, err: BaseException, *, clean: bool = False) -> None:
         """`lang_rank` is gone or its stream broke: nothing is sent to it again, and
         every room it was part of, or whose instance it belongs to, fails (such a
         room can never reach SUCCESS). Idempotent."""
@@ -382,8 +391,8 @@ class EmbeddingEngine:
             return
         self._dead[lang_rank] = str(err)
         if not self._closing:
-            log.warning("embedding rank %d: language rank %d is down: %s", self.rank,
-                        lang_rank, err)
+            log.log(logging.INFO if clean else logging.WARNING,
+                    "embedding rank %d: language rank %d is down: %s", self.rank, lang_rank, err)
         instance = self.topology.instance_of(lang_rank)
         why = f"embedding rank {self.rank}: language rank {lang_rank} is down: {err}"
         for r in list(self._rooms.values()):
@@ -432,7 +441,7 @@ class EmbeddingEngine:
             self._last_heard[claimed] = time.monotonic()
             if msg.bye:
                 with self._lock:
-                    self._pair_lost(claimed, PeerLost("it shut down", peer=claimed))
+                    self._pair_lost(claimed, PeerLost("it shut down", peer=claimed), clean=True)
             elif self.control is not None and not self._closing:
                 self.control.post(identity, encode(Heartbeat(self.rank)))
             return

@@ -45,7 +45,7 @@ from .config import DisaggConfig
 from .control import ControlChannel, RateLimitedLog
 from .errors import DisaggError, PeerLost, ProtocolError, TransferTimeout
 from .geometry import Geometry, Topology
-from .plan import Segment, alloc_blocks_for, segment_plan
+from .plan import Segment, alloc_blocks_for, num_blocks_for, segment_plan
 from .pool import BlockPool
 from .stats import Stats
 from .transport import PairTransport
@@ -66,6 +66,7 @@ from .wire import (
 
 log = logging.getLogger(__name__)
 
+AUTO_COLD_START = 8192  # "auto" first allocation until it has seen enough lengths
 AUTO_WINDOW = 256  # recent lengths that "auto" first allocation learns from
 AUTO_QUANTILE = 90
 AUTO_MIN_SAMPLES = 8
@@ -102,7 +103,12 @@ class _Room:
     alloc_sent: bool = False
     created: float = field(default_factory=time.monotonic)
     last_progress: float = field(default_factory=time.monotonic)
+    # stage timings, for latency stats and the slow-room log
+    alloc_at: float | None = None
     first_byte_at: float | None = None
+    partial_at: float | None = None
+    num_resumes: int = 0
+    auto_first_blocks: int | None = None  # first allocation chosen by "auto"
 
 
 class _PairReceiver:
@@ -174,6 +180,7 @@ class LanguageEngine:
         self._dead: dict[int, str] = {}  # Embedding rank -> why it is considered dead
         self._next_heartbeat = now
         self.heartbeat_interval = min(1.0, cfg.peer_timeout / 4)
+        stats.add_source(self._live_by_peer)
 
     # ------------------------------------------------------------ public
 
@@ -202,7 +209,7 @@ class LanguageEngine:
         with self._lock:
             lengths = list(self._recent_lengths)
         if len(lengths) < AUTO_MIN_SAMPLES:
-            return 8192
+            return AUTO_COLD_START
         fair_share = max(1, self.pool.allocator.num_blocks // 4) * self.geometry.block_size
         return max(1, min(int(np.percentile(lengths, AUTO_QUANTILE)), fair_share))
 
@@ -227,7 +234,9 @@ class LanguageEngine:
                 return False
             r.alloc_sent = True
             r.status = TransferStatus.WAITING_FOR_INPUT
-            r.last_progress = time.monotonic()
+            r.last_progress = r.alloc_at = time.monotonic()
+            if num_tokens is None and self.cfg.default_alloc_tokens == "auto":
+                r.auto_first_blocks = len(a.block_ids)
             self._post(r.src_rank, Alloc(r.room, self.rank, self.instance_size,
                                          tuple(a.block_ids), a.allocated_tokens, a.direct))
             return True
@@ -252,6 +261,7 @@ class LanguageEngine:
                            resume=True, partial=partial)
         if a is None:
             return False
+        r.num_resumes += 1
         self.stats.add(resumes=1)
         self._post(r.src_rank, Resume(r.room, self.rank, a.key, tuple(a.block_ids),
                                       a.allocated_tokens, a.direct))
@@ -395,9 +405,14 @@ class LanguageEngine:
             if meta.kind is not FrameKind.DATA:
                 raise _StreamBroken(f"unexpected {meta.kind.name} frame for room {r.room}")
             n, offset, last, corrupt = self._check_data(r, a, meta)
+            now = time.monotonic()
             if r.first_byte_at is None:
-                r.first_byte_at = time.monotonic()
-                self.stats.observe("alloc_to_first_byte_s", r.first_byte_at - r.created)
+                r.first_byte_at = now
+                self.stats.observe("alloc_to_first_byte_s", now - (r.alloc_at or r.created))
+                self._account_auto(r)
+            elif r.partial_at is not None:
+                self.stats.observe("resume_gap_s", now - r.partial_at)
+                r.partial_at = None
             plan, dsts = self._destinations(r, a, n, offset)
             r.landing = a
             if not last and self.cfg.auto_resume and r.failure is None and corrupt is None:
@@ -425,13 +440,45 @@ class LanguageEngine:
                                   f"down: {pair.dead}", cause="peer_lost")
                 else:
                     r.status = TransferStatus.TRANSFERRING
+                    r.partial_at = time.monotonic()
                     if self.cfg.auto_resume and r.outstanding is None:
                         self._send_resume(r, None, landed=r.received)  # our blocks came free
             self._maybe_untrack(r)
             if r.failure is None and r.received == r.seq_len:
-                self.stats.observe("recv_total_s", time.monotonic() - r.created)
+                self._observe_done(r)
                 r.status = TransferStatus.SUCCESS  # last: blocks and room id are free
             self._changed.notify_all()
+
+    def _account_auto(self, r: _Room) -> None:
+        """For "auto" first allocations: resume rounds saved against the cold-start
+        value (negative when it guessed short) and blocks beyond what the room needed."""
+        if r.auto_first_blocks is None or r.seq_len is None:
+            return
+        bs = self.geometry.block_size
+        fixed = num_blocks_for(AUTO_COLD_START, bs) * bs
+        self.stats.add(
+            auto_alloc_resumes_avoided=int(r.seq_len > fixed)
+            - int(r.seq_len > r.auto_first_blocks * bs),
+            auto_alloc_overallocated_blocks=max(
+                0, r.auto_first_blocks - num_blocks_for(r.seq_len, bs)))
+
+    def _observe_done(self, r: _Room) -> None:
+        now = time.monotonic()
+        total = now - r.created
+        self.stats.observe("recv_total_s", total)
+        if self.cfg.slow_room_s is not None and total > self.cfg.slow_room_s:
+            waited = (r.alloc_at or r.created) - r.created
+            to_first = (r.first_byte_at or now) - (r.alloc_at or r.created)
+            log.warning("language rank %d: room %d from embedding rank %d took %.2fs: "
+                        "%.3fs waiting for blocks, %.3fs ALLOC -> first byte, %.3fs "
+                        "transferring %d tokens in %d chunks (%d resumes)", self.rank, r.room,
+                        r.src_rank, total, waited, to_first, now - (r.first_byte_at or now),
+                        r.seq_len, r.chunk_index, r.num_resumes)
+
+    def _live_by_peer(self) -> dict[str, object]:
+        with self._lock:
+            counts = collections.Counter(r.src_rank for r in self._rooms.values())
+        return {"rooms_live_by_peer": dict(counts)}
 
     def _check_data(self, r: _Room, a: _Alloc, m: Meta) -> tuple[int, int, bool, str | None]:
         """Sizes must match the allocation exactly, else the stream is broken.
@@ -504,7 +551,7 @@ class LanguageEngine:
             torch.cuda.current_stream(self.device).synchronize()  # before blocks are reused
 
     def _pair_lost(self, pair: _PairReceiver, err: BaseException, *,
-                   from_thread: bool = True) -> None:
+                   from_thread: bool = True, clean: bool = False) -> None:
         """The stream from `pair.src` is unusable: no recv is posted on it again.
         Its rooms fail and their outstanding blocks are freed at once (before a
         meta frame arrives nothing is posted into them; the meta lands in the
@@ -513,7 +560,7 @@ class LanguageEngine:
         with self._lock:
             if pair.dead is None:
                 pair.dead = str(err)
-                if not self._closing:
+                if not self._closing and not clean:
                     log.error("language rank %d: stream from embedding rank %d lost: %s",
                               self.rank, pair.src, err)
             pair.owed = 0
@@ -536,18 +583,18 @@ class LanguageEngine:
             self._fail(r, f"language rank {self.rank}: {why}", cause="peer_lost")
             self._maybe_untrack(r)
 
-    def _peer_dead(self, src: int, why: str) -> None:
-        """Embedding rank `src` is gone (heartbeats stopped, or it said BYE)."""
+    def _peer_dead(self, src: int, why: str, *, clean: bool = False) -> None:
+        """Embedding rank `src` is gone: heartbeats stopped, or (`clean`) it said BYE."""
         with self._lock:
             if src in self._dead:
                 return
             self._dead[src] = why
             if not self._closing:
-                log.warning("language rank %d: embedding rank %d is down: %s",
-                            self.rank, src, why)
+                log.log(logging.INFO if clean else logging.WARNING,
+                        "language rank %d: embedding rank %d is down: %s", self.rank, src, why)
             pair = self._pairs.get(src)
             if pair is not None:
-                self._pair_lost(pair, PeerLost(why, peer=src), from_thread=False)
+                self._pair_lost(pair, PeerLost(why, peer=src), from_thread=False, clean=clean)
             else:
                 self._fail_rooms_from(src, f"embedding rank {src} is down: {why}",
                                       release_landing=False)
@@ -566,7 +613,7 @@ class LanguageEngine:
         if isinstance(msg, Heartbeat) and msg.rank == src:
             self._last_heard[src] = time.monotonic()
             if msg.bye:
-                self._peer_dead(src, "it shut down")
+                self._peer_dead(src, "it shut down", clean=True)
             return
         if not isinstance(msg, Reject):
             self._warn.warning("bad_message", "language rank %d: unexpected %s from "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import threading
+from collections.abc import Callable
 
 import numpy as np
 
@@ -15,10 +16,16 @@ class Stats:
     def __init__(self, **gauges: int) -> None:
         self._lock = threading.Lock()
         self._counters: collections.Counter[str] = collections.Counter(
-            bytes_sent=0, bytes_received=0, chunks=0, resumes=0, failures=0)
+            bytes_sent=0, bytes_received=0, chunks=0, resumes=0, failures=0,
+            auto_alloc_resumes_avoided=0, auto_alloc_overallocated_blocks=0)
         self._failures: collections.Counter[str] = collections.Counter()
         self._gauges: dict[str, int] = dict(gauges)
         self._samples: dict[str, collections.deque[float]] = {}
+        self._sources: list[Callable[[], dict[str, object]]] = []
+
+    def add_source(self, fn: Callable[[], dict[str, object]]) -> None:
+        """`fn` adds fields computed at read time (e.g. rooms live per peer)."""
+        self._sources.append(fn)
 
     def add(self, **counts: int) -> None:
         with self._lock:
@@ -51,4 +58,6 @@ class Stats:
                     lat[name] = {"count": float(a.size), "p50": float(np.percentile(a, 50)),
                                  "p99": float(np.percentile(a, 99)), "max": float(a.max())}
             out["latency_s"] = lat
+        for fn in self._sources:
+            out.update(fn())
         return out

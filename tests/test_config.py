@@ -56,6 +56,7 @@ INVALID: dict[str, list[object]] = {
     "host": ["", "0.0.0.0", 127, b"127.0.0.1"],
     "bootstrap_timeout": [0, 0.0, -1, float("nan"), "300", None, True],
     "peer_timeout": [0, -0.5, float("nan"), "10", None, False],
+    "slow_room_s": [0, -1.0, float("nan"), "10", True],
 }
 
 VALID: dict[str, list[object]] = {
@@ -75,6 +76,7 @@ VALID: dict[str, list[object]] = {
     "host": [None, "127.0.0.1", "node-3.cluster", "::1"],
     "bootstrap_timeout": [0.001, 1, 300.0, float("inf")],
     "peer_timeout": [0.5, 10, 10.0],
+    "slow_room_s": [None, 0.5, 10],
 }
 
 
@@ -113,7 +115,7 @@ def test_defaults_match_the_design():
         "dtype": "bfloat16", "block_size": 128, "num_blocks": 256,
         "default_alloc_tokens": 8192, "auto_resume": True, "mrope": True,
         "extra_buffers": {}, "recv_into": "output", "backend": None, "host": None,
-        "bootstrap_timeout": 300.0, "peer_timeout": 10.0,
+        "bootstrap_timeout": 300.0, "peer_timeout": 10.0, "slow_room_s": 10.0,
     }
     assert cfg.torch_dtype is torch.bfloat16
 
@@ -325,8 +327,18 @@ def test_stats_snapshot_starts_at_zero_with_gauges():
     assert s.snapshot() == {
         "pool_total_blocks": 16, "pool_free_blocks": 16, "rooms_live": 0,
         "bytes_sent": 0, "bytes_received": 0, "chunks": 0, "resumes": 0, "failures": 0,
+        "auto_alloc_resumes_avoided": 0, "auto_alloc_overallocated_blocks": 0,
         "failures_by_cause": {}, "latency_s": {},
     }
+
+
+def test_stats_sources_add_fields_at_read_time():
+    s = Stats()
+    live = {"n": 1}
+    s.add_source(lambda: {"rooms_live_by_peer": {0: live["n"]}})
+    assert s.snapshot()["rooms_live_by_peer"] == {0: 1}
+    live["n"] = 5
+    assert s.snapshot()["rooms_live_by_peer"] == {0: 5}
 
 
 def test_stats_counters_gauges_and_failure_causes():
