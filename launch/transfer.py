@@ -62,7 +62,7 @@ def run_embedding(ctx: disagg.Context, args: argparse.Namespace, deadline: float
     e, num_e = ctx.rank, args.num_embedding_ranks
     mine = [r for r in range(args.rooms) if r % num_e == e]
     pending = list(mine)
-    senders = []
+    senders: list[disagg.Sender] = []
     while pending or any(s.poll() not in (TransferStatus.SUCCESS, TransferStatus.FAILED)
                          for s in senders):
         if time.monotonic() > deadline:
@@ -96,6 +96,7 @@ def run_embedding(ctx: disagg.Context, args: argparse.Namespace, deadline: float
 def run_language(ctx: disagg.Context, args: argparse.Namespace, deadline: float) -> int:
     q = ctx.language.queue()
     num_instances = (ctx.world_size - args.num_embedding_ranks) // args.language_tp_size
+    assert ctx.instance is not None  # a language rank
     for room in range(ctx.instance, args.rooms, num_instances):
         q.add(room, src_rank=room % args.num_embedding_ranks)
     bad = 0
