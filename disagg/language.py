@@ -209,9 +209,15 @@ class LanguageEngine:
         with self._lock:
             lengths = list(self._recent_lengths)
         if len(lengths) < AUTO_MIN_SAMPLES:
-            return AUTO_COLD_START
-        fair_share = max(1, self.pool.allocator.num_blocks // 4) * self.geometry.block_size
-        return max(1, min(int(np.percentile(lengths, AUTO_QUANTILE)), fair_share))
+            return self._auto_cold_start()
+        return max(1, min(int(np.percentile(lengths, AUTO_QUANTILE)), self._fair_share()))
+
+    def _fair_share(self) -> int:
+        """Tokens one room's "auto" first allocation may take: a quarter of the pool."""
+        return max(1, self.pool.allocator.num_blocks // 4) * self.geometry.block_size
+
+    def _auto_cold_start(self) -> int:
+        return min(AUTO_COLD_START, self._fair_share())
 
     # ------------------------------------------------------------ receiver API (locked)
 
@@ -450,12 +456,13 @@ class LanguageEngine:
             self._changed.notify_all()
 
     def _account_auto(self, r: _Room) -> None:
-        """For "auto" first allocations: resume rounds saved against the cold-start
-        value (negative when it guessed short) and blocks beyond what the room needed."""
+        """For "auto" first allocations: resume rounds saved against always taking
+        the cold-start value (negative: rounds it spent to save memory) and blocks
+        beyond what the room needed."""
         if r.auto_first_blocks is None or r.seq_len is None:
             return
         bs = self.geometry.block_size
-        fixed = num_blocks_for(AUTO_COLD_START, bs) * bs
+        fixed = num_blocks_for(self._auto_cold_start(), bs) * bs
         self.stats.add(
             auto_alloc_resumes_avoided=int(r.seq_len > fixed)
             - int(r.seq_len > r.auto_first_blocks * bs),
