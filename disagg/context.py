@@ -19,6 +19,7 @@ import logging
 import os
 import socket
 import time
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -134,6 +135,7 @@ class Context:
             torch.cuda.set_device(self.device)
         self.geometry = Geometry.from_config(cfg)
         self._closed = False
+        self._closers: list[Callable[[], None]] = []
         self._groups: list[dist.ProcessGroup] = []
         self._zctx = zmq.Context()
         self._control: ControlChannel | None = None
@@ -232,6 +234,10 @@ class Context:
     def stats(self) -> dict[str, object]:
         return self._stats.snapshot()
 
+    def on_shutdown(self, fn: Callable[[], None]) -> None:
+        """Run `fn` first thing in `shutdown()` (e.g. stop a metrics exporter)."""
+        self._closers.append(fn)
+
     def shutdown(self, timeout_s: float | None = None) -> None:
         """End every live room FAILED("shutdown"), stop threads, close sockets and
         destroy the process groups this context created. Idempotent."""
@@ -239,6 +245,11 @@ class Context:
             return
         self._closed = True
         bound = self.cfg.peer_timeout if timeout_s is None else timeout_s
+        for fn in self._closers:
+            try:
+                fn()
+            except Exception:
+                log.exception("a shutdown hook raised")
         try:
             engine = self._embedding if self.role == "embedding" else self._language
             if isinstance(engine, EmbeddingEngine):
