@@ -1,14 +1,35 @@
-"""Throughput of one room through disagg against a raw torch.distributed
-send/recv of the same bytes, measured in the same processes, rounds interleaved.
+"""Throughput and latency of disagg against the transports it replaces, moving
+the same bytes in the same processes, rounds interleaved.
 
-    python scripts/bench_transfer.py --quick
-    python scripts/bench_transfer.py --tokens 2000 --alloc 512 --rounds 20 --json out.json
+    python scripts/bench_transfer.py --quick                   # every group, < 1 min
+    python scripts/bench_transfer.py --scenarios sweep,resume --rounds 20 --json out.json
+    python scripts/bench_transfer.py --plot throughput.png     # needs matplotlib (.[bench])
+    python scripts/bench_transfer.py --list                    # what each group runs
 
-Spawns 2 ranks on Gloo over 127.0.0.1 (rank 0 Embedding, rank 1 Language). Each
-round: both ranks meet at a barrier on a side group, then move one room; the
-Language rank times barrier -> last byte usable. The baseline sends the same
-tensors (embeddings, fill_ids, mrope [seq, 3]) with plain send/recv on its own
-group into preallocated tensors. Reports medians, min-max and the ratio.
+Spawns 1 + TP ranks on Gloo over 127.0.0.1 (rank 0 Embedding, the others one
+Language instance) and gives every scenario a fresh world in those processes.
+Each round all ranks meet at a barrier on a side group, then move the round's
+rooms. Times come from CLOCK_MONOTONIC, which every rank on the host shares: a
+round starts when the first rank leaves the barrier and a room ends when its
+last Language rank has every byte in its destination. Kinds take turns going
+first:
+
+  disagg  the library: Sender.send / Receiver.init, waited with Sender.wait and
+          Receiver.wait (no spin-polling: on 2 cores it steals the GIL from the
+          transfer threads);
+  raw     torch.distributed isend/irecv of one contiguous tensor per buffer
+          (embeddings [n, h] bf16, fill_ids [n] int32, mrope [n, 3] int32) on a
+          group of its own, into preallocated tensors, room after room;
+  zmq     ZeroMQ PUSH/PULL on 127.0.0.1 (what SGLang's encoder disaggregation
+          uses by default): one multipart message per room and Language rank,
+          sent with copy=False, each frame copied into a preallocated tensor.
+
+Figures are medians of the interleaved rounds; d/raw and d/zmq are throughput
+ratios (baseline time / disagg time) and "noise" is the min-max of the
+per-round ratios, since the machine is shared. "faults" counts minor page
+faults per room on a Language rank (disagg lands in a fresh result tensor per
+room). The memory group reports the resident memory growth of every rank
+between two room counts (target: within 5 %).
 """
 
 from __future__ import annotations
@@ -16,124 +37,120 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
-import statistics
+import signal
 import sys
+import tempfile
 import time
 
-import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _bench_report import plot, print_table, summarise
+from _bench_scenarios import GROUPS, Scenario, scenarios, select
+from _bench_worker import rank_main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="groups: " + ", ".join(GROUPS))
+    p.add_argument("--scenarios", default=",".join(GROUPS), metavar="GROUPS",
+                   help="comma-separated groups (or scenario names, see --list) to run "
+                        "(default: every group)")
+    p.add_argument("--quick", action="store_true",
+                   help="fewer sizes, rooms and rounds (under a minute for all groups)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="measured rounds per kind (default 15, --quick 5)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="unmeasured rounds first (default 4, --quick 2); round 0 checks bytes")
+    p.add_argument("--json", metavar="PATH", help="write one record per scenario here")
+    p.add_argument("--plot", metavar="PATH", help="PNG of throughput vs size (matplotlib)")
+    p.add_argument("--timeout", type=float, default=300.0,
+                   help="seconds one scenario may take before its ranks dump stacks and exit")
+    p.add_argument("--list", action="store_true", help="list the scenarios and exit")
+    return p
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--tokens", type=int, default=2000, help="room length")
-    p.add_argument("--hidden-size", type=int, default=3584)
-    p.add_argument("--block-size", type=int, default=128)
-    p.add_argument("--alloc", type=int, default=8192,
-                   help="first allocation in tokens (smaller: more resume rounds)")
-    p.add_argument("--recv-into", choices=("output", "pool"), default="output")
-    p.add_argument("--rounds", type=int, default=30, help="interleaved rounds per side")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--quick", action="store_true", help="10 rounds")
-    p.add_argument("--json", metavar="PATH", help="write the result record here")
-    return p.parse_args(argv)
+    p = build_parser()
+    args = p.parse_args(argv)
+    groups = [g.strip() for g in args.scenarios.split(",") if g.strip()]
+    known = set(GROUPS) | {sc.name for q in (False, True) for sc in scenarios(q)}
+    unknown = sorted(set(groups) - known)
+    if unknown or not groups:
+        p.error(f"--scenarios: unknown {unknown}; groups are {', '.join(GROUPS)} "
+                f"(--list names each scenario)")
+    args.groups = groups
+    args.rounds = args.rounds if args.rounds is not None else (5 if args.quick else 15)
+    args.warmup = args.warmup if args.warmup is not None else (2 if args.quick else 4)
+    if args.rounds < 1 or args.warmup < 1:
+        p.error("--rounds and --warmup must be >= 1 (round 0 is the byte check)")
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            p.error("--plot needs matplotlib, which is not installed: "
+                    "pip install 'matplotlib>=3.7' (or pip install -e '.[bench]')")
+    return args
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _worker(rank: int, args: argparse.Namespace, port: int, out: dict) -> None:
-    os.environ["OMP_NUM_THREADS"] = "1"
-    import disagg  # after the env is set
-
-    n, h = args.tokens, args.hidden_size
-    num_blocks = max(4, -(-max(n, args.alloc) // args.block_size) * 2)
-    cfg = disagg.DisaggConfig(hidden_size=h, block_size=args.block_size, num_blocks=num_blocks,
-                              default_alloc_tokens=args.alloc, recv_into=args.recv_into,
-                              bootstrap_timeout=60, peer_timeout=30)
-    ctx = disagg.init(cfg, rank=rank, world_size=2, init_method=f"tcp://127.0.0.1:{port}")
-    side = dist.new_group([0, 1], backend="gloo")
-    raw = dist.new_group([0, 1], backend="gloo")
-    g = torch.Generator().manual_seed(0)
-    emb = torch.randn(n, h, generator=g).to(torch.bfloat16)
-    ids = torch.randint(0, 1 << 20, (n,), generator=g, dtype=torch.int32)
-    pos = torch.randint(0, 1 << 12, (3, n), generator=g, dtype=torch.int32)
-    pos_t = pos.t().contiguous()
-    dst = [torch.empty_like(emb), torch.empty_like(ids), torch.empty_like(pos_t)]
-    times: dict[str, list[float]] = {"disagg": [], "raw": []}
-    room = 0
-    rounds = 10 if args.quick else args.rounds
+def _spawn(scs: list[Scenario], args: argparse.Namespace,
+           tmpdir: str) -> list[list[dict | None]]:
+    """Run every scenario in one set of rank processes; results per rank."""
+    nprocs = max(sc.world for sc in scs)
+    pctx = mp.start_processes(rank_main, nprocs=nprocs, join=False, start_method="spawn",
+                              args=(scs, args.rounds, args.warmup, tmpdir, args.timeout))
+    budget = args.timeout * len(scs) + 60
+    deadline = time.monotonic() + budget
     try:
-        for i in range(args.warmup + rounds):
-            for kind in ("disagg", "raw") if i % 2 == 0 else ("raw", "disagg"):
-                dist.barrier(group=side)
-                t0 = time.perf_counter()
-                if kind == "raw":
-                    for src, d in zip((emb, ids, pos_t), dst, strict=True):
-                        if rank == 0:
-                            dist.send(src, 1, group=raw)
-                        else:
-                            dist.recv(d, 0, group=raw)
-                elif rank == 0:
-                    s = ctx.embedding.sender(room)
-                    s.send(emb, ids, pos)
-                    s.wait(30.0)
-                else:
-                    r = ctx.language.receiver(room, src_rank=0)
-                    r.init()
-                    while r.wait(30.0) < disagg.TransferStatus.SUCCESS and not r.failure:
-                        r.resume()  # only when the receiver could not resume by itself
-                    assert r.poll() == disagg.TransferStatus.SUCCESS, r.failure
-                    if i == 0:
-                        res = r.result()
-                        assert torch.equal(res.embeddings.view(torch.int16),
-                                           emb.view(torch.int16))
-                dt = time.perf_counter() - t0
-                room += kind == "disagg"
-                if i >= args.warmup:
-                    times[kind].append(dt)
-        if rank == 1:
-            out.update(times=times, stats=ctx.stats())
-        dist.barrier(group=side)
-    finally:
-        ctx.shutdown()
+        while not pctx.join(timeout=1.0):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"ranks still running after {budget:.0f}s")
+    finally:  # never leave a rank behind (a rank that raised already ended the others)
+        for p in pctx.processes:
+            if p.is_alive():
+                p.kill()
+    out = []
+    for rank in range(nprocs):
+        with open(os.path.join(tmpdir, f"rank{rank}.json")) as f:
+            out.append(json.load(f))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    port = _free_port()
-    with mp.Manager() as mgr:
-        out = mgr.dict()
-        mp.start_processes(_worker, args=(args, port, out), nprocs=2, start_method="spawn")
-        times = dict(out["times"])
-        stats = dict(out["stats"])
-    nbytes = args.tokens * (args.hidden_size * 2 + 4 + 12)
-    rec: dict[str, object] = {"tokens": args.tokens, "hidden_size": args.hidden_size,
-                              "alloc": args.alloc, "recv_into": args.recv_into,
-                              "bytes": nbytes, "chunks_per_room": 0}
-    med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"room: {args.tokens} tokens x {args.hidden_size} bf16 = {nbytes / 2**20:.1f} MiB, "
-          f"alloc {args.alloc}, recv_into={args.recv_into}, {len(times['raw'])} rounds")
-    for k, v in times.items():
-        print(f"  {k:7s} median {med[k] * 1e3:7.2f} ms  ({min(v) * 1e3:.2f}-{max(v) * 1e3:.2f})"
-              f"  {nbytes / med[k] / 1e9:5.2f} GB/s")
-        rec[k] = {"median_s": med[k], "min_s": min(v), "max_s": max(v),
-                  "gbps": nbytes / med[k] / 1e9}
-    ratio = med["raw"] / med["disagg"]
-    ratios = sorted(r / d for r, d in zip(times["raw"], times["disagg"], strict=True))
-    rec["ratio_disagg_over_raw"] = ratio
-    rec["chunks_per_room"] = int(stats["chunks"]) / max(1, len(times["disagg"]) + 3)
-    print(f"  throughput ratio disagg/raw: {ratio:.3f} "
-          f"(per-round pairs {ratios[0]:.2f}-{ratios[-1]:.2f})")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so _spawn's cleanup runs
+    scs = select(args.groups, args.quick)
+    if args.list:
+        for sc in scenarios(args.quick):
+            print(f"{sc.group:12} {sc.name:24} {sc.rooms:3} x {sc.tokens:5} tokens x "
+                  f"{sc.hidden} hidden, TP {sc.tp}, recv_into={sc.recv_into}, "
+                  f"alloc {sc.alloc_tokens}, {sc.expected_chunks} chunk(s)/room"
+                  + (", one at a time" if sc.sequential else ""))
+        return 0
+    if not scs:
+        print(f"no scenario in {args.scenarios!r} runs {'with' if args.quick else 'without'} "
+              f"--quick (see --list)", file=sys.stderr)
+        return 2
+    t0 = time.monotonic()
+    print(f"{len(scs)} scenario(s) in {', '.join(args.groups)}; {args.rounds} rounds "
+          f"(+{args.warmup} warm-up) of each kind, interleaved", flush=True)
+    with tempfile.TemporaryDirectory(prefix="disagg-bench-") as tmpdir:
+        try:
+            per_rank = _spawn(scs, args, tmpdir)
+        except Exception as e:  # a rank died: its traceback is already on stderr
+            print(f"benchmark failed: {e}", file=sys.stderr)
+            return 1
+    records = [summarise(sc, [r[i] for r in per_rank]) for i, sc in enumerate(scs)]
+    print_table(records)
+    print(f"total {time.monotonic() - t0:.1f}s")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(rec, f, indent=2)
-    return 0
+            json.dump(records, f, indent=2)
+    if args.plot:
+        wrote = plot(records, args.plot)
+        print(f"plot: {args.plot}" if wrote else "plot: no timed scenario ran, nothing written")
+    return 1 if any(r["failures"] for r in records) else 0
 
 
 if __name__ == "__main__":

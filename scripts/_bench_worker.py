@@ -1,0 +1,290 @@
+"""One rank of bench_transfer.py. Each scenario gets a fresh torch.distributed
+world (a new file:// rendezvous) in the same processes; in it disagg, the raw
+send/recv baseline and the ZeroMQ baseline take turns moving the same tensors,
+every round behind a barrier on a side group. Every rank reports when it left
+the barrier and Language ranks when each room's last byte was usable, on the
+host's shared CLOCK_MONOTONIC; `_bench_report` turns that into durations.
+"""
+
+from __future__ import annotations
+
+import datetime
+import faulthandler
+import gc
+import json
+import os
+import resource
+import threading
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import zmq
+from _bench_scenarios import Scenario
+
+import disagg
+from disagg import TransferStatus
+
+KINDS = ("disagg", "raw", "zmq")
+WAIT_S = 60.0  # a room that takes longer than this is a bug, not a measurement
+
+
+def vm_rss_kb() -> int:
+    """Resident set size of this process, in KiB."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass  # not Linux: peak RSS is the best there is
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+
+
+def _config(sc: Scenario, rank: int) -> disagg.DisaggConfig:
+    """num_blocks may differ between the sides. The Embedding budget holds a whole
+    round; the Language pool too, unless the scenario limits it to one allocation."""
+    round_blocks = -(-sc.tokens // sc.block) * max(sc.rooms, 32)
+    if rank > 0 and sc.pool_limited:
+        num_blocks = sc.alloc_tokens // sc.block
+    else:
+        num_blocks = max(round_blocks, 64)
+    return disagg.DisaggConfig(
+        language_tp_size=sc.tp, hidden_size=sc.hidden, block_size=sc.block,
+        num_blocks=num_blocks, default_alloc_tokens=sc.alloc_tokens, recv_into=sc.recv_into,
+        auto_resume=not sc.manual_resume, bootstrap_timeout=WAIT_S, peer_timeout=30.0,
+        slow_room_s=None)
+
+
+class _Rank:
+    """This rank's side of one scenario: tensors, sockets, and one round per kind."""
+
+    def __init__(self, ctx: disagg.Context, sc: Scenario, rank: int) -> None:
+        self.ctx, self.sc, self.rank = ctx, sc, rank
+        self.langs = list(range(1, sc.world))
+        self.side = dist.new_group(backend="gloo")
+        self.raw = dist.new_group(backend="gloo")
+        self.room = 0
+        g = torch.Generator().manual_seed(1234)  # every rank holds the same source
+        n, h = sc.tokens, sc.hidden
+        self.emb = torch.randint(-(1 << 15), 1 << 15, (n, h), generator=g,
+                                 dtype=torch.int16).view(torch.bfloat16)
+        self.ids = torch.randint(0, 1 << 20, (n,), generator=g, dtype=torch.int32)
+        self.pos = torch.randint(0, 1 << 12, (3, n), generator=g, dtype=torch.int32)
+        self.srcs = [self.emb, self.ids, self.pos.t().contiguous()]  # what raw/zmq move
+        self.zctx = zmq.Context()
+        port = torch.zeros(sc.world, dtype=torch.int64)
+        if rank == 0:
+            self.push = {}
+            for lang in self.langs:
+                s = self.push[lang] = self.zctx.socket(zmq.PUSH)
+                s.setsockopt(zmq.LINGER, 0)
+        else:
+            self.pull = self.zctx.socket(zmq.PULL)
+            self.pull.setsockopt(zmq.LINGER, 0)
+            port[rank] = self.pull.bind_to_random_port("tcp://127.0.0.1")
+            rooms = 0 if sc.is_memory else sc.rooms
+            # preallocated (and touched) landing tensors, one set per room of a round
+            self.dsts = [[torch.zeros_like(t) for t in self.srcs] for _ in range(rooms)]
+            self.dst_np = [[d.view(-1).view(torch.uint8).numpy() for d in ds]
+                           for ds in self.dsts]
+        dist.all_reduce(port, group=self.side)
+        if rank == 0:
+            for lang in self.langs:
+                self.push[lang].connect(f"tcp://127.0.0.1:{int(port[lang])}")
+            self.frames = [t.view(-1).view(torch.uint8).numpy() for t in self.srcs]
+
+    def close(self) -> None:
+        self.zctx.destroy(linger=0)
+
+    # ------------------------------------------------------------ rounds
+
+    def round(self, kind: str, check: bool = False,
+              rooms: int | None = None) -> list[tuple[float, list[float]]]:
+        """Move one round. Returns its segments, each (start, [room ends]) in
+        time.monotonic() seconds (CLOCK_MONOTONIC: one clock for every rank on
+        this host); rank 0 reports starts only. The rooms of a round start
+        together behind one barrier; in a `sequential` scenario each room is a
+        segment of its own behind its own barrier."""
+        k = self.sc.rooms if rooms is None else rooms
+        fn = getattr(self, f"_{kind}_{'send' if self.rank == 0 else 'recv'}")
+        segments = []
+        for j in range(k if self.sc.sequential else 1):
+            dist.barrier(group=self.side)
+            t0 = time.monotonic()
+            segments.append((t0, fn(1 if self.sc.sequential else k, check and j == 0)))
+        return segments
+
+    def _disagg_send(self, k: int, check: bool) -> list[float]:
+        senders = []
+        for _ in range(k):
+            s = self.ctx.embedding.sender(self.room)
+            self.room += 1
+            s.send(self.emb, self.ids, self.pos)
+            senders.append(s)
+        for s in senders:
+            _expect(s.wait(WAIT_S), s)
+        return []
+
+    def _disagg_recv(self, k: int, check: bool) -> list[float]:
+        lang, more = self.ctx.language, self.sc.alloc_tokens if self.sc.manual_resume else None
+        recvs = []
+        for _ in range(k):
+            r = lang.receiver(self.room, src_rank=0)
+            self.room += 1
+            if not r.init():
+                raise RuntimeError(f"room {r.room}: no free blocks for init()")
+            recvs.append(r)
+        done = []
+        for r in recvs:  # in start order: a room's end is seen once those before it ended
+            _finish(r, more)
+            done.append(time.monotonic())
+        if check:
+            for r in recvs:
+                res = r.result()
+                _check_equal([res.embeddings, res.fill_ids, res.mrope_positions],
+                             [self.emb, self.ids, self.pos], "disagg")
+        return done
+
+    def _raw_send(self, k: int, check: bool) -> list[float]:
+        for _ in range(k):  # room after room, each posted to every Language rank at once
+            works = [dist.isend(t, lang, group=self.raw) for lang in self.langs for t in self.srcs]
+            for w in works:
+                w.wait()
+        return []
+
+    def _raw_recv(self, k: int, check: bool) -> list[float]:
+        done = []
+        for j in range(k):
+            for w in [dist.irecv(d, 0, group=self.raw) for d in self.dsts[j]]:
+                w.wait()
+            done.append(time.monotonic())
+        if check:
+            _check_equal(self.dsts[0], self.srcs, "raw")
+        return done
+
+    def _zmq_send(self, k: int, check: bool) -> list[float]:
+        for _ in range(k):
+            for lang in self.langs:
+                self.push[lang].send_multipart(self.frames, copy=False)
+        return []
+
+    def _zmq_recv(self, k: int, check: bool) -> list[float]:
+        done = []
+        for j in range(k):
+            frames = self.pull.recv_multipart(copy=False)
+            for f, d in zip(frames, self.dst_np[j], strict=True):
+                np.copyto(d, np.frombuffer(f.buffer, dtype=np.uint8))
+            done.append(time.monotonic())
+        if check:
+            _check_equal(self.dsts[0], self.srcs, "zmq")
+        return done
+
+
+def _expect(status: TransferStatus, room: disagg.Sender | disagg.Receiver) -> None:
+    if status != TransferStatus.SUCCESS:
+        raise RuntimeError(f"room {room.room}: {status.name} {room.failure or '(timed out)'}")
+
+
+def _finish(r: disagg.Receiver, resume_tokens: int | None) -> None:
+    """Wait for one room; resume it by hand when it asks (auto_resume=False)."""
+    while True:
+        st = r.wait(WAIT_S)
+        if st in (TransferStatus.SUCCESS, TransferStatus.FAILED):
+            return _expect(st, r)
+        if not r.needs_resume:
+            raise RuntimeError(f"room {r.room} stuck in {st.name} for {WAIT_S:.0f}s")
+        r.resume(resume_tokens)
+
+
+def _check_equal(got: list[torch.Tensor], want: list[torch.Tensor], what: str) -> None:
+    for g, w in zip(got, want, strict=True):
+        if not torch.equal(g.contiguous().view(-1).view(torch.uint8),
+                           w.contiguous().view(-1).view(torch.uint8)):
+            raise AssertionError(f"{what}: received bytes differ from the source")
+
+
+def _timed(me: _Rank, rounds: int, warmup: int) -> dict:
+    """Interleaved rounds of every kind; per kind, per measured round: its
+    segments and this rank's minor page faults during it."""
+    out: dict[str, list] = {k: [] for k in KINDS}
+    faults: dict[str, list[int]] = {k: [] for k in KINDS}
+    for i in range(warmup + rounds):
+        for kind in KINDS[i % 3:] + KINDS[:i % 3]:  # rotate who goes first
+            f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            segments = me.round(kind, check=i == 0)
+            if i >= warmup:
+                out[kind].append(segments)
+                faults[kind].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+    stats = me.ctx.stats()
+    return {"rounds": out, "minor_faults": faults,
+            "stats": {k: stats[k] for k in ("chunks", "resumes", "failures", "rooms_live")},
+            "disagg_rooms": (warmup + rounds) * me.sc.rooms}
+
+
+def _memory(me: _Rank) -> dict:
+    """RSS after each checkpoint's worth of small rooms, 32 in flight at a time."""
+    done, rss = 0, []
+    me.round("disagg", check=True, rooms=1)
+    done += 1
+    for cp in me.sc.memory_checkpoints:
+        while done < cp:
+            me.round("disagg", rooms=min(32, cp - done))
+            done += min(32, cp - done)
+        gc.collect()
+        dist.barrier(group=me.side)
+        rss.append(vm_rss_kb())
+    stats = me.ctx.stats()
+    return {"rss_kb": rss, "stats": {k: stats[k] for k in
+                                     ("failures", "rooms_live", "pool_free_blocks")}}
+
+
+def run_scenario(rank: int, sc: Scenario, init_method: str, rounds: int, warmup: int,
+                 timeout_s: float) -> dict:
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=sc.world,
+                            timeout=datetime.timedelta(seconds=timeout_s))
+    faulthandler.dump_traceback_later(timeout_s, exit=True)  # a hang shows its stacks
+    try:
+        ctx = disagg.init(_config(sc, rank))  # reuses the world above, leaves it to us
+        me = None
+        try:
+            me = _Rank(ctx, sc, rank)
+            out = _memory(me) if sc.is_memory else _timed(me, rounds, warmup)
+            dist.barrier(group=me.side)
+            return out
+        finally:
+            if me is not None:
+                me.close()
+            ctx.shutdown()
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+        dist.destroy_process_group()
+
+
+def _exit_with_parent() -> None:
+    """A rank whose parent was killed (e.g. a test timeout) exits within a second
+    instead of waiting in a barrier for good."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="bench-parent-watch", daemon=True).start()
+
+
+def rank_main(rank: int, scenarios: list[Scenario], rounds: int, warmup: int, tmpdir: str,
+              timeout_s: float) -> None:
+    """torch.multiprocessing entry: every scenario this rank takes part in; results
+    to `tmpdir/rank{rank}.json` (None for scenarios with fewer ranks)."""
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    _exit_with_parent()
+    out = []
+    for i, sc in enumerate(scenarios):
+        out.append(None if rank >= sc.world else run_scenario(
+            rank, sc, f"file://{tmpdir}/world-{i}", rounds, warmup, timeout_s))
+    with open(os.path.join(tmpdir, f"rank{rank}.json"), "w") as f:
+        json.dump(out, f)
