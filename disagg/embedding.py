@@ -216,8 +216,14 @@ class EmbeddingEngine:
             if early_abort is not None and (time.monotonic() - early_abort[1]
                                             < self.cfg.bootstrap_timeout):
                 r.failure, r.status, r.ended = early_abort[0], TransferStatus.FAILED, True
+                self.stats.failure("abort")
                 return Sender(self, r)
             self._rooms[room] = r
+            # ALLOCs that came before the room existed are the room's from now on,
+            # so every way it can end answers them
+            r.instance_size = self._early_instance.pop(room, None)
+            for lang_rank, grant in self._early.pop(room, {}).items():
+                r.pairs[lang_rank] = _Pair(lang_rank, pending=grant, keys={0})
             self.stats.set_gauge("rooms_live", len(self._rooms))
         return Sender(self, r)
 
@@ -228,8 +234,9 @@ class EmbeddingEngine:
         bs = self.geometry.block_size
         need = num_blocks_for(seq_len, bs)
         if need > self.budget.num_blocks:
-            raise ValueError(f"send(room={r.room}): seq_len={seq_len} needs {need} blocks of {bs} tokens, more "
-                             f"than the whole budget of {self.budget.num_blocks} blocks")
+            raise ValueError(f"send(room={r.room}): seq_len={seq_len} needs {need} blocks of "
+                             f"{bs} tokens, more than the whole budget of "
+                             f"{self.budget.num_blocks} blocks")
         ready = None
         if self.device.type == "cuda":
             ready = torch.cuda.Event()
@@ -251,14 +258,8 @@ class EmbeddingEngine:
             self.stats.set_gauge("pool_free_blocks", self.budget.num_free)
             r.sources, r.seq_len, r.aux, r.ready = sources, seq_len, aux, ready
             r.sent_at = r.last_progress = time.monotonic()
-            r.status = TransferStatus.BOOTSTRAPPING
-            early = self._early.pop(r.room, {})
-            inst = self._early_instance.pop(r.room, None)
-            if inst is not None:
-                r.instance_size = inst
-            for lang_rank, grant in early.items():
-                r.pairs[lang_rank] = _Pair(lang_rank, pending=grant, keys={0})
-                r.status = TransferStatus.TRANSFERRING
+            r.status = (TransferStatus.TRANSFERRING if r.pairs
+                        else TransferStatus.BOOTSTRAPPING)
             for pair in list(r.pairs.values()):
                 self._schedule(r, pair)
 
@@ -318,6 +319,9 @@ class EmbeddingEngine:
             r.last_progress = time.monotonic()
             if err is not None:
                 self._pair_lost(pair.lang_rank, err)
+                # _pair_lost spares rooms whose last chunk was on the wire; this was it
+                self._fail(r, f"embedding rank {self.rank}: send to language rank "
+                              f"{pair.lang_rank} failed: {err}", cause="peer_lost")
             elif r.failure is None:
                 self.stats.add(bytes_sent=nbytes, chunks=1)
                 if pair.sent_tokens == r.seq_len and pair.in_flight == 0:
