@@ -16,6 +16,8 @@ import traceback
 from collections.abc import Callable
 from typing import Any
 
+_ONCE: dict[str, tuple[bool, Any]] = {}
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -92,3 +94,28 @@ def spawn(world_size: int, fn: Callable[..., Any], *args: Any, timeout: float = 
     if problems:
         raise RankFailure("\n".join(problems))
     return [results.get(r, (None, None))[1] for r in range(world_size)]
+
+
+def spawn_once(key: str, world_size: int, fn: Callable[..., Any], *args: Any,
+               **kwargs: Any) -> list[Any]:
+    """`spawn` on first use of `key`, then the same results (or the same failure)
+    for every later test that shares the run."""
+    if key not in _ONCE:
+        try:
+            _ONCE[key] = (True, spawn(world_size, fn, *args, **kwargs))
+        except Exception as e:
+            _ONCE[key] = (False, e)
+    ok, value = _ONCE[key]
+    if not ok:
+        raise AssertionError(f"the {key} run did not complete: {value}")
+    return value
+
+
+def check_whole(ctx: Any, when: str) -> dict[str, Any]:
+    """In a rank: every block back in the pool and no room live; the stats then."""
+    st = ctx.stats()
+    if st["pool_free_blocks"] != st["pool_total_blocks"] or st["rooms_live"] != 0:
+        raise AssertionError(f"{ctx.role} rank {ctx.rank} {when}: pool_free_blocks="
+                             f"{st['pool_free_blocks']} pool_total_blocks="
+                             f"{st['pool_total_blocks']} rooms_live={st['rooms_live']}")
+    return st

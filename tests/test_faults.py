@@ -66,7 +66,9 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from harness import spawn
+import roomdata
+from harness import spawn, spawn_once
+from roomdata import room_data
 
 import disagg
 from disagg import TransferStatus, wire
@@ -146,47 +148,19 @@ class Sync:
         return json.loads(self.store.get(full))
 
 
-def _bits(shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
-    """Random bf16 covering every bit pattern (NaNs, infs, -0.0, subnormals)."""
-    return torch.randint(-(1 << 15), 1 << 15, shape, dtype=torch.int16, generator=g).view(
-        torch.bfloat16)
-
-
-def _i32(shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
-    return torch.randint(-(1 << 31), 1 << 31, shape, dtype=torch.int64, generator=g).to(
-        torch.int32)
-
-
 def make_data(room: int, seq: int, hidden: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(embeddings, fill_ids, mrope_positions) of a room, rebuilt identically on every rank."""
-    g = torch.Generator().manual_seed(room * 7919 + seq)
-    return _bits((seq, hidden), g), _i32((seq,), g), _i32((3, seq), g)
+    d = room_data(room, seq, hidden)
+    return d["embeddings"], d["fill_ids"], d["mrope_positions"]
 
 
 def aux_of(room: int) -> tuple[int, ...]:
     return (room, -room - 1, (1 << 62) + room)
 
 
-def same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
-    if a is None or b is None:
-        return a is None and b is None
-    if a.dtype != b.dtype or a.shape != b.shape:
-        return False
-    if a.dtype in (torch.bfloat16, torch.float16):
-        return torch.equal(a.view(torch.int16), b.view(torch.int16))
-    return torch.equal(a, b)
-
-
 def mismatches(res: disagg.EmbeddingResult, room: int, seq: int, hidden: int) -> list[str]:
     """What differs, bit for bit, from what the Embedding rank sent for `room`."""
-    emb, ids, mrope = make_data(room, seq, hidden)
-    bad = [name for name, got, want in (("embeddings", res.embeddings, emb),
-                                        ("fill_ids", res.fill_ids, ids),
-                                        ("mrope_positions", res.mrope_positions, mrope))
-           if not same(got, want)]
-    if tuple(res.aux) != aux_of(room):
-        bad.append(f"aux {res.aux!r}")
-    return bad
+    return roomdata.mismatches(res, room_data(room, seq, hidden), aux_of(room), room, seq)
 
 
 def try_send(s: Any, data: tuple[torch.Tensor, ...], room: int) -> bool:
@@ -616,20 +590,9 @@ def run_abort_suite(rank: int, world: int, init_method: str) -> dict[str, Any]:
     return outcomes
 
 
-_ABORT_RUN: list[Any] = []
-
-
 def abort_run() -> list[dict[str, Any]]:
     """Both ranks' outcomes of the abort suite; runs it on first use."""
-    if not _ABORT_RUN:
-        try:
-            _ABORT_RUN.append(("ok", spawn(2, run_abort_suite, timeout=200.0)))
-        except Exception as e:
-            _ABORT_RUN.append(("error", e))
-    kind, value = _ABORT_RUN[0]
-    if kind == "error":
-        raise AssertionError(f"the abort suite did not complete: {value}")
-    return value
+    return spawn_once("abort_suite", 2, run_abort_suite, timeout=200.0)
 
 
 def abort_outcome(side: str, state: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -1308,18 +1271,8 @@ def run_fuzz(rank: int, world: int, init_method: str) -> dict[str, Any]:
     return out
 
 
-_FUZZ_RUN: list[Any] = []
-
-
 def fuzz_outcome() -> tuple[dict[str, Any], dict[str, Any]]:
-    if not _FUZZ_RUN:
-        try:
-            _FUZZ_RUN.append(("ok", spawn(2, run_fuzz, timeout=150.0)))
-        except Exception as e:
-            _FUZZ_RUN.append(("error", e))
-    kind, value = _FUZZ_RUN[0]
-    if kind == "error":
-        raise AssertionError(f"the fuzz run did not complete: {value}")
+    value = spawn_once("fuzz", 2, run_fuzz, timeout=150.0)
     return value[0], value[1]
 
 
@@ -1692,18 +1645,8 @@ def run_lifecycle(rank: int, world: int, init_method: str) -> dict[str, Any]:
     return out
 
 
-_LIFECYCLE_RUN: list[Any] = []
-
-
 def lifecycle_outcome() -> tuple[dict[str, Any], dict[str, Any]]:
-    if not _LIFECYCLE_RUN:
-        try:
-            _LIFECYCLE_RUN.append(("ok", spawn(2, run_lifecycle, timeout=90.0)))
-        except Exception as e:
-            _LIFECYCLE_RUN.append(("error", e))
-    kind, value = _LIFECYCLE_RUN[0]
-    if kind == "error":
-        raise AssertionError(f"the lifecycle run did not complete: {value}")
+    value = spawn_once("lifecycle", 2, run_lifecycle, timeout=90.0)
     return value[0], value[1]
 
 

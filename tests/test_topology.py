@@ -51,7 +51,8 @@ from typing import Any, NamedTuple
 import pytest
 import torch
 import torch.distributed as dist
-from harness import spawn
+from harness import check_whole, spawn
+from roomdata import make_data, mismatches
 
 import disagg
 from disagg import TransferStatus
@@ -152,57 +153,6 @@ def traffic_specs(name: str, base: int) -> list[Spec]:
 # ---------------------------------------------------------------------------
 
 
-def _bits(shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
-    """Random bf16 covering every bit pattern (NaNs, infs, -0.0, subnormals)."""
-    return torch.randint(-(1 << 15), 1 << 15, shape, dtype=torch.int16, generator=g).view(
-        torch.bfloat16)
-
-
-def _i32(shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
-    return torch.randint(-(1 << 31), 1 << 31, shape, dtype=torch.int64, generator=g).to(
-        torch.int32)
-
-
-def make_data(cfg: disagg.DisaggConfig, room: int, seq: int) -> dict[str, Any]:
-    """The room's tensors, rebuilt identically on every rank from the room id."""
-    g = torch.Generator().manual_seed(room * 7919 + seq)
-    return {
-        "embeddings": _bits((seq, cfg.hidden_size), g),
-        "fill_ids": _i32((seq,), g),
-        "mrope_positions": _i32((3, seq), g) if cfg.mrope else None,
-        "extra": {n: (_bits((seq, *shape), g) if dt == "bfloat16" else _i32((seq, *shape), g))
-                  for n, (shape, dt) in cfg.extra_buffers.items()},
-    }
-
-
-def same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
-    """Bit-exact equality, shape and dtype included."""
-    if a is None or b is None:
-        return a is None and b is None
-    if a.dtype != b.dtype or a.shape != b.shape:
-        return False
-    if a.dtype in (torch.bfloat16, torch.float16):
-        return torch.equal(a.view(torch.int16), b.view(torch.int16))
-    return torch.equal(a, b)
-
-
-def mismatches(cfg: disagg.DisaggConfig, room: int, seq: int, aux: tuple[int, ...],
-               res: Any) -> list[str]:
-    """What differs from the room's expected data (empty: bit-exact)."""
-    if not isinstance(res, disagg.EmbeddingResult):
-        return [f"result is {type(res).__name__}"]
-    exp = make_data(cfg, room, seq)
-    bad = [n for n in ("embeddings", "fill_ids", "mrope_positions")
-           if not same(getattr(res, n), exp[n])]
-    if set(res.extra) != set(exp["extra"]):
-        bad.append(f"extra keys {sorted(res.extra)}")
-    else:
-        bad += [f"extra[{n}]" for n in exp["extra"] if not same(res.extra[n], exp["extra"][n])]
-    if tuple(res.aux) != tuple(aux):
-        bad.append(f"aux {tuple(res.aux)!r} != {aux!r}")
-    return [f"room {room} (seq {seq}): {b}" for b in bad]
-
-
 def digest(res: disagg.EmbeddingResult) -> str:
     """A hash of every byte of a result, to compare TP ranks with each other."""
     h = hashlib.sha256()
@@ -273,15 +223,6 @@ class Env:
     def delta(self) -> dict[str, int]:
         now = self.ctx.stats()
         return {k: int(now[k]) - int(self.before[k]) for k in COUNTERS}
-
-
-def check_whole(ctx: Any, when: str) -> dict[str, Any]:
-    st = ctx.stats()
-    if st["pool_free_blocks"] != st["pool_total_blocks"] or st["rooms_live"] != 0:
-        raise AssertionError(f"{ctx.role} rank {ctx.rank} {when}: pool_free_blocks="
-                             f"{st['pool_free_blocks']} pool_total_blocks="
-                             f"{st['pool_total_blocks']} rooms_live={st['rooms_live']}")
-    return st
 
 
 def settle_whole(ctx: Any, when: str, timeout: float = SETTLE_S) -> None:
@@ -420,7 +361,7 @@ def queue_until_done(env: Env, specs: list[Spec]) -> dict[str, Any]:
             steps += 1
             for room, res in done:
                 sp = by_room[room]
-                bad += mismatches(env.cfg, room, sp.seq, sp.aux, res)
+                bad += mismatches(res, make_data(env.cfg, room, sp.seq), sp.aux, room, sp.seq)
                 if room in digests:
                     bad.append(f"room {room} returned twice")
                 digests[room] = digest(res)
@@ -482,7 +423,7 @@ def sc_tp_pools_differ(env: Env) -> dict[str, Any]:
             if done or failed:
                 out["log"].append((steps, [r for r, _ in done], [r for r, _ in failed]))
             for room, res in done:
-                out["bad"] += mismatches(env.cfg, room, sp.seq, sp.aux, res)
+                out["bad"] += mismatches(res, make_data(env.cfg, room, sp.seq), sp.aux, room, sp.seq)
                 out["digests"][room] = digest(res)
             out["failures"].update({room: str(why) for room, why in failed})
             dl.check(lambda sp=sp: f"room {sp.room}; stats {env.ctx.stats()}")
@@ -524,7 +465,7 @@ def sc_success_waits_for_every_tp_rank(env: Env) -> dict[str, Any]:
         raise AssertionError(f"init() found no blocks in an idle pool: {env.ctx.stats()}")
     out["final"] = drive(r).name
     out["failure"] = r.failure
-    out["bad"] = (mismatches(env.cfg, sp.room, sp.seq, sp.aux, r.result())
+    out["bad"] = (mismatches(r.result(), make_data(env.cfg, sp.room, sp.seq), sp.aux, sp.room, sp.seq)
                   if r.poll() == TransferStatus.SUCCESS else [])
     if first:
         env.sync("tp0_has_all")
@@ -659,7 +600,7 @@ def _claim(env: Env, room: int, seq: int, data_first: bool) -> dict[str, Any]:
         st = drive(r)
         out["first_status"] = st.name
         out["first_failure"] = r.failure
-        out["bad"] = (mismatches(env.cfg, room, seq, sp.aux, r.result())
+        out["bad"] = (mismatches(r.result(), make_data(env.cfg, room, seq), sp.aux, room, seq)
                       if st == TransferStatus.SUCCESS else None)
         if st not in (TransferStatus.SUCCESS, TransferStatus.FAILED):
             r.abort("test cleanup")

@@ -46,7 +46,8 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-from harness import spawn
+from harness import check_whole, spawn
+from roomdata import make_data, mismatches
 
 import disagg
 from disagg import TransferStatus
@@ -82,68 +83,17 @@ SUITE_CONFIGS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
 # ---------------------------------------------------------------------------
 
 
-def _bits(shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
-    """Random bf16 covering every bit pattern (NaNs, infs, -0.0, subnormals)."""
-    return torch.randint(-(1 << 15), 1 << 15, shape, dtype=torch.int16, generator=g).view(
-        torch.bfloat16)
-
-
-def _i32(shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
-    return torch.randint(-(1 << 31), 1 << 31, shape, dtype=torch.int64, generator=g).to(
-        torch.int32)
-
-
-def make_data(cfg: disagg.DisaggConfig, room: int, seq: int) -> dict[str, Any]:
-    """The room's tensors, rebuilt identically on both ranks from the room id."""
-    g = torch.Generator().manual_seed(room * 7919 + seq)
-    data: dict[str, Any] = {
-        "embeddings": _bits((seq, cfg.hidden_size), g),
-        "fill_ids": _i32((seq,), g),
-        "mrope_positions": _i32((3, seq), g) if cfg.mrope else None,
-        "extra": {name: (_bits((seq, *shape), g) if dt == "bfloat16" else
-                         _i32((seq, *shape), g))
-                  for name, (shape, dt) in cfg.extra_buffers.items()},
-    }
-    return data
-
-
 def aux_of(room: int, seq: int) -> tuple[int, ...]:
     """Eight int64 values: negatives, both extremes, and room-specific ones."""
     return (room % 97 - 50, -(1 << 63), (1 << 63) - 1, -1, 0, seq, (1 << 40) + room,
             -(1 << 33) - seq)
 
 
-def same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
-    """Bit-exact equality, shape and dtype included."""
-    if a is None or b is None:
-        return a is None and b is None
-    if a.dtype != b.dtype or a.shape != b.shape:
-        return False
-    if a.dtype in (torch.bfloat16, torch.float16):
-        return torch.equal(a.view(torch.int16), b.view(torch.int16))
-    return torch.equal(a, b)
-
-
 def check_result(cfg: disagg.DisaggConfig, room: int, seq: int, aux: tuple[int, ...],
                  res: disagg.EmbeddingResult) -> None:
-    exp = make_data(cfg, room, seq)
-    bad = []
-    if not isinstance(res, disagg.EmbeddingResult):
-        raise AssertionError(f"room {room}: result is {type(res).__name__}")
-    if not same(res.embeddings, exp["embeddings"]):
-        bad.append("embeddings")
-    if not same(res.fill_ids, exp["fill_ids"]):
-        bad.append("fill_ids")
-    if not same(res.mrope_positions, exp["mrope_positions"]):
-        bad.append(f"mrope_positions (got {None if res.mrope_positions is None else tuple(res.mrope_positions.shape)})")
-    if set(res.extra) != set(exp["extra"]):
-        bad.append(f"extra keys {sorted(res.extra)}")
-    else:
-        bad += [f"extra[{n}]" for n in exp["extra"] if not same(res.extra[n], exp["extra"][n])]
-    if tuple(res.aux) != tuple(aux):
-        bad.append(f"aux {res.aux!r} != {aux!r}")
+    bad = mismatches(res, make_data(cfg, room, seq), aux, room, seq)
     if bad:
-        raise AssertionError(f"room {room} (seq {seq}): not bit-exact: {', '.join(bad)}")
+        raise AssertionError(f"not bit-exact: {'; '.join(bad)}")
 
 
 class Deadline:
@@ -214,15 +164,6 @@ class Env:
     def delta(self) -> dict[str, int]:
         now = self.ctx.stats()
         return {k: int(now[k]) - int(self.before[k]) for k in COUNTERS}
-
-
-def check_whole(ctx: Any, when: str) -> dict[str, Any]:
-    st = ctx.stats()
-    if st["pool_free_blocks"] != st["pool_total_blocks"] or st["rooms_live"] != 0:
-        raise AssertionError(f"{ctx.role} rank {when}: pool_free_blocks="
-                             f"{st['pool_free_blocks']} pool_total_blocks="
-                             f"{st['pool_total_blocks']} rooms_live={st['rooms_live']}")
-    return st
 
 
 def settle_whole(ctx: Any, when: str, timeout: float = 2.0) -> None:
