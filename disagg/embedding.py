@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .config import DisaggConfig
-from .control import ControlChannel, RateLimitedLog, rank_of_identity
+from .control import ControlChannel, RateLimitedLog, identity_of, rank_of_identity
 from .errors import DisaggError, PeerLost, PoolFull, ProtocolError
 from .geometry import Geometry, Topology
 from .plan import Segment, chunk_tokens, num_blocks_for, segment_plan
@@ -415,7 +415,7 @@ class EmbeddingEngine:
     def _reject(self, lang_rank: int, room: int, key: int, reason: str) -> None:
         if self.control is not None and not self._closing:
             try:
-                self.control.post(_ident(lang_rank), encode(Reject(room, key, reason)))
+                self.control.post(identity_of(lang_rank), encode(Reject(room, key, reason)))
             except DisaggError as e:
                 self._warn.warning("reject", "could not send REJECT for room %d: %s", room, e)
 
@@ -687,11 +687,7 @@ class EmbeddingEngine:
                           self.rank, timeout_s)
         if self.control is not None:  # after the last frames: a clean goodbye
             for lang in self.topology.language_ranks:
-                self.control.post(_ident(lang), encode(Heartbeat(self.rank, bye=True)))
-
-
-def _ident(lang_rank: int) -> bytes:
-    return b"L%d" % lang_rank
+                self.control.post(identity_of(lang), encode(Heartbeat(self.rank, bye=True)))
 
 
 def _check_room_id(room: int) -> None:
