@@ -390,3 +390,28 @@ def test_stats_latency_window_is_bounded():
     assert lat["max"] == float(MAX_SAMPLES + 9)
     # oldest 10 samples dropped: window is [10, MAX_SAMPLES + 9]
     assert lat["p50"] == pytest.approx((10 + MAX_SAMPLES + 9) / 2)
+
+
+@pytest.mark.parametrize(("backend", "gpus", "local_world", "expect"), [
+    (None, 0, 2, "gloo"),           # no GPU: CPU
+    (None, 2, 2, "nccl"),           # one GPU per rank
+    (None, 1, 2, "gloo"),           # fewer GPUs than ranks on the node: not NCCL
+    ("gloo", 8, 2, "gloo"),
+    ("nccl", 2, 2, "nccl"),
+    ("nccl", 0, 2, "sees no CUDA GPU"),
+    ("nccl", 1, 2, "refuses two ranks on one GPU"),
+])
+def test_backend_choice_and_impossible_nccl(monkeypatch, backend, gpus, local_world, expect):
+    from disagg import context
+
+    monkeypatch.setattr(context.torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(context.torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_world))
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    cfg = DisaggConfig(backend=backend)
+    if expect in ("gloo", "nccl"):
+        assert context._pick_backend(cfg) == expect
+    else:
+        with pytest.raises(ValueError, match=expect) as info:
+            context._pick_backend(cfg)
+        assert "backend='gloo'" in str(info.value)  # says what to change
