@@ -30,8 +30,9 @@ from .control import ControlChannel
 from .embedding import EmbeddingEngine
 from .errors import DisaggError, GeometryMismatch
 from .geometry import Geometry, Topology
-from .language import LanguageEngine
-from .queue import RoomQueue
+from .language import LanguageEngine, Receiver
+from .pool import BlockPool
+from .queue import MAX_WINDOW, RoomQueue
 from .stats import Stats
 from .transport import PairTransport, TorchPairTransport
 
@@ -155,13 +156,11 @@ class Context:
         stats = Stats(pool_total_blocks=self.geometry.num_blocks,
                       pool_free_blocks=self.geometry.num_blocks, rooms_live=0)
         self._stats = stats
+        control = self._control = ControlChannel(self._zctx, name=f"disagg-control-{self.rank}")
         if is_embedding:
-            self._control = ControlChannel(self._zctx, handler=lambda *a: None,
-                                           name=f"disagg-control-{self.rank}")
-            self.control_address = self._control.bind_router(
-                self.cfg.host or _routable_host(hostnames))
+            self.control_address = control.bind_router(self.cfg.host or _routable_host(hostnames))
         store.set(f"{_KEY}/rank/{self.rank}", json.dumps(
-            {"geometry": json.loads(self.geometry.to_json()), "address": self.control_address,
+            {"geometry": self.geometry.to_dict(), "address": self.control_address,
              "backend": self.backend}))
         peers = {r: json.loads(_get(store, f"{_KEY}/rank/{r}")) for r in range(self.world_size)}
         self._check_peers(peers)
@@ -189,10 +188,8 @@ class Context:
             peer_blocks = {r: int(peers[r]["geometry"]["num_blocks"]) for r in topo.language_ranks}
             engine = EmbeddingEngine(self.cfg, self.rank, topo, self.geometry, peer_blocks,
                                      transports, self.device, stats)
-            assert self._control is not None
-            self._control._handler = engine.on_message
-            self._control._on_tick = engine.on_tick
-            engine.control = self._control
+            engine.control = control
+            control.start(engine.on_message, engine.on_tick)
             self._embedding: EmbeddingEngine | _RoleError = engine
             self._language: LanguageSide | _RoleError = _RoleError(
                 f"rank {self.rank} is an embedding rank: ctx.language exists only on ranks "
@@ -200,22 +197,19 @@ class Context:
         else:
             lang_engine = LanguageEngine(self.cfg, self.rank, topo, self.geometry, transports,
                                          self.device, stats)
-            self._control = ControlChannel(self._zctx, lang_engine.on_message,
-                                           lang_engine.on_tick,
-                                           name=f"disagg-control-{self.rank}")
-            self._control.connect_dealers(
-                self.rank, {e: peers[e]["address"] for e in topo.embedding_ranks})
-            lang_engine.control = self._control
+            control.connect_dealers(self.rank,
+                                    {e: peers[e]["address"] for e in topo.embedding_ranks})
+            lang_engine.control = control
+            control.start(lang_engine.on_message, lang_engine.on_tick)
             self._language = LanguageSide(lang_engine, instance_group)
             self._embedding = _RoleError(
                 f"rank {self.rank} is a language rank: ctx.embedding exists only on ranks "
                 f"[0, {topo.num_embedding_ranks})")
-        self._control.start()
 
     def _check_peers(self, peers: dict[int, dict[str, object]]) -> None:
         mine = self.geometry
         for r, info in peers.items():
-            theirs = Geometry.from_json(json.dumps(info["geometry"]))
+            theirs = Geometry.from_dict(info["geometry"])  # type: ignore[arg-type]
             if r != self.rank:
                 mine.check_compatible(theirs, rank=self.rank, peer=r)
             if info["backend"] != self.backend:
@@ -283,15 +277,14 @@ class LanguageSide:
         self.engine = engine
         self._instance_group = instance_group
 
-    def receiver(self, room: int, src_rank: int):  # -> Receiver
+    def receiver(self, room: int, src_rank: int) -> Receiver:
         return self.engine.receiver(room, src_rank)
 
-    def queue(self, window: int | None = None) -> RoomQueue:
-        return RoomQueue(self.engine, self._instance_group, **(
-            {"window": window} if window is not None else {}))
+    def queue(self, window: int = MAX_WINDOW) -> RoomQueue:
+        return RoomQueue(self.engine, self._instance_group, window)
 
     @property
-    def pool(self):  # -> BlockPool
+    def pool(self) -> BlockPool:
         return self.engine.pool
 
 

@@ -74,13 +74,13 @@ Handler = Callable[[bytes | int, bytes], None]
 
 
 class ControlChannel:
-    """Owns the sockets and the thread. Build with `bind_router` or `connect_dealers`."""
+    """Owns the sockets and the thread. Set up with `bind_router` or
+    `connect_dealers`, then `start` with the handlers."""
 
-    def __init__(self, zctx: zmq.Context, handler: Handler,
-                 on_tick: Callable[[], None] | None = None, name: str = "disagg-control") -> None:
+    def __init__(self, zctx: zmq.Context, name: str = "disagg-control") -> None:
         self._zctx = zctx
-        self._handler = handler
-        self._on_tick = on_tick
+        self._handler: Handler = lambda peer, payload: None
+        self._on_tick: Callable[[], None] | None = None
         self._name = name
         self._router: zmq.Socket | None = None
         self._dealers: dict[int, zmq.Socket] = {}
@@ -91,8 +91,6 @@ class ControlChannel:
         self._wake_w.setblocking(False)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.address: str | None = None
-        self.dropped = 0
 
     def _configure(self, s: zmq.Socket) -> None:
         s.setsockopt(zmq.LINGER, 0)
@@ -103,8 +101,7 @@ class ControlChannel:
         self._configure(s)
         port = s.bind_to_random_port(f"tcp://{host}")
         self._router = s
-        self.address = f"tcp://{host}:{port}"
-        return self.address
+        return f"tcp://{host}:{port}"
 
     def connect_dealers(self, my_rank: int, addresses: dict[int, str]) -> None:
         for peer, addr in addresses.items():
@@ -114,7 +111,11 @@ class ControlChannel:
             s.connect(addr)
             self._dealers[peer] = s
 
-    def start(self) -> None:
+    def start(self, handler: Handler, on_tick: Callable[[], None] | None = None) -> None:
+        """Run the thread: `handler` for every inbound message, `on_tick` at least
+        every poll interval."""
+        self._handler = handler
+        self._on_tick = on_tick
         self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
         self._thread.start()
 
@@ -199,7 +200,6 @@ class ControlChannel:
                 else:
                     self._dealers[dest].send(payload, zmq.NOBLOCK)
             except (zmq.Again, zmq.ZMQError, KeyError) as e:
-                self.dropped += 1
                 log.warning("control message to %r dropped: %s", dest, e)
 
     def _guard(self, fn: Callable[..., None], *args: object) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -59,19 +60,23 @@ class Geometry:
     def extra_names(self) -> tuple[str, ...]:
         return tuple(b.name for b in self.buffers[2:] if b.name != "mrope_positions")
 
+    def to_dict(self) -> dict[str, object]:
+        """Plain JSON-able form, published in the c10d store (never pickle)."""
+        return {"block_size": self.block_size, "num_blocks": self.num_blocks,
+                "buffers": [[b.name, list(b.per_token_shape), _DTYPE_NAMES[b.dtype]]
+                            for b in self.buffers]}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Geometry:
+        return cls(int(d["block_size"]), int(d["num_blocks"]),
+                   tuple(BufferSpec(n, tuple(s), DTYPES[t]) for n, s, t in d["buffers"]))
+
     def to_json(self) -> str:
-        return json.dumps({
-            "block_size": self.block_size,
-            "num_blocks": self.num_blocks,
-            "buffers": [[b.name, list(b.per_token_shape), _DTYPE_NAMES[b.dtype]]
-                        for b in self.buffers],
-        }, sort_keys=True)
+        return json.dumps(self.to_dict(), sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> Geometry:
-        d = json.loads(text)
-        return cls(int(d["block_size"]), int(d["num_blocks"]),
-                   tuple(BufferSpec(n, tuple(s), DTYPES[t]) for n, s, t in d["buffers"]))
+        return cls.from_dict(json.loads(text))
 
     def check_compatible(self, other: Geometry, *, rank: int, peer: int) -> None:
         """Raise `GeometryMismatch` naming both sides' values. `num_blocks` may differ."""
