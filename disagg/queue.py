@@ -35,10 +35,8 @@ class LockstepError(DisaggError):
 
 @dataclass
 class _Entry:
-    room: int
-    src_rank: int
     receiver: Receiver
-    started: bool = False
+    started: bool = False  # init() has succeeded
 
 
 class RoomQueue:
@@ -54,7 +52,7 @@ class RoomQueue:
         return len(self._entries)
 
     def add(self, room: int, src_rank: int) -> None:
-        self._entries.append(_Entry(room, src_rank, self._engine.receiver(room, src_rank)))
+        self._entries.append(_Entry(self._engine.receiver(room, src_rank)))
 
     def step(self) -> tuple[list[tuple[int, EmbeddingResult]], list[tuple[int, str]]]:
         """Advance every queued room once; return the rooms finished on every TP rank."""
@@ -77,13 +75,13 @@ class RoomQueue:
         for i, e in enumerate(window):
             s = agreed[i]
             if s == TransferStatus.SUCCESS:
-                done.append((e.room, e.receiver.result()))
+                done.append((e.receiver.room, e.receiver.result()))
             elif s == TransferStatus.FAILED:
                 reason = e.receiver.failure
                 if reason is None:  # it failed on another rank of the instance
-                    reason = f"room {e.room} failed on another rank of the TP instance"
+                    reason = f"room {e.receiver.room} failed on another rank of the TP instance"
                     e.receiver.abort(reason)
-                failed.append((e.room, reason))
+                failed.append((e.receiver.room, reason))
             else:
                 continue
             finished.add(i)
@@ -96,7 +94,8 @@ class RoomQueue:
             return statuses
         n = len(window)
         h = hashlib.blake2b(struct.pack(f"<{2 * n}q", *[v for e in window
-                                                         for v in (e.room, e.src_rank)]),
+                                                         for v in (e.receiver.room,
+                                                                   e.receiver.src_rank)]),
                             digest_size=8).digest()
         lo, hi = struct.unpack("<ii", h)
         buf = self._buf
