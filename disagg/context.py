@@ -181,9 +181,11 @@ class Context:
                 instance_group = g
                 self._groups.append(g)
         transports: dict[int, PairTransport] = {}
-        for (e, lang), g in pair_groups.items():
+        for (e, lang), g in sorted(pair_groups.items()):  # one global order: no deadlock
             peer = lang if is_embedding else e
-            transports[peer] = TorchPairTransport(g, peer, self.device, timeout.total_seconds())
+            t = TorchPairTransport(g, peer, self.device, timeout.total_seconds())
+            t.connect(sending=is_embedding)
+            transports[peer] = t
         if is_embedding:
             peer_blocks = {r: int(peers[r]["geometry"]["num_blocks"]) for r in topo.language_ranks}
             engine = EmbeddingEngine(self.cfg, self.rank, topo, self.geometry, peer_blocks,

@@ -41,7 +41,7 @@ from .geometry import Geometry, Topology
 from .plan import Segment, chunk_tokens, num_blocks_for, segment_plan
 from .pool import BlockAllocator
 from .stats import Stats
-from .transport import PairTransport
+from .transport import PairTransport, Posted
 from .types import TransferStatus
 from .wire import (
     MAX_AUX,
@@ -107,16 +107,19 @@ class _Room:
 
 @dataclass
 class _Job:
-    """One frame for a pair's sender thread."""
+    """One frame for a pair: posted when submitted, completed in order."""
 
     meta: Meta
     payload: list[torch.Tensor]
     ready: torch.cuda.Event | None
     done: Callable[[BaseException | None], None]
+    posted: Posted | None = None
 
 
 class _PairSender:
-    """The one thread that writes a pair's stream, in job order."""
+    """Writes a pair's stream. `submit` posts a frame's sends at once, in the
+    order of the calls (the engine lock orders them); the pair's thread waits
+    for each frame in that order and reports it through `done`."""
 
     def __init__(self, transport: PairTransport, name: str) -> None:
         self.transport = transport
@@ -131,6 +134,11 @@ class _PairSender:
         with self._cv:
             if self._stop:
                 raise DisaggError("sender thread stopped")
+            if self.dead is None:
+                try:
+                    job.posted = self.transport.post_frame(job.meta, job.payload, job.ready)
+                except Exception as e:  # reported through this job and every later one
+                    self.dead = e
             self._jobs.append(job)
             self._cv.notify()
 
@@ -143,11 +151,13 @@ class _PairSender:
                     return
                 job = self._jobs.popleft()
             err: BaseException | None = self.dead
-            if err is None:
+            if job.posted is not None:
                 try:
-                    self.transport.send_frame(job.meta, job.payload, job.ready)
-                except Exception as e:  # recorded, reported through every room on the pair
+                    self.transport.wait(job.posted)
+                    err = None  # posted before the pair broke, and it made it
+                except Exception as e:
                     self.dead = err = e
+                job.posted = None  # the tensors may go
             job.done(err)
 
     def stop(self, timeout_s: float) -> bool:

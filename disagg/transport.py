@@ -4,16 +4,20 @@ A pair is one ordered stream: frames are a meta tensor, then (DATA only) the
 payload tensors in plan order. No tags anywhere: sends and recvs match by order
 and size only, which is all NCCL offers, so Gloo runs the same way in tests.
 
-Every call returns only once completion is host-observed: `Work.wait()`, then on
-CUDA an event recorded after it has been seen complete, so no block is reused
-and no status changes while a kernel may still touch the memory. Waits are
+Sends are posted at once (`post_frame`) by whichever thread schedules them and
+completed later (`wait`) by the pair's completion thread, so the next frame is
+on the wire without a thread hand-off. Receives and `wait` return only once
+completion is host-observed: `Work.wait()`, then on CUDA an event recorded
+after it has been seen complete, so no block is reused and no status changes
+while a kernel may still touch the memory. Waits are
 bounded by the pair group's timeout (Gloo closes the pair when it fires).
 """
 
 from __future__ import annotations
 
 import time
-from typing import Protocol
+from collections.abc import Callable
+from typing import NamedTuple, Protocol
 
 import torch
 import torch.distributed as dist
@@ -22,13 +26,22 @@ from .errors import PeerLost, TransferTimeout
 from .wire import META_LEN, Meta
 
 
+class Posted(NamedTuple):
+    """A frame's posted sends, and every tensor they read (kept alive until done)."""
+
+    works: list[dist.Work]
+    tensors: list[torch.Tensor]
+
+
 class PairTransport(Protocol):
     """What the sender and receiver state machines need from a pair."""
 
     peer: int
 
-    def send_frame(self, meta: Meta, payload: list[torch.Tensor],
-                   ready: torch.cuda.Event | None = None) -> None: ...
+    def post_frame(self, meta: Meta, payload: list[torch.Tensor],
+                   ready: torch.cuda.Event | None = None) -> Posted: ...
+
+    def wait(self, posted: Posted) -> None: ...
 
     def recv_meta(self) -> Meta: ...
 
@@ -49,27 +62,45 @@ class TorchPairTransport:
         self.peer = peer
         self.device = device
         self.timeout_s = timeout_s
-        self._meta_send = torch.empty(META_LEN, dtype=torch.int64, device=device)
+        # NCCL wants a pair's ops in one group launch; on Gloo a batch only adds
+        # Python overhead (~10 us per op) to what are independent posts anyway
+        self._batched = device.type == "cuda"
         self._meta_recv = torch.empty(META_LEN, dtype=torch.int64, device=device)
 
-    def send_frame(self, meta: Meta, payload: list[torch.Tensor],
-                   ready: torch.cuda.Event | None = None) -> None:
+    def post_frame(self, meta: Meta, payload: list[torch.Tensor],
+                   ready: torch.cuda.Event | None = None) -> Posted:
+        """Post a frame's sends and return at once; `wait` completes them. Frames
+        go out in the order they are posted: the caller orders the posts."""
         if ready is not None:
             torch.cuda.current_stream(self.device).wait_event(ready)
-        meta.to_tensor(self._meta_send)
-        ops = [dist.P2POp(dist.isend, self._meta_send, self.peer, group=self.group)]
-        ops += [dist.P2POp(dist.isend, t, self.peer, group=self.group) for t in payload]
-        self._complete(dist.batch_isend_irecv(ops), "send")
+        # a meta tensor per frame: several frames may be in flight
+        tensors = [meta.to_tensor().to(self.device), *payload]
+        return Posted(self._post(dist.isend, tensors), tensors)
+
+    def wait(self, posted: Posted) -> None:
+        self._complete(posted.works, "send")
+
+    def connect(self, *, sending: bool) -> None:
+        """One tiny frame before any other: NCCL creates a pair's communicator on
+        its first op, which must not happen later under the engine's lock."""
+        t = torch.zeros(1, dtype=torch.int64, device=self.device)
+        self._complete(self._post(dist.isend if sending else dist.irecv, [t]), "connect")
 
     def recv_meta(self) -> Meta:
-        work = dist.irecv(self._meta_recv, self.peer, group=self.group)
-        assert work is not None  # we are a member of the pair group
-        self._complete([work], "meta recv")
+        self._complete(self._post(dist.irecv, [self._meta_recv]), "meta recv")
         return Meta.from_tensor(self._meta_recv.cpu())
 
     def recv_payload(self, dsts: list[torch.Tensor]) -> None:
-        ops = [dist.P2POp(dist.irecv, t, self.peer, group=self.group) for t in dsts]
-        self._complete(dist.batch_isend_irecv(ops), "payload recv")
+        self._complete(self._post(dist.irecv, dsts), "payload recv")
+
+    def _post(self, op: Callable[..., dist.Work | None],
+              tensors: list[torch.Tensor]) -> list[dist.Work]:
+        if self._batched:
+            return dist.batch_isend_irecv(
+                [dist.P2POp(op, t, self.peer, group=self.group) for t in tensors])
+        works = [op(t, self.peer, group=self.group) for t in tensors]
+        assert all(w is not None for w in works)  # we are a member of the pair group
+        return works  # type: ignore[return-value]
 
     def _complete(self, works: list[dist.Work], what: str) -> None:
         try:
