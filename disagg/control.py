@@ -2,10 +2,19 @@
 
 Embedding ranks bind one ROUTER; Language ranks connect one DEALER per
 Embedding rank, with identity b"L<rank>" so the ROUTER side can check a
-message's claimed sender. One thread owns every socket (ZeroMQ sockets are not
-thread-safe); other threads hand it messages through a bounded outbox and wake
-it with a socketpair. Inbound messages go to a handler callback; the thread
-survives anything the handler raises.
+message's claimed sender. ZeroMQ sockets are not thread-safe, so each is used
+under one discipline:
+
+- the ROUTER belongs to the control thread; other threads hand it messages
+  through a bounded outbox and wake it with a socketpair;
+- the DEALERs are shared under a lock, so a Language rank's ALLOC or RESUME
+  leaves from the thread that made it, without waiting for the control thread
+  to wake (that hop was a fifth of a small room's latency). The control thread
+  polls their file descriptors, never the sockets, and reads them under the
+  lock.
+
+Inbound messages go to a handler callback; the thread survives anything the
+handler raises.
 """
 
 from __future__ import annotations
@@ -84,7 +93,9 @@ class ControlChannel:
         self._name = name
         self._router: zmq.Socket | None = None
         self._dealers: dict[int, zmq.Socket] = {}
-        self._outbox: collections.deque[tuple[bytes | int, bytes]] = collections.deque()
+        self._dealer_lock = threading.Lock()
+        self._closed = False
+        self._outbox: collections.deque[tuple[bytes, bytes]] = collections.deque()
         self._lock = threading.Lock()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -120,26 +131,52 @@ class ControlChannel:
         self._thread.start()
 
     def post(self, dest: bytes | int, payload: bytes) -> None:
-        """Queue a message for `dest` (ROUTER: identity; DEALER: Embedding rank)."""
+        """Send a message to `dest`: a ROUTER identity (queued for the control
+        thread) or an Embedding rank (sent now on its DEALER)."""
+        if isinstance(dest, int):
+            self._send_dealer(dest, payload)
+            return
         with self._lock:
             if len(self._outbox) >= MAX_OUTBOX:
                 raise DisaggError(f"control outbox full ({MAX_OUTBOX} messages)")
             self._outbox.append((dest, payload))
-        with contextlib.suppress(BlockingIOError):  # a wake-up is already pending
+        self._wake()
+
+    def _send_dealer(self, dest: int, payload: bytes) -> None:
+        with self._dealer_lock:
+            if self._closed:
+                return  # shut down: the peer learns from the heartbeats' end
+            s = self._dealers.get(dest)
+            if s is None:
+                log.warning("control message to unknown embedding rank %r dropped", dest)
+                return
+            try:
+                s.send(payload, zmq.NOBLOCK)
+            except zmq.ZMQError as e:  # Again: the peer's queue is full
+                log.warning("control message to embedding rank %d dropped: %s", dest, e)
+            # A socket operation may consume the edge its descriptor signals inbound
+            # messages with: if one is waiting, make sure the control thread looks.
+            inbound = int(s.getsockopt(zmq.EVENTS)) & zmq.POLLIN
+        if inbound:
+            self._wake()
+
+    def _wake(self) -> None:
+        with contextlib.suppress(BlockingIOError, OSError):  # a wake-up is already pending
             self._wake_w.send(b"\0")
 
     def close(self, timeout_s: float = 5.0) -> None:
         """Stop the thread (flushing queued messages first) and close every socket."""
         self._stop.set()
-        with contextlib.suppress(OSError):
-            self._wake_w.send(b"\0")
+        self._wake()
         if self._thread is not None:
             self._thread.join(timeout_s)
             if self._thread.is_alive():
                 log.error("%s thread did not stop within %.1fs", self._name, timeout_s)
-        for s in [self._router, *self._dealers.values()]:
-            if s is not None:
-                s.close(linger=CLOSE_LINGER_MS)  # bounded: the last messages (BYE) may leave
+        with self._dealer_lock:
+            self._closed = True
+            for s in [self._router, *self._dealers.values()]:
+                if s is not None:
+                    s.close(linger=CLOSE_LINGER_MS)  # bounded: the last messages (BYE) may leave
         self._wake_r.close()
         self._wake_w.close()
 
@@ -147,13 +184,10 @@ class ControlChannel:
 
     def _run(self) -> None:
         poller = zmq.Poller()
-        sockets: dict[zmq.Socket, int | None] = {}
         if self._router is not None:
-            sockets[self._router] = None
-        for e_rank, dealer in self._dealers.items():
-            sockets[dealer] = e_rank
-        for sock in sockets:
-            poller.register(sock, zmq.POLLIN)
+            poller.register(self._router, zmq.POLLIN)
+        for dealer in self._dealers.values():
+            poller.register(dealer.getsockopt(zmq.FD), zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
         while True:
             events = dict(poller.poll(int(POLL_INTERVAL_S * 1000)))
@@ -164,28 +198,42 @@ class ControlChannel:
                 except BlockingIOError:
                     pass
             self._flush()
-            for sock, peer in sockets.items():
-                if sock in events:
-                    self._drain(sock, peer)
+            if self._router is not None and self._router in events:
+                self._drain_router(self._router)
+            # Every pass, not only on their descriptors' edges: another thread's
+            # send may have taken the edge (it then wakes us, but this is cheap).
+            self._drain_dealers()
             if self._on_tick is not None:
                 self._guard(self._on_tick)
             if self._stop.is_set():
                 self._flush()
                 return
 
-    def _drain(self, s: zmq.Socket, peer: int | None) -> None:
+    def _drain_router(self, s: zmq.Socket) -> None:
         for _ in range(1024):  # bounded, so a flood cannot starve the outbox
             try:
                 frames = s.recv_multipart(zmq.NOBLOCK, copy=True)
             except zmq.Again:
                 return
-            if peer is None:  # ROUTER: [identity, payload]
-                if len(frames) != 2:
-                    self._guard(self._handler, frames[0] if frames else b"", b"")
-                    continue
-                self._guard(self._handler, frames[0], frames[1])
-            else:
-                self._guard(self._handler, peer, frames[0] if len(frames) == 1 else b"")
+            if len(frames) != 2:  # [identity, payload]
+                self._guard(self._handler, frames[0] if frames else b"", b"")
+                continue
+            self._guard(self._handler, frames[0], frames[1])
+
+    def _drain_dealers(self) -> None:
+        for peer, s in self._dealers.items():
+            inbox = []
+            with self._dealer_lock:
+                if self._closed:
+                    return
+                for _ in range(1024):
+                    try:
+                        frames = s.recv_multipart(zmq.NOBLOCK, copy=True)
+                    except zmq.Again:
+                        break
+                    inbox.append(frames[0] if len(frames) == 1 else b"")
+            for payload in inbox:  # outside the lock: handlers may send
+                self._guard(self._handler, peer, payload)
 
     def _flush(self) -> None:
         while True:
@@ -194,12 +242,9 @@ class ControlChannel:
                     return
                 dest, payload = self._outbox.popleft()
             try:
-                if isinstance(dest, bytes):
-                    assert self._router is not None
-                    self._router.send_multipart([dest, payload], zmq.NOBLOCK)
-                else:
-                    self._dealers[dest].send(payload, zmq.NOBLOCK)
-            except (zmq.Again, zmq.ZMQError, KeyError) as e:
+                assert self._router is not None and isinstance(dest, bytes)
+                self._router.send_multipart([dest, payload], zmq.NOBLOCK)
+            except zmq.ZMQError as e:
                 log.warning("control message to %r dropped: %s", dest, e)
 
     def _guard(self, fn: Callable[..., None], *args: object) -> None:
