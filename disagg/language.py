@@ -48,7 +48,7 @@ from .geometry import Geometry, Topology
 from .plan import Segment, alloc_blocks_for, num_blocks_for, segment_plan
 from .pool import BlockPool
 from .stats import Stats
-from .transport import PairTransport
+from .transport import PairTransport, Posted
 from .types import EmbeddingResult, TransferStatus
 from .wire import (
     ABORT_REASON_BYTES,
@@ -119,6 +119,10 @@ class _PairReceiver:
         self.src = src
         self.transport = transport
         self.owed = 0  # frames the Embedding rank owes us (guarded by engine lock)
+        # The next meta recv, posted while the frame before it still lands (only
+        # when a frame is owed, so it never waits for one that cannot come).
+        # Held until it completes: Gloo must not lose a posted buffer.
+        self.next_meta: Posted | None = None
         self.dead: str | None = None
         self.stopping = False
         self.cv = threading.Condition(engine._lock)
@@ -133,8 +137,12 @@ class _PairReceiver:
                     self.cv.wait(0.5)
                 if self.owed == 0 or self.dead is not None:
                     return
+                if self.next_meta is None:
+                    self.next_meta = self.transport.post_meta_recv()
+                posted = self.next_meta
             try:
-                meta = self.transport.recv_meta()
+                meta = self.transport.wait_meta(posted)
+                self.next_meta = None
                 if meta.kind is FrameKind.ABORT:  # its reason follows, fixed size
                     buf = torch.empty(ABORT_REASON_BYTES, dtype=torch.uint8,
                                       device=self.engine.device)
@@ -258,13 +266,13 @@ class LanguageEngine:
             return self._send_resume(r, num_tokens, landed=r.received)
 
     def _send_resume(self, r: _Room, num_tokens: int | None, *, landed: int,
-                     partial: bool = True) -> bool:
+                     at_least: int = 1) -> bool:
         """Allocate for the rest after `landed` tokens (or `num_tokens` of it) and
         send RESUME keyed by `landed`. False: no blocks now."""
         assert r.seq_len is not None
         remaining = r.seq_len - landed
         a = self._allocate(r, num_tokens or remaining, key=landed, remaining=remaining,
-                           resume=True, partial=partial)
+                           resume=True, at_least=at_least)
         if a is None:
             return False
         r.num_resumes += 1
@@ -274,12 +282,12 @@ class LanguageEngine:
         return True
 
     def _allocate(self, r: _Room, want: int, *, key: int, remaining: int | None,
-                  resume: bool, partial: bool = True) -> _Alloc | None:
+                  resume: bool, at_least: int = 1) -> _Alloc | None:
         """Take blocks (or direct credit) for `want` tokens and record them as owed.
 
-        When the pool is short the allocation is partial (at least one block), so
-        a room never waits for more blocks than may ever be free at once (unless
-        `partial` is False: then all or nothing, still capped at the pool). A new
+        When the pool is short the allocation is partial (at least `at_least`
+        blocks, or all of them if fewer are wanted), so a room never waits for
+        more blocks than may ever be free at once. A new
         room (ALLOC) leaves one block for each room waiting to resume: those
         hold the Embedding side's data and budget, so they must be able to move
         or the two sides could wait on each other for good.
@@ -293,7 +301,7 @@ class LanguageEngine:
             if not resume:
                 free -= sum(1 for x in self._rooms.values()
                             if x is not r and self._needs_resume(x))
-            if num > free and not partial:
+            if free < min(num, at_least):
                 return None
             num = min(num, free)
             if num < 1:
@@ -423,12 +431,16 @@ class LanguageEngine:
             r.landing = a
             if not last and self.cfg.auto_resume and r.failure is None and corrupt is None:
                 r.status = TransferStatus.TRANSFERRING
-                # Keyed by what will have landed. While our own landing blocks are
-                # held, all or nothing: a partial chunk now would only split what
-                # waiting a moment gives whole.
-                self._send_resume(r, None, landed=offset + n, partial=False)
-        t0 = time.monotonic()
-        pair.transport.recv_payload(dsts)
+                # Keyed by what will have landed. Only for a next chunk at least
+                # as big as this one (pool mode: double buffering when the pool
+                # has room); a smaller one would split what waiting for our own
+                # landing blocks gives whole.
+                self._send_resume(r, None, landed=offset + n, at_least=len(a.block_ids))
+            t0 = time.monotonic()
+            landing = pair.transport.post_recv(dsts)
+            if pair.owed:  # after this payload, in stream order
+                pair.next_meta = pair.transport.post_meta_recv()
+        pair.transport.wait(landing, "payload recv")
         with self._lock:
             if not self.direct and r.outputs is not None:
                 self._copy_out(r, plan, offset)

@@ -41,9 +41,13 @@ class PairTransport(Protocol):
     def post_frame(self, meta: Meta, payload: list[torch.Tensor],
                    ready: torch.cuda.Event | None = None) -> Posted: ...
 
-    def wait(self, posted: Posted) -> None: ...
+    def wait(self, posted: Posted, what: str = "send") -> None: ...
 
-    def recv_meta(self) -> Meta: ...
+    def post_meta_recv(self) -> Posted: ...
+
+    def wait_meta(self, posted: Posted) -> Meta: ...
+
+    def post_recv(self, dsts: list[torch.Tensor]) -> Posted: ...
 
     def recv_payload(self, dsts: list[torch.Tensor]) -> None: ...
 
@@ -65,7 +69,6 @@ class TorchPairTransport:
         # NCCL wants a pair's ops in one group launch; on Gloo a batch only adds
         # Python overhead (~10 us per op) to what are independent posts anyway
         self._batched = device.type == "cuda"
-        self._meta_recv = torch.empty(META_LEN, dtype=torch.int64, device=device)
 
     def post_frame(self, meta: Meta, payload: list[torch.Tensor],
                    ready: torch.cuda.Event | None = None) -> Posted:
@@ -77,8 +80,8 @@ class TorchPairTransport:
         tensors = [meta.to_tensor().to(self.device), *payload]
         return Posted(self._post(dist.isend, tensors), tensors)
 
-    def wait(self, posted: Posted) -> None:
-        self._complete(posted.works, "send")
+    def wait(self, posted: Posted, what: str = "send") -> None:
+        self._complete(posted.works, what)
 
     def connect(self, *, sending: bool) -> None:
         """One tiny frame before any other: NCCL creates a pair's communicator on
@@ -86,9 +89,19 @@ class TorchPairTransport:
         t = torch.zeros(1, dtype=torch.int64, device=self.device)
         self._complete(self._post(dist.isend if sending else dist.irecv, [t]), "connect")
 
-    def recv_meta(self) -> Meta:
-        self._complete(self._post(dist.irecv, [self._meta_recv]), "meta recv")
-        return Meta.from_tensor(self._meta_recv.cpu())
+    def post_meta_recv(self) -> Posted:
+        """Post the recv of the next meta frame. The receiver posts it while the
+        previous frame's payload still lands: a Gloo or NCCL send waits for its
+        recv to be posted, so a late post costs a round trip per frame."""
+        t = torch.empty(META_LEN, dtype=torch.int64, device=self.device)
+        return Posted(self._post(dist.irecv, [t]), [t])
+
+    def wait_meta(self, posted: Posted) -> Meta:
+        self._complete(posted.works, "meta recv")
+        return Meta.from_tensor(posted.tensors[0].cpu())
+
+    def post_recv(self, dsts: list[torch.Tensor]) -> Posted:
+        return Posted(self._post(dist.irecv, dsts), dsts)
 
     def recv_payload(self, dsts: list[torch.Tensor]) -> None:
         self._complete(self._post(dist.irecv, dsts), "payload recv")
