@@ -430,6 +430,35 @@ def sc_allocator_returns_identical_block_ids(env: Env) -> dict[str, Any]:
             "snapshots": snapshots, "expected": exp, "owned_after": alloc.owned_by(room)}
 
 
+def sc_pool_double_buffers_resume(env: Env) -> dict[str, Any]:
+    """Pool mode, auto_resume, a room of 300 tokens that first takes half of an
+    8-block pool: the RESUME for each next chunk goes out when the current chunk's
+    meta arrives, into the other half, so every allocation is 4 blocks (the last
+    3) and the loop never sees needs_resume."""
+    room, seq = env.room(0), 300
+    spec = [(room, seq, aux_of(room, seq))]
+    if env.embedding:
+        embedding_side(env, spec)
+        return {"delta": env.delta()}
+    alloc = env.ctx.language.pool.allocator
+    sizes: list[int] = []
+    real_allocate = alloc.allocate
+
+    def recording_allocate(num_blocks: int, owner: int) -> list[int]:
+        ids = real_allocate(num_blocks, owner)
+        sizes.append(len(ids))
+        return ids
+
+    partial_seen: list[int] = []
+    alloc.allocate = recording_allocate
+    try:
+        receive(env, spec, init_tokens=4 * BS,
+                on_needs_resume=lambda _room, r: partial_seen.append(r.progress[0]))
+    finally:
+        del alloc.allocate
+    return {"delta": env.delta(), "sizes": sizes, "partial_seen": partial_seen}
+
+
 def sc_many_rounds_one_room(env: Env) -> dict[str, Any]:
     """One room moved one block per round: init(16) then 55 x resume(num_tokens=16)."""
     room, seq = env.room(0), 16 * 55 + 7
@@ -740,6 +769,8 @@ SCENARIOS: dict[str, tuple[Callable[[Env], dict[str, Any]], Callable[[str, str, 
         lambda c, m, a: c == "std" and m == "pool" and not a),
     "repeated_polling_during_resume_is_idempotent": (
         sc_repeated_polling_during_resume_is_idempotent, lambda c, m, a: c == "std" and not a),
+    "pool_double_buffers_resume": (sc_pool_double_buffers_resume,
+                                   lambda c, m, a: c == "small" and m == "pool" and a),
     "many_rounds_one_room": (sc_many_rounds_one_room, lambda c, m, a: c == "std" and not a),
     "lengths_edge_cases": (sc_lengths_edge_cases, lambda c, m, a: c == "std"),
     "alloc_before_data": (sc_alloc_before_data, lambda c, m, a: c == "std"),
@@ -889,6 +920,14 @@ def test_allocator_returns_identical_block_ids(auto_resume: bool) -> None:
     if not auto_resume:
         assert [w for w, _ in snaps].count("after resume") == 4, snaps
     assert lang["owned_after"] == []
+    assert_counts(emb, lang, chunks=5, resumes=4)
+
+
+def test_pool_double_buffers_resume() -> None:
+    emb, lang = outcome(("small", "pool", True), "pool_double_buffers_resume")
+    # waiting for the landing blocks instead would give 4, then 8, then 7 blocks
+    assert lang["sizes"] == [4, 4, 4, 4, 3], lang["sizes"]
+    assert lang["partial_seen"] == []
     assert_counts(emb, lang, chunks=5, resumes=4)
 
 
