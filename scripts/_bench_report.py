@@ -17,7 +17,7 @@ def _describe(sc: Scenario) -> dict:
     return {"name": sc.name, "group": sc.group, "tokens": sc.tokens, "hidden": sc.hidden,
             "block_size": sc.block, "rooms": sc.rooms, "sequential": sc.sequential,
             "language_tp": sc.tp, "recv_into": sc.recv_into, "alloc_tokens": sc.alloc_tokens,
-            "manual_resume": sc.manual_resume, "pool_limited": sc.pool_limited}
+            "manual_resume": sc.manual_resume, "pool_allocs": sc.pool_allocs}
 
 
 def summarise(sc: Scenario, per_rank: list[dict | None]) -> dict:

@@ -25,7 +25,7 @@ class Scenario:
     tp: int = 1  # Language TP ranks; the world is 1 + tp ranks
     recv_into: str = "output"
     alloc: int | None = None  # first allocation (tokens); None: the whole room
-    pool_limited: bool = False  # Language pool of exactly alloc/block blocks
+    pool_allocs: int = 0  # Language pool of this many first allocations (0: roomy)
     manual_resume: bool = False  # auto_resume=False; resume(num_tokens=alloc) each round
     memory_checkpoints: tuple[int, ...] = ()  # memory scenario: RSS after this many rooms
 
@@ -48,7 +48,7 @@ class Scenario:
 
     @property
     def expected_chunks(self) -> int:
-        if self.manual_resume or self.pool_limited:
+        if self.manual_resume or self.pool_allocs:
             return -(-self.tokens // self.alloc_tokens)
         return 1 if self.alloc_tokens >= self.tokens else 2  # auto_resume: the rest at once
 
@@ -57,11 +57,18 @@ class Scenario:
         return bool(self.memory_checkpoints)
 
 
-def _resume(chunks: int, tokens: int, *, pool: bool) -> Scenario:
+def _resume(chunks: int, tokens: int, *, pool_allocs: int = 0) -> Scenario:
+    """A room in `chunks` chunks. Output mode: the loop resumes by hand, one
+    allocation's worth a round. Pool mode: a pool of `pool_allocs` allocations
+    and auto_resume (1: each chunk waits for the last one's blocks; 2: double
+    buffering, the next RESUME leaves while a chunk lands)."""
     blocks = -(-tokens // 128) // chunks
-    mode = "pool" if pool else "output"
-    return Scenario(f"resume-{mode}-{chunks}ch", "resume", tokens, alloc=blocks * 128,
-                    recv_into=mode, pool_limited=pool, manual_resume=not pool)
+    if not pool_allocs:
+        return Scenario(f"resume-output-{chunks}ch", "resume", tokens, alloc=blocks * 128,
+                        manual_resume=True)
+    name = "pool" if pool_allocs == 1 else f"pool{pool_allocs}x"
+    return Scenario(f"resume-{name}-{chunks}ch", "resume", tokens, alloc=blocks * 128,
+                    recv_into="pool", pool_allocs=pool_allocs)
 
 
 def scenarios(quick: bool) -> list[Scenario]:
@@ -72,8 +79,12 @@ def scenarios(quick: bool) -> list[Scenario]:
     sizes = (256, 4096) if quick else (64, 256, 1024, 2000, 4096, 16384)
     out += [Scenario(f"sweep-{n}", "sweep", n) for n in sizes]
     chunk_counts = (1, 16) if quick else (1, 2, 4, 16)
-    out += [_resume(c, 2000, pool=True) for c in chunk_counts]
-    out += [_resume(c, 2000, pool=False) for c in chunk_counts]
+    out += [_resume(c, 2000, pool_allocs=1) for c in chunk_counts]
+    out += [_resume(c, 2000, pool_allocs=2) for c in chunk_counts if c > 2]
+    out += [_resume(c, 2000) for c in chunk_counts]
+    # the default: a first allocation a quarter of the room, auto_resume asks for
+    # the rest as the first chunk's meta arrives
+    out.append(Scenario("resume-output-auto", "resume", 2000, alloc=512))
     conc = ((8, 2000),) if quick else ((1, 2000), (8, 2000), (64, 256))
     out += [Scenario(f"conc-{k}x{n}", "concurrency", n, rooms=k) for k, n in conc]
     out.append(Scenario("latency-64tok", "latency", 64, rooms=8 if quick else 32,

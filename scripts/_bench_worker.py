@@ -44,10 +44,10 @@ def vm_rss_kb() -> int:
 
 def _config(sc: Scenario, rank: int) -> disagg.DisaggConfig:
     """num_blocks may differ between the sides. The Embedding budget holds a whole
-    round; the Language pool too, unless the scenario limits it to one allocation."""
+    round; the Language pool too, unless the scenario limits it to a few allocations."""
     round_blocks = -(-sc.tokens // sc.block) * max(sc.rooms, 32)
-    if rank > 0 and sc.pool_limited:
-        num_blocks = sc.alloc_tokens // sc.block
+    if rank > 0 and sc.pool_allocs:
+        num_blocks = sc.pool_allocs * sc.alloc_tokens // sc.block
     else:
         num_blocks = max(round_blocks, 64)
     return disagg.DisaggConfig(
