@@ -45,6 +45,7 @@ from .config import DisaggConfig
 from .control import ControlChannel, RateLimitedLog
 from .errors import DisaggError, PeerLost, ProtocolError, TransferTimeout
 from .geometry import Geometry, Topology
+from .pages import empty_result
 from .plan import Segment, alloc_blocks_for, num_blocks_for, segment_plan
 from .pool import BlockPool
 from .stats import Stats
@@ -535,8 +536,8 @@ class LanguageEngine:
             r.seq_len, r.aux = m.seq_len, m.aux
             self._recent_lengths.append(m.seq_len)
             try:
-                r.outputs = {b.name: torch.empty((m.seq_len, *b.per_token_shape),
-                                                 dtype=b.dtype, device=self.device)
+                r.outputs = {b.name: empty_result((m.seq_len, *b.per_token_shape),
+                                                  b.dtype, self.device)
                              for b in self.geometry.buffers}
             except (RuntimeError, MemoryError) as e:
                 corrupt = f"language rank {self.rank}: cannot allocate output: {e}"

@@ -2,12 +2,13 @@
 
 No processes, no sockets: a stateful hypothesis model of `BlockAllocator` (exact
 ids, not just counts), its misuse errors, a thread smoke test, and the shapes and
-views of `BlockPool`'s landing buffers.
+views of `BlockPool`'s landing buffers, and large result tensors' huge pages.
 """
 
 from __future__ import annotations
 
 import random
+import resource
 import threading
 
 import pytest
@@ -25,6 +26,7 @@ from hypothesis.stateful import (
 from disagg.config import DisaggConfig
 from disagg.errors import PoolFull
 from disagg.geometry import Geometry
+from disagg.pages import empty_result
 from disagg.plan import segment_plan
 from disagg.pool import BlockAllocator, BlockPool
 
@@ -382,3 +384,37 @@ def test_plan_and_token_views_put_every_token_in_its_block(perm, nblocks, n):
     for i in range(n):
         assert buf[block_ids[i // bs], i % bs].item() == 100 + i
     assert int((buf != -1).sum()) == n
+
+
+# ------------------------------------------------------------------ result tensors
+
+
+def _thp_mode() -> str:
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
+            text = f.read()
+    except OSError:
+        return "absent"
+    return text.split("[", 1)[1].split("]", 1)[0]
+
+
+@pytest.mark.parametrize("shape,dtype", [((5, 7), torch.int32), ((3000, 3584), torch.bfloat16),
+                                         ((0, 3), torch.int32)])
+def test_empty_result_is_a_plain_tensor(shape, dtype):
+    t = empty_result(shape, dtype, torch.device("cpu"))
+    assert tuple(t.shape) == shape and t.dtype == dtype and t.is_contiguous()
+    t.fill_(3)
+    assert bool((t == 3).all())
+
+
+@pytest.mark.skipif(_thp_mode() in ("never", "absent"),
+                    reason="the kernel has transparent huge pages off")
+def test_large_results_fault_in_huge_pages():
+    """A 64 MiB result: touching it takes a fault per 2 MiB, not per 4 KiB page
+    (16,384 of them), which is what halved large rooms' throughput."""
+    nbytes = 64 << 20
+    t = empty_result((nbytes // 2,), torch.bfloat16, torch.device("cpu"))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    t.zero_()
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+    assert faults < nbytes // 4096 // 4, f"{faults} minor faults for 64 MiB"
