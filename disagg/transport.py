@@ -108,10 +108,14 @@ class TorchPairTransport:
 
     def _post(self, op: Callable[..., dist.Work | None],
               tensors: list[torch.Tensor]) -> list[dist.Work]:
-        if self._batched:
-            return dist.batch_isend_irecv(
-                [dist.P2POp(op, t, self.peer, group=self.group) for t in tensors])
-        works = [op(t, self.peer, group=self.group) for t in tensors]
+        try:
+            if self._batched:
+                return dist.batch_isend_irecv(
+                    [dist.P2POp(op, t, self.peer, group=self.group) for t in tensors])
+            works = [op(t, self.peer, group=self.group) for t in tensors]
+        except RuntimeError as e:  # the pair is already broken (e.g. the peer died)
+            raise PeerLost(f"posting to/from rank {self.peer} failed: {str(e)[:200]}",
+                           peer=self.peer) from e
         assert all(w is not None for w in works)  # we are a member of the pair group
         return works  # type: ignore[return-value]
 
