@@ -150,11 +150,12 @@ class _PairSender:
                 if not self._jobs:
                     return
                 job = self._jobs.popleft()
-            err: BaseException | None = self.dead
-            if job.posted is not None:
+            err: BaseException | None = None
+            if job.posted is None:  # never posted: the pair was already broken
+                err = self.dead
+            else:  # posted in time: its own completion decides
                 try:
                     self.transport.wait(job.posted)
-                    err = None  # posted before the pair broke, and it made it
                 except Exception as e:
                     self.dead = err = e
                 job.posted = None  # the tensors may go

@@ -147,7 +147,7 @@ class _PairReceiver:
                 if meta.kind is FrameKind.ABORT:  # its reason follows, fixed size
                     buf = torch.empty(ABORT_REASON_BYTES, dtype=torch.uint8,
                                       device=self.engine.device)
-                    self.transport.recv_payload([buf])
+                    self.transport.wait(self.transport.post_recv([buf]), "abort reason recv")
                     self.engine._on_abort_frame(self, meta, reason_from_tensor(buf))
                 else:
                     self.engine._on_frame(self, meta)

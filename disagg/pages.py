@@ -41,10 +41,9 @@ def empty_result(shape: tuple[int, ...], dtype: torch.dtype,
                  device: torch.device) -> torch.Tensor:
     """`torch.empty`, with huge pages asked for when it is a large CPU tensor."""
     t = torch.empty(shape, dtype=dtype, device=device)
-    nbytes = t.numel() * t.element_size()
-    if _madvise is not None and t.device.type == "cpu" and nbytes >= ADVISE_MIN_BYTES:
+    if _madvise is not None and t.device.type == "cpu" and t.nbytes >= ADVISE_MIN_BYTES:
         start = -(-t.data_ptr() // HUGE_PAGE) * HUGE_PAGE
-        end = (t.data_ptr() + nbytes) // HUGE_PAGE * HUGE_PAGE
+        end = (t.data_ptr() + t.nbytes) // HUGE_PAGE * HUGE_PAGE
         if end > start:
             _madvise(start, end - start, _MADV_HUGEPAGE)  # a hint: failure changes nothing
     return t

@@ -49,8 +49,6 @@ class PairTransport(Protocol):
 
     def post_recv(self, dsts: list[torch.Tensor]) -> Posted: ...
 
-    def recv_payload(self, dsts: list[torch.Tensor]) -> None: ...
-
 
 class TorchPairTransport:
     """`PairTransport` on a `torch.distributed` group holding this rank and `peer`.
@@ -102,9 +100,6 @@ class TorchPairTransport:
 
     def post_recv(self, dsts: list[torch.Tensor]) -> Posted:
         return Posted(self._post(dist.irecv, dsts), dsts)
-
-    def recv_payload(self, dsts: list[torch.Tensor]) -> None:
-        self._complete(self._post(dist.irecv, dsts), "payload recv")
 
     def _post(self, op: Callable[..., dist.Work | None],
               tensors: list[torch.Tensor]) -> list[dist.Work]:
