@@ -79,7 +79,10 @@ class DisaggConfig:
     recv_into: str = "output"
     """Where a Language rank lands payload: "output" receives straight into the
     room's result tensors (no copy; the pool is flow-control credit and holds
-    no memory), "pool" lands in preallocated pool blocks and copies out."""
+    no memory). "pool": a room's first chunk lands in preallocated pool blocks
+    (promised before seq_len is known) and is copied out; every later chunk
+    goes straight into the result, its blocks being credit that bounds what is
+    in flight."""
 
     backend: str | None = None
     """None: NCCL when every rank has its own GPU, else Gloo."""

@@ -278,7 +278,9 @@ class LanguageEngine:
             return False
         r.num_resumes += 1
         self.stats.add(resumes=1)
-        self._post(r.src_rank, Resume(r.room, self.rank, a.key, tuple(a.block_ids),
+        # direct: the Embedding rank needs no block ids, only how many tokens fit
+        self._post(r.src_rank, Resume(r.room, self.rank, a.key,
+                                      () if a.direct else tuple(a.block_ids),
                                       a.allocated_tokens, a.direct))
         return True
 
@@ -296,7 +298,7 @@ class LanguageEngine:
         bs = self.geometry.block_size
         num = alloc_blocks_for(want, bs, remaining, self.pool.allocator.num_blocks)
         if resume and self.direct:
-            ids: list[int] = []  # straight into the output: credit only, no blocks
+            ids: list[int] = []  # output mode asks for the rest at once: no credit needed
         else:
             free = self.pool.allocator.num_free
             if not resume:
@@ -309,7 +311,9 @@ class LanguageEngine:
                 return None
             ids = self.pool.allocator.allocate(num, owner=r.room)
             self.stats.set_gauge("pool_free_blocks", self.pool.allocator.num_free)
-        a = _Alloc(key, ids, num * bs, self.direct)
+        # A resume knows seq_len and the output exists, so it lands there in both
+        # modes; in pool mode its blocks are only credit that bounds what is in flight.
+        a = _Alloc(key, ids, num * bs, self.direct or resume)
         r.outstanding = a
         pair = self._pairs[r.src_rank]
         pair.owed += 1
@@ -443,7 +447,7 @@ class LanguageEngine:
                 pair.next_meta = pair.transport.post_meta_recv()
         pair.transport.wait(landing, "payload recv")
         with self._lock:
-            if not self.direct and r.outputs is not None:
+            if not a.direct and r.outputs is not None:
                 self._copy_out(r, plan, offset)
             self.stats.observe("chunk_transfer_s", time.monotonic() - t0)
             self.stats.add(bytes_received=n * self.geometry.token_nbytes, chunks=1)

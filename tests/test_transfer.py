@@ -434,7 +434,8 @@ def sc_pool_double_buffers_resume(env: Env) -> dict[str, Any]:
     """Pool mode, auto_resume, a room of 300 tokens that first takes half of an
     8-block pool: the RESUME for each next chunk goes out when the current chunk's
     meta arrives, into the other half, so every allocation is 4 blocks (the last
-    3) and the loop never sees needs_resume."""
+    3) and the loop never sees needs_resume. Only the first chunk lands in the
+    pool: the later ones go straight into the output, their blocks being credit."""
     room, seq = env.room(0), 300
     spec = [(room, seq, aux_of(room, seq))]
     if env.embedding:
@@ -449,14 +450,25 @@ def sc_pool_double_buffers_resume(env: Env) -> dict[str, Any]:
         sizes.append(len(ids))
         return ids
 
+    engine = env.ctx.language.engine
+    copied: list[int] = []  # token offsets of the chunks copied out of the pool
+    real_copy_out = engine._copy_out
+
+    def recording_copy_out(r: Any, plan: Any, offset: int) -> None:
+        copied.append(offset)
+        real_copy_out(r, plan, offset)
+
     partial_seen: list[int] = []
     alloc.allocate = recording_allocate
+    engine._copy_out = recording_copy_out  # type: ignore[method-assign]
     try:
         receive(env, spec, init_tokens=4 * BS,
                 on_needs_resume=lambda _room, r: partial_seen.append(r.progress[0]))
     finally:
         del alloc.allocate
-    return {"delta": env.delta(), "sizes": sizes, "partial_seen": partial_seen}
+        del engine._copy_out
+    return {"delta": env.delta(), "sizes": sizes, "partial_seen": partial_seen,
+            "copied": copied}
 
 
 def sc_many_rounds_one_room(env: Env) -> dict[str, Any]:
@@ -928,6 +940,7 @@ def test_pool_double_buffers_resume() -> None:
     # waiting for the landing blocks instead would give 4, then 8, then 7 blocks
     assert lang["sizes"] == [4, 4, 4, 4, 3], lang["sizes"]
     assert lang["partial_seen"] == []
+    assert lang["copied"] == [0], lang["copied"]  # resume chunks: straight into the output
     assert_counts(emb, lang, chunks=5, resumes=4)
 
 
