@@ -762,7 +762,8 @@ def _validate_send(cfg: DisaggConfig, geometry: Geometry, device: torch.device, 
                    mrope_positions: torch.Tensor | None, aux: tuple[int, ...] | None,
                    extra: dict[str, torch.Tensor]) -> tuple[list[torch.Tensor], int,
                                                             tuple[int, ...]]:
-    """Check every tensor against the geometry; return them in wire order."""
+    """Check every tensor against the geometry; return them in wire order
+    (`Geometry.wire_buffers`)."""
 
     def bad(msg: str) -> ValueError:
         return ValueError(f"send(room={room}): {msg}")
@@ -790,14 +791,17 @@ def _validate_send(cfg: DisaggConfig, geometry: Geometry, device: torch.device, 
     out = [check("embeddings", embeddings, (seq, hidden), by_name["embeddings"].dtype)]
     if not embeddings.is_contiguous():
         raise bad("embeddings must be contiguous (no copy is made); pass .contiguous()")
-    out.append(check("fill_ids", fill_ids, (seq,), torch.int32).contiguous())
+    ids = check("fill_ids", fill_ids, (seq,), torch.int32)
     if "mrope_positions" in by_name:
         if mrope_positions is None:
             raise bad("mrope_positions [3, seq] is required (config mrope=True)")
         m = check("mrope_positions", mrope_positions, (3, seq), torch.int32)
-        out.append(m.t().contiguous())  # [seq, 3]: 12 bytes per token, the only copy made
+        # one [seq, 4] wire buffer (geometry.PACKED_IDS): 16 bytes a token, the only copy made
+        out.append(torch.cat([ids[:, None], m.t()], dim=1))
     elif mrope_positions is not None:
         raise bad("mrope_positions given but the config has mrope=False")
+    else:
+        out.append(ids.contiguous())
     names = geometry.extra_names
     unknown = sorted(set(extra) - set(names))
     missing = sorted(set(names) - set(extra))

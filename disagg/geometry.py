@@ -8,6 +8,7 @@ transfer later.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass
@@ -19,6 +20,9 @@ from .config import DTYPES, DisaggConfig
 from .errors import GeometryMismatch
 
 _DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+# fill_ids and mrope_positions travel side by side as one [seq, 4] int32 buffer
+PACKED_IDS = "fill_ids+mrope_positions"
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,20 @@ class Geometry:
     @property
     def token_nbytes(self) -> int:
         return sum(b.token_nbytes for b in self.buffers)
+
+    @functools.cached_property
+    def wire_buffers(self) -> tuple[BufferSpec, ...]:
+        """What travels, one op per segment each, and what the Language pool and
+        results hold: the buffers above, except that with M-RoPE the 4 bytes of
+        fill_ids and 12 of positions per token are packed into one [seq, 4]
+        int32 buffer (`PACKED_IDS`), so a chunk needs one op fewer. Positions are
+        transposed to token-major for the wire anyway, so packing adds no copy."""
+        names = [b.name for b in self.buffers]
+        if "mrope_positions" not in names:
+            return self.buffers
+        ids = BufferSpec(PACKED_IDS, (4,), torch.int32)
+        return tuple(ids if b.name == "fill_ids" else b for b in self.buffers
+                     if b.name != "mrope_positions")
 
     @property
     def extra_names(self) -> tuple[str, ...]:

@@ -44,7 +44,7 @@ import torch
 from .config import DisaggConfig
 from .control import ControlChannel, RateLimitedLog
 from .errors import DisaggError, PeerLost, ProtocolError, TransferTimeout
-from .geometry import Geometry, Topology
+from .geometry import PACKED_IDS, Geometry, Topology
 from .pages import empty_result
 from .plan import Segment, alloc_blocks_for, num_blocks_for, segment_plan
 from .pool import BlockPool
@@ -342,10 +342,13 @@ class LanguageEngine:
                                   rank=self.rank, room=r.room)
             out = r.outputs
             assert out is not None
-        mrope = out.get("mrope_positions")
+        packed = out.get(PACKED_IDS)  # [seq, 4]: fill_ids, then the 3 positions
+        # clone, not contiguous(): a 1-token column counts as contiguous with stride 4
+        own = torch.contiguous_format
         return EmbeddingResult(
-            embeddings=out["embeddings"], fill_ids=out["fill_ids"],
-            mrope_positions=None if mrope is None else mrope.t().contiguous(),
+            embeddings=out["embeddings"],
+            fill_ids=out["fill_ids"] if packed is None else packed[:, 0].clone(memory_format=own),
+            mrope_positions=None if packed is None else packed[:, 1:].t().clone(memory_format=own),
             aux=r.aux, extra={n: out[n] for n in self.geometry.extra_names})
 
     # ------------------------------------------------------------ state changes (locked)
@@ -542,7 +545,7 @@ class LanguageEngine:
             try:
                 r.outputs = {b.name: empty_result((m.seq_len, *b.per_token_shape),
                                                   b.dtype, self.device)
-                             for b in self.geometry.buffers}
+                             for b in self.geometry.wire_buffers}
             except (RuntimeError, MemoryError) as e:
                 corrupt = f"language rank {self.rank}: cannot allocate output: {e}"
         return m.num_tokens, m.token_offset, last, corrupt
@@ -552,7 +555,7 @@ class LanguageEngine:
         """Recv targets in wire order: for each buffer, one tensor per segment."""
         plan = segment_plan(a.block_ids, self.geometry.block_size, n, direct=a.direct,
                             dst_offset=offset)
-        bufs = self.geometry.buffers
+        bufs = self.geometry.wire_buffers
         if a.direct and r.outputs is not None:
             return plan, [r.outputs[b.name][s.dst_token:s.dst_token + s.num_tokens]
                           for b in bufs for s in plan]
@@ -565,7 +568,7 @@ class LanguageEngine:
 
     def _copy_out(self, r: _Room, plan: list[Segment], offset: int) -> None:
         assert r.outputs is not None
-        for b in self.geometry.buffers:
+        for b in self.geometry.wire_buffers:
             out = r.outputs[b.name]
             for s in plan:
                 start = offset + s.chunk_start

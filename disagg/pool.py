@@ -151,7 +151,7 @@ class BlockPool:
         self.allocator = BlockAllocator(geometry.num_blocks)
         self.buffers: dict[str, torch.Tensor] = {}
         if with_buffers:
-            for b in geometry.buffers:
+            for b in geometry.wire_buffers:
                 self.buffers[b.name] = torch.empty(
                     (geometry.num_blocks, geometry.block_size, *b.per_token_shape),
                     dtype=b.dtype, device=device)

@@ -65,6 +65,10 @@ def mismatches(res: Any, expected: dict[str, Any], aux: tuple[int, ...], room: i
         return [f"room {room} (seq {seq}): result is {type(res).__name__}"]
     bad = [n for n in ("embeddings", "fill_ids", "mrope_positions")
            if not same(getattr(res, n), expected[n])]
+    # plain row-major strides, as a fresh tensor has: .view(torch.uint8) etc. work
+    bad += [f"{n} strides {t.stride()}" for n in ("embeddings", "fill_ids", "mrope_positions")
+            if (t := getattr(res, n)) is not None
+            and t.stride() != torch.empty(t.shape, device="meta").stride()]
     if set(res.extra) != set(expected["extra"]):
         bad.append(f"extra keys {sorted(res.extra)}")
     else:

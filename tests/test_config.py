@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from disagg.config import DTYPES, DisaggConfig
 from disagg.errors import GeometryMismatch
-from disagg.geometry import BufferSpec, Geometry, Topology
+from disagg.geometry import PACKED_IDS, BufferSpec, Geometry, Topology
 from disagg.stats import MAX_SAMPLES, Stats
 
 FAST = settings(max_examples=200, deadline=None)
@@ -187,6 +187,18 @@ def test_extra_names_with_mrope():
     assert [b.name for b in g.buffers] == ["embeddings", "fill_ids", "mrope_positions",
                                            "deepstack"]
     assert g.extra_names == ("deepstack",)
+
+
+def test_wire_packs_fill_ids_and_positions_into_one_buffer():
+    g = Geometry.from_config(DisaggConfig(hidden_size=8, extra_buffers={"deepstack": ((2,), "bfloat16")}))
+    assert [(b.name, b.per_token_shape, b.dtype) for b in g.wire_buffers] == [
+        ("embeddings", (8,), torch.bfloat16),
+        (PACKED_IDS, (4,), torch.int32),
+        ("deepstack", (2,), torch.bfloat16),
+    ]
+    assert sum(b.token_nbytes for b in g.wire_buffers) == g.token_nbytes
+    plain = Geometry.from_config(DisaggConfig(hidden_size=8, mrope=False))
+    assert plain.wire_buffers == plain.buffers  # nothing to pack
 
 
 extra_specs = st.dictionaries(

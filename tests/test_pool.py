@@ -25,7 +25,7 @@ from hypothesis.stateful import (
 
 from disagg.config import DisaggConfig
 from disagg.errors import PoolFull
-from disagg.geometry import Geometry
+from disagg.geometry import PACKED_IDS, Geometry
 from disagg.pages import empty_result
 from disagg.plan import segment_plan
 from disagg.pool import BlockAllocator, BlockPool
@@ -332,10 +332,9 @@ def geometry(**kw) -> Geometry:
 def test_pool_buffer_shapes_and_dtypes():
     pool = BlockPool(geometry(), torch.device("cpu"), with_buffers=True)
     got = {k: (tuple(v.shape), v.dtype, v.device.type) for k, v in pool.buffers.items()}
-    assert got == {
+    assert got == {  # the wire's buffers: fill_ids and positions packed side by side
         "embeddings": ((6, 4, 8), torch.bfloat16, "cpu"),
-        "fill_ids": ((6, 4), torch.int32, "cpu"),
-        "mrope_positions": ((6, 4, 3), torch.int32, "cpu"),
+        PACKED_IDS: ((6, 4, 4), torch.int32, "cpu"),
         "deepstack": ((6, 4, 3, 8), torch.float32, "cpu"),
     }
     assert pool.allocator.num_blocks == 6 and pool.allocator.num_free == 6
@@ -352,7 +351,7 @@ def test_pool_without_buffers_is_only_an_allocator():
     assert pool.allocator.num_blocks == 6
 
 
-@pytest.mark.parametrize("name", ["embeddings", "fill_ids", "mrope_positions", "deepstack"])
+@pytest.mark.parametrize("name", ["embeddings", PACKED_IDS, "deepstack"])
 def test_token_view_is_a_contiguous_view_into_the_blocks(name):
     pool = BlockPool(geometry(), torch.device("cpu"), with_buffers=True)
     buf = pool.buffers[name]
@@ -374,7 +373,7 @@ def test_plan_and_token_views_put_every_token_in_its_block(perm, nblocks, n):
     bs = 4
     block_ids = list(perm[:nblocks])
     n = min(n, nblocks * bs)
-    pool = BlockPool(geometry(), torch.device("cpu"), with_buffers=True)
+    pool = BlockPool(geometry(mrope=False), torch.device("cpu"), with_buffers=True)
     buf = pool.buffers["fill_ids"]
     buf.fill_(-1)
     chunk = torch.arange(100, 100 + n, dtype=torch.int32)

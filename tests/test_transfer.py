@@ -471,6 +471,31 @@ def sc_pool_double_buffers_resume(env: Env) -> dict[str, Any]:
             "copied": copied}
 
 
+def sc_ops_per_chunk(env: Env) -> dict[str, Any]:
+    """One room in one contiguous chunk: how many payload recvs the Language rank
+    posts for it (one per wire buffer: fill_ids and M-RoPE positions travel packed)."""
+    room, seq = env.room(0), 100
+    spec = [(room, seq, aux_of(room, seq))]
+    if env.embedding:
+        embedding_side(env, spec)
+        return {"delta": env.delta()}
+    transport = env.ctx.language.engine._transports[0]
+    posted: list[int] = []
+    real_post_recv = transport.post_recv
+
+    def recording_post_recv(dsts: list[Any]) -> Any:
+        posted.append(len(dsts))
+        return real_post_recv(dsts)
+
+    transport.post_recv = recording_post_recv
+    try:
+        receive(env, spec, init_tokens=seq)
+    finally:
+        del transport.post_recv
+    return {"delta": env.delta(), "posted": posted,
+            "wire_buffers": [b.name for b in env.ctx.language.engine.geometry.wire_buffers]}
+
+
 def sc_many_rounds_one_room(env: Env) -> dict[str, Any]:
     """One room moved one block per round: init(16) then 55 x resume(num_tokens=16)."""
     room, seq = env.room(0), 16 * 55 + 7
@@ -783,6 +808,7 @@ SCENARIOS: dict[str, tuple[Callable[[Env], dict[str, Any]], Callable[[str, str, 
         sc_repeated_polling_during_resume_is_idempotent, lambda c, m, a: c == "std" and not a),
     "pool_double_buffers_resume": (sc_pool_double_buffers_resume,
                                    lambda c, m, a: c == "small" and m == "pool" and a),
+    "ops_per_chunk": (sc_ops_per_chunk, lambda c, m, a: c == "std" and a),
     "many_rounds_one_room": (sc_many_rounds_one_room, lambda c, m, a: c == "std" and not a),
     "lengths_edge_cases": (sc_lengths_edge_cases, lambda c, m, a: c == "std"),
     "alloc_before_data": (sc_alloc_before_data, lambda c, m, a: c == "std"),
@@ -942,6 +968,15 @@ def test_pool_double_buffers_resume() -> None:
     assert lang["partial_seen"] == []
     assert lang["copied"] == [0], lang["copied"]  # resume chunks: straight into the output
     assert_counts(emb, lang, chunks=5, resumes=4)
+
+
+@pytest.mark.parametrize("recv_into", BOTH)
+def test_one_payload_op_per_wire_buffer(recv_into: str) -> None:
+    emb, lang = outcome(("std", recv_into, True), "ops_per_chunk")
+    # embeddings, fill_ids + positions packed, deepstack: not four ops
+    assert lang["wire_buffers"] == ["embeddings", "fill_ids+mrope_positions", "deepstack"]
+    assert lang["posted"] == [3], lang["posted"]
+    assert_counts(emb, lang, chunks=1, resumes=0)
 
 
 @pytest.mark.parametrize("recv_into", BOTH)
