@@ -71,14 +71,14 @@ def summarise(sc: Scenario, per_rank: list[dict | None]) -> dict:
 def print_table(records: list[dict]) -> None:
     timed = [r for r in records if "memory" not in r]
     if timed:
-        print(f"{'scenario':24} {'MiB':>7} {'ch':>4} {'disagg':>7} {'raw':>7} {'zmq':>7} "
+        print(f"{'scenario':26} {'MiB':>7} {'ch':>4} {'disagg':>7} {'raw':>7} {'zmq':>7} "
               f"{'d/raw':>6} {'d/zmq':>6} {'p50 ms':>7} {'p99 ms':>7} {'faults':>6} "
               f"{'noise d/raw':>11} {'noise d/zmq':>11}")
-        print(f"{'':24} {'':>7} {'':>4} {'GB/s':>7} {'GB/s':>7} {'GB/s':>7}"
+        print(f"{'':26} {'':>7} {'':>4} {'GB/s':>7} {'GB/s':>7} {'GB/s':>7}"
               f"{'':>14} {'(disagg, per room)':>22}")
         for r in timed:
             nr, nz = r["noise_disagg_raw"], r["noise_disagg_zmq"]
-            print(f"{r['name']:24} {r['bytes'] / 2**20:7.2f} {r['chunks_per_room']:4.1f} "
+            print(f"{r['name']:26} {r['bytes'] / 2**20:7.2f} {r['chunks_per_room']:4.1f} "
                   f"{r['disagg']['gbps']:7.3f} {r['raw']['gbps']:7.3f} {r['zmq']['gbps']:7.3f} "
                   f"{r['ratio_disagg_raw']:6.2f} {r['ratio_disagg_zmq']:6.2f} "
                   f"{r['disagg']['p50_ms']:7.2f} {r['disagg']['p99_ms']:7.2f} "

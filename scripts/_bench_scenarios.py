@@ -27,6 +27,7 @@ class Scenario:
     alloc: int | None = None  # first allocation (tokens); None: the whole room
     pool_allocs: int = 0  # Language pool of this many first allocations (0: roomy)
     manual_resume: bool = False  # auto_resume=False; resume(num_tokens=alloc) each round
+    alloc_first: bool = False  # Language sends its ALLOCs before the round starts
     memory_checkpoints: tuple[int, ...] = ()  # memory scenario: RSS after this many rooms
 
     @property
@@ -89,6 +90,10 @@ def scenarios(quick: bool) -> list[Scenario]:
     out += [Scenario(f"conc-{k}x{n}", "concurrency", n, rooms=k) for k, n in conc]
     out.append(Scenario("latency-64tok", "latency", 64, rooms=8 if quick else 32,
                         sequential=True))
+    # the usual serving order, the scheduler ahead of the encoder: what is left
+    # is the data path (meta, payload, completion) without the ALLOC hop
+    out.append(Scenario("latency-64tok-alloc-first", "latency", 64, rooms=8 if quick else 32,
+                        sequential=True, alloc_first=True))
     out += [Scenario(f"tp{t}-2000", "tp", 2000, tp=t) for t in ((2,) if quick else (1, 2))]
     out += [Scenario(f"inflight-16x2000-tp{t}", "inflight", 2000, rooms=16, tp=t)
             for t in ((1,) if quick else (1, 2))]

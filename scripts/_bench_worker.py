@@ -66,6 +66,7 @@ class _Rank:
         self.side = dist.new_group(backend="gloo")
         self.raw = dist.new_group(backend="gloo")
         self.room = 0
+        self.ready: list[disagg.Receiver] = []  # alloc_first: receivers init()ed before a round
         g = torch.Generator().manual_seed(1234)  # every rank holds the same source
         n, h = sc.tokens, sc.hidden
         self.emb = torch.randint(-(1 << 15), 1 << 15, (n, h), generator=g,
@@ -110,10 +111,13 @@ class _Rank:
         k = self.sc.rooms if rooms is None else rooms
         fn = getattr(self, f"_{kind}_{'send' if self.rank == 0 else 'recv'}")
         segments = []
+        n = 1 if self.sc.sequential else k
         for j in range(k if self.sc.sequential else 1):
+            if kind == "disagg" and self.rank > 0 and self.sc.alloc_first:
+                self.ready = self._disagg_init(n)  # the ALLOCs leave before the barrier
             dist.barrier(group=self.side)
             t0 = time.monotonic()
-            segments.append((t0, fn(1 if self.sc.sequential else k, check and j == 0)))
+            segments.append((t0, fn(n, check and j == 0)))
         return segments
 
     def _disagg_send(self, k: int, check: bool) -> list[float]:
@@ -127,15 +131,19 @@ class _Rank:
             _expect(s.wait(WAIT_S), s)
         return []
 
-    def _disagg_recv(self, k: int, check: bool) -> list[float]:
-        lang, more = self.ctx.language, self.sc.alloc_tokens if self.sc.manual_resume else None
+    def _disagg_init(self, k: int) -> list[disagg.Receiver]:
         recvs = []
         for _ in range(k):
-            r = lang.receiver(self.room, src_rank=0)
+            r = self.ctx.language.receiver(self.room, src_rank=0)
             self.room += 1
             if not r.init():
                 raise RuntimeError(f"room {r.room}: no free blocks for init()")
             recvs.append(r)
+        return recvs
+
+    def _disagg_recv(self, k: int, check: bool) -> list[float]:
+        more = self.sc.alloc_tokens if self.sc.manual_resume else None
+        recvs, self.ready = self.ready or self._disagg_init(k), []
         done = []
         for r in recvs:  # in start order: a room's end is seen once those before it ended
             _finish(r, more)
