@@ -107,7 +107,7 @@ class _Room:
 
 @dataclass
 class _Job:
-    """One frame for a pair: posted when submitted, completed in order."""
+    """One frame for a pair: queued in stream order, posted, completed in order."""
 
     meta: Meta
     payload: list[torch.Tensor]
@@ -117,14 +117,19 @@ class _Job:
 
 
 class _PairSender:
-    """Writes a pair's stream. `submit` posts a frame's sends at once, in the
-    order of the calls (the engine lock orders them); the pair's thread waits
-    for each frame in that order and reports it through `done`."""
+    """Writes a pair's stream. `submit` queues a frame in the order of the calls
+    (the engine lock orders them); `flush` posts queued frames' sends, in that
+    order, and must be called without the engine lock: a Gloo post can wait
+    milliseconds for the pair while a large payload is on its socket. The
+    pair's thread waits for each posted frame in order, reports it through
+    `done`, and posts whatever was queued when it has nothing to wait for."""
 
     def __init__(self, transport: PairTransport, name: str) -> None:
         self.transport = transport
-        self._jobs: collections.deque[_Job] = collections.deque()
+        self._queued: collections.deque[_Job] = collections.deque()  # not yet posted
+        self._jobs: collections.deque[_Job] = collections.deque()  # posted, in stream order
         self._cv = threading.Condition()
+        self._posting = threading.Lock()  # held while posting: one poster at a time
         self._stop = False
         self.dead: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -134,21 +139,47 @@ class _PairSender:
         with self._cv:
             if self._stop:
                 raise DisaggError("sender thread stopped")
-            if self.dead is None:
-                try:
-                    job.posted = self.transport.post_frame(job.meta, job.payload, job.ready)
-                except Exception as e:  # reported through this job and every later one
-                    self.dead = e
-            self._jobs.append(job)
+            self._queued.append(job)
             self._cv.notify()
+
+    def flush(self) -> None:
+        """Post every queued frame. If another thread is posting, it posts ours
+        too: it looks at the queue again after it lets go of `_posting`."""
+        while self._queued:
+            if not self._posting.acquire(blocking=False):
+                return
+            try:
+                while True:
+                    with self._cv:
+                        if not self._queued:
+                            break
+                        job = self._queued.popleft()
+                    if self.dead is None:
+                        try:
+                            job.posted = self.transport.post_frame(job.meta, job.payload,
+                                                                   job.ready)
+                        except Exception as e:  # reported through this job and every later one
+                            self.dead = e
+                    with self._cv:
+                        self._jobs.append(job)
+                        self._cv.notify()
+            finally:
+                self._posting.release()
+                with self._cv:
+                    self._cv.notify()  # our thread may wait for the poster to finish
 
     def _run(self) -> None:
         while True:
             with self._cv:
-                while not self._jobs and not self._stop:
+                # nothing posted to wait for, and nothing this thread could post
+                while not self._jobs and (not self._queued or self._posting.locked()):
+                    if self._stop and not self._queued and not self._posting.locked():
+                        return
                     self._cv.wait(0.5)
+            self.flush()
+            with self._cv:
                 if not self._jobs:
-                    return
+                    continue
                 job = self._jobs.popleft()
             err: BaseException | None = None
             if job.posted is None:  # never posted: the pair was already broken
@@ -308,6 +339,13 @@ class EmbeddingEngine:
         self._submit(lang_rank, _Job(Meta(FrameKind.ABORT, room), payload, None,
                                      on_done or (lambda err: None)))
 
+    def flush_posts(self) -> None:
+        """Post the frames scheduled so far. Called without the engine lock, by
+        whichever thread scheduled them, so the next frame is on the wire without
+        waiting for a thread hand-off; a pair's own thread posts them otherwise."""
+        for s in list(self._senders.values()):
+            s.flush()
+
     def _submit(self, lang_rank: int, job: _Job) -> None:
         if self._closing:  # the streams are closing: the peer learns from their end
             job.done(DisaggError(f"embedding rank {self.rank} is shut down"))
@@ -433,7 +471,14 @@ class EmbeddingEngine:
     # ------------------------------------------------------------ control thread
 
     def on_message(self, identity: bytes | int, data: bytes) -> None:
-        """Called by the control thread for each inbound message."""
+        """Control thread: one inbound message; frames it scheduled leave at once."""
+        try:
+            self._on_message(identity, data)
+        finally:
+            self.flush_posts()
+
+    def _on_message(self, identity: bytes | int, data: bytes) -> None:
+        """Decode one message and act on it (frames are posted by the caller)."""
         assert isinstance(identity, bytes)
         claimed = rank_of_identity(identity)
         if claimed is None or claimed not in self.topology.language_ranks:
@@ -735,6 +780,7 @@ class Sender:
             self._engine.cfg, self._engine.geometry, self._engine.device, self.room,
             embeddings, fill_ids, mrope_positions, aux, extra)
         self._engine._send(self._r, sources, seq_len, aux_t)
+        self._engine.flush_posts()
 
     def poll(self) -> TransferStatus:
         return self._r.status

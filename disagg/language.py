@@ -138,11 +138,13 @@ class _PairReceiver:
                     self.cv.wait(0.5)
                 if self.owed == 0 or self.dead is not None:
                     return
+            try:
+                # Posts happen outside the engine lock: Gloo may block a post for
+                # milliseconds while the pair's socket is busy, and the lock must
+                # not wait with it. Only this thread posts on the stream.
                 if self.next_meta is None:
                     self.next_meta = self.transport.post_meta_recv()
-                posted = self.next_meta
-            try:
-                meta = self.transport.wait_meta(posted)
+                meta = self.transport.wait_meta(self.next_meta)
                 self.next_meta = None
                 if meta.kind is FrameKind.ABORT:  # its reason follows, fixed size
                     buf = torch.empty(ABORT_REASON_BYTES, dtype=torch.uint8,
@@ -444,10 +446,11 @@ class LanguageEngine:
                 # has room); a smaller one would split what waiting for our own
                 # landing blocks gives whole.
                 self._send_resume(r, None, landed=offset + n, at_least=len(a.block_ids))
-            t0 = time.monotonic()
-            landing = pair.transport.post_recv(dsts)
-            if pair.owed:  # after this payload, in stream order
-                pair.next_meta = pair.transport.post_meta_recv()
+            more = pair.owed > 0
+        t0 = time.monotonic()  # posted outside the lock: see _PairReceiver._run
+        landing = pair.transport.post_recv(dsts)
+        if more:  # after this payload, in stream order
+            pair.next_meta = pair.transport.post_meta_recv()
         pair.transport.wait(landing, "payload recv")
         with self._lock:
             if not a.direct and r.outputs is not None:

@@ -496,6 +496,45 @@ def sc_ops_per_chunk(env: Env) -> dict[str, Any]:
             "wire_buffers": [b.name for b in env.ctx.language.engine.geometry.wire_buffers]}
 
 
+def sc_posts_outside_engine_lock(env: Env) -> dict[str, Any]:
+    """Rooms of one and of several chunks, all in flight: every post on the pair
+    (Embedding: frames; Language: meta and payload recvs) is made without the
+    engine lock, since a Gloo post can wait for the pair's busy socket."""
+    specs = [(env.room(i), seq, aux_of(env.room(i), seq))
+             for i, seq in enumerate([30, 100, 260, 7, 190])]
+    if env.embedding:
+        engine = env.ctx.embedding  # the engine itself
+        names = ["post_frame"]
+    else:
+        engine = env.ctx.language.engine
+        names = ["post_recv", "post_meta_recv"]
+    transport = next(iter(engine._transports.values()))
+    under_lock: list[str] = []
+    calls = [0]
+
+    def watch(name: str) -> Callable[..., Any]:
+        real = getattr(transport, name)
+
+        def watched(*args: Any, **kw: Any) -> Any:
+            calls[0] += 1
+            if engine._lock._is_owned():
+                under_lock.append(name)
+            return real(*args, **kw)
+        return watched
+
+    for name in names:
+        setattr(transport, name, watch(name))
+    try:
+        if env.embedding:
+            embedding_side(env, specs)
+        else:
+            receive(env, specs)
+    finally:
+        for name in names:
+            delattr(transport, name)
+    return {"delta": env.delta(), "under_lock": under_lock, "calls": calls[0]}
+
+
 def sc_many_rounds_one_room(env: Env) -> dict[str, Any]:
     """One room moved one block per round: init(16) then 55 x resume(num_tokens=16)."""
     room, seq = env.room(0), 16 * 55 + 7
@@ -809,6 +848,8 @@ SCENARIOS: dict[str, tuple[Callable[[Env], dict[str, Any]], Callable[[str, str, 
     "pool_double_buffers_resume": (sc_pool_double_buffers_resume,
                                    lambda c, m, a: c == "small" and m == "pool" and a),
     "ops_per_chunk": (sc_ops_per_chunk, lambda c, m, a: c == "std" and a),
+    "posts_outside_engine_lock": (sc_posts_outside_engine_lock,
+                                  lambda c, m, a: c == "std"),
     "many_rounds_one_room": (sc_many_rounds_one_room, lambda c, m, a: c == "std" and not a),
     "lengths_edge_cases": (sc_lengths_edge_cases, lambda c, m, a: c == "std"),
     "alloc_before_data": (sc_alloc_before_data, lambda c, m, a: c == "std"),
@@ -968,6 +1009,15 @@ def test_pool_double_buffers_resume() -> None:
     assert lang["partial_seen"] == []
     assert lang["copied"] == [0], lang["copied"]  # resume chunks: straight into the output
     assert_counts(emb, lang, chunks=5, resumes=4)
+
+
+@pytest.mark.parametrize("auto_resume", [True, False], ids=["auto", "manual"])
+@pytest.mark.parametrize("recv_into", BOTH)
+def test_posts_are_made_outside_the_engine_lock(recv_into: str, auto_resume: bool) -> None:
+    emb, lang = outcome(("std", recv_into, auto_resume), "posts_outside_engine_lock")
+    for side in (emb, lang):
+        assert side["calls"] > 5 and side["under_lock"] == [], side
+    assert emb["delta"]["failures"] == lang["delta"]["failures"] == 0
 
 
 @pytest.mark.parametrize("recv_into", BOTH)
