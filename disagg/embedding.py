@@ -122,7 +122,8 @@ class _PairSender:
     order, and must be called without the engine lock: a Gloo post can wait
     milliseconds for the pair while a large payload is on its socket. The
     pair's thread waits for each posted frame in order, reports it through
-    `done`, and posts whatever was queued when it has nothing to wait for."""
+    `done`, and posts whatever is still queued whenever it looks (after each
+    frame, and at least every half second)."""
 
     def __init__(self, transport: PairTransport, name: str) -> None:
         self.transport = transport
@@ -139,8 +140,9 @@ class _PairSender:
         with self._cv:
             if self._stop:
                 raise DisaggError("sender thread stopped")
+            # No wake-up: the scheduling thread flushes as soon as it lets go of
+            # the engine lock, and this thread would only contend with it.
             self._queued.append(job)
-            self._cv.notify()
 
     def flush(self) -> None:
         """Post every queued frame. If another thread is posting, it posts ours
@@ -721,6 +723,7 @@ class EmbeddingEngine:
                                else "RESUME")
                     self._fail(r, f"embedding rank {self.rank}: timed out after {limit:g}s "
                                   f"waiting for {waiting}", cause="timeout")
+        self.flush_posts()  # ABORT frames for the rooms that timed out
 
     # ------------------------------------------------------------ shutdown
 
@@ -801,6 +804,7 @@ class Sender:
 
     def abort(self, reason: str = "aborted") -> None:
         self._engine._abort(self._r, reason)
+        self._engine.flush_posts()  # the ABORT frames it answered with
 
 
 def _validate_send(cfg: DisaggConfig, geometry: Geometry, device: torch.device, room: int,
