@@ -13,8 +13,10 @@ import os
 import socket
 import tempfile
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
+
+import pytest
 
 _ONCE: dict[str, tuple[bool, Any]] = {}
 
@@ -119,3 +121,15 @@ def check_whole(ctx: Any, when: str) -> dict[str, Any]:
                              f"{st['pool_free_blocks']} pool_total_blocks="
                              f"{st['pool_total_blocks']} rooms_live={st['rooms_live']}")
     return st
+
+
+def rank_results(per_rank: Sequence[tuple[str, Any]], title: str,
+                 who: Sequence[str] | None = None) -> list[Any]:
+    """The values of one scenario's (status, value) per rank; a rank whose status
+    is not "ok" fails the test, with every such rank's story under `title`."""
+    names = who or [f"rank {r}" for r in range(len(per_rank))]
+    problems = [f"--- {name}: {what}\n{detail}"
+                for name, (what, detail) in zip(names, per_rank, strict=True) if what != "ok"]
+    if problems:
+        pytest.fail(f"{title}:\n" + "\n".join(problems), pytrace=False)
+    return [value for _, value in per_rank]

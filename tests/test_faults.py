@@ -67,7 +67,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import roomdata
-from harness import spawn, spawn_once
+from harness import rank_results, spawn, spawn_once
 from roomdata import room_data
 
 import disagg
@@ -598,13 +598,9 @@ def abort_run() -> list[dict[str, Any]]:
 def abort_outcome(side: str, state: str) -> tuple[dict[str, Any], dict[str, Any]]:
     value = abort_run()
     name = f"{side}/{state}"
-    per_rank = [value[r][name] for r in (0, 1)]
-    problems = [f"--- {role} rank: {what}\n{detail}"
-                for role, (what, detail) in zip(("embedding", "language"), per_rank, strict=True)
-                if what != "ok"]
-    if problems:
-        pytest.fail(f"abort case {name}:\n" + "\n".join(problems), pytrace=False)
-    return per_rank[0][1], per_rank[1][1]
+    emb, lang = rank_results([value[r][name] for r in (0, 1)], f"abort case {name}",
+                             ("embedding rank", "language rank"))
+    return emb, lang
 
 
 @pytest.mark.parametrize("state", STATES)
@@ -744,6 +740,19 @@ def await_success(senders: dict[int, tuple[Any, Any]], what: str,
     return {room: (s.poll().name, s.failure) for room, (s, _) in senders.items()}
 
 
+def survivors_ended_well(ranks: dict[str, dict[str, Any]], pool: str = "pool") -> list[str]:
+    """What went wrong at the end of a kill run on the ranks that survived it:
+    a pool with blocks out or rooms live, or a shutdown slower than K_BOUND."""
+    problems = []
+    for who, o in ranks.items():
+        w = o["whole"]
+        if w["pool_free_blocks"] != w["pool_total_blocks"] or w["rooms_live"]:
+            problems.append(f"{who}: {pool} not whole at the end: {w}")
+        if o["shutdown_s"] >= K_BOUND:
+            problems.append(f"{who}: shutdown took {o['shutdown_s']:.2f}s")
+    return problems
+
+
 def run_kill_embedding(rank: int, world: int, init_method: str) -> dict[str, Any]:
     """Embedding ranks 0, 1 stream to Language rank 2; rank 1 SIGKILLs itself."""
     ctx = disagg.init(k_cfg(2, rank < 2), rank=rank, world_size=world, init_method=init_method)
@@ -852,12 +861,7 @@ def test_sigkill_embedding_rank_mid_stream() -> None:
                         f"lost with embedding rank 1")
     if e0["causes"]:
         problems.append(f"embedding rank 0 counted failures: {e0['causes']}")
-    for who, o in (("embedding rank 0", e0), ("language rank 2", l2)):
-        w = o["whole"]
-        if w["pool_free_blocks"] != w["pool_total_blocks"] or w["rooms_live"]:
-            problems.append(f"{who}: pool not whole at the end: {w}")
-        if o["shutdown_s"] >= K_BOUND:
-            problems.append(f"{who}: shutdown took {o['shutdown_s']:.2f}s")
+    problems += survivors_ended_well({"embedding rank 0": e0, "language rank 2": l2})
     assert not problems, "\n".join(problems)
 
 
@@ -993,12 +997,8 @@ def test_sigkill_language_rank_mid_stream() -> None:
                         f"lost with language rank 2")
     if l1["causes"]:
         problems.append(f"language rank 1 counted failures: {l1['causes']}")
-    for who, o in (("embedding rank 0", e0), ("language rank 1", l1)):
-        w = o["whole"]
-        if w["pool_free_blocks"] != w["pool_total_blocks"] or w["rooms_live"]:
-            problems.append(f"{who}: pool (budget) not whole at the end: {w}")
-        if o["shutdown_s"] >= K_BOUND:
-            problems.append(f"{who}: shutdown took {o['shutdown_s']:.2f}s")
+    problems += survivors_ended_well({"embedding rank 0": e0, "language rank 1": l1},
+                                     pool="pool (budget)")
     assert not problems, "\n".join(problems)
 
 

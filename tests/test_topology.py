@@ -51,7 +51,7 @@ from typing import Any, NamedTuple
 import pytest
 import torch
 import torch.distributed as dist
-from harness import check_whole, spawn
+from harness import check_whole, rank_results, spawn
 from roomdata import make_data, mismatches
 
 import disagg
@@ -697,17 +697,13 @@ def ranks_of(name: str, name_scenario: str) -> list[Any]:
     kind, value = _RUNS[name]
     if kind == "error":
         raise AssertionError(f"topology {name} did not complete: {value}")
-    per_rank = [value[r]["outcomes"][name_scenario] for r in range(topo.world)]
-    problems = [f"--- rank {r}: {what}\n{detail}" for r, (what, detail) in enumerate(per_rank)
-                if what != "ok"]
-    if problems:
-        pytest.fail(f"scenario {name_scenario} in topology {name}:\n" + "\n".join(problems),
-                    pytrace=False)
+    results = rank_results([value[r]["outcomes"][name_scenario] for r in range(topo.world)],
+                           f"scenario {name_scenario} in topology {name}")
     if all(k == "ok" for v in value for k, _ in v["outcomes"].values()):
         for r, v in enumerate(value):  # the whole run ended with every pool whole
             assert v["final"][0] == "ok", f"rank {r}: {v['final'][1]}"
             assert v["shutdown_s"] < SHUTDOWN_BOUND_S, f"rank {r}: shutdown {v['shutdown_s']}s"
-    return [res for _, res in per_rank]
+    return results
 
 
 def instances(name: str) -> list[list[int]]:

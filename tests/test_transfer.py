@@ -46,7 +46,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-from harness import check_whole, spawn
+from harness import check_whole, rank_results, spawn
 from roomdata import make_data, mismatches
 
 import disagg
@@ -930,17 +930,13 @@ def outcome(key: tuple[str, str, bool], name: str) -> tuple[Any, Any]:
     kind, value = _SUITES[key]
     if kind == "error":
         raise AssertionError(f"suite {key} did not complete: {value}")
-    per_rank = [value[r][name] for r in (0, 1)]
-    problems = [f"--- {role} rank: {what}\n{detail}"
-                for role, (what, detail) in zip(("embedding", "language"), per_rank, strict=True)
-                if what != "ok"]
-    if problems:
-        pytest.fail(f"scenario {name} in suite {key}:\n" + "\n".join(problems), pytrace=False)
+    emb, lang = rank_results([value[r][name] for r in (0, 1)], f"scenario {name} in suite {key}",
+                             ("embedding rank", "language rank"))
     if all(value[r][n][0] == "ok" for r in (0, 1) for n in value[r]
            if n != "__final__"):  # (else a failed scenario's own test reports it)
         for r in (0, 1):  # the whole run ended with both pools whole
             assert value[r]["__final__"][0] == "ok", value[r]["__final__"][1]
-    return per_rank[0][1], per_rank[1][1]
+    return emb, lang
 
 
 def assert_counts(emb: dict, lang: dict, chunks: int, resumes: int | None = None) -> None:
