@@ -7,6 +7,14 @@ we ask for transparent huge pages on such a tensor's 2 MiB-aligned interior
 (`madvise(MADV_HUGEPAGE)`, which only touches memory we own and is a hint: a
 kernel with THP off ignores it). The process-wide alternative is PyTorch's
 `THP_MEM_ALLOC_ENABLE=1`, which a library must not set for its host.
+
+Smaller results come from glibc's heap and usually reuse touched memory, but
+not always: memory glibc trimmed back to the kernel faults again (on the
+Firecracker VM we test on, where the guest reports free pages to the host, a
+first touch costs ~10 us per 4 KiB instead of ~0.5, and such a 14 MiB room
+takes 40 ms instead of 10). Huge pages did not shorten those rooms there, and
+with THP defrag=madvise an advised fault may compact memory synchronously, so
+they stay unadvised.
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ import sys
 import torch
 
 HUGE_PAGE = 2 << 20
-ADVISE_MIN_BYTES = 32 << 20  # below this glibc reuses heap memory: no faults to save
+ADVISE_MIN_BYTES = 32 << 20  # below: heap memory, mostly reused (see above)
 _MADV_HUGEPAGE = 14
 
 
