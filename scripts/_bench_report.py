@@ -72,7 +72,7 @@ def print_table(records: list[dict]) -> None:
     timed = [r for r in records if "memory" not in r]
     if timed:
         print(f"{'scenario':26} {'MiB':>7} {'ch':>4} {'disagg':>7} {'raw':>7} {'zmq':>7} "
-              f"{'d/raw':>6} {'d/zmq':>6} {'p50 ms':>7} {'p99 ms':>7} {'faults':>6} "
+              f"{'d/raw':>6} {'d/zmq':>6} {'p50 ms':>7} {'p99 ms':>7} {'faults':>6} {'raw p99':>7} "
               f"{'noise d/raw':>11} {'noise d/zmq':>11}")
         print(f"{'':26} {'':>7} {'':>4} {'GB/s':>7} {'GB/s':>7} {'GB/s':>7}"
               f"{'':>14} {'(disagg, per room)':>22}")
@@ -82,12 +82,14 @@ def print_table(records: list[dict]) -> None:
                   f"{r['disagg']['gbps']:7.3f} {r['raw']['gbps']:7.3f} {r['zmq']['gbps']:7.3f} "
                   f"{r['ratio_disagg_raw']:6.2f} {r['ratio_disagg_zmq']:6.2f} "
                   f"{r['disagg']['p50_ms']:7.2f} {r['disagg']['p99_ms']:7.2f} "
-                  f"{r['disagg']['minor_faults_per_room']:6.0f} "
+                  f"{r['disagg']['minor_faults_per_room']:6.0f} {r['raw']['p99_ms']:7.2f} "
                   f"{nr[0]:5.2f}-{nr[1]:<5.2f} {nz[0]:5.2f}-{nz[1]:<5.2f}")
+        fresh = timed[0].get("baseline_destinations") == "fresh"
         print("MiB: per round, to every Language rank. ch: chunks per room. d/raw, d/zmq: "
               "throughput ratios of medians (>1: disagg faster);\nnoise: min-max of per-round "
-              "ratios. faults: minor page faults per room on a Language rank (median; raw "
-              "lands in touched, preallocated tensors).")
+              "ratios. faults: minor page faults per room on a Language rank (median). raw "
+              "and zmq land in " + ("fresh tensors per room." if fresh else
+                                    "touched, preallocated tensors."))
     for r in records:
         if "memory" in r:
             m = r["memory"]

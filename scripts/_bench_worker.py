@@ -60,8 +60,8 @@ def _config(sc: Scenario, rank: int) -> disagg.DisaggConfig:
 class _Rank:
     """This rank's side of one scenario: tensors, sockets, and one round per kind."""
 
-    def __init__(self, ctx: disagg.Context, sc: Scenario, rank: int) -> None:
-        self.ctx, self.sc, self.rank = ctx, sc, rank
+    def __init__(self, ctx: disagg.Context, sc: Scenario, rank: int, fresh: bool) -> None:
+        self.ctx, self.sc, self.rank, self.fresh = ctx, sc, rank, fresh
         self.langs = list(range(1, sc.world))
         self.side = dist.new_group(backend="gloo")
         self.raw = dist.new_group(backend="gloo")
@@ -85,7 +85,7 @@ class _Rank:
             self.pull = self.zctx.socket(zmq.PULL)
             self.pull.setsockopt(zmq.LINGER, 0)
             port[rank] = self.pull.bind_to_random_port("tcp://127.0.0.1")
-            rooms = 0 if sc.is_memory else sc.rooms
+            rooms = 0 if sc.is_memory or fresh else sc.rooms
             # preallocated (and touched) landing tensors, one set per room of a round
             self.dsts = [[torch.zeros_like(t) for t in self.srcs] for _ in range(rooms)]
             self.dst_np = [[d.view(-1).view(torch.uint8).numpy() for d in ds]
@@ -98,6 +98,14 @@ class _Rank:
 
     def close(self) -> None:
         self.zctx.destroy(linger=0)
+
+    def _landing(self, j: int) -> tuple[list[torch.Tensor], list[np.ndarray]]:
+        """Where a baseline's room j lands: the preallocated, touched tensors, or
+        (fresh) new ones, as a receiver handing each request its own tensors gets."""
+        if not self.fresh:
+            return self.dsts[j], self.dst_np[j]
+        ds = [torch.empty_like(t) for t in self.srcs]
+        return ds, [d.view(-1).view(torch.uint8).numpy() for d in ds]
 
     # ------------------------------------------------------------ rounds
 
@@ -163,13 +171,15 @@ class _Rank:
         return []
 
     def _raw_recv(self, k: int, check: bool) -> list[float]:
-        done = []
+        done, landed = [], []
         for j in range(k):
-            for w in [dist.irecv(d, 0, group=self.raw) for d in self.dsts[j]]:
+            dsts, _ = self._landing(j)
+            for w in [dist.irecv(d, 0, group=self.raw) for d in dsts]:
                 w.wait()
             done.append(time.monotonic())
+            landed.append(dsts)  # a round's results live until it ends, as disagg's do
         if check:
-            _check_equal(self.dsts[0], self.srcs, "raw")
+            _check_equal(landed[0], self.srcs, "raw")
         return done
 
     def _zmq_send(self, k: int, check: bool) -> list[float]:
@@ -179,14 +189,16 @@ class _Rank:
         return []
 
     def _zmq_recv(self, k: int, check: bool) -> list[float]:
-        done = []
+        done, landed = [], []
         for j in range(k):
             frames = self.pull.recv_multipart(copy=False)
-            for f, d in zip(frames, self.dst_np[j], strict=True):
+            dsts, dst_np = self._landing(j)
+            for f, d in zip(frames, dst_np, strict=True):
                 np.copyto(d, np.frombuffer(f.buffer, dtype=np.uint8))
             done.append(time.monotonic())
+            landed.append(dsts)  # a round's results live until it ends, as disagg's do
         if check:
-            _check_equal(self.dsts[0], self.srcs, "zmq")
+            _check_equal(landed[0], self.srcs, "zmq")
         return done
 
 
@@ -249,7 +261,7 @@ def _memory(me: _Rank) -> dict:
 
 
 def run_scenario(rank: int, sc: Scenario, init_method: str, rounds: int, warmup: int,
-                 timeout_s: float) -> dict:
+                 timeout_s: float, fresh: bool) -> dict:
     dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=sc.world,
                             timeout=datetime.timedelta(seconds=timeout_s))
     faulthandler.dump_traceback_later(timeout_s, exit=True)  # a hang shows its stacks
@@ -257,7 +269,7 @@ def run_scenario(rank: int, sc: Scenario, init_method: str, rounds: int, warmup:
         ctx = disagg.init(_config(sc, rank))  # reuses the world above, leaves it to us
         me = None
         try:
-            me = _Rank(ctx, sc, rank)
+            me = _Rank(ctx, sc, rank, fresh)
             out = _memory(me) if sc.is_memory else _timed(me, rounds, warmup)
             dist.barrier(group=me.side)
             return out
@@ -284,7 +296,7 @@ def _exit_with_parent() -> None:
 
 
 def rank_main(rank: int, scenarios: list[Scenario], rounds: int, warmup: int, tmpdir: str,
-              timeout_s: float) -> None:
+              timeout_s: float, fresh: bool = False) -> None:
     """torch.multiprocessing entry: every scenario this rank takes part in; results
     to `tmpdir/rank{rank}.json` (None for scenarios with fewer ranks)."""
     os.environ["OMP_NUM_THREADS"] = "1"
@@ -293,6 +305,6 @@ def rank_main(rank: int, scenarios: list[Scenario], rounds: int, warmup: int, tm
     out = []
     for i, sc in enumerate(scenarios):
         out.append(None if rank >= sc.world else run_scenario(
-            rank, sc, f"file://{tmpdir}/world-{i}", rounds, warmup, timeout_s))
+            rank, sc, f"file://{tmpdir}/world-{i}", rounds, warmup, timeout_s, fresh))
     with open(os.path.join(tmpdir, f"rank{rank}.json"), "w") as f:
         json.dump(out, f)

@@ -27,9 +27,12 @@ first:
 Figures are medians of the interleaved rounds; d/raw and d/zmq are throughput
 ratios (baseline time / disagg time) and "noise" is the min-max of the
 per-round ratios, since the machine is shared. "faults" counts minor page
-faults per room on a Language rank (disagg lands in a fresh result tensor per
-room). The memory group reports the resident memory growth of every rank
-between two room counts (target: within 5 %).
+faults per room on a Language rank: disagg lands in a fresh result tensor per
+room, which the baselines do too with --fresh-destinations (what a receiver
+that hands every request its own tensors pays; on some VMs the first touch of
+such memory costs far more than on bare metal, and shows in p99). The memory
+group reports the resident memory growth of every rank between two room counts
+(target: within 5 %).
 """
 
 from __future__ import annotations
@@ -65,6 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="unmeasured rounds first (default 4, --quick 2); round 0 checks bytes")
     p.add_argument("--json", metavar="PATH", help="write one record per scenario here")
     p.add_argument("--plot", metavar="PATH", help="PNG of throughput vs size (matplotlib)")
+    p.add_argument("--fresh-destinations", action="store_true",
+                   help="raw and zmq land each room in newly allocated tensors, as disagg "
+                        "does, instead of preallocated touched ones")
     p.add_argument("--timeout", type=float, default=300.0,
                    help="seconds one scenario may take before its ranks dump stacks and exit")
     p.add_argument("--list", action="store_true", help="list the scenarios and exit")
@@ -99,7 +105,8 @@ def _spawn(scs: list[Scenario], args: argparse.Namespace,
     """Run every scenario in one set of rank processes; results per rank."""
     nprocs = max(sc.world for sc in scs)
     pctx = mp.start_processes(rank_main, nprocs=nprocs, join=False, start_method="spawn",
-                              args=(scs, args.rounds, args.warmup, tmpdir, args.timeout))
+                              args=(scs, args.rounds, args.warmup, tmpdir, args.timeout,
+                                    args.fresh_destinations))
     budget = args.timeout * len(scs) + 60
     deadline = time.monotonic() + budget
     try:
@@ -142,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"benchmark failed: {e}", file=sys.stderr)
             return 1
     records = [summarise(sc, [r[i] for r in per_rank]) for i, sc in enumerate(scs)]
+    for rec in records:
+        rec["baseline_destinations"] = "fresh" if args.fresh_destinations else "preallocated"
     print_table(records)
     print(f"total {time.monotonic() - t0:.1f}s")
     if args.json:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench_transfer.py"
 FLAGS = ("--scenarios", "--quick", "--rounds", "--warmup", "--json", "--plot", "--timeout",
-         "--list", "--help")
+         "--fresh-destinations", "--list", "--help")
 
 
 def _run(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
@@ -55,6 +55,19 @@ def test_quick_run_writes_a_record_per_scenario(tmp_path: Path) -> None:
             assert 0 < lo <= hi
     for name in names:
         assert name in p.stdout  # the table
+    assert all(r["baseline_destinations"] == "preallocated" for r in records)
+
+
+def test_fresh_destinations_land_and_check_new_tensors(tmp_path: Path) -> None:
+    """The baselines' byte check runs on the freshly allocated tensors too."""
+    out = tmp_path / "bench.json"
+    p = _run("--quick", "--scenarios", "latency-64tok", "--rounds", "1",
+             "--fresh-destinations", "--json", str(out), timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    [rec] = json.loads(out.read_text())
+    assert rec["baseline_destinations"] == "fresh" and rec["failures"] == 0
+    assert rec["raw"]["gbps"] > 0 and rec["zmq"]["gbps"] > 0
+    assert "fresh tensors per room" in p.stdout
 
 
 def test_help_lists_every_flag() -> None:
