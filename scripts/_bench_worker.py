@@ -88,24 +88,20 @@ class _Rank:
             rooms = 0 if sc.is_memory or fresh else sc.rooms
             # preallocated (and touched) landing tensors, one set per room of a round
             self.dsts = [[torch.zeros_like(t) for t in self.srcs] for _ in range(rooms)]
-            self.dst_np = [[d.view(-1).view(torch.uint8).numpy() for d in ds]
-                           for ds in self.dsts]
+            self.dst_np = [[_bytes(d) for d in ds] for ds in self.dsts]
         dist.all_reduce(port, group=self.side)
         if rank == 0:
             for lang in self.langs:
                 self.push[lang].connect(f"tcp://127.0.0.1:{int(port[lang])}")
-            self.frames = [t.view(-1).view(torch.uint8).numpy() for t in self.srcs]
+            self.frames = [_bytes(t) for t in self.srcs]
 
     def close(self) -> None:
         self.zctx.destroy(linger=0)
 
-    def _landing(self, j: int) -> tuple[list[torch.Tensor], list[np.ndarray]]:
+    def _landing(self, j: int) -> list[torch.Tensor]:
         """Where a baseline's room j lands: the preallocated, touched tensors, or
-        (fresh) new ones, as a receiver handing each request its own tensors gets."""
-        if not self.fresh:
-            return self.dsts[j], self.dst_np[j]
-        ds = [torch.empty_like(t) for t in self.srcs]
-        return ds, [d.view(-1).view(torch.uint8).numpy() for d in ds]
+        (fresh) new ones, as a receiver that hands each request its own gets."""
+        return [torch.empty_like(t) for t in self.srcs] if self.fresh else self.dsts[j]
 
     # ------------------------------------------------------------ rounds
 
@@ -173,7 +169,7 @@ class _Rank:
     def _raw_recv(self, k: int, check: bool) -> list[float]:
         done, landed = [], []
         for j in range(k):
-            dsts, _ = self._landing(j)
+            dsts = self._landing(j)
             for w in [dist.irecv(d, 0, group=self.raw) for d in dsts]:
                 w.wait()
             done.append(time.monotonic())
@@ -192,7 +188,8 @@ class _Rank:
         done, landed = [], []
         for j in range(k):
             frames = self.pull.recv_multipart(copy=False)
-            dsts, dst_np = self._landing(j)
+            dsts = self._landing(j)
+            dst_np = [_bytes(d) for d in dsts] if self.fresh else self.dst_np[j]
             for f, d in zip(frames, dst_np, strict=True):
                 np.copyto(d, np.frombuffer(f.buffer, dtype=np.uint8))
             done.append(time.monotonic())
@@ -200,6 +197,11 @@ class _Rank:
         if check:
             _check_equal(landed[0], self.srcs, "zmq")
         return done
+
+
+def _bytes(t: torch.Tensor) -> np.ndarray:
+    """A contiguous CPU tensor's memory as a flat uint8 array (no copy)."""
+    return t.view(-1).view(torch.uint8).numpy()
 
 
 def _expect(status: TransferStatus, room: disagg.Sender | disagg.Receiver) -> None:
