@@ -158,7 +158,8 @@ class Context:
         self._stats = stats
         control = self._control = ControlChannel(self._zctx, name=f"disagg-control-{self.rank}")
         if is_embedding:
-            self.control_address = control.bind_router(self.cfg.host or _routable_host(hostnames))
+            self.control_address = control.bind_router(self.cfg.host or _routable_host(hostnames),
+                                                       topo.language_ranks)
         store.set(f"{_KEY}/rank/{self.rank}", json.dumps(
             {"geometry": self.geometry.to_dict(), "address": self.control_address,
              "backend": self.backend}))
@@ -189,20 +190,18 @@ class Context:
         if is_embedding:
             peer_blocks = {r: int(peers[r]["geometry"]["num_blocks"]) for r in topo.language_ranks}
             engine = EmbeddingEngine(self.cfg, self.rank, topo, self.geometry, peer_blocks,
-                                     transports, self.device, stats)
-            engine.control = control
-            control.start(engine.on_message, engine.on_tick)
+                                     transports, self.device, stats, control)
+            control.start(engine)
             self._embedding: EmbeddingEngine | _RoleError = engine
             self._language: LanguageSide | _RoleError = _RoleError(
                 f"rank {self.rank} is an embedding rank: ctx.language exists only on ranks "
                 f"[{topo.num_embedding_ranks}, {self.world_size})")
         else:
-            lang_engine = LanguageEngine(self.cfg, self.rank, topo, self.geometry, transports,
-                                         self.device, stats)
             control.connect_dealers(self.rank,
                                     {e: peers[e]["address"] for e in topo.embedding_ranks})
-            lang_engine.control = control
-            control.start(lang_engine.on_message, lang_engine.on_tick)
+            lang_engine = LanguageEngine(self.cfg, self.rank, topo, self.geometry, transports,
+                                         self.device, stats, control)
+            control.start(lang_engine)
             self._language = LanguageSide(lang_engine, instance_group)
             self._embedding = _RoleError(
                 f"rank {self.rank} is a language rank: ctx.embedding exists only on ranks "

@@ -13,8 +13,11 @@ under one discipline:
   polls their file descriptors, never the sockets, and reads them under the
   lock.
 
-Inbound messages go to a handler callback; the thread survives anything the
-handler raises.
+Authentication and decoding happen here: the handler receives
+`(peer_rank, decoded message)` for every well-formed message whose sender is who
+it claims to be, and `on_bad_message` (with whatever could be learnt: the peer,
+the room the header names) for everything else. Engines never see identities or
+bytes. The thread survives anything the handler raises.
 """
 
 from __future__ import annotations
@@ -25,11 +28,13 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from typing import Protocol
 
 import zmq
 
-from .errors import DisaggError
+from .errors import DisaggError, ProtocolError
+from .wire import Abort, Alloc, ControlMessage, Heartbeat, Reject, Resume, decode, encode, peek_room
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +83,22 @@ class RateLimitedLog:
             self._log.warning(msg, *args)
 
 
-# handler(peer, payload): peer is the ROUTER identity (bytes) or the Embedding rank (int).
-Handler = Callable[[bytes | int, bytes], None]
+class ControlHandler(Protocol):
+    """What an engine offers the control channel (called on the control thread)."""
+
+    def on_message(self, peer: int, msg: ControlMessage) -> None: ...
+
+    def on_bad_message(self, peer: int | None, room: int | None, why: str) -> None:
+        """A message that could not be accepted: `peer` None when the sender is not
+        a known rank, `room` when the header names one."""
+
+    def on_tick(self) -> None: ...
+
+
+class ControlPort(Protocol):
+    """What an engine needs to send: one decoded message to one peer rank."""
+
+    def post(self, peer: int, msg: ControlMessage) -> None: ...
 
 
 class ControlChannel:
@@ -88,10 +107,10 @@ class ControlChannel:
 
     def __init__(self, zctx: zmq.Context, name: str = "disagg-control") -> None:
         self._zctx = zctx
-        self._handler: Handler = lambda peer, payload: None
-        self._on_tick: Callable[[], None] | None = None
+        self._handler: ControlHandler | None = None
         self._name = name
         self._router: zmq.Socket | None = None
+        self._peers: frozenset[int] = frozenset()  # ROUTER side: who may speak to us
         self._dealers: dict[int, zmq.Socket] = {}
         self._dealer_lock = threading.Lock()
         self._closed = False
@@ -107,11 +126,13 @@ class ControlChannel:
         s.setsockopt(zmq.LINGER, 0)
         s.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
 
-    def bind_router(self, host: str) -> str:
+    def bind_router(self, host: str, peers: Iterable[int]) -> str:
+        """Embedding side: accept messages from the Language ranks `peers`."""
         s = self._zctx.socket(zmq.ROUTER)
         self._configure(s)
         port = s.bind_to_random_port(f"tcp://{host}")
         self._router = s
+        self._peers = frozenset(peers)
         return f"tcp://{host}:{port}"
 
     def connect_dealers(self, my_rank: int, addresses: dict[int, str]) -> None:
@@ -122,24 +143,24 @@ class ControlChannel:
             s.connect(addr)
             self._dealers[peer] = s
 
-    def start(self, handler: Handler, on_tick: Callable[[], None] | None = None) -> None:
-        """Run the thread: `handler` for every inbound message, `on_tick` at least
-        every poll interval."""
+    def start(self, handler: ControlHandler) -> None:
+        """Run the thread: `handler.on_message` for every inbound message,
+        `handler.on_tick` at least every poll interval."""
         self._handler = handler
-        self._on_tick = on_tick
         self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
         self._thread.start()
 
-    def post(self, dest: bytes | int, payload: bytes) -> None:
-        """Send a message to `dest`: a ROUTER identity (queued for the control
-        thread) or an Embedding rank (sent now on its DEALER)."""
-        if isinstance(dest, int):
-            self._send_dealer(dest, payload)
+    def post(self, peer: int, msg: ControlMessage) -> None:
+        """Send `msg` to rank `peer`: queued for the control thread (ROUTER side) or
+        sent now on the peer's DEALER (Language side)."""
+        payload = encode(msg)
+        if self._router is None:
+            self._send_dealer(peer, payload)
             return
         with self._lock:
             if len(self._outbox) >= MAX_OUTBOX:
                 raise DisaggError(f"control outbox full ({MAX_OUTBOX} messages)")
-            self._outbox.append((dest, payload))
+            self._outbox.append((identity_of(peer), payload))
         self._wake()
 
     def _send_dealer(self, dest: int, payload: bytes) -> None:
@@ -203,8 +224,8 @@ class ControlChannel:
             # Every pass, not only on their descriptors' edges: another thread's
             # send may have taken the edge (it then wakes us, but this is cheap).
             self._drain_dealers()
-            if self._on_tick is not None:
-                self._guard(self._on_tick)
+            if self._handler is not None:
+                self._guard(self._handler.on_tick)
             if self._stop.is_set():
                 self._flush()
                 return
@@ -216,9 +237,9 @@ class ControlChannel:
             except zmq.Again:
                 return
             if len(frames) != 2:  # [identity, payload]
-                self._guard(self._handler, frames[0] if frames else b"", b"")
+                self._inbound_router(frames[0] if frames else b"", b"")
                 continue
-            self._guard(self._handler, frames[0], frames[1])
+            self._inbound_router(frames[0], frames[1])
 
     def _drain_dealers(self) -> None:
         for peer, s in self._dealers.items():
@@ -233,7 +254,7 @@ class ControlChannel:
                         break
                     inbox.append(frames[0] if len(frames) == 1 else b"")
             for payload in inbox:  # outside the lock: handlers may send
-                self._guard(self._handler, peer, payload)
+                self._inbound_dealer(peer, payload)
 
     def _flush(self) -> None:
         while True:
@@ -246,6 +267,52 @@ class ControlChannel:
                 self._router.send_multipart([dest, payload], zmq.NOBLOCK)
             except zmq.ZMQError as e:
                 log.warning("control message to %r dropped: %s", dest, e)
+
+    def _inbound_router(self, identity: bytes, payload: bytes) -> None:
+        """A message to an Embedding rank: from a known Language rank, speaking for
+        itself, in a Language->Embedding kind."""
+        claimed = rank_of_identity(identity)
+        if claimed is None or claimed not in self._peers:
+            self._bad(None, None, f"message from unknown peer identity {identity[:32]!r}")
+            return
+        msg = self._decode(claimed, payload)
+        if msg is None:
+            return
+        if isinstance(msg, Reject):
+            self._bad(claimed, msg.room, "REJECT is not a Language->Embedding message")
+        elif isinstance(msg, Heartbeat) and msg.rank != claimed:
+            self._bad(claimed, None, f"message claims language rank {msg.rank} but comes "
+                                     f"from {claimed}")
+        elif isinstance(msg, (Alloc, Resume, Abort)) and msg.lang_rank != claimed:
+            self._bad(claimed, msg.room, f"message claims language rank {msg.lang_rank} but "
+                                         f"comes from {claimed}")
+        else:
+            self._deliver(claimed, msg)
+
+    def _inbound_dealer(self, src: int, payload: bytes) -> None:
+        """A message to a Language rank from Embedding rank `src`: REJECT or HEARTBEAT."""
+        msg = self._decode(src, payload)
+        if msg is None:
+            return
+        if isinstance(msg, Reject) or (isinstance(msg, Heartbeat) and msg.rank == src):
+            self._deliver(src, msg)
+        else:
+            self._bad(src, None, f"unexpected {type(msg).__name__} from embedding rank {src}")
+
+    def _decode(self, peer: int, payload: bytes) -> ControlMessage | None:
+        try:
+            return decode(payload)
+        except ProtocolError as e:
+            self._bad(peer, peek_room(payload), f"malformed control message: {e}")
+            return None
+
+    def _deliver(self, peer: int, msg: ControlMessage) -> None:
+        if self._handler is not None:
+            self._guard(self._handler.on_message, peer, msg)
+
+    def _bad(self, peer: int | None, room: int | None, why: str) -> None:
+        if self._handler is not None:
+            self._guard(self._handler.on_bad_message, peer, room, why)
 
     def _guard(self, fn: Callable[..., None], *args: object) -> None:
         try:

@@ -35,8 +35,8 @@ from dataclasses import dataclass, field
 import torch
 
 from .config import DisaggConfig
-from .control import ControlChannel, RateLimitedLog, identity_of, rank_of_identity
-from .errors import DisaggError, PeerLost, PoolFull, ProtocolError
+from .control import ControlPort, RateLimitedLog
+from .errors import DisaggError, PeerLost, PoolFull
 from .geometry import Geometry, Topology
 from .plan import Segment, chunk_tokens, num_blocks_for, segment_plan
 from .pool import BlockAllocator
@@ -47,14 +47,12 @@ from .wire import (
     MAX_AUX,
     Abort,
     Alloc,
+    ControlMessage,
     FrameKind,
     Heartbeat,
     Meta,
     Reject,
     Resume,
-    decode,
-    encode,
-    peek_room,
     reason_tensor,
 )
 
@@ -208,8 +206,10 @@ class EmbeddingEngine:
 
     def __init__(self, cfg: DisaggConfig, rank: int, topology: Topology, geometry: Geometry,
                  peer_num_blocks: dict[int, int], transports: dict[int, PairTransport],
-                 device: torch.device, stats: Stats) -> None:
+                 device: torch.device, stats: Stats, control: ControlPort | None = None,
+                 *, clock: Callable[[], float] = time.monotonic) -> None:
         self.cfg = cfg
+        self._clock = clock
         self.rank = rank
         self.topology = topology
         self.geometry = geometry
@@ -229,9 +229,9 @@ class EmbeddingEngine:
         self._lock = threading.RLock()
         self._ended = threading.Condition(self._lock)  # a room reached SUCCESS or FAILED
         self._warn = RateLimitedLog(log)
-        self.control: ControlChannel | None = None  # set by init before start
+        self.control: ControlPort | None = control
         self._closing = False
-        now = time.monotonic()
+        now = self._clock()
         self._last_heard = {lang: now for lang in topology.language_ranks}
         self._dead: dict[int, str] = {}  # Language rank -> why it is considered dead
         stats.add_source(self._live_by_peer)
@@ -254,10 +254,10 @@ class EmbeddingEngine:
             if room in self._rooms:
                 raise ValueError(f"room {room} is still live on embedding rank {self.rank}; "
                                  f"room ids must be unique among live rooms")
-            r = _Room(room)
+            r = _Room(room, created=self._clock(), last_progress=self._clock())
             self._tombstones.pop(room, None)
             early_abort = self._early_aborts.pop(room, None)
-            if early_abort is not None and (time.monotonic() - early_abort[1]
+            if early_abort is not None and (self._clock() - early_abort[1]
                                             < self.cfg.bootstrap_timeout):
                 r.failure, r.status, r.ended = early_abort[0], TransferStatus.FAILED, True
                 self.stats.failure("abort")
@@ -301,7 +301,7 @@ class EmbeddingEngine:
                                rank=self.rank, room=r.room) from e
             self.stats.set_gauge("pool_free_blocks", self.budget.num_free)
             r.sources, r.seq_len, r.aux, r.ready = sources, seq_len, aux, ready
-            r.sent_at = r.last_progress = time.monotonic()
+            r.sent_at = r.last_progress = self._clock()
             r.status = (TransferStatus.TRANSFERRING if r.pairs
                         else TransferStatus.BOOTSTRAPPING)
             for pair in list(r.pairs.values()):
@@ -367,7 +367,7 @@ class EmbeddingEngine:
                        err: BaseException | None) -> None:
         with self._lock:
             pair.in_flight -= 1
-            r.last_progress = time.monotonic()
+            r.last_progress = self._clock()
             if err is not None:
                 self._pair_lost(pair.lang_rank, err)
                 # _pair_lost spares rooms whose last chunk was on the wire; this was it
@@ -388,7 +388,7 @@ class EmbeddingEngine:
         done = sum(p.done for p in r.pairs.values())
         if r.instance_size is not None and done == r.instance_size:
             if r.sent_at is not None:
-                self.stats.observe("send_total_s", time.monotonic() - r.sent_at)
+                self.stats.observe("send_total_s", self._clock() - r.sent_at)
             self._end(r, "success", TransferStatus.SUCCESS)
 
     def _maybe_end(self, r: _Room) -> None:
@@ -466,64 +466,51 @@ class EmbeddingEngine:
     def _reject(self, lang_rank: int, room: int, key: int, reason: str) -> None:
         if self.control is not None and not self._closing:
             try:
-                self.control.post(identity_of(lang_rank), encode(Reject(room, key, reason)))
+                self.control.post(lang_rank, Reject(room, key, reason))
             except DisaggError as e:
                 self._warn.warning("reject", "could not send REJECT for room %d: %s", room, e)
 
     # ------------------------------------------------------------ control thread
 
-    def on_message(self, identity: bytes | int, data: bytes) -> None:
-        """Control thread: one inbound message; frames it scheduled leave at once."""
+    def on_message(self, peer: int, msg: ControlMessage) -> None:
+        """Control thread: one authenticated message; frames it scheduled leave at once."""
         try:
-            self._on_message(identity, data)
+            self._on_message(peer, msg)
         finally:
             self.flush_posts()
 
-    def _on_message(self, identity: bytes | int, data: bytes) -> None:
-        """Decode one message and act on it (frames are posted by the caller)."""
-        assert isinstance(identity, bytes)
-        claimed = rank_of_identity(identity)
-        if claimed is None or claimed not in self.topology.language_ranks:
+    def on_bad_message(self, peer: int | None, room: int | None, why: str) -> None:
+        """Control thread: a message the channel could not accept."""
+        if peer is None:
             self.stats.failure("bad_peer")
-            self._warn.warning("bad_peer", "embedding rank %d: message from unknown peer "
-                               "identity %r dropped", self.rank, identity[:32])
+            self._warn.warning("bad_peer", "embedding rank %d: %s dropped", self.rank, why)
             return
-        try:
-            msg = decode(data)
-        except ProtocolError as e:
-            self.stats.failure("bad_message")
-            self._warn.warning("bad_message", "embedding rank %d: malformed message from "
-                               "language rank %d: %s", self.rank, claimed, e)
-            room = peek_room(data)
-            if room is not None:
+        self.stats.failure("bad_message")
+        self._warn.warning("bad_message", "embedding rank %d: from language rank %d: %s",
+                           self.rank, peer, why)
+        if room is not None:
+            try:
                 with self._lock:
-                    self._bad_message(claimed, room, f"malformed control message: {e}")
-            return
-        if isinstance(msg, Heartbeat) and msg.rank == claimed:
-            self._last_heard[claimed] = time.monotonic()
+                    self._bad_message(peer, room, why)
+            finally:
+                self.flush_posts()
+
+    def _on_message(self, claimed: int, msg: ControlMessage) -> None:
+        """Act on one message (frames are posted by the caller)."""
+        if isinstance(msg, Heartbeat):
+            self._last_heard[claimed] = self._clock()
             if msg.bye:
                 with self._lock:
                     self._pair_lost(claimed, PeerLost("it shut down", peer=claimed), clean=True)
             elif self.control is not None and not self._closing:
-                self.control.post(identity, encode(Heartbeat(self.rank)))
+                self.control.post(claimed, Heartbeat(self.rank))
             return
         with self._lock:
-            if isinstance(msg, (Reject, Heartbeat)) or msg.lang_rank != claimed:
-                self.stats.failure("bad_message")
-                what = ("REJECT is not a Language->Embedding message" if isinstance(msg, Reject)
-                        else f"message claims language rank {msg.rank} but comes from "
-                             f"{claimed}" if isinstance(msg, Heartbeat)
-                        else f"message claims language rank {msg.lang_rank} but comes "
-                             f"from {claimed}")
-                self._warn.warning("bad_message", "embedding rank %d: %s", self.rank, what)
-                if not isinstance(msg, Heartbeat):
-                    self._bad_message(claimed, msg.room, what)
-                return
             if isinstance(msg, Alloc):
                 self._on_alloc(msg)
             elif isinstance(msg, Resume):
                 self._on_resume(msg)
-            else:
+            elif isinstance(msg, Abort):
                 self._on_abort(msg)
 
     def _bad_message(self, lang: int, room: int, why: str) -> None:
@@ -566,7 +553,7 @@ class EmbeddingEngine:
         tp = self.topology.language_tp_size
         if why is None and not 1 <= m.instance_size <= tp:
             why = f"instance_size={m.instance_size} outside [1, {tp}]"
-        grant = _Grant(0, m.block_ids, m.allocated_tokens, m.direct)
+        grant = _Grant(0, m.block_ids, m.allocated_tokens, m.direct, self._clock())
         r = self._rooms.get(room)
         if r is None:
             if room in self._tombstones:
@@ -597,7 +584,7 @@ class EmbeddingEngine:
             return
         r.instance_size = m.instance_size
         pair = r.pairs[lang] = _Pair(lang, pending=grant, keys={0})
-        r.last_progress = time.monotonic()
+        r.last_progress = self._clock()
         if r.sources is not None:
             r.status = TransferStatus.TRANSFERRING
         self._schedule(r, pair)
@@ -630,9 +617,10 @@ class EmbeddingEngine:
             self._fail(r, f"embedding rank {self.rank}: {why}", cause="bad_message")
             return
         assert pair is not None
-        pair.pending = _Grant(m.sent_tokens, m.block_ids, m.allocated_tokens, m.direct)
+        pair.pending = _Grant(m.sent_tokens, m.block_ids, m.allocated_tokens, m.direct,
+                              self._clock())
         pair.keys.add(m.sent_tokens)
-        r.last_progress = time.monotonic()
+        r.last_progress = self._clock()
         self.stats.add(resumes=1)
         self._schedule(r, pair)
 
@@ -653,7 +641,7 @@ class EmbeddingEngine:
 
     def _remember_early_abort(self, room: int, lang: int, reason: str) -> None:
         self._early_aborts[room] = (f"aborted by language rank {lang} before this rank "
-                                    f"had the room's data: {reason}", time.monotonic())
+                                    f"had the room's data: {reason}", self._clock())
         while len(self._early_aborts) > MAX_TOMBSTONES:
             self._early_aborts.popitem(last=False)
 
@@ -701,7 +689,7 @@ class EmbeddingEngine:
 
     def on_tick(self) -> None:
         """Control thread, every poll interval: liveness and bootstrap timeouts."""
-        now = time.monotonic()
+        now = self._clock()
         limit = self.cfg.bootstrap_timeout
         with self._lock:
             for lang, heard in self._last_heard.items():
@@ -746,7 +734,7 @@ class EmbeddingEngine:
                           self.rank, timeout_s)
         if self.control is not None:  # after the last frames: a clean goodbye
             for lang in self.topology.language_ranks:
-                self.control.post(identity_of(lang), encode(Heartbeat(self.rank, bye=True)))
+                self.control.post(lang, Heartbeat(self.rank, bye=True))
 
 
 def _check_room_id(room: int) -> None:

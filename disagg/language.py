@@ -36,13 +36,14 @@ import collections
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from .config import DisaggConfig
-from .control import ControlChannel, RateLimitedLog
+from .control import ControlPort, RateLimitedLog
 from .errors import DisaggError, PeerLost, ProtocolError, TransferTimeout
 from .geometry import PACKED_IDS, Geometry, Topology
 from .pages import empty_result
@@ -55,13 +56,12 @@ from .wire import (
     ABORT_REASON_BYTES,
     Abort,
     Alloc,
+    ControlMessage,
     FrameKind,
     Heartbeat,
     Meta,
     Reject,
     Resume,
-    decode,
-    encode,
     reason_from_tensor,
 )
 
@@ -167,8 +167,10 @@ class LanguageEngine:
 
     def __init__(self, cfg: DisaggConfig, rank: int, topology: Topology, geometry: Geometry,
                  transports: dict[int, PairTransport], device: torch.device,
-                 stats: Stats) -> None:
+                 stats: Stats, control: ControlPort | None = None, *,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.cfg = cfg
+        self._clock = clock
         self.rank = rank
         self.topology = topology
         self.geometry = geometry
@@ -183,10 +185,10 @@ class LanguageEngine:
         self._pairs: dict[int, _PairReceiver] = {}
         self._recent_lengths: collections.deque[int] = collections.deque(maxlen=AUTO_WINDOW)
         self._warn = RateLimitedLog(log)
-        self.control: ControlChannel | None = None
+        self.control: ControlPort | None = control
         self._closing = False
         self.instance_size = topology.language_tp_size
-        now = time.monotonic()
+        now = self._clock()
         self._last_heard = {e: now for e in topology.embedding_ranks}
         self._dead: dict[int, str] = {}  # Embedding rank -> why it is considered dead
         self._next_heartbeat = now
@@ -207,7 +209,8 @@ class LanguageEngine:
             if room in self._rooms:
                 raise ValueError(f"room {room} is still live on language rank {self.rank}; "
                                  f"room ids must be unique among live rooms")
-            r = self._rooms[room] = _Room(room, src_rank)
+            now = self._clock()
+            r = self._rooms[room] = _Room(room, src_rank, created=now, last_progress=now)
             self.stats.set_gauge("rooms_live", len(self._rooms))
         return Receiver(self, r)
 
@@ -251,7 +254,7 @@ class LanguageEngine:
                 return False
             r.alloc_sent = True
             r.status = TransferStatus.WAITING_FOR_INPUT
-            r.last_progress = r.alloc_at = time.monotonic()
+            r.last_progress = r.alloc_at = self._clock()
             if num_tokens is None and self.cfg.default_alloc_tokens == "auto":
                 r.auto_first_blocks = len(a.block_ids)
             self._post(r.src_rank, Alloc(r.room, self.rank, self.instance_size,
@@ -365,7 +368,7 @@ class LanguageEngine:
         if self.control is None:
             return
         try:
-            self.control.post(src, encode(msg))
+            self.control.post(src, msg)
         except DisaggError as e:
             self._warn.warning("post", "language rank %d: control message to embedding "
                                "rank %d not sent: %s", self.rank, src, e)
@@ -425,11 +428,11 @@ class LanguageEngine:
             assert a is not None
             r.outstanding = None
             pair.owed -= 1
-            r.last_progress = time.monotonic()
+            r.last_progress = self._clock()
             if meta.kind is not FrameKind.DATA:
                 raise _StreamBroken(f"unexpected {meta.kind.name} frame for room {r.room}")
             n, offset, last, corrupt = self._check_data(r, a, meta)
-            now = time.monotonic()
+            now = self._clock()
             if r.first_byte_at is None:
                 r.first_byte_at = now
                 self.stats.observe("alloc_to_first_byte_s", now - (r.alloc_at or r.created))
@@ -469,7 +472,7 @@ class LanguageEngine:
                                   f"down: {pair.dead}", cause="peer_lost")
                 else:
                     r.status = TransferStatus.TRANSFERRING
-                    r.partial_at = time.monotonic()
+                    r.partial_at = self._clock()
                     if self.cfg.auto_resume and r.outstanding is None:
                         self._send_resume(r, None, landed=r.received)  # our blocks came free
             self._maybe_untrack(r)
@@ -493,7 +496,7 @@ class LanguageEngine:
                 0, r.auto_first_blocks - num_blocks_for(r.seq_len, bs)))
 
     def _observe_done(self, r: _Room) -> None:
-        now = time.monotonic()
+        now = self._clock()
         total = now - r.created
         self.stats.observe("recv_total_s", total)
         if self.cfg.slow_room_s is not None and total > self.cfg.slow_room_s:
@@ -631,23 +634,14 @@ class LanguageEngine:
 
     # ------------------------------------------------------------ control thread
 
-    def on_message(self, src: bytes | int, data: bytes) -> None:
-        assert isinstance(src, int)
-        try:
-            msg = decode(data)
-        except ProtocolError as e:
-            self._warn.warning("bad_message", "language rank %d: malformed message from "
-                               "embedding rank %d: %s", self.rank, src, e)
-            self.stats.failure("bad_message")
-            return
-        if isinstance(msg, Heartbeat) and msg.rank == src:
-            self._last_heard[src] = time.monotonic()
+    def on_message(self, src: int, msg: ControlMessage) -> None:
+        """Control thread: a HEARTBEAT or REJECT from Embedding rank `src`."""
+        if isinstance(msg, Heartbeat):
+            self._last_heard[src] = self._clock()
             if msg.bye:
                 self._peer_dead(src, "it shut down", clean=True)
             return
         if not isinstance(msg, Reject):
-            self._warn.warning("bad_message", "language rank %d: unexpected %s from "
-                               "embedding rank %d", self.rank, type(msg).__name__, src)
             return
         with self._lock:
             r = self._rooms.get(msg.room)
@@ -655,8 +649,13 @@ class LanguageEngine:
                 return  # a room that already ended here
             self._fail(r, f"rejected by embedding rank {src}: {msg.reason}", cause="rejected")
 
+    def on_bad_message(self, src: int | None, room: int | None, why: str) -> None:
+        self._warn.warning("bad_message", "language rank %d: from embedding rank %s: %s",
+                           self.rank, src, why)
+        self.stats.failure("bad_message")
+
     def on_tick(self) -> None:
-        now = time.monotonic()
+        now = self._clock()
         if now >= self._next_heartbeat and not self._closing:
             self._next_heartbeat = now + self.heartbeat_interval
             for e in self.topology.embedding_ranks:
