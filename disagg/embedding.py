@@ -246,6 +246,11 @@ class EmbeddingEngine:
 
     # ------------------------------------------------------------ public
 
+    def holds_lock(self) -> bool:
+        """Whether the calling thread holds the engine lock (tests check that no
+        transport call is made under it)."""
+        return self._lock._is_owned()  # type: ignore[attr-defined]
+
     def sender(self, room: int) -> Sender:
         _check_room_id(room)
         with self._lock:

@@ -197,6 +197,11 @@ class LanguageEngine:
 
     # ------------------------------------------------------------ public
 
+    def holds_lock(self) -> bool:
+        """Whether the calling thread holds the engine lock (tests check that no
+        transport call is made under it)."""
+        return self._lock._is_owned()  # type: ignore[attr-defined]
+
     def receiver(self, room: int, src_rank: int) -> Receiver:
         if isinstance(room, bool) or not isinstance(room, int) or not 0 <= room < (1 << 63):
             raise ValueError(f"room={room!r} must be an int in [0, 2**63)")
