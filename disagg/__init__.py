@@ -9,13 +9,14 @@ from .embedding import Sender
 from .errors import (
     DisaggError,
     GeometryMismatch,
+    LockstepError,
     PeerLost,
     PoolFull,
     ProtocolError,
     TransferTimeout,
 )
 from .language import Receiver
-from .queue import LockstepError, RoomQueue
+from .queue import RoomQueue
 from .types import EmbeddingResult, TransferStatus
 
 __all__ = [

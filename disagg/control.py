@@ -150,10 +150,11 @@ class ControlChannel:
         self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
         self._thread.start()
 
-    def post(self, peer: int, msg: ControlMessage) -> None:
+    def post(self, peer: int, msg: ControlMessage | bytes) -> None:
         """Send `msg` to rank `peer`: queued for the control thread (ROUTER side) or
-        sent now on the peer's DEALER (Language side)."""
-        payload = encode(msg)
+        sent now on the peer's DEALER (Language side). Bytes go as they are (tools
+        and tests that put crafted messages on the genuine socket)."""
+        payload = msg if isinstance(msg, bytes) else encode(msg)
         if self._router is None:
             self._send_dealer(peer, payload)
             return

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import enum
+
 
 class DisaggError(RuntimeError):
     """Base of every error this library raises on purpose."""
@@ -34,3 +36,26 @@ class PoolFull(DisaggError):
 
 class GeometryMismatch(DisaggError, ValueError):
     """Two ranks disagree on block size, buffer names, shapes or dtypes."""
+
+
+class LockstepError(DisaggError):
+    """TP ranks of one instance disagree on the queue's rooms or steps."""
+
+
+class StreamBroken(DisaggError):
+    """A frame that disagrees with what this side allocated: the pair's stream can
+    no longer be trusted and is torn down (never guess sizes)."""
+
+
+class FailureCause(str, enum.Enum):
+    """Why a room failed, as counted in `ctx.stats()["failures_by_cause"]`."""
+
+    ABORT = "abort"  # this side's caller aborted
+    ABORTED_BY_PEER = "aborted_by_peer"  # the Embedding rank answered with an ABORT frame
+    BAD_MESSAGE = "bad_message"  # a malformed or impossible control message
+    BAD_PEER = "bad_peer"  # a message from an identity that is no known rank
+    CORRUPT_FRAME = "corrupt_frame"  # a chunk that disagrees with the room's first chunk
+    PEER_LOST = "peer_lost"  # the peer died, said goodbye, or its stream broke
+    REJECTED = "rejected"  # the Embedding rank refused the room (REJECT)
+    SHUTDOWN = "shutdown"  # this rank shut down with the room live
+    TIMEOUT = "timeout"  # bootstrap_timeout (or the first-chunk bound) ran out

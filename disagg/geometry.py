@@ -1,5 +1,4 @@
-"""Pool geometry: the per-token buffers every rank must agree on, and the
-role split of the world.
+"""Pool geometry: the per-token buffers every rank must agree on.
 
 Geometry is published in the c10d store as JSON (never pickle) and compared at
 start-up, so a mismatch is an error naming both sides instead of a garbled
@@ -18,11 +17,14 @@ import torch
 
 from .config import DTYPES, DisaggConfig
 from .errors import GeometryMismatch
+from .topology import Topology
 
 _DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 # fill_ids and mrope_positions travel side by side as one [seq, 4] int32 buffer
 PACKED_IDS = "fill_ids+mrope_positions"
+
+__all__ = ["PACKED_IDS", "BufferSpec", "Geometry", "Topology"]  # Topology: its old home
 
 
 @dataclass(frozen=True)
@@ -111,44 +113,3 @@ class Geometry:
             raise GeometryMismatch(
                 f"pool buffers differ: rank {rank} has [{describe(self)}], "
                 f"rank {peer} has [{describe(other)}]", rank=rank, peer=peer)
-
-
-@dataclass(frozen=True)
-class Topology:
-    """Role split: ranks [0, E) embed; then instances of T consecutive Language ranks."""
-
-    world_size: int
-    num_embedding_ranks: int
-    language_tp_size: int
-
-    def __post_init__(self) -> None:
-        e, t, w = self.num_embedding_ranks, self.language_tp_size, self.world_size
-        if w <= e or (w - e) % t:
-            raise ValueError(
-                f"world_size={w} does not fit num_embedding_ranks={e} plus Language "
-                f"instances of language_tp_size={t}: world_size must be {e} + k*{t} "
-                f"with k >= 1 (e.g. {e + t} or {e + 2 * t})")
-
-    @property
-    def embedding_ranks(self) -> range:
-        return range(self.num_embedding_ranks)
-
-    @property
-    def language_ranks(self) -> range:
-        return range(self.num_embedding_ranks, self.world_size)
-
-    @property
-    def num_instances(self) -> int:
-        return (self.world_size - self.num_embedding_ranks) // self.language_tp_size
-
-    def role(self, rank: int) -> str:
-        return "embedding" if rank < self.num_embedding_ranks else "language"
-
-    def instance_of(self, rank: int) -> int | None:
-        if rank < self.num_embedding_ranks:
-            return None
-        return (rank - self.num_embedding_ranks) // self.language_tp_size
-
-    def instance_ranks(self, instance: int) -> list[int]:
-        start = self.num_embedding_ranks + instance * self.language_tp_size
-        return list(range(start, start + self.language_tp_size))

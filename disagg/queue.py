@@ -21,16 +21,12 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .errors import DisaggError
+from .errors import LockstepError
 from .language import LanguageEngine, Receiver
 from .types import EmbeddingResult, TransferStatus
 
 MAX_WINDOW = 1024  # rooms agreed on per step; later ones keep moving and wait their turn
 _HEADER = 6
-
-
-class LockstepError(DisaggError):
-    """TP ranks of one instance disagree on the queue's rooms or steps."""
 
 
 @dataclass

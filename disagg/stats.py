@@ -32,6 +32,8 @@ class Stats:
             self._counters.update(counts)
 
     def failure(self, cause: str) -> None:
+        """Count a failed room under `cause` (a `FailureCause` or its value)."""
+        cause = str(getattr(cause, "value", cause))
         with self._lock:
             self._counters["failures"] += 1
             self._failures[cause] += 1

@@ -553,17 +553,19 @@ def _language_side(ctx: Any, sync: _Sync) -> dict[str, Any]:
         (kind, room): rw for room, _n, _s, kind, rw, _ in REWRITE_CASES.values()}
     rewritten: list[Any] = []
 
-    def post(dest: Any, payload: bytes) -> None:
-        try:
-            m = wire.decode(payload)
-        except disagg.ProtocolError:
-            return orig_post(dest, payload)
+    def post(dest: Any, payload: Any) -> None:
+        # the engine posts decoded messages (the channel encodes them)
+        m = payload
+        if isinstance(payload, bytes):
+            try:
+                m = wire.decode(payload)
+            except disagg.ProtocolError:
+                return orig_post(dest, payload)
         rw = rewrites.pop((type(m).__name__, m.room), None)
         if rw is not None:
             m = rw(m)
             rewritten.append(m)
-            payload = wire.encode(m)
-        return orig_post(dest, payload)
+        return orig_post(dest, m)
 
     ctrl.post = post
     try:

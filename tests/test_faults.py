@@ -27,7 +27,7 @@ bit-exact (bf16 through int16); pools are checked whole (pool_free_blocks ==
 pool_total_blocks and rooms_live == 0) before shutdown.
 
 A few internals are read, for observation only: the Embedding engine's table
-of early ALLOCs (`_early`, `_early_aborts`) and its rooms' pairs, to know that
+of early ALLOCs (`lobby`) and its rooms' lanes, to know that
 an ALLOC really arrived before acting on it; the Language pool's allocator
 (`ctx.language.pool.allocator.owned_by`), to see which block ids a room holds.
 Two faults are injected through internals, each only on the rank that is its
@@ -200,13 +200,13 @@ def cause_delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]
 
 def early_has(ctx: Any, room: int) -> bool:
     """The Embedding rank holds an ALLOC for `room`, which has no sender yet."""
-    return room in ctx.embedding._early
+    return bool(ctx.embedding.lobby.holds(room))
 
 
 def pair_arrived(ctx: Any, room: int, lang: int) -> bool:
     """An ALLOC from `lang` reached the live sender of `room`."""
     r = ctx.embedding._rooms.get(room)
-    return r is not None and lang in r.pairs
+    return r is not None and lang in r.lanes
 
 
 def describe(r: Any) -> str:
@@ -1208,7 +1208,7 @@ def run_fuzz(rank: int, world: int, init_method: str) -> dict[str, Any]:
             max_early = [0]
 
             def sample() -> None:
-                max_early[0] = max(max_early[0], len(ctx.embedding._early))
+                max_early[0] = max(max_early[0], len(ctx.embedding.lobby))
 
             sync.put("address", ctx.control_address)
             out["rooms"].update(fz_send_batch(ctx, 1, sample))  # warm-up: the baseline
@@ -1234,8 +1234,8 @@ def run_fuzz(rank: int, world: int, init_method: str) -> dict[str, Any]:
                                     if t.name == f"disagg-control-{rank}" and t.is_alive()]
             out["rss_growth_kb"] = maxrss_kb() - rss0
             out["max_early"] = max_early[0]
-            out["early_now"] = len(ctx.embedding._early)
-            out["early_aborts_now"] = len(ctx.embedding._early_aborts)
+            out["early_now"] = len(ctx.embedding.lobby)
+            out["early_aborts_now"] = ctx.embedding.lobby.num_early_aborts
             out["whole"] = settle_whole(ctx, "at the end")
             out["causes"] = cause_delta(base, causes(ctx))
             out["expected_bad_peer"] = n
@@ -1652,7 +1652,9 @@ def lifecycle_outcome() -> tuple[dict[str, Any], dict[str, Any]]:
 
 def test_shutdown_fails_rooms_in_flight_on_both_sides() -> None:
     emb, lang = lifecycle_outcome()
-    assert emb["before"] == {LC_A: "WAITING_FOR_INPUT", LC_B: "BOOTSTRAPPING",
+    # The Embedding side waits for its input (the caller's data and an ALLOC) until
+    # both are there; it never moves back to BOOTSTRAPPING (disagg/embedding/machine.py)
+    assert emb["before"] == {LC_A: "WAITING_FOR_INPUT", LC_B: "WAITING_FOR_INPUT",
                              LC_C: "TRANSFERRING"}, emb["before"]
     assert lang["before"] == {LC_A: "WAITING_FOR_INPUT", LC_A2: "WAITING_FOR_INPUT",
                               LC_B: "BOOTSTRAPPING", LC_C: "NEEDS_RESUME"}, lang["before"]

@@ -450,23 +450,24 @@ def sc_pool_double_buffers_resume(env: Env) -> dict[str, Any]:
         sizes.append(len(ids))
         return ids
 
-    engine = env.ctx.language.engine
+    from disagg.language import stream
     copied: list[int] = []  # token offsets of the chunks copied out of the pool
-    real_copy_out = engine._copy_out
+    real_copy_out = stream.copy_out
 
-    def recording_copy_out(r: Any, plan: Any, offset: int) -> None:
+    def recording_copy_out(geometry: Any, pool: Any, outputs: Any, plan: Any, offset: int,
+                           device: Any) -> None:
         copied.append(offset)
-        real_copy_out(r, plan, offset)
+        real_copy_out(geometry, pool, outputs, plan, offset, device)
 
     partial_seen: list[int] = []
     alloc.allocate = recording_allocate
-    engine._copy_out = recording_copy_out  # type: ignore[method-assign]
+    stream.copy_out = recording_copy_out
     try:
         receive(env, spec, init_tokens=4 * BS,
                 on_needs_resume=lambda _room, r: partial_seen.append(r.progress[0]))
     finally:
         del alloc.allocate
-        del engine._copy_out
+        stream.copy_out = real_copy_out
     return {"delta": env.delta(), "sizes": sizes, "partial_seen": partial_seen,
             "copied": copied}
 
@@ -517,7 +518,7 @@ def sc_posts_outside_engine_lock(env: Env) -> dict[str, Any]:
 
         def watched(*args: Any, **kw: Any) -> Any:
             calls[0] += 1
-            if engine._lock._is_owned():
+            if engine.holds_lock():
                 under_lock.append(name)
             return real(*args, **kw)
         return watched

@@ -1,0 +1,370 @@
+"""Embedding side: the engine. It holds the lock and the tables (live rooms, the
+lobby, liveness), asks `SendMachine` what each event means, and executes the
+returned actions in order: frames go to `SendStreams`, control messages to the
+channel, the budget back to its allocator, statuses to the caller.
+
+Threads that call in: the caller (`sender`, `send`, `abort`), the control
+thread (`on_message`, `on_bad_message`, `on_tick`) and each pair's send thread
+(frame completions). Every frame scheduled under the lock is posted right after
+the lock is released, by the thread that scheduled it (`_flush`).
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import logging
+import threading
+import time
+from collections.abc import Callable
+
+import torch
+
+from ..config import DisaggConfig
+from ..control import ControlPort, RateLimitedLog
+from ..errors import DisaggError, FailureCause, PeerLost, PoolFull
+from ..geometry import Geometry
+from ..liveness import Liveness
+from ..pool import BlockAllocator
+from ..stats import Stats
+from ..topology import Topology
+from ..transport import PairTransport
+from ..types import TransferStatus
+from ..wire import Abort, Alloc, ControlMessage, Heartbeat, Reject, Resume
+from .lobby import Lobby, Refusal
+from .machine import (
+    Action,
+    Count,
+    CountFailure,
+    End,
+    Grant,
+    Lane,
+    SendAbortFrame,
+    SendData,
+    SendMachine,
+    SendReject,
+    SendRoom,
+    set_status,
+)
+from .sender import Sender, check_room_id
+from .stream import Frame, SendStreams, abort_frame, data_frame
+
+log = logging.getLogger(__name__)
+
+
+class EmbeddingEngine:
+    """All rooms of one Embedding rank. Built by `disagg.init`; use `sender(room)`."""
+
+    def __init__(self, cfg: DisaggConfig, rank: int, topology: Topology, geometry: Geometry,
+                 peer_num_blocks: dict[int, int], transports: dict[int, PairTransport],
+                 device: torch.device, stats: Stats, control: ControlPort | None = None,
+                 *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.cfg = cfg
+        self.rank = rank
+        self.topology = topology
+        self.geometry = geometry
+        self.device = device
+        self.stats = stats
+        self.control = control
+        self._clock = clock
+        self.budget = BlockAllocator(geometry.num_blocks)
+        self.machine = SendMachine(rank, geometry, topology, peer_num_blocks,
+                                   cfg.bootstrap_timeout)
+        self._transports = transports
+        self._streams = SendStreams(rank, transports)
+        self._rooms: dict[int, SendRoom] = {}
+        self.lobby = Lobby(cfg.bootstrap_timeout)
+        self.liveness = Liveness(topology.language_ranks, cfg.peer_timeout, clock())
+        self._lock = threading.RLock()
+        self._ended = threading.Condition(self._lock)  # a room reached SUCCESS or FAILED
+        self._warn = RateLimitedLog(log)
+        self._closing = False
+        stats.add_source(self._live_by_peer)
+
+    # ------------------------------------------------------------ public
+
+    def holds_lock(self) -> bool:
+        """Whether the calling thread holds the engine lock (tests check that no
+        transport call is made under it)."""
+        return self._lock._is_owned()  # type: ignore[attr-defined]
+
+    def sender(self, room: int) -> Sender:
+        check_room_id(room)
+        with self._lock:
+            if self._closing:
+                raise DisaggError("context is shut down", rank=self.rank)
+            if room in self._rooms:
+                raise ValueError(f"room {room} is still live on embedding rank {self.rank}; "
+                                 f"room ids must be unique among live rooms")
+            now = self._clock()
+            r = SendRoom(room, created=now, last_progress=now)
+            claimed = self.lobby.claim(room, now)
+            if claimed.early_abort is not None:
+                r.failure, r.ended = claimed.early_abort, True
+                set_status(r, TransferStatus.FAILED)
+                self.stats.failure(FailureCause.ABORT)
+                return Sender(self, r)
+            self._rooms[room] = r
+            r.instance_size = claimed.instance_size
+            for lang, grant in claimed.grants.items():
+                r.lanes[lang] = Lane(lang, pending=grant, keys={0})
+            self.stats.set_gauge("rooms_live", len(self._rooms))
+        return Sender(self, r)
+
+    # ------------------------------------------------------------ Sender calls
+
+    def _send(self, r: SendRoom, sources: list[torch.Tensor], seq_len: int,
+              aux: tuple[int, ...]) -> None:
+        need = self.machine.budget_blocks(r.room, seq_len, self.budget.num_blocks)
+        ready = None
+        if self.device.type == "cuda":  # the sends wait for the producer's stream
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(self.device))
+        with self._lock:
+            if r.failure is not None:
+                return  # aborted before its data came (e.g. by Language): poll() says why
+            if r.ended:
+                raise DisaggError(f"room {r.room} already ended: success",
+                                  rank=self.rank, room=r.room)
+            if r.sources is not None:
+                raise ValueError(f"room {r.room}: send() was already called")
+            try:
+                budget = self.budget.allocate(need, owner=r.room)
+            except PoolFull as e:
+                raise PoolFull(f"embedding budget full: room {r.room} needs {need} blocks, "
+                               f"{self.budget.num_free} of {self.budget.num_blocks} free",
+                               rank=self.rank, room=r.room) from e
+            self.stats.set_gauge("pool_free_blocks", self.budget.num_free)
+            self._execute(self.machine.data(r, sources, seq_len, aux, ready, budget,
+                                            self._clock()))
+        self._flush()
+
+    def _abort(self, r: SendRoom, reason: str) -> None:
+        with self._lock:
+            self._execute(self.machine.abort(r, reason))
+        self._flush()
+
+    def _wait(self, r: SendRoom, timeout_s: float | None) -> TransferStatus:
+        bound = (self.cfg.bootstrap_timeout + self.cfg.peer_timeout
+                 if timeout_s is None else timeout_s)
+        with self._ended:
+            self._ended.wait_for(lambda: r.status in (TransferStatus.SUCCESS,
+                                                      TransferStatus.FAILED), bound)
+        return r.status
+
+    # ------------------------------------------------------------ control thread
+
+    def on_message(self, peer: int, msg: ControlMessage) -> None:
+        """One authenticated message; frames it scheduled leave at once."""
+        if isinstance(msg, Heartbeat):
+            self.liveness.heard(peer, self._clock())
+            if msg.bye:
+                with self._lock:
+                    self._pair_lost(peer, PeerLost("it shut down", peer=peer), clean=True)
+            elif self.control is not None and not self._closing:
+                self.control.post(peer, Heartbeat(self.rank))
+            return
+        try:
+            with self._lock:
+                if isinstance(msg, Alloc):
+                    self._on_alloc(msg)
+                elif isinstance(msg, Resume):
+                    self._on_resume(msg)
+                elif isinstance(msg, Abort):
+                    self._on_abort(msg)
+        finally:
+            self._flush()
+
+    def on_bad_message(self, peer: int | None, room: int | None, why: str) -> None:
+        """A message the channel could not accept. A room it names fails here
+        too (its pending grants are answered), or the peer learns by REJECT."""
+        if peer is None:
+            self.stats.failure(FailureCause.BAD_PEER)
+            self._warn.warning("bad_peer", "embedding rank %d: %s dropped", self.rank, why)
+            return
+        self.stats.failure(FailureCause.BAD_MESSAGE)
+        self._warn.warning("bad_message", "embedding rank %d: from language rank %d: %s",
+                           self.rank, peer, why)
+        if room is None:
+            return
+        reason = f"embedding rank {self.rank}: bad message from language rank {peer}: {why}"
+        with self._lock:
+            r = self._rooms.get(room)
+            if r is not None:
+                self._execute(self.machine.bad_message(r, peer, reason))
+            else:
+                self._reject(peer, room, reason)
+        self._flush()
+
+    def _on_alloc(self, m: Alloc) -> None:
+        lang, room = m.lang_rank, m.room
+        why = (self.machine.check_grant(lang, m.block_ids, m.allocated_tokens, m.direct,
+                                        allow_empty=False)
+               or self.machine.check_instance_size(m.instance_size))
+        grant = Grant(0, m.block_ids, m.allocated_tokens, m.direct, self._clock())
+        r = self._rooms.get(room)
+        if r is not None:
+            self._execute(self.machine.alloc(r, lang, grant, m.instance_size, why))
+            return
+        ended = self.lobby.ended(room)
+        if ended is not None:
+            why = f"ALLOC for a room that already ended: {ended}"
+        elif why is not None:
+            why = f"bad ALLOC from language rank {lang}: {why}"
+        else:
+            refusal = self.lobby.add_alloc(lang, room, m.instance_size, grant,
+                                           self.machine.other_instance)
+            if refusal is not None:
+                self.stats.failure(FailureCause.BAD_MESSAGE)
+                self._refuse([refusal])
+            return
+        self._execute([self.machine.refuse(lang, room, why)])
+
+    def _on_resume(self, m: Resume) -> None:
+        lang, room = m.lang_rank, m.room
+        r = self._rooms.get(room)
+        if r is None:
+            ended = self.lobby.ended(room)
+            self._execute([self.machine.refuse(
+                lang, room, "RESUME for a room that is unknown here" if ended is None
+                else f"RESUME for a room that already ended: {ended}")])
+            return
+        why = self.machine.check_grant(lang, m.block_ids, m.allocated_tokens, m.direct,
+                                       allow_empty=True)
+        grant = Grant(m.sent_tokens, m.block_ids, m.allocated_tokens, m.direct, self._clock())
+        self._execute(self.machine.resume(r, lang, grant, why))
+
+    def _on_abort(self, m: Abort) -> None:
+        r = self._rooms.get(m.room)
+        if r is not None:
+            self._execute(self.machine.peer_abort(r, m.lang_rank, m.reason))
+        else:
+            self._refuse(self.lobby.abort(m.room, m.lang_rank, m.reason, self._clock()))
+
+    def on_tick(self) -> None:
+        """Control thread, every poll interval: liveness and bootstrap timeouts."""
+        now = self._clock()
+        with self._lock:
+            for lang, why in self.liveness.expired(now):
+                self._pair_lost(lang, PeerLost(why, peer=lang))
+            self._refuse(self.lobby.expired(now))
+            for r in list(self._rooms.values()):
+                self._execute(self.machine.tick(r, now))
+        self._flush()  # ABORT frames for the rooms that timed out
+
+    # ------------------------------------------------------------ executing actions (locked)
+
+    def _execute(self, actions: list[Action]) -> None:
+        for a in actions:
+            if isinstance(a, SendData):
+                assert a.room.sources is not None
+                self._submit(a.lane.lang_rank, data_frame(
+                    a.meta, a.room.sources, a.plan, a.room.ready,
+                    functools.partial(self._frame_done, a.room, a.lane, True, a.nbytes)))
+            elif isinstance(a, SendAbortFrame):
+                done: Callable[[BaseException | None], None] = _ignore
+                if a.lane is not None and a.owner is not None:
+                    done = functools.partial(self._frame_done, a.owner, a.lane, False, 0)
+                self._submit(a.lang_rank, abort_frame(a.room, a.reason, self.device, done))
+            elif isinstance(a, SendReject):
+                self._reject(a.lang_rank, a.room, a.reason)
+            elif isinstance(a, CountFailure):
+                self.stats.failure(a.cause)
+            elif isinstance(a, Count):
+                self.stats.add(bytes_sent=a.bytes_sent, chunks=a.chunks, resumes=a.resumes)
+            elif isinstance(a, End):
+                self._end(a)
+
+    def _submit(self, lang: int, frame: Frame) -> None:
+        if self._closing:  # the streams are closing: the peer learns from their end
+            frame.done(DisaggError(f"embedding rank {self.rank} is shut down"))
+            return
+        dead = self.liveness.dead.get(lang)
+        if dead is not None:
+            frame.done(PeerLost(f"language rank {lang} is down: {dead}", rank=self.rank,
+                                peer=lang))
+            return
+        self._streams.submit(lang, frame)
+
+    def _frame_done(self, r: SendRoom, lane: Lane, data: bool, nbytes: int,
+                    err: BaseException | None) -> None:
+        """A pair's send thread (or `_submit` on a dead pair): a frame completed."""
+        with self._lock:
+            if err is not None:
+                self._pair_lost(lane.lang_rank, err)
+            self._execute(self.machine.frame_done(
+                r, lane, data=data, nbytes=nbytes, err=err,
+                lane_down=self.liveness.dead.get(lane.lang_rank), now=self._clock()))
+
+    def _end(self, a: End) -> None:
+        r = a.room
+        if r.budget:
+            self.budget.free(r.budget, owner=r.room)
+            r.budget = []
+        r.sources = None  # drop the caller's tensors
+        if self._rooms.get(r.room) is r:
+            del self._rooms[r.room]
+            self.lobby.bury(r.room, a.outcome)
+        self.stats.set_gauge("rooms_live", len(self._rooms))
+        self.stats.set_gauge("pool_free_blocks", self.budget.num_free)
+        if a.send_total_s is not None:
+            self.stats.observe("send_total_s", a.send_total_s)
+        set_status(r, a.status)  # last: the id and the budget are free
+        self._ended.notify_all()
+
+    def _refuse(self, refusals: list[Refusal]) -> None:
+        self._execute([self.machine.refuse(f.lang_rank, f.room, f.reason) for f in refusals])
+
+    def _reject(self, lang_rank: int, room: int, reason: str) -> None:
+        if self.control is not None and not self._closing:
+            try:
+                self.control.post(lang_rank, Reject(room, -1, reason))
+            except DisaggError as e:
+                self._warn.warning("reject", "could not send REJECT for room %d: %s", room, e)
+
+    def _pair_lost(self, lang: int, err: BaseException, *, clean: bool = False) -> None:
+        """`lang` is gone or its stream broke: nothing is sent to it again, and every
+        room it was part of, or whose instance it belongs to, fails. Idempotent."""
+        if not self.liveness.mark_dead(lang, str(err)):
+            return
+        if not self._closing:
+            log.log(logging.INFO if clean else logging.WARNING,
+                    "embedding rank %d: language rank %d is down: %s", self.rank, lang, err)
+        why = f"embedding rank {self.rank}: language rank {lang} is down: {err}"
+        for r in list(self._rooms.values()):
+            self._execute(self.machine.peer_lost(r, lang, why))
+        instance = self.topology.instance_of(lang)
+        self.lobby.drop(lambda room, lr, g: lr == lang)
+        self._refuse(self.lobby.drop(
+            lambda room, lr, g: self.topology.instance_of(lr) == instance,
+            f"language rank {lang} of this room's instance is down: {err}"))
+
+    def _flush(self) -> None:
+        """Post the frames scheduled so far, without the engine lock."""
+        self._streams.flush()
+
+    def _live_by_peer(self) -> dict[str, object]:
+        """Live rooms per Language rank that asked for them (-1: none asked yet)."""
+        with self._lock:
+            counts: collections.Counter[int] = collections.Counter()
+            for r in self._rooms.values():
+                counts.update([lang for lang, p in r.lanes.items() if not p.done] or [-1])
+        return {"rooms_live_by_peer": dict(counts)}
+
+    # ------------------------------------------------------------ shutdown
+
+    def close(self, timeout_s: float) -> None:
+        """Fail every live room ("shutdown"), flush ABORT frames, stop threads."""
+        with self._lock:
+            for r in list(self._rooms.values()):
+                self._execute(self.machine.shutdown(r))
+            self._refuse(self.lobby.drop(lambda room, lang, g: True, "shut down"))
+            self._closing = True
+        self._streams.stop(timeout_s, time.monotonic() + timeout_s)
+        if self.control is not None:  # after the last frames: a clean goodbye
+            for lang in self.topology.language_ranks:
+                self.control.post(lang, Heartbeat(self.rank, bye=True))
+
+
+def _ignore(err: BaseException | None) -> None:
+    pass

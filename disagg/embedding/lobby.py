@@ -1,0 +1,133 @@
+"""What an Embedding rank knows of rooms it has no `sender()` for: ALLOCs that
+came first (the Language side was quicker than the encoder), ABORTs that came
+first, and tombstones of rooms that ended. Every table is bounded: a flood of
+ALLOCs for rooms that never come is refused, not stored.
+
+Pure bookkeeping: decisions come back as refusals `(lang_rank, room, reason)`
+that the engine answers with ABORT frames.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .machine import Grant
+
+MAX_EARLY_ALLOCS = 1 << 14
+MAX_TOMBSTONES = 1 << 14
+
+
+@dataclass(frozen=True)
+class Refusal:
+    lang_rank: int
+    room: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class Claimed:
+    """What `sender(room)` takes over from the lobby."""
+
+    early_abort: str | None  # the room was aborted before it existed here
+    instance_size: int | None
+    grants: dict[int, Grant]
+
+
+class Lobby:
+    def __init__(self, bootstrap_timeout: float) -> None:
+        self._timeout = bootstrap_timeout
+        self._early: dict[int, dict[int, Grant]] = {}  # room -> lang rank -> ALLOC
+        self._early_instance: dict[int, int] = {}
+        self._early_total = 0
+        self._tombstones: collections.OrderedDict[int, str] = collections.OrderedDict()
+        self._early_aborts: collections.OrderedDict[int, tuple[str, float]] = (
+            collections.OrderedDict())
+
+    def __len__(self) -> int:
+        """Rooms with an ALLOC waiting here."""
+        return len(self._early)
+
+    def holds(self, room: int, lang: int | None = None) -> bool:
+        grants = self._early.get(room)
+        return grants is not None and (lang is None or lang in grants)
+
+    def ended(self, room: int) -> str | None:
+        """How a room that ended here ended, while remembered."""
+        return self._tombstones.get(room)
+
+    def claim(self, room: int, now: float) -> Claimed:
+        """`sender(room)`: the room's early ALLOCs are the room's from now on, so
+        every way it can end answers them."""
+        self._tombstones.pop(room, None)
+        abort = self._early_aborts.pop(room, None)
+        early_abort = abort[0] if abort is not None and now - abort[1] < self._timeout else None
+        grants = self._early.pop(room, {})
+        self._early_total -= len(grants)
+        return Claimed(early_abort, self._early_instance.pop(room, None), grants)
+
+    def add_alloc(self, lang: int, room: int, instance_size: int, grant: Grant,
+                  other_instance: Callable[[int, int], str | None]) -> Refusal | None:
+        """An ALLOC before its room: kept, or refused with the reason."""
+        pending = self._early.get(room, {})
+        inst = self._early_instance.get(room, instance_size)
+        other = other_instance(lang, next(iter(pending))) if pending else None
+        why = ("duplicate ALLOC" if lang in pending else
+               "instance_size disagrees" if inst != instance_size else
+               other if other else
+               f"too many ALLOCs waiting for data ({self._early_total})"
+               if self._early_total >= MAX_EARLY_ALLOCS else None)
+        if why is not None:
+            return Refusal(lang, room, f"bad ALLOC from language rank {lang}: {why}")
+        self._early.setdefault(room, {})[lang] = grant
+        self._early_instance[room] = instance_size
+        self._early_total += 1
+        return None
+
+    def drop(self, match: Callable[[int, int, Grant], bool],
+             reason: str = "") -> list[Refusal]:
+        """Forget the early ALLOCs `match(room, lang, grant)` selects; with a reason,
+        each is answered (refused)."""
+        out: list[Refusal] = []
+        for room in list(self._early):
+            grants = self._early[room]
+            for lang in [lang for lang, g in grants.items() if match(room, lang, g)]:
+                del grants[lang]
+                self._early_total -= 1
+                if reason:
+                    out.append(Refusal(lang, room, reason))
+            if not grants:
+                del self._early[room]
+                self._early_instance.pop(room, None)
+        return out
+
+    def expired(self, now: float) -> list[Refusal]:
+        limit = self._timeout
+        return self.drop(lambda room, lang, g: now - g.arrived > limit,
+                         f"no data for this room within bootstrap_timeout={limit:g}s")
+
+    def abort(self, room: int, lang: int, reason: str, now: float) -> list[Refusal]:
+        """An ABORT for a room without a sender. If the room had early ALLOCs,
+        every rank of the instance that asked gets its answer with the reason;
+        a later `sender()` starts FAILED (unless the room already ended here)."""
+        out: list[Refusal] = []
+        if self.holds(room, lang):
+            out = self.drop(lambda rm, _lang, _g: rm == room,
+                            f"aborted by language rank {lang}: {reason}")
+        elif room in self._tombstones:
+            return out
+        self._early_aborts[room] = (f"aborted by language rank {lang} before this rank had "
+                                    f"the room's data: {reason}", now)
+        while len(self._early_aborts) > MAX_TOMBSTONES:
+            self._early_aborts.popitem(last=False)
+        return out
+
+    def bury(self, room: int, outcome: str) -> None:
+        self._tombstones[room] = outcome
+        while len(self._tombstones) > MAX_TOMBSTONES:
+            self._tombstones.popitem(last=False)
+
+    @property
+    def num_early_aborts(self) -> int:
+        return len(self._early_aborts)

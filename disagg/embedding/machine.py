@@ -1,0 +1,466 @@
+"""Embedding side: one room's state machine. Pure: no threads, locks, sockets or
+process groups; the clock comes in as `now`, and every transition returns the
+actions the engine must execute, in order.
+
+A room has one *lane* per Language rank that asked for it. The rule that
+keeps both ends in step: every allocation (ALLOC or RESUME) accepted on a lane
+is answered by exactly one frame on that pair's stream, a DATA chunk or an
+ABORT frame. REJECT messages only carry the reason a room failed.
+
+Room status (monotone; `set_status` is the only writer):
+
+    WAITING_FOR_INPUT  from sender(): the room lacks the caller's data, or any
+                       Language rank's ALLOC (the Embedding side never reports
+                       BOOTSTRAPPING: that is the Language side's "no blocks yet")
+    TRANSFERRING       data and at least one ALLOC: frames are on the wire
+    SUCCESS            every rank of the instance received every byte
+    FAILED             failed, and no frame of the room is in flight any more
+                       (only then may the caller touch its tensors again)
+
+Between "failure decided" and FAILED a room is *failing*: `failure` is set,
+frames already on the wire complete. The budget is returned when the room
+ends (`End`), exactly once, before the status is published.
+
+Lane states (derived by `lane_state`, for tables and tests):
+
+| lane \\ event   | data (send)   | grant (ALLOC/RESUME)  | frame done        | room fails          | peer lost        |
+|----------------|---------------|-----------------------|-------------------|---------------------|------------------|
+| GRANTED        | SENDING: DATA | refuse (unanswered)   | -                 | ABORTING: ABORT fr. | pending dropped  |
+| SENDING        | -             | GRANTED (eager) / -   | WAIT_RESUME/DONE  | in flight decides   | FAILED           |
+| WAIT_RESUME    | -             | SENDING: DATA         | -                 | REJECT              | FAILED           |
+| SENT_LAST      | -             | repeat: ignored       | DONE              | in flight decides   | its send decides |
+| DONE           | -             | repeat: ignored       | -                 | -                   | -                |
+| ABORTING       | -             | refused               | CLOSED            | -                   | -                |
+
+Resume is keyed by `sent_tokens`, which only grows: a RESUME at a key already
+served is a repeat and is ignored; any other key than what was really sent on
+the pair fails the room.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import FailureCause
+from ..geometry import Geometry
+from ..plan import Segment, chunk_tokens, num_blocks_for, segment_plan
+from ..topology import Topology
+from ..types import TransferStatus
+from ..wire import FLAG_FIRST, FLAG_LAST, FrameKind, Meta
+
+TERMINAL = (TransferStatus.SUCCESS, TransferStatus.FAILED)
+
+
+@dataclass
+class Grant:
+    """An accepted allocation from one Language rank, not yet answered."""
+
+    key: int  # sent_tokens at which it starts (0 for ALLOC)
+    block_ids: tuple[int, ...]
+    allocated_tokens: int
+    direct: bool
+    arrived: float
+
+
+@dataclass
+class Lane:
+    """The room as seen by one Language rank's stream."""
+
+    lang_rank: int
+    sent_tokens: int = 0  # the next chunk starts here
+    chunk_index: int = 0
+    pending: Grant | None = None  # accepted, not yet answered
+    in_flight: int = 0  # frames posted, not yet completed
+    aborting: bool = False  # one of them is an ABORT frame
+    done: bool = False  # the last chunk completed
+    keys: set[int] = field(default_factory=set)  # sent_tokens of every grant accepted
+
+
+class LaneState(enum.Enum):
+    GRANTED = "granted"
+    SENDING = "sending"
+    WAIT_RESUME = "wait_resume"
+    SENT_LAST = "sent_last"
+    DONE = "done"
+    ABORTING = "aborting"
+    CLOSED = "closed"
+
+
+@dataclass
+class SendRoom:
+    room: int
+    created: float
+    last_progress: float
+    seq_len: int = 0
+    sources: list[torch.Tensor] | None = None  # wire order, each [seq, *per_token]
+    aux: tuple[int, ...] = ()
+    ready: torch.cuda.Event | None = None
+    budget: list[int] = field(default_factory=list)
+    instance_size: int | None = None
+    lanes: dict[int, Lane] = field(default_factory=dict)
+    failure: str | None = None
+    status: TransferStatus = TransferStatus.WAITING_FOR_INPUT
+    ended: bool = False  # End emitted: nothing more happens to this room
+    sent_at: float | None = None  # first send(), for latency stats
+
+
+def lane_state(room: SendRoom, lane: Lane) -> LaneState:
+    if lane.done:
+        return LaneState.DONE
+    if lane.aborting:
+        return LaneState.ABORTING
+    if lane.pending is not None:
+        return LaneState.GRANTED
+    if room.failure is not None and not lane.in_flight:
+        return LaneState.CLOSED
+    if lane.in_flight:
+        return LaneState.SENT_LAST if lane.sent_tokens == room.seq_len else LaneState.SENDING
+    return LaneState.WAIT_RESUME
+
+
+def set_status(room: SendRoom, status: TransferStatus) -> None:
+    """The only writer of `room.status`: progress is monotone, an ended room
+    never changes, and FAILED is reached only through a failure."""
+    if room.status in TERMINAL:
+        raise AssertionError(f"room {room.room}: {room.status.name} -> {status.name}")
+    if status is TransferStatus.FAILED:
+        assert room.failure is not None
+    elif status < room.status:
+        raise AssertionError(f"room {room.room}: {room.status.name} -> {status.name}")
+    room.status = status
+
+
+# ---------------------------------------------------------------- actions
+
+
+@dataclass(frozen=True)
+class SendData:
+    """Post a DATA frame on the lane's stream; `frame_done` follows its completion."""
+
+    room: SendRoom
+    lane: Lane
+    meta: Meta
+    plan: list[Segment]
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class SendAbortFrame:
+    """Answer an allocation with an ABORT frame carrying `reason`. With a lane,
+    `frame_done(..., data=False)` follows its completion; without one it is a
+    refusal of an allocation that never joined a room."""
+
+    room: int
+    lang_rank: int
+    reason: str
+    lane: Lane | None = None
+    owner: SendRoom | None = None
+
+
+@dataclass(frozen=True)
+class SendReject:
+    """Tell a Language rank, by control message, why the room failed."""
+
+    room: int
+    lang_rank: int
+    reason: str
+
+
+@dataclass(frozen=True)
+class CountFailure:
+    cause: FailureCause
+
+
+@dataclass(frozen=True)
+class Count:
+    bytes_sent: int = 0
+    chunks: int = 0
+    resumes: int = 0
+
+
+@dataclass(frozen=True)
+class End:
+    """Return the budget, forget the room (tombstone `outcome`), then publish
+    `status`: a caller that sees it may reuse the id and the budget at once."""
+
+    room: SendRoom
+    status: TransferStatus
+    outcome: str
+    send_total_s: float | None = None
+
+
+Action = SendData | SendAbortFrame | SendReject | CountFailure | Count | End
+
+
+# ---------------------------------------------------------------- transitions
+
+
+class SendMachine:
+    """Transitions of every room of one Embedding rank. Holds only constants."""
+
+    def __init__(self, rank: int, geometry: Geometry, topology: Topology,
+                 peer_num_blocks: dict[int, int], bootstrap_timeout: float) -> None:
+        self.rank = rank
+        self.geometry = geometry
+        self.topology = topology
+        self.peer_num_blocks = peer_num_blocks
+        self.bootstrap_timeout = bootstrap_timeout
+
+    # -------------------------------------------------------- caller events
+
+    def data(self, r: SendRoom, sources: list[torch.Tensor], seq_len: int,
+             aux: tuple[int, ...], ready: torch.cuda.Event | None, budget: list[int],
+             now: float) -> list[Action]:
+        """send(): the room's tensors and budget; answer every grant already here."""
+        r.sources, r.seq_len, r.aux, r.ready, r.budget = sources, seq_len, aux, ready, budget
+        r.sent_at = r.last_progress = now
+        if r.lanes:
+            set_status(r, TransferStatus.TRANSFERRING)
+        out: list[Action] = []
+        for lane in list(r.lanes.values()):
+            out += self._schedule(r, lane)
+        return out
+
+    def abort(self, r: SendRoom, reason: str) -> list[Action]:
+        if r.ended or r.failure is not None:
+            return []
+        return self.fail(r, f"aborted on embedding rank {self.rank}: {reason}",
+                         FailureCause.ABORT)
+
+    def shutdown(self, r: SendRoom) -> list[Action]:
+        if r.sources is None and not r.lanes:  # nothing given, nobody asked: no count
+            r.failure = "shutdown"
+            return self._end(r, TransferStatus.FAILED, "shutdown")
+        return self.fail(r, f"embedding rank {self.rank} shut down", FailureCause.SHUTDOWN)
+
+    # -------------------------------------------------------- control events
+
+    def alloc(self, r: SendRoom, lang: int, grant: Grant, instance_size: int,
+              why: str | None) -> list[Action]:
+        """An ALLOC for a live room; `why` is what `check_alloc` found wrong."""
+        if r.failure is not None or r.ended:
+            return [self.refuse(lang, r.room, f"ALLOC for a room that already failed: "
+                                              f"{r.failure}")]
+        if why is None and lang in r.lanes:
+            why = "duplicate ALLOC from this language rank"
+        if why is None and r.lanes:
+            intruder = self.other_instance(lang, next(iter(r.lanes)))
+            if intruder is not None:  # the room is another instance's: refuse only this ALLOC
+                return [self.refuse(lang, r.room, f"bad ALLOC from language rank {lang}: "
+                                                  f"{intruder}"),
+                        CountFailure(FailureCause.BAD_MESSAGE)]
+        if why is None and r.instance_size not in (None, instance_size):
+            why = f"instance_size={instance_size} disagrees with {r.instance_size}"
+        if why is not None:
+            why = f"bad ALLOC from language rank {lang}: {why}"
+            return [self.refuse(lang, r.room, why),
+                    *self.fail(r, f"embedding rank {self.rank}: {why}",
+                               FailureCause.BAD_MESSAGE)]
+        r.instance_size = instance_size
+        lane = r.lanes[lang] = Lane(lang, pending=grant, keys={0})
+        r.last_progress = grant.arrived
+        if r.sources is not None:
+            set_status(r, TransferStatus.TRANSFERRING)
+        return self._schedule(r, lane)
+
+    def resume(self, r: SendRoom, lang: int, grant: Grant, why: str | None) -> list[Action]:
+        """A RESUME for a live room keyed by `grant.key` (= sent_tokens)."""
+        if r.failure is not None or r.ended:
+            return [self.refuse(lang, r.room, f"RESUME for a room that already ended: "
+                                              f"{r.failure}")]
+        lane = r.lanes.get(lang)
+        if why is None and lane is None:
+            why = "RESUME before ALLOC"
+        elif why is None and lane is not None:
+            if grant.key in lane.keys:
+                return []  # a repeat of a grant already accepted: resume is idempotent
+            if lane.pending is not None:
+                why = "RESUME while the previous allocation is still unanswered"
+            elif grant.key != lane.sent_tokens:
+                why = (f"RESUME sent_tokens={grant.key} but {lane.sent_tokens} tokens "
+                       f"were sent on this pair")
+            elif lane.sent_tokens >= r.seq_len:
+                why = f"RESUME after all {r.seq_len} tokens were sent"
+        if why is not None:
+            why = f"bad RESUME from language rank {lang}: {why}"
+            return [self.refuse(lang, r.room, why),
+                    *self.fail(r, f"embedding rank {self.rank}: {why}",
+                               FailureCause.BAD_MESSAGE)]
+        assert lane is not None
+        lane.pending = grant
+        lane.keys.add(grant.key)
+        r.last_progress = grant.arrived
+        return [Count(resumes=1), *self._schedule(r, lane)]
+
+    def peer_abort(self, r: SendRoom, lang: int, reason: str) -> list[Action]:
+        return self.fail(r, f"aborted by language rank {lang}: {reason}", FailureCause.ABORT)
+
+    def bad_message(self, r: SendRoom, lang: int, reason: str) -> list[Action]:
+        """A message from `lang` naming this room that cannot be served: the room
+        fails (pending grants are answered); `lang` learns by REJECT if no frame
+        is owed to it."""
+        out = self.fail(r, reason, FailureCause.BAD_MESSAGE)
+        if lang not in r.lanes:
+            out.append(SendReject(r.room, lang, reason))
+        return out
+
+    # -------------------------------------------------------- stream events
+
+    def frame_done(self, r: SendRoom, lane: Lane, *, data: bool, nbytes: int,
+                   err: BaseException | None, lane_down: str | None,
+                   now: float) -> list[Action]:
+        """A frame posted on `lane` completed (err None) or failed. A failed send
+        has already torn the pair down (the engine does that first)."""
+        lane.in_flight -= 1
+        out: list[Action] = []
+        if not data:
+            lane.aborting = False
+            return self._maybe_end(r)
+        r.last_progress = now
+        if err is not None:
+            out += self.fail(r, f"embedding rank {self.rank}: send to language rank "
+                                f"{lane.lang_rank} failed: {err}", FailureCause.PEER_LOST)
+        elif r.failure is None:
+            out.append(Count(bytes_sent=nbytes, chunks=1))
+            if lane.sent_tokens == r.seq_len and lane.in_flight == 0:
+                lane.done = True
+                out += self._maybe_succeed(r, now)
+            elif lane_down is not None and lane.in_flight == 0:
+                out += self.fail(r, f"embedding rank {self.rank}: language rank "
+                                    f"{lane.lang_rank} is down: {lane_down}",
+                                 FailureCause.PEER_LOST)
+        return out + self._maybe_end(r)
+
+    def peer_lost(self, r: SendRoom, lang: int, why: str) -> list[Action]:
+        """Language rank `lang` is gone: a room it was part of, or whose instance
+        it belongs to, can never reach SUCCESS, unless its last chunk to `lang`
+        is already on the wire (that send's own completion decides)."""
+        lane = r.lanes.get(lang)
+        if lane is not None:
+            lane.pending = None  # owed, but it can no longer be answered
+            if lane.done or (lane.in_flight and lane.sent_tokens == r.seq_len):
+                return []
+            return self.fail(r, why, FailureCause.PEER_LOST)
+        if r.lanes and self.topology.instance_of(next(iter(r.lanes))) == \
+                self.topology.instance_of(lang):
+            return self.fail(r, why, FailureCause.PEER_LOST)
+        return []
+
+    def tick(self, r: SendRoom, now: float) -> list[Action]:
+        """bootstrap_timeout: a room with data that waits for an ALLOC or RESUME."""
+        limit = self.bootstrap_timeout
+        if r.sources is None or r.failure is not None or r.ended:
+            return []
+        if now - r.last_progress <= limit or any(p.in_flight for p in r.lanes.values()):
+            return []
+        waiting = ("ALLOC" if not r.lanes else
+                   f"ALLOC from {r.instance_size - len(r.lanes)} more rank(s)"
+                   if r.instance_size and len(r.lanes) < r.instance_size else "RESUME")
+        return self.fail(r, f"embedding rank {self.rank}: timed out after {limit:g}s waiting "
+                            f"for {waiting}", FailureCause.TIMEOUT)
+
+    # -------------------------------------------------------- checks (pure)
+
+    def check_grant(self, lang: int, block_ids: tuple[int, ...], allocated: int,
+                    direct: bool, *, allow_empty: bool) -> str | None:
+        """Why these blocks cannot be a destination on `lang`, or None."""
+        bs = self.geometry.block_size
+        num = self.peer_num_blocks[lang]
+        if allocated < 1:
+            return f"allocated_tokens={allocated} must be >= 1"
+        if not block_ids:
+            if direct and allow_empty:
+                return None
+            return "no blocks"
+        if allocated != len(block_ids) * bs:
+            return f"allocated_tokens={allocated} != {len(block_ids)} blocks x block_size {bs}"
+        bad = [b for b in block_ids if not 0 <= b < num]
+        if bad:
+            return f"block ids {bad[:8]} out of range [0, {num})"
+        if len(set(block_ids)) != len(block_ids):
+            return "duplicate block ids"
+        return None
+
+    def check_instance_size(self, instance_size: int) -> str | None:
+        tp = self.topology.language_tp_size
+        if not 1 <= instance_size <= tp:
+            return f"instance_size={instance_size} outside [1, {tp}]"
+        return None
+
+    def other_instance(self, lang: int, first: int) -> str | None:
+        """A room is received by one Language instance: why `lang` may not join a
+        room that `first` already asked for, or None."""
+        mine, theirs = self.topology.instance_of(lang), self.topology.instance_of(first)
+        if mine == theirs:
+            return None
+        return (f"room already claimed by language instance {theirs} (rank {first}); "
+                f"rank {lang} is in instance {mine}")
+
+    def budget_blocks(self, room: int, seq_len: int, total: int) -> int:
+        need = num_blocks_for(seq_len, self.geometry.block_size)
+        if need > total:
+            raise ValueError(f"send(room={room}): seq_len={seq_len} needs {need} blocks of "
+                             f"{self.geometry.block_size} tokens, more than the whole budget "
+                             f"of {total} blocks")
+        return need
+
+    def refuse(self, lang: int, room: int, why: str) -> SendAbortFrame:
+        """Refuse an allocation: its answer is an ABORT frame that says why."""
+        return SendAbortFrame(room, lang, f"embedding rank {self.rank}: {why}")
+
+    # -------------------------------------------------------- internals
+
+    def fail(self, r: SendRoom, reason: str, cause: FailureCause) -> list[Action]:
+        """Fail a live room: answer pending grants with ABORT frames, tell every
+        other Language rank of the room why, end it once nothing is in flight."""
+        if r.failure is not None or r.ended:
+            return []
+        r.failure = reason
+        out: list[Action] = [CountFailure(cause)]
+        for lane in r.lanes.values():
+            if lane.pending is not None:
+                lane.pending = None
+                lane.in_flight += 1
+                lane.aborting = True
+                out.append(SendAbortFrame(r.room, lane.lang_rank, reason, lane, r))
+            elif not lane.done:  # no frame owed to it: the reason goes by REJECT
+                out.append(SendReject(r.room, lane.lang_rank, reason))
+        return out + self._maybe_end(r)
+
+    def _schedule(self, r: SendRoom, lane: Lane) -> list[Action]:
+        grant = lane.pending
+        if grant is None or r.sources is None or r.failure is not None:
+            return []
+        lane.pending = None
+        n = chunk_tokens(r.seq_len, lane.sent_tokens, grant.allocated_tokens)
+        offset = lane.sent_tokens
+        plan = segment_plan(grant.block_ids, self.geometry.block_size, n, direct=grant.direct)
+        flags = (FLAG_FIRST if offset == 0 else 0) | (FLAG_LAST if offset + n == r.seq_len
+                                                      else 0)
+        meta = Meta(FrameKind.DATA, r.room, lane.chunk_index, offset, n, r.seq_len, flags,
+                    r.aux)
+        lane.sent_tokens += n
+        lane.chunk_index += 1
+        lane.in_flight += 1
+        return [SendData(r, lane, meta, plan, n * self.geometry.token_nbytes)]
+
+    def _maybe_succeed(self, r: SendRoom, now: float) -> list[Action]:
+        done = sum(p.done for p in r.lanes.values())
+        if r.instance_size is None or done != r.instance_size:
+            return []
+        total = None if r.sent_at is None else now - r.sent_at
+        return self._end(r, TransferStatus.SUCCESS, "success", total)
+
+    def _maybe_end(self, r: SendRoom) -> list[Action]:
+        if r.failure is not None and not r.ended and all(
+                p.in_flight == 0 for p in r.lanes.values()):
+            return self._end(r, TransferStatus.FAILED, r.failure)
+        return []
+
+    def _end(self, r: SendRoom, status: TransferStatus, outcome: str,
+             send_total_s: float | None = None) -> list[Action]:
+        r.ended = True
+        return [End(r, status, outcome, send_total_s)]

@@ -1,0 +1,135 @@
+"""Embedding side: the public `Sender` handle and the checks on what a caller
+hands it (shapes, dtypes, devices, contiguity: a bad tensor is a `ValueError`
+that names it, and leaves the room untouched)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..config import DisaggConfig
+from ..geometry import Geometry
+from ..types import TransferStatus
+from ..wire import MAX_AUX
+
+if TYPE_CHECKING:
+    from .engine import EmbeddingEngine
+    from .machine import SendRoom
+
+
+def check_room_id(room: object) -> None:
+    """Room ids are ints in [0, 2**63), on both sides."""
+    if isinstance(room, bool) or not isinstance(room, int) or not 0 <= room < (1 << 63):
+        raise ValueError(f"room={room!r} must be an int in [0, 2**63)")
+
+
+class Sender:
+    """One room on an Embedding rank (see `disagg.embedding.machine` for its
+    states). `send` once, then `poll`/`wait` until SUCCESS or FAILED."""
+
+    def __init__(self, engine: EmbeddingEngine, state: SendRoom) -> None:
+        self._engine = engine
+        self._r = state
+        self.room = state.room
+
+    def send(self, embeddings: torch.Tensor, fill_ids: torch.Tensor,
+             mrope_positions: torch.Tensor | None = None, aux: tuple[int, ...] | None = None,
+             **extra: torch.Tensor) -> None:
+        """Hand the room's tensors over, without a copy of the embeddings.
+
+        embeddings [seq, hidden]; fill_ids [seq] int32; mrope_positions [3, seq]
+        int32; extra buffers [seq, *per_token_shape]. Do not modify them until
+        `poll()` is SUCCESS or FAILED. Raises `PoolFull` when the budget cannot
+        take seq tokens now (retry later), `ValueError` for bad input.
+        """
+        e = self._engine
+        sources, seq_len, aux_t = validate_send(e.cfg, e.geometry, e.device, self.room,
+                                                embeddings, fill_ids, mrope_positions, aux,
+                                                extra)
+        e._send(self._r, sources, seq_len, aux_t)
+
+    def poll(self) -> TransferStatus:
+        return self._r.status
+
+    def wait(self, timeout_s: float | None = None) -> TransferStatus:
+        """Block until SUCCESS or FAILED, or `timeout_s` (default: bootstrap_timeout
+        + peer_timeout) passed; return the status then. For loops that would
+        rather sleep than poll."""
+        return self._engine._wait(self._r, timeout_s)
+
+    @property
+    def failure(self) -> str | None:
+        return self._r.failure
+
+    def abort(self, reason: str = "aborted") -> None:
+        """Fail the room; frames already on the wire complete first."""
+        self._engine._abort(self._r, reason)
+
+
+def validate_send(cfg: DisaggConfig, geometry: Geometry, device: torch.device, room: int,
+                  embeddings: torch.Tensor, fill_ids: torch.Tensor,
+                  mrope_positions: torch.Tensor | None, aux: tuple[int, ...] | None,
+                  extra: dict[str, torch.Tensor]) -> tuple[list[torch.Tensor], int,
+                                                           tuple[int, ...]]:
+    """Check every tensor against the geometry; return them in wire order
+    (`Geometry.wire_buffers`)."""
+
+    def bad(msg: str) -> ValueError:
+        return ValueError(f"send(room={room}): {msg}")
+
+    def check(name: str, t: object, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        if not isinstance(t, torch.Tensor):
+            raise bad(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if tuple(t.shape) != shape:
+            raise bad(f"{name} has shape {list(t.shape)}, expected {list(shape)}")
+        if t.dtype != dtype:
+            raise bad(f"{name} has dtype {t.dtype}, expected {dtype}")
+        if t.device.type != device.type or (device.index is not None
+                                            and t.device.index not in (None, device.index)):
+            raise bad(f"{name} is on {t.device}, expected {device}")
+        return t
+
+    if not isinstance(embeddings, torch.Tensor) or embeddings.dim() != 2:
+        got = (list(embeddings.shape) if isinstance(embeddings, torch.Tensor)
+               else type(embeddings).__name__)
+        raise bad(f"embeddings must be a 2-D [seq, hidden] tensor, got {got}")
+    seq = embeddings.shape[0]
+    if seq == 0:
+        raise bad("seq_len is 0: nothing to send")
+    by_name = {b.name: b for b in geometry.buffers}
+    hidden = by_name["embeddings"].per_token_shape[0]
+    out = [check("embeddings", embeddings, (seq, hidden), by_name["embeddings"].dtype)]
+    if not embeddings.is_contiguous():
+        raise bad("embeddings must be contiguous (no copy is made); pass .contiguous()")
+    ids = check("fill_ids", fill_ids, (seq,), torch.int32)
+    if "mrope_positions" in by_name:
+        if mrope_positions is None:
+            raise bad("mrope_positions [3, seq] is required (config mrope=True)")
+        m = check("mrope_positions", mrope_positions, (3, seq), torch.int32)
+        # one [seq, 4] wire buffer (geometry.PACKED_IDS): 16 bytes a token, the only copy made
+        out.append(torch.cat([ids[:, None], m.t()], dim=1))
+    elif mrope_positions is not None:
+        raise bad("mrope_positions given but the config has mrope=False")
+    else:
+        out.append(ids.contiguous())
+    names = geometry.extra_names
+    unknown = sorted(set(extra) - set(names))
+    missing = sorted(set(names) - set(extra))
+    if unknown or missing:
+        raise bad(f"extra buffers: unknown {unknown}, missing {missing} "
+                  f"(config declares {list(names)})")
+    for name in names:
+        b = by_name[name]
+        t = check(name, extra[name], (seq, *b.per_token_shape), b.dtype)
+        if not t.is_contiguous():
+            raise bad(f"{name} must be contiguous")
+        out.append(t)
+    aux_t: tuple[int, ...] = ()
+    if aux is not None:
+        aux_t = tuple(aux)
+        if len(aux_t) > MAX_AUX or not all(
+                isinstance(a, int) and not isinstance(a, bool) and -(1 << 63) <= a < (1 << 63)
+                for a in aux_t):
+            raise bad(f"aux must be at most {MAX_AUX} int64 values, got {aux!r}")
+    return out, seq, aux_t

@@ -1,0 +1,385 @@
+"""Language side: one room's state machine. Pure: no threads, locks, sockets or
+process groups; the clock comes in as `now`, and every transition returns the
+actions the engine must execute, in order.
+
+Each allocation (ALLOC or RESUME) is answered by exactly one frame on the
+pair's stream: a DATA chunk, which lands and then frees the allocation's
+blocks, or an ABORT frame, after which nothing of the room can land. So a
+room keeps its blocks until a frame answers them, whatever ended it, and a
+later room that reuses them can never receive a ghost of this one. seq_len
+and aux come from the FIRST chunk's meta and are cached; a later chunk that
+disagrees fails the room. A meta frame for a room with nothing owed, or whose
+sizes disagree with the allocation, breaks the stream (`StreamBroken`).
+
+Phases (`phase`, derived from the room's fields) and the public status:
+
+| phase \\ event | granted (init/resume) | DATA meta            | payload landed      | ABORT frame    | REJECT / abort() / timeout | peer lost           |
+|---------------|-----------------------|----------------------|---------------------|----------------|----------------------------|---------------------|
+| NEW           | ASKED: ALLOC          | StreamBroken         | -                   | StreamBroken   | FAILED (abort(): ABORT msg) | FAILED              |
+| ASKED         | no-op (repeat)        | LANDING (eager RESUME)| -                  | FAILED: release| DRAINING (abort: ABORT msg) | FAILED: release     |
+| LANDING       | -                     | -                    | DONE/PARTIAL/RESUMED: release | -    | DRAINING                    | the landing decides |
+| PARTIAL       | RESUMED: RESUME       | StreamBroken         | -                   | StreamBroken   | FAILED (abort: ABORT msg)   | FAILED              |
+| RESUMED       | no-op (repeat)        | LANDING              | -                   | FAILED: release| DRAINING (abort: ABORT msg) | FAILED: release     |
+| DRAINING      | no-op                 | lands into held blocks| FAILED: release    | FAILED: release| -                           | FAILED: release     |
+| DONE / FAILED | no-op                 | StreamBroken         | -                   | StreamBroken   | -                           | -                   |
+
+Status: NEW is BOOTSTRAPPING; ASKED is WAITING_FOR_INPUT; a landed partial
+chunk (or an eager resume) makes it TRANSFERRING; DONE is SUCCESS; FAILED is
+published the moment the room fails (DRAINING rooms included: their blocks
+come back when the owed frame arrives). SUCCESS and FAILED are published by
+the engine as the last action (`Publish`), after blocks and the room id are
+free. `needs_resume` is exactly PARTIAL.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import FailureCause, StreamBroken
+from ..types import TransferStatus
+from ..wire import Abort, Alloc, FrameKind, Meta, Resume
+from .credit import Credit
+
+TERMINAL = (TransferStatus.SUCCESS, TransferStatus.FAILED)
+
+
+class Phase(enum.Enum):
+    NEW = "new"
+    ASKED = "asked"
+    LANDING = "landing"
+    PARTIAL = "partial"
+    RESUMED = "resumed"
+    DRAINING = "draining"
+    DONE = "done"
+    FAILED = "failed"
+
+
+@dataclass
+class RecvRoom:
+    room: int
+    src_rank: int
+    created: float
+    last_progress: float
+    status: TransferStatus = TransferStatus.BOOTSTRAPPING
+    failure: str | None = None
+    seq_len: int | None = None
+    aux: tuple[int, ...] = ()
+    received: int = 0
+    chunk_index: int = 0
+    outstanding: Credit | None = None  # sent, not yet answered by a frame
+    landing: Credit | None = None  # answered by a DATA meta, payload landing
+    outputs: dict[str, torch.Tensor] | None = None
+    alloc_sent: bool = False
+    # stage timings, for latency stats and the slow-room log
+    alloc_at: float | None = None
+    first_byte_at: float | None = None
+    partial_at: float | None = None
+    num_resumes: int = 0
+    auto_first_blocks: int | None = None  # first allocation chosen by "auto"
+    tracked: bool = True  # in the engine's table (forgotten once nothing can land)
+
+    @property
+    def complete(self) -> bool:
+        return self.seq_len is not None and self.received == self.seq_len
+
+
+def phase(r: RecvRoom) -> Phase:
+    if r.failure is not None:
+        return Phase.DRAINING if (r.outstanding or r.landing) else Phase.FAILED
+    if r.complete:
+        return Phase.DONE
+    if r.landing is not None:
+        return Phase.LANDING
+    if r.outstanding is not None:
+        return Phase.ASKED if r.seq_len is None else Phase.RESUMED
+    return Phase.PARTIAL if r.seq_len is not None else Phase.NEW
+
+
+def needs_resume(r: RecvRoom) -> bool:
+    """Partial landed: the caller (or auto resume) must allocate for the rest."""
+    return (r.failure is None and r.status == TransferStatus.TRANSFERRING
+            and r.outstanding is None and r.landing is None
+            and r.seq_len is not None and r.received < r.seq_len)
+
+
+def set_status(r: RecvRoom, status: TransferStatus) -> None:
+    """The only writer of `r.status`: progress is monotone, SUCCESS and FAILED
+    are final, and FAILED is reached only through a failure."""
+    if r.status in TERMINAL:
+        raise AssertionError(f"room {r.room}: {r.status.name} -> {status.name}")
+    if status is TransferStatus.FAILED:
+        assert r.failure is not None
+    elif status < r.status:
+        raise AssertionError(f"room {r.room}: {r.status.name} -> {status.name}")
+    r.status = status
+
+
+# ---------------------------------------------------------------- actions
+
+
+@dataclass(frozen=True)
+class Post:
+    """Send a control message to the room's Embedding rank."""
+
+    msg: Alloc | Resume | Abort
+
+
+@dataclass(frozen=True)
+class Owe:
+    """One more frame is owed on the room's pair: its receiver reads on."""
+
+
+@dataclass(frozen=True)
+class Release:
+    credit: Credit
+
+
+@dataclass(frozen=True)
+class AskResume:
+    """Try to allocate the next chunk (auto resume) after `landed` tokens."""
+
+    landed: int
+    at_least: int = 1
+
+
+@dataclass(frozen=True)
+class CountFailure:
+    cause: FailureCause
+
+
+@dataclass(frozen=True)
+class Untrack:
+    """Forget the room: nothing can land in its blocks any more."""
+
+
+@dataclass(frozen=True)
+class Publish:
+    """Publish a final status: last, after blocks and the room id are free."""
+
+    status: TransferStatus
+
+
+Action = Post | Owe | Release | AskResume | CountFailure | Untrack | Publish
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A DATA meta checked against the allocation it answers."""
+
+    num_tokens: int
+    token_offset: int
+    last: bool
+    corrupt: str | None  # why the room is corrupt (the stream is fine), or None
+
+
+# ---------------------------------------------------------------- transitions
+
+
+class RecvMachine:
+    """Transitions of every room of one Language rank. Holds only constants."""
+
+    def __init__(self, rank: int, instance_size: int, auto_resume: bool,
+                 bootstrap_timeout: float, peer_timeout: float) -> None:
+        self.rank = rank
+        self.instance_size = instance_size
+        self.auto_resume = auto_resume
+        self.bootstrap_timeout = bootstrap_timeout
+        self.peer_timeout = peer_timeout
+
+    # -------------------------------------------------------- allocations
+
+    def asked(self, r: RecvRoom, c: Credit, now: float, *, auto: bool) -> list[Action]:
+        """init() got blocks: announce them with ALLOC."""
+        r.alloc_sent = True
+        r.outstanding = c
+        set_status(r, TransferStatus.WAITING_FOR_INPUT)
+        r.last_progress = r.alloc_at = now
+        if auto:
+            r.auto_first_blocks = len(c.block_ids)
+        return [Owe(), Post(Alloc(r.room, self.rank, self.instance_size, tuple(c.block_ids),
+                                  c.allocated_tokens, c.direct))]
+
+    def resumed(self, r: RecvRoom, c: Credit) -> list[Action]:
+        """A resume got blocks (or direct credit): announce them with RESUME."""
+        r.outstanding = c
+        r.num_resumes += 1
+        # direct: the Embedding rank needs no block ids, only how many tokens fit
+        return [Owe(), Post(Resume(r.room, self.rank, c.key,
+                                   () if c.direct else tuple(c.block_ids),
+                                   c.allocated_tokens, c.direct))]
+
+    # -------------------------------------------------------- frames
+
+    def owed(self, r: RecvRoom | None, src: int, m: Meta) -> Credit:
+        """The allocation a frame from `src` answers: a frame for a room with
+        nothing outstanding towards `src` means the stream cannot be trusted."""
+        if r is None or r.src_rank != src or r.outstanding is None:
+            raise StreamBroken(f"language rank {self.rank}: {m.kind.name} frame for room "
+                               f"{m.room}, which has nothing outstanding towards embedding "
+                               f"rank {src}")
+        return r.outstanding
+
+    def check_meta(self, r: RecvRoom, a: Credit, m: Meta) -> Chunk:
+        """Sizes must match the allocation exactly, else the stream is broken."""
+
+        def broken(why: str) -> StreamBroken:
+            return StreamBroken(f"language rank {self.rank}: room {r.room} chunk from "
+                                f"embedding rank {r.src_rank}: {why}", room=r.room)
+
+        if m.kind is not FrameKind.DATA:
+            raise broken(f"unexpected {m.kind.name} frame")
+
+        if m.token_offset != a.key or m.chunk_index != r.chunk_index:
+            raise broken(f"token_offset={m.token_offset} chunk_index={m.chunk_index}, "
+                         f"expected {a.key} and {r.chunk_index}")
+        if m.first != (m.token_offset == 0):
+            raise broken("FIRST flag does not match token_offset")
+        corrupt = None
+        if m.first:
+            if m.seq_len < 1:
+                raise broken(f"seq_len={m.seq_len}")
+            seq_len = m.seq_len
+        else:
+            assert r.seq_len is not None
+            seq_len = r.seq_len
+            if m.seq_len != r.seq_len or m.aux != r.aux:
+                corrupt = (f"language rank {self.rank}: chunk {m.chunk_index} of room {r.room} "
+                           f"says seq_len={m.seq_len} aux={m.aux}, first chunk said "
+                           f"seq_len={r.seq_len} aux={r.aux}")
+        expect = min(seq_len - m.token_offset, a.allocated_tokens)
+        if m.num_tokens != expect:
+            raise broken(f"num_tokens={m.num_tokens}, expected {expect} "
+                         f"(seq_len {seq_len}, allocated {a.allocated_tokens})")
+        last = m.token_offset + m.num_tokens == seq_len
+        if m.last != last:
+            raise broken("LAST flag does not match the token count")
+        return Chunk(m.num_tokens, m.token_offset, last, corrupt)
+
+    def landing(self, r: RecvRoom, a: Credit, meta: Meta, chunk: Chunk) -> list[Action]:
+        """A DATA meta answered `a`: its payload lands next. With auto resume the
+        next chunk is asked for now, while this one lands; only for a next chunk
+        at least as big as this one (pool mode: double buffering when the pool
+        has room), as a smaller one would split what waiting for our own landing
+        blocks gives whole."""
+        r.outstanding = None
+        r.landing = a
+        if meta.first:
+            r.seq_len, r.aux = meta.seq_len, meta.aux
+        if not chunk.last and self.auto_resume and r.failure is None and chunk.corrupt is None:
+            set_status(r, TransferStatus.TRANSFERRING)
+            return [AskResume(chunk.token_offset + chunk.num_tokens,
+                              at_least=len(a.block_ids))]
+        return []
+
+    def landed(self, r: RecvRoom, chunk: Chunk, pair_down: str | None,
+               now: float) -> list[Action]:
+        """The payload completed (host-observed): the allocation is answered."""
+        a = r.landing
+        assert a is not None
+        r.landing = None
+        out: list[Action] = [Release(a)]
+        r.received += chunk.num_tokens
+        r.chunk_index += 1
+        if chunk.corrupt is not None:
+            out += self.fail(r, chunk.corrupt, FailureCause.CORRUPT_FRAME)
+        elif r.failure is None and not r.complete:
+            if pair_down is not None:  # the sender left after this chunk
+                out += self.fail(r, f"language rank {self.rank}: embedding rank {r.src_rank} "
+                                    f"is down: {pair_down}", FailureCause.PEER_LOST)
+            else:
+                set_status(r, TransferStatus.TRANSFERRING)
+                r.partial_at = now
+                if self.auto_resume and r.outstanding is None:
+                    out.append(AskResume(r.received))  # our blocks came free
+        out += self._maybe_untrack(r)
+        if r.failure is None and r.complete:
+            out.append(Publish(TransferStatus.SUCCESS))
+        return out
+
+    def abort_frame(self, r: RecvRoom, reason: str, src: int) -> list[Action]:
+        """The Embedding rank answered our allocation with ABORT: nothing more of
+        this room can land, so its blocks are free."""
+        a = r.outstanding
+        assert a is not None
+        r.outstanding = None
+        return [Release(a),
+                *self.fail(r, f"language rank {self.rank}: room ended by embedding rank "
+                              f"{src}: {reason}", FailureCause.ABORTED_BY_PEER),
+                *self._maybe_untrack(r)]
+
+    # -------------------------------------------------------- other events
+
+    def reject(self, r: RecvRoom, src: int, reason: str) -> list[Action]:
+        return self.fail(r, f"rejected by embedding rank {src}: {reason}", FailureCause.REJECTED)
+
+    def abort(self, r: RecvRoom, reason: str) -> list[Action]:
+        if r.status in TERMINAL or r.failure is not None:
+            return []
+        # Also before ALLOC: the Embedding rank may hold the data and its budget.
+        return [*self.fail(r, f"aborted on language rank {self.rank}: {reason}",
+                           FailureCause.ABORT),
+                Post(Abort(r.room, self.rank, reason))]
+
+    def shutdown(self, r: RecvRoom) -> list[Action]:
+        if r.status in TERMINAL or r.failure is not None:
+            return []
+        out = self.fail(r, f"language rank {self.rank} shut down", FailureCause.SHUTDOWN)
+        if r.alloc_sent:
+            out.append(Post(Abort(r.room, self.rank, "shutdown")))
+        return out
+
+    def peer_lost(self, r: RecvRoom, why: str, *, release_landing: bool) -> list[Action]:
+        """The stream from the room's Embedding rank is unusable. Outstanding blocks
+        are free at once (before a meta frame arrives nothing is posted into
+        them); blocks a payload recv is landing in are freed when that recv ends
+        (`release_landing`: this is the thread that waited for it)."""
+        out: list[Action] = []
+        if r.outstanding is not None:
+            out.append(Release(r.outstanding))
+            r.outstanding = None
+        if r.landing is not None:
+            if not release_landing:
+                return out  # its payload recv is posted: the receiver thread decides
+            out.append(Release(r.landing))
+            r.landing = None
+        return [*out, *self.fail(r, f"language rank {self.rank}: {why}", FailureCause.PEER_LOST),
+                *self._maybe_untrack(r)]
+
+    def tick(self, r: RecvRoom, now: float) -> list[Action]:
+        if r.failure is not None or r.status in TERMINAL:
+            return []
+        boot = self.bootstrap_timeout
+        idle = now - r.last_progress
+        if r.status == TransferStatus.BOOTSTRAPPING and idle > boot:
+            return self.fail(r, f"language rank {self.rank}: no free blocks for room {r.room} "
+                                f"within bootstrap_timeout={boot:g}s", FailureCause.TIMEOUT)
+        if needs_resume(r) and idle > boot:
+            return [*self.fail(r, f"language rank {self.rank}: room {r.room} waited {boot:g}s "
+                                  f"for blocks to resume", FailureCause.TIMEOUT),
+                    Post(Abort(r.room, self.rank, "resume timeout"))]
+        bound = boot + self.peer_timeout
+        if r.outstanding is not None and idle > bound:
+            stage = "first chunk" if r.seq_len is None else "next chunk"
+            return [*self.fail(r, f"language rank {self.rank}: no {stage} from embedding "
+                                  f"rank {r.src_rank} within {bound:g}s", FailureCause.TIMEOUT),
+                    Post(Abort(r.room, self.rank, "timeout"))]
+        return []
+
+    # -------------------------------------------------------- internals
+
+    def fail(self, r: RecvRoom, reason: str, cause: FailureCause) -> list[Action]:
+        if r.failure is not None or r.status == TransferStatus.SUCCESS:
+            return []
+        r.failure = reason
+        return [CountFailure(cause), *self._maybe_untrack(r), Publish(TransferStatus.FAILED)]
+
+    def _maybe_untrack(self, r: RecvRoom) -> list[Action]:
+        """Forget a finished room once no frame can still land in its blocks."""
+        finished = r.failure is not None or r.complete
+        if finished and r.outstanding is None and r.landing is None and r.tracked:
+            r.tracked = False
+            return [Untrack()]
+        return []

@@ -1,0 +1,143 @@
+"""Language side: the per-pair receive streams. The only module of this side
+that calls the `PairTransport`, and (with `results.py`) the only place a
+received byte is copied: out of the pool into the room's output, in pool mode.
+
+One thread per Embedding rank reads that pair's stream in order. It keeps a
+meta recv posted only while frames are owed (a Gloo recv cannot be cancelled,
+and a Gloo timeout closes the pair for good), posts every recv without the
+engine lock (a Gloo post can wait milliseconds for the pair's busy socket),
+and posts the next meta recv while a payload still lands when another frame
+is owed, so the next frame is never waiting for a late post.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from ..errors import PeerLost, ProtocolError, StreamBroken, TransferTimeout
+from ..geometry import Geometry
+from ..plan import Segment, segment_plan
+from ..pool import BlockPool
+from ..transport import PairTransport, Posted
+from ..wire import ABORT_REASON_BYTES, FrameKind, Meta, reason_from_tensor
+from .credit import Credit
+from .machine import Chunk, RecvRoom
+
+if TYPE_CHECKING:
+    from .engine import LanguageEngine
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Landing:
+    """What the engine decided for a DATA frame: where its payload lands."""
+
+    room: RecvRoom
+    chunk: Chunk
+    plan: list[Segment]
+    dsts: list[torch.Tensor]
+    copy_out: bool  # it lands in pool blocks: copy into the output once landed
+    more: bool  # another frame is owed after this one
+
+
+def destinations(geometry: Geometry, pool: BlockPool, r: RecvRoom, a: Credit, n: int,
+                 offset: int, device: torch.device) -> tuple[list[Segment], list[torch.Tensor]]:
+    """Recv targets in wire order: for each buffer, one tensor per segment."""
+    plan = segment_plan(a.block_ids, geometry.block_size, n, direct=a.direct, dst_offset=offset)
+    bufs = geometry.wire_buffers
+    if a.direct and r.outputs is not None:
+        return plan, [r.outputs[b.name][s.dst_token:s.dst_token + s.num_tokens]
+                      for b in bufs for s in plan]
+    if not a.direct:
+        return plan, [pool.token_view(b.name, s.dst_token, s.num_tokens)
+                      for b in bufs for s in plan]
+    # no output to land in (allocation failed): drain into scratch to keep the stream
+    return plan, [torch.empty((s.num_tokens, *b.per_token_shape), dtype=b.dtype, device=device)
+                  for b in bufs for s in plan]
+
+
+def copy_out(geometry: Geometry, pool: BlockPool, outputs: dict[str, torch.Tensor],
+             plan: list[Segment], offset: int, device: torch.device) -> None:
+    """Pool mode: a chunk that landed in pool blocks, into the room's output."""
+    for b in geometry.wire_buffers:
+        out = outputs[b.name]
+        for s in plan:
+            start = offset + s.chunk_start
+            out[start:start + s.num_tokens].copy_(pool.token_view(b.name, s.dst_token,
+                                                                  s.num_tokens))
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()  # before blocks are reused
+
+
+class PairReceiver:
+    """The one thread that reads a pair's stream (from Embedding rank `src`).
+    `owed`, `dead` and `stopping` are guarded by the engine lock (`cv`)."""
+
+    def __init__(self, engine: LanguageEngine, src: int, transport: PairTransport,
+                 cv: threading.Condition) -> None:
+        self.engine = engine
+        self.src = src
+        self.transport = transport
+        self.owed = 0  # frames the Embedding rank owes us
+        # The next meta recv, posted while the frame before it still lands. Held
+        # until it completes: Gloo must not lose a posted buffer.
+        self.next_meta: Posted | None = None
+        self.dead: str | None = None
+        self.stopping = False
+        self.cv = cv
+        self.thread = threading.Thread(target=self._run, daemon=True,
+                                       name=f"disagg-recv-{src}->{engine.rank}")
+        self.thread.start()
+
+    def expect(self) -> None:
+        """One more frame is owed (engine lock held)."""
+        self.owed += 1
+        self.cv.notify_all()
+
+    def _run(self) -> None:
+        while True:
+            with self.cv:
+                while self.owed == 0 and not self.stopping and self.dead is None:
+                    self.cv.wait(0.5)
+                if self.owed == 0 or self.dead is not None:
+                    return
+            try:
+                self._read_frame()
+            except (PeerLost, TransferTimeout, ProtocolError, StreamBroken) as e:
+                self.engine.pair_lost(self, e)
+                return
+            except Exception as e:  # a bug: never leave the stream half read
+                log.exception("receiver thread for embedding rank %d", self.src)
+                self.engine.pair_lost(self, e)
+                return
+
+    def _read_frame(self) -> None:
+        t = self.transport
+        if self.next_meta is None:
+            self.next_meta = t.post_meta_recv()
+        meta: Meta = t.wait_meta(self.next_meta)
+        self.next_meta = None
+        if meta.kind is FrameKind.ABORT:  # its reason follows, fixed size
+            buf = torch.empty(ABORT_REASON_BYTES, dtype=torch.uint8, device=self.engine.device)
+            t.wait(t.post_recv([buf]), "abort reason recv")
+            self.engine.on_abort_frame(self, meta, reason_from_tensor(buf))
+            return
+        landing = self.engine.on_frame(self, meta)
+        t0 = time.monotonic()
+        posted = t.post_recv(landing.dsts)
+        if landing.more:  # after this payload, in stream order
+            self.next_meta = t.post_meta_recv()
+        t.wait(posted, "payload recv")
+        r = landing.room
+        if landing.copy_out and r.outputs is not None:  # blocks still the room's
+            e = self.engine
+            copy_out(e.geometry, e.pool, r.outputs, landing.plan, landing.chunk.token_offset,
+                     e.device)
+        self.engine.on_landed(self, landing, time.monotonic() - t0)

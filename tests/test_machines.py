@@ -1,0 +1,392 @@
+"""The room state machines, cell by cell: the cheapest layer.
+
+For every (state, event) pair of each side's machine, the next state, the
+actions (by kind, in order) and the public status, with no thread, socket or
+process group: each cell runs in microseconds. The tables below are the
+protocol; the module docstrings of `disagg/embedding/machine.py` and
+`disagg/language/machine.py` draw the same tables for readers.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from disagg.config import DisaggConfig
+from disagg.embedding.machine import (
+    Grant,
+    LaneState,
+    SendMachine,
+    SendRoom,
+    lane_state,
+)
+from disagg.embedding.machine import (
+    set_status as set_send_status,
+)
+from disagg.errors import StreamBroken
+from disagg.geometry import Geometry
+from disagg.language.credit import Credit
+from disagg.language.machine import Phase, Publish, RecvMachine, RecvRoom, needs_resume, phase
+from disagg.language.machine import set_status as set_recv_status
+from disagg.topology import Topology
+from disagg.types import TransferStatus
+from disagg.wire import FLAG_FIRST, FLAG_LAST, FrameKind, Meta
+
+BS, SEQ, LANG, ROOM = 4, 10, 1, 7
+CFG = DisaggConfig(hidden_size=8, block_size=BS, num_blocks=16, mrope=False)
+GEO = Geometry.from_config(CFG)
+W, F, T, S = (TransferStatus.WAITING_FOR_INPUT, TransferStatus.FAILED,
+              TransferStatus.TRANSFERRING, TransferStatus.SUCCESS)
+B = TransferStatus.BOOTSTRAPPING
+
+
+# ---------------------------------------------------------------- Embedding
+
+
+def send_machine() -> SendMachine:
+    return SendMachine(0, GEO, Topology(2, 1, 1), {LANG: 16}, bootstrap_timeout=300.0)
+
+
+def names(actions: list) -> list[str]:
+    return [type(a).__name__ for a in actions]
+
+
+def grant(key: int, blocks: int) -> Grant:
+    return Grant(key, tuple(range(blocks)), blocks * BS, False, 0.0)
+
+
+def data(m: SendMachine, r: SendRoom) -> list:
+    return m.data(r, [torch.zeros(SEQ, 8, dtype=torch.bfloat16)], SEQ, (), None, [0, 1, 2], 0.0)
+
+
+def apply_send(r: SendRoom, actions: list) -> list:
+    """What the engine does with `End`: publish the status (the rest is I/O)."""
+    for a in actions:
+        if type(a).__name__ == "End":
+            set_send_status(r, a.status)
+    return actions
+
+
+def send_state(state: LaneState) -> tuple[SendMachine, SendRoom]:
+    m, r = send_machine(), SendRoom(ROOM, created=0.0, last_progress=0.0)
+    blocks = 3 if state in (LaneState.SENT_LAST, LaneState.DONE) else 1
+    apply_send(r, m.alloc(r, LANG, grant(0, blocks), 1, None))
+    if state is LaneState.ABORTING:
+        apply_send(r, m.abort(r, "test"))
+    elif state is LaneState.CLOSED:
+        apply_send(r, m.abort(r, "test"))
+        apply_send(r, m.frame_done(r, r.lanes[LANG], data=False, nbytes=0, err=None,
+                                   lane_down=None, now=1.0))
+    elif state is not LaneState.GRANTED:
+        apply_send(r, data(m, r))
+    if state in (LaneState.WAIT_RESUME, LaneState.DONE):
+        apply_send(r, m.frame_done(r, r.lanes[LANG], data=True, nbytes=1, err=None,
+                                   lane_down=None, now=1.0))
+    assert lane_state(r, r.lanes[LANG]) is state
+    return m, r
+
+
+SEND_EVENTS: dict[str, Callable[[SendMachine, SendRoom], list]] = {
+    "data": lambda m, r: data(m, r),
+    "resume": lambda m, r: m.resume(r, LANG, grant(r.lanes[LANG].sent_tokens, 1), None),
+    "frame_done": lambda m, r: m.frame_done(r, r.lanes[LANG], data=not r.lanes[LANG].aborting,
+                                            nbytes=1, err=None, lane_down=None, now=1.0),
+    "send_failed": lambda m, r: m.frame_done(r, r.lanes[LANG], data=True, nbytes=1,
+                                             err=RuntimeError("x"), lane_down=None, now=1.0),
+    "abort": lambda m, r: m.abort(r, "test"),
+    "peer_abort": lambda m, r: m.peer_abort(r, LANG, "test"),
+    "peer_lost": lambda m, r: m.peer_lost(r, LANG, "gone"),
+    "timeout": lambda m, r: m.tick(r, 1000.0),
+}
+
+# (state, event) -> (actions by kind, lane state after, room status after); None: the
+# event cannot happen in that state (the engine refuses it before the machine).
+_ = None
+SEND_TABLE: dict[LaneState, dict[str, tuple[list[str], LaneState, TransferStatus] | None]] = {
+    LaneState.GRANTED: {
+        "data": (["SendData"], LaneState.SENDING, T),
+        "resume": ([], LaneState.GRANTED, W),  # key 0 again: a repeat
+        "frame_done": _, "send_failed": _,
+        "abort": (["CountFailure", "SendAbortFrame"], LaneState.ABORTING, W),
+        "peer_abort": (["CountFailure", "SendAbortFrame"], LaneState.ABORTING, W),
+        "peer_lost": (["CountFailure", "SendReject", "End"], LaneState.CLOSED, F),
+        "timeout": ([], LaneState.GRANTED, W),  # no data yet: the lobby's bound is not its
+    },
+    LaneState.SENDING: {
+        "data": _,
+        "resume": (["Count", "SendData"], LaneState.SENDING, T),  # eager: next chunk queued
+        "frame_done": (["Count"], LaneState.WAIT_RESUME, T),
+        "send_failed": (["CountFailure", "SendReject", "End"], LaneState.CLOSED, F),
+        # the chunk on the wire decides when the room ends; the reason goes by REJECT
+        "abort": (["CountFailure", "SendReject"], LaneState.SENDING, T),
+        "peer_abort": (["CountFailure", "SendReject"], LaneState.SENDING, T),
+        "peer_lost": (["CountFailure", "SendReject"], LaneState.SENDING, T),
+        "timeout": ([], LaneState.SENDING, T),
+    },
+    LaneState.WAIT_RESUME: {
+        "data": _,
+        "resume": (["Count", "SendData"], LaneState.SENDING, T),
+        "frame_done": _, "send_failed": _,
+        "abort": (["CountFailure", "SendReject", "End"], LaneState.CLOSED, F),
+        "peer_abort": (["CountFailure", "SendReject", "End"], LaneState.CLOSED, F),
+        "peer_lost": (["CountFailure", "SendReject", "End"], LaneState.CLOSED, F),
+        "timeout": (["CountFailure", "SendReject", "End"], LaneState.CLOSED, F),
+    },
+    LaneState.SENT_LAST: {
+        "data": _,
+        # a RESUME after every token was sent is refused and fails the room
+        "resume": (["SendAbortFrame", "CountFailure", "SendReject"], LaneState.SENT_LAST, T),
+        "frame_done": (["Count", "End"], LaneState.DONE, S),
+        "send_failed": (["CountFailure", "SendReject", "End"], LaneState.CLOSED, F),
+        "abort": (["CountFailure", "SendReject"], LaneState.SENT_LAST, T),
+        "peer_abort": (["CountFailure", "SendReject"], LaneState.SENT_LAST, T),
+        "peer_lost": ([], LaneState.SENT_LAST, T),  # its send's completion decides
+        "timeout": ([], LaneState.SENT_LAST, T),
+    },
+    LaneState.DONE: {
+        "data": _,
+        "resume": (["SendAbortFrame"], LaneState.DONE, S),  # refused: the room ended
+        "frame_done": _, "send_failed": _,
+        "abort": ([], LaneState.DONE, S), "peer_abort": ([], LaneState.DONE, S),
+        "peer_lost": ([], LaneState.DONE, S), "timeout": ([], LaneState.DONE, S),
+    },
+    LaneState.ABORTING: {
+        "data": _,
+        "resume": (["SendAbortFrame"], LaneState.ABORTING, W),  # refused: the room failed
+        "frame_done": (["End"], LaneState.CLOSED, F),
+        "send_failed": _,
+        "abort": ([], LaneState.ABORTING, W), "peer_abort": ([], LaneState.ABORTING, W),
+        "peer_lost": ([], LaneState.ABORTING, W), "timeout": ([], LaneState.ABORTING, W),
+    },
+    LaneState.CLOSED: {
+        "data": _, "frame_done": _, "send_failed": _,
+        "resume": (["SendAbortFrame"], LaneState.CLOSED, F),
+        "abort": ([], LaneState.CLOSED, F), "peer_abort": ([], LaneState.CLOSED, F),
+        "peer_lost": ([], LaneState.CLOSED, F), "timeout": ([], LaneState.CLOSED, F),
+    },
+}
+
+
+SEND_CELLS = [(s, e) for s, row in SEND_TABLE.items() for e, cell in row.items()
+              if cell is not None]
+
+
+def test_send_table_covers_every_cell() -> None:
+    assert set(SEND_TABLE) == set(LaneState)
+    assert all(set(row) == set(SEND_EVENTS) for row in SEND_TABLE.values())
+
+
+@pytest.mark.parametrize(("state", "event"), SEND_CELLS,
+                         ids=[f"{s.value}-{e}" for s, e in SEND_CELLS])
+def test_send_cell(state: LaneState, event: str) -> None:
+    m, r = send_state(state)
+    expected = SEND_TABLE[state][event]
+    assert expected is not None
+    actions = apply_send(r, SEND_EVENTS[event](m, r))
+    assert (names(actions), lane_state(r, r.lanes[LANG]), r.status) == expected
+
+
+def test_send_status_never_moves_backwards_or_out_of_an_end() -> None:
+    r = SendRoom(ROOM, created=0.0, last_progress=0.0)
+    set_send_status(r, T)
+    with pytest.raises(AssertionError):
+        set_send_status(r, W)
+    r.failure = "x"
+    set_send_status(r, F)
+    with pytest.raises(AssertionError):
+        set_send_status(r, S)
+
+
+def test_send_budget_returned_once_whatever_ends_the_room() -> None:
+    """Exactly one End per room, on every path through the table."""
+    for state, event in SEND_CELLS:
+        m, r = send_state(state)
+        ends = sum(type(a).__name__ == "End" for a in SEND_EVENTS[event](m, r))
+        assert ends <= 1
+        assert not (ends and state in (LaneState.DONE, LaneState.CLOSED)), (state, event)
+
+
+# ---------------------------------------------------------------- Language
+
+
+def recv_machine() -> RecvMachine:
+    return RecvMachine(LANG, 1, auto_resume=False, bootstrap_timeout=300.0, peer_timeout=10.0)
+
+
+def meta_for(r: RecvRoom, c: Credit) -> Meta:
+    n = min(SEQ - c.key, c.allocated_tokens)
+    flags = (FLAG_FIRST if c.key == 0 else 0) | (FLAG_LAST if c.key + n == SEQ else 0)
+    return Meta(FrameKind.DATA, ROOM, r.chunk_index, c.key, n, SEQ, flags, ())
+
+
+def apply_recv(r: RecvRoom, actions: list) -> list:
+    for a in actions:
+        if isinstance(a, Publish):
+            set_recv_status(r, a.status)
+    return actions
+
+
+def deliver_meta(m: RecvMachine, r: RecvRoom) -> list:
+    meta = meta_for(r, r.outstanding) if r.outstanding else Meta(FrameKind.DATA, ROOM, 0, 0,
+                                                                  SEQ, SEQ, 3, ())
+    a = m.owed(r, 0, meta)
+    chunk = m.check_meta(r, a, meta)
+    r._chunk = chunk  # type: ignore[attr-defined]  # the payload's landing needs it
+    return m.landing(r, a, meta, chunk)
+
+
+def recv_state(ph: Phase) -> tuple[RecvMachine, RecvRoom]:
+    m, r = recv_machine(), RecvRoom(ROOM, 0, created=0.0, last_progress=0.0)
+    if ph is Phase.FAILED:
+        apply_recv(r, m.abort(r, "test"))
+    if ph in (Phase.NEW, Phase.FAILED):
+        assert phase(r) is ph
+        return m, r
+    blocks = 3 if ph is Phase.DONE else 1
+    apply_recv(r, m.asked(r, Credit(0, list(range(blocks)), blocks * BS, False), 0.0,
+                          auto=False))
+    if ph is Phase.DRAINING:
+        apply_recv(r, m.abort(r, "test"))
+    if ph in (Phase.LANDING, Phase.PARTIAL, Phase.RESUMED, Phase.DONE):
+        apply_recv(r, deliver_meta(m, r))
+    if ph in (Phase.PARTIAL, Phase.RESUMED, Phase.DONE):
+        apply_recv(r, m.landed(r, r._chunk, None, 1.0))  # type: ignore[attr-defined]
+    if ph is Phase.RESUMED:
+        apply_recv(r, m.resumed(r, Credit(r.received, [], SEQ - r.received, True)))
+    assert phase(r) is ph
+    return m, r
+
+
+def _landed(m: RecvMachine, r: RecvRoom) -> list:
+    if r.landing is None:
+        raise LookupError("nothing landing")
+    return m.landed(r, r._chunk, None, 2.0)  # type: ignore[attr-defined]
+
+
+def _abort_frame(m: RecvMachine, r: RecvRoom) -> list:
+    m.owed(r, 0, Meta(FrameKind.ABORT, ROOM))
+    return m.abort_frame(r, "peer said so", 0)
+
+
+RECV_EVENTS: dict[str, Callable[[RecvMachine, RecvRoom], list]] = {
+    "meta": deliver_meta,
+    "landed": _landed,
+    "abort_frame": _abort_frame,
+    "reject": lambda m, r: m.reject(r, 0, "no"),
+    "abort": lambda m, r: m.abort(r, "test"),
+    "peer_lost": lambda m, r: m.peer_lost(r, "gone", release_landing=False),
+    "timeout": lambda m, r: m.tick(r, 1000.0),
+}
+
+SB = "StreamBroken"  # the pair is torn down: every room on it fails
+RECV_TABLE: dict[Phase, dict[str, tuple[list[str], Phase, TransferStatus] | str | None]] = {
+    Phase.NEW: {
+        "meta": SB, "landed": _, "abort_frame": SB,
+        "reject": (["CountFailure", "Untrack", "Publish"], Phase.FAILED, F),
+        "abort": (["CountFailure", "Untrack", "Publish", "Post"], Phase.FAILED, F),
+        "peer_lost": (["CountFailure", "Untrack", "Publish"], Phase.FAILED, F),
+        "timeout": (["CountFailure", "Untrack", "Publish"], Phase.FAILED, F),
+    },
+    Phase.ASKED: {
+        "meta": ([], Phase.LANDING, W), "landed": _,
+        "abort_frame": (["Release", "CountFailure", "Untrack", "Publish"], Phase.FAILED, F),
+        "reject": (["CountFailure", "Publish"], Phase.DRAINING, F),
+        "abort": (["CountFailure", "Publish", "Post"], Phase.DRAINING, F),
+        "peer_lost": (["Release", "CountFailure", "Untrack", "Publish"], Phase.FAILED, F),
+        "timeout": (["CountFailure", "Publish", "Post"], Phase.DRAINING, F),
+    },
+    Phase.LANDING: {
+        "meta": SB,
+        "landed": (["Release"], Phase.PARTIAL, T),
+        "abort_frame": SB,
+        "reject": (["CountFailure", "Publish"], Phase.DRAINING, F),
+        "abort": (["CountFailure", "Publish", "Post"], Phase.DRAINING, F),
+        "peer_lost": ([], Phase.LANDING, W),  # the receiver thread's landing decides
+        "timeout": ([], Phase.LANDING, W),
+    },
+    Phase.PARTIAL: {
+        "meta": SB, "landed": _, "abort_frame": SB,
+        "reject": (["CountFailure", "Untrack", "Publish"], Phase.FAILED, F),
+        "abort": (["CountFailure", "Untrack", "Publish", "Post"], Phase.FAILED, F),
+        "peer_lost": (["CountFailure", "Untrack", "Publish"], Phase.FAILED, F),
+        "timeout": (["CountFailure", "Untrack", "Publish", "Post"], Phase.FAILED, F),
+    },
+    Phase.RESUMED: {
+        "meta": ([], Phase.LANDING, T), "landed": _,
+        "abort_frame": (["Release", "CountFailure", "Untrack", "Publish"], Phase.FAILED, F),
+        "reject": (["CountFailure", "Publish"], Phase.DRAINING, F),
+        "abort": (["CountFailure", "Publish", "Post"], Phase.DRAINING, F),
+        "peer_lost": (["Release", "CountFailure", "Untrack", "Publish"], Phase.FAILED, F),
+        "timeout": (["CountFailure", "Publish", "Post"], Phase.DRAINING, F),
+    },
+    Phase.DRAINING: {
+        "meta": ([], Phase.DRAINING, F), "landed": _,
+        "abort_frame": (["Release", "Untrack"], Phase.FAILED, F),
+        "reject": ([], Phase.DRAINING, F), "abort": ([], Phase.DRAINING, F),
+        "peer_lost": (["Release", "Untrack"], Phase.FAILED, F),
+        "timeout": ([], Phase.DRAINING, F),
+    },
+    Phase.DONE: {
+        "meta": SB, "landed": _, "abort_frame": SB,
+        "reject": ([], Phase.DONE, S), "abort": ([], Phase.DONE, S),
+        "peer_lost": ([], Phase.DONE, S), "timeout": ([], Phase.DONE, S),
+    },
+    Phase.FAILED: {
+        "meta": SB, "landed": _, "abort_frame": SB,
+        "reject": ([], Phase.FAILED, F), "abort": ([], Phase.FAILED, F),
+        "peer_lost": ([], Phase.FAILED, F), "timeout": ([], Phase.FAILED, F),
+    },
+}
+
+RECV_CELLS = [(p, e) for p, row in RECV_TABLE.items() for e, cell in row.items()
+              if cell is not None]
+
+
+def test_recv_table_covers_every_cell() -> None:
+    assert set(RECV_TABLE) == set(Phase)
+    assert all(set(row) == set(RECV_EVENTS) for row in RECV_TABLE.values())
+
+
+@pytest.mark.parametrize(("ph", "event"), RECV_CELLS,
+                         ids=[f"{p.value}-{e}" for p, e in RECV_CELLS])
+def test_recv_cell(ph: Phase, event: str) -> None:
+    m, r = recv_state(ph)
+    expected = RECV_TABLE[ph][event]
+    if expected == SB:
+        with pytest.raises(StreamBroken):
+            RECV_EVENTS[event](m, r)
+        return
+    actions = apply_recv(r, RECV_EVENTS[event](m, r))
+    assert (names(actions), phase(r), r.status) == expected
+
+
+def test_needs_resume_is_exactly_partial() -> None:
+    for ph in Phase:
+        _, r = recv_state(ph)
+        assert needs_resume(r) == (ph is Phase.PARTIAL), ph
+
+
+def test_blocks_are_released_only_by_a_frame_or_a_lost_pair() -> None:
+    """A room that fails keeps its allocation (DRAINING) until a frame answers it:
+    no cell but an answering frame or the pair's loss releases blocks."""
+    for ph, event in RECV_CELLS:
+        cell = RECV_TABLE[ph][event]
+        if isinstance(cell, tuple) and "Release" in cell[0]:
+            assert event in ("landed", "abort_frame", "peer_lost"), (ph, event)
+
+
+def test_recv_status_is_monotone_and_final() -> None:
+    r = RecvRoom(ROOM, 0, created=0.0, last_progress=0.0)
+    set_recv_status(r, W)
+    with pytest.raises(AssertionError):
+        set_recv_status(r, B)
+    set_recv_status(r, S)
+    r.failure = "late"
+    with pytest.raises(AssertionError):
+        set_recv_status(r, F)
