@@ -39,160 +39,18 @@ the pair fails the room.
 
 from __future__ import annotations
 
-import enum
-from dataclasses import dataclass, field
-
 import torch
 
 from ..errors import FailureCause
 from ..geometry import Geometry
-from ..plan import Segment, chunk_tokens, num_blocks_for, segment_plan
+from ..plan import chunk_tokens, num_blocks_for, segment_plan
 from ..topology import Topology
 from ..types import TransferStatus
 from ..wire import FLAG_FIRST, FLAG_LAST, FrameKind, Meta
+from .actions import Action, Count, CountFailure, End, SendAbortFrame, SendData, SendReject
+from .room import Grant, Lane, LaneState, SendRoom, lane_state, set_status
 
-TERMINAL = (TransferStatus.SUCCESS, TransferStatus.FAILED)
-
-
-@dataclass
-class Grant:
-    """An accepted allocation from one Language rank, not yet answered."""
-
-    key: int  # sent_tokens at which it starts (0 for ALLOC)
-    block_ids: tuple[int, ...]
-    allocated_tokens: int
-    direct: bool
-    arrived: float
-
-
-@dataclass
-class Lane:
-    """The room as seen by one Language rank's stream."""
-
-    lang_rank: int
-    sent_tokens: int = 0  # the next chunk starts here
-    chunk_index: int = 0
-    pending: Grant | None = None  # accepted, not yet answered
-    in_flight: int = 0  # frames posted, not yet completed
-    aborting: bool = False  # one of them is an ABORT frame
-    done: bool = False  # the last chunk completed
-    keys: set[int] = field(default_factory=set)  # sent_tokens of every grant accepted
-
-
-class LaneState(enum.Enum):
-    GRANTED = "granted"
-    SENDING = "sending"
-    WAIT_RESUME = "wait_resume"
-    SENT_LAST = "sent_last"
-    DONE = "done"
-    ABORTING = "aborting"
-    CLOSED = "closed"
-
-
-@dataclass
-class SendRoom:
-    room: int
-    created: float
-    last_progress: float
-    seq_len: int = 0
-    sources: list[torch.Tensor] | None = None  # wire order, each [seq, *per_token]
-    aux: tuple[int, ...] = ()
-    ready: torch.cuda.Event | None = None
-    budget: list[int] = field(default_factory=list)
-    instance_size: int | None = None
-    lanes: dict[int, Lane] = field(default_factory=dict)
-    failure: str | None = None
-    status: TransferStatus = TransferStatus.WAITING_FOR_INPUT
-    ended: bool = False  # End emitted: nothing more happens to this room
-    sent_at: float | None = None  # first send(), for latency stats
-
-
-def lane_state(room: SendRoom, lane: Lane) -> LaneState:
-    if lane.done:
-        return LaneState.DONE
-    if lane.aborting:
-        return LaneState.ABORTING
-    if lane.pending is not None:
-        return LaneState.GRANTED
-    if room.failure is not None and not lane.in_flight:
-        return LaneState.CLOSED
-    if lane.in_flight:
-        return LaneState.SENT_LAST if lane.sent_tokens == room.seq_len else LaneState.SENDING
-    return LaneState.WAIT_RESUME
-
-
-def set_status(room: SendRoom, status: TransferStatus) -> None:
-    """The only writer of `room.status`: progress is monotone, an ended room
-    never changes, and FAILED is reached only through a failure."""
-    if room.status in TERMINAL:
-        raise AssertionError(f"room {room.room}: {room.status.name} -> {status.name}")
-    if status is TransferStatus.FAILED:
-        assert room.failure is not None
-    elif status < room.status:
-        raise AssertionError(f"room {room.room}: {room.status.name} -> {status.name}")
-    room.status = status
-
-
-# ---------------------------------------------------------------- actions
-
-
-@dataclass(frozen=True)
-class SendData:
-    """Post a DATA frame on the lane's stream; `frame_done` follows its completion."""
-
-    room: SendRoom
-    lane: Lane
-    meta: Meta
-    plan: list[Segment]
-    nbytes: int
-
-
-@dataclass(frozen=True)
-class SendAbortFrame:
-    """Answer an allocation with an ABORT frame carrying `reason`. With a lane,
-    `frame_done(..., data=False)` follows its completion; without one it is a
-    refusal of an allocation that never joined a room."""
-
-    room: int
-    lang_rank: int
-    reason: str
-    lane: Lane | None = None
-    owner: SendRoom | None = None
-
-
-@dataclass(frozen=True)
-class SendReject:
-    """Tell a Language rank, by control message, why the room failed."""
-
-    room: int
-    lang_rank: int
-    reason: str
-
-
-@dataclass(frozen=True)
-class CountFailure:
-    cause: FailureCause
-
-
-@dataclass(frozen=True)
-class Count:
-    bytes_sent: int = 0
-    chunks: int = 0
-    resumes: int = 0
-
-
-@dataclass(frozen=True)
-class End:
-    """Return the budget, forget the room (tombstone `outcome`), then publish
-    `status`: a caller that sees it may reuse the id and the budget at once."""
-
-    room: SendRoom
-    status: TransferStatus
-    outcome: str
-    send_total_s: float | None = None
-
-
-Action = SendData | SendAbortFrame | SendReject | CountFailure | Count | End
+__all__ = ["Grant", "Lane", "LaneState", "SendMachine", "SendRoom", "lane_state", "set_status"]
 
 
 # ---------------------------------------------------------------- transitions

@@ -1,0 +1,86 @@
+"""Language side: what one room is made of, its phases (derived from its
+fields), `needs_resume`, and the one function that changes its status. Read
+`machine.py` for the transitions."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import torch
+
+from ..types import TransferStatus
+from .credit import Credit
+
+TERMINAL = (TransferStatus.SUCCESS, TransferStatus.FAILED)
+
+
+class Phase(enum.Enum):
+    NEW = "new"
+    ASKED = "asked"
+    LANDING = "landing"
+    PARTIAL = "partial"
+    RESUMED = "resumed"
+    DRAINING = "draining"
+    DONE = "done"
+    FAILED = "failed"
+
+
+@dataclass
+class RecvRoom:
+    room: int
+    src_rank: int
+    created: float
+    last_progress: float
+    status: TransferStatus = TransferStatus.BOOTSTRAPPING
+    failure: str | None = None
+    seq_len: int | None = None
+    aux: tuple[int, ...] = ()
+    received: int = 0
+    chunk_index: int = 0
+    outstanding: Credit | None = None  # sent, not yet answered by a frame
+    landing: Credit | None = None  # answered by a DATA meta, payload landing
+    outputs: dict[str, torch.Tensor] | None = None
+    alloc_sent: bool = False
+    # stage timings, for latency stats and the slow-room log
+    alloc_at: float | None = None
+    first_byte_at: float | None = None
+    partial_at: float | None = None
+    num_resumes: int = 0
+    auto_first_blocks: int | None = None  # first allocation chosen by "auto"
+    tracked: bool = True  # in the engine's table (forgotten once nothing can land)
+
+    @property
+    def complete(self) -> bool:
+        return self.seq_len is not None and self.received == self.seq_len
+
+
+def phase(r: RecvRoom) -> Phase:
+    if r.failure is not None:
+        return Phase.DRAINING if (r.outstanding or r.landing) else Phase.FAILED
+    if r.complete:
+        return Phase.DONE
+    if r.landing is not None:
+        return Phase.LANDING
+    if r.outstanding is not None:
+        return Phase.ASKED if r.seq_len is None else Phase.RESUMED
+    return Phase.PARTIAL if r.seq_len is not None else Phase.NEW
+
+
+def needs_resume(r: RecvRoom) -> bool:
+    """Partial landed: the caller (or auto resume) must allocate for the rest."""
+    return (r.failure is None and r.status == TransferStatus.TRANSFERRING
+            and r.outstanding is None and r.landing is None
+            and r.seq_len is not None and r.received < r.seq_len)
+
+
+def set_status(r: RecvRoom, status: TransferStatus) -> None:
+    """The only writer of `r.status`: progress is monotone, SUCCESS and FAILED
+    are final, and FAILED is reached only through a failure."""
+    if r.status in TERMINAL:
+        raise AssertionError(f"room {r.room}: {r.status.name} -> {status.name}")
+    if status is TransferStatus.FAILED:
+        assert r.failure is not None
+    elif status < r.status:
+        raise AssertionError(f"room {r.room}: {r.status.name} -> {status.name}")
+    r.status = status
