@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -29,10 +29,6 @@ DTYPES: dict[str, torch.dtype] = {
 RESERVED_BUFFERS = ("embeddings", "fill_ids", "mrope_positions")
 RECV_INTO = ("output", "pool")
 BACKENDS = (None, "gloo", "nccl")
-
-
-def dtype_of(name: str) -> torch.dtype:
-    return DTYPES[name]
 
 
 def _bad(field_name: str, value: Any, why: str) -> ValueError:
@@ -61,7 +57,7 @@ class DisaggConfig:
     """Blocks in each rank's pool (Language: landing space / credit;
     Embedding: budget of unfinished tokens)."""
 
-    default_alloc_tokens: int | str = 8192
+    default_alloc_tokens: int | Literal["auto"] = 8192
     """First allocation of a room, in tokens (rounded up to whole blocks), or
     "auto" to learn it from a high quantile of recent lengths."""
 
@@ -76,7 +72,7 @@ class DisaggConfig:
     extra_buffers: dict[str, tuple[tuple[int, ...], str]] = field(default_factory=dict)
     """name -> (per-token shape, dtype name) of optional extra buffers."""
 
-    recv_into: str = "output"
+    recv_into: Literal["output", "pool"] = "output"
     """Where a Language rank lands payload: "output" receives straight into the
     room's result tensors (no copy; the pool is flow-control credit and holds
     no memory). "pool": a room's first chunk lands in preallocated pool blocks
@@ -84,7 +80,7 @@ class DisaggConfig:
     goes straight into the result, its blocks being credit that bounds what is
     in flight."""
 
-    backend: str | None = None
+    backend: Literal["gloo", "nccl"] | None = None
     """None: NCCL when every rank has its own GPU, else Gloo."""
 
     host: str | None = None

@@ -106,16 +106,6 @@ def _routable_host(hostnames: list[str]) -> str:
                       "this one; set DisaggConfig.host")
 
 
-class _RoleError:
-    """Stands in for the side this rank does not have, with a clear message."""
-
-    def __init__(self, what: str) -> None:
-        self._what = what
-
-    def __getattr__(self, name: str) -> object:
-        raise DisaggError(self._what)
-
-
 class Context:
     """One rank's handle: `role`, `instance`, `embedding` or `language`, `stats()`,
     `shutdown()`. Build it with `disagg.init`."""
@@ -140,6 +130,8 @@ class Context:
         self._groups: list[dist.ProcessGroup] = []
         self._zctx = zmq.Context()
         self._control: ControlChannel | None = None
+        self._embedding: EmbeddingEngine | None = None  # the side this rank has
+        self._language: LanguageSide | None = None
         self.control_address: str | None = None
         try:
             self._start()
@@ -192,10 +184,7 @@ class Context:
             engine = EmbeddingEngine(self.cfg, self.rank, topo, self.geometry, peer_blocks,
                                      transports, self.device, stats, control)
             control.start(engine)
-            self._embedding: EmbeddingEngine | _RoleError = engine
-            self._language: LanguageSide | _RoleError = _RoleError(
-                f"rank {self.rank} is an embedding rank: ctx.language exists only on ranks "
-                f"[{topo.num_embedding_ranks}, {self.world_size})")
+            self._embedding = engine
         else:
             control.connect_dealers(self.rank,
                                     {e: peers[e]["address"] for e in topo.embedding_ranks})
@@ -203,9 +192,6 @@ class Context:
                                          self.device, stats, control)
             control.start(lang_engine)
             self._language = LanguageSide(lang_engine, instance_group)
-            self._embedding = _RoleError(
-                f"rank {self.rank} is a language rank: ctx.embedding exists only on ranks "
-                f"[0, {topo.num_embedding_ranks})")
 
     def _check_peers(self, peers: dict[int, dict[str, object]]) -> None:
         mine = self.geometry
@@ -220,11 +206,22 @@ class Context:
 
     @property
     def embedding(self) -> EmbeddingEngine:
-        return self._embedding  # type: ignore[return-value]
+        """This Embedding rank's engine (`sender(room)`); a `DisaggError` on a
+        Language rank."""
+        if self._embedding is None:
+            raise DisaggError(f"rank {self.rank} is a language rank: ctx.embedding exists "
+                              f"only on ranks [0, {self.topology.num_embedding_ranks})")
+        return self._embedding
 
     @property
     def language(self) -> LanguageSide:
-        return self._language  # type: ignore[return-value]
+        """This Language rank's side (`receiver`, `queue`); a `DisaggError` on an
+        Embedding rank."""
+        if self._language is None:
+            raise DisaggError(f"rank {self.rank} is an embedding rank: ctx.language exists "
+                              f"only on ranks [{self.topology.num_embedding_ranks}, "
+                              f"{self.world_size})")
+        return self._language
 
     def stats(self) -> dict[str, object]:
         return self._stats.snapshot()
@@ -246,11 +243,10 @@ class Context:
             except Exception:
                 log.exception("a shutdown hook raised")
         try:
-            engine = self._embedding if self.role == "embedding" else self._language
-            if isinstance(engine, EmbeddingEngine):
-                engine.close(bound)
-            elif isinstance(engine, LanguageSide):
-                engine.engine.close(bound)
+            if self._embedding is not None:
+                self._embedding.close(bound)
+            elif self._language is not None:
+                self._language.engine.close(bound)
         finally:
             if self._control is not None:
                 self._control.close()

@@ -8,6 +8,12 @@ from dataclasses import dataclass, field
 import torch
 
 
+def check_room_id(room: object) -> None:
+    """Room ids are ints in [0, 2**63), the same rule on both sides."""
+    if isinstance(room, bool) or not isinstance(room, int) or not 0 <= room < (1 << 63):
+        raise ValueError(f"room={room!r} must be an int in [0, 2**63)")
+
+
 class TransferStatus(enum.IntEnum):
     """Ordered so that an all-reduce MIN gives the least advanced state and FAILED wins."""
 

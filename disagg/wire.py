@@ -204,7 +204,7 @@ def decode(data: bytes) -> ControlMessage:
 class FrameKind(enum.IntEnum):
     DATA = 1
     ABORT = 2  # answers an allocation: nothing of this room follows; payload: its reason
-    CLOSE = 3
+    CLOSE = 3  # reserved: decoded and rejected as unexpected, never sent (a pair ends with its group)
 
 
 ABORT_REASON_BYTES = 256  # an ABORT frame's payload: its reason, UTF-8, NUL-padded

@@ -74,7 +74,7 @@ def apply_send(r: SendRoom, actions: list) -> list:
 
 
 def send_state(state: LaneState) -> tuple[SendMachine, SendRoom]:
-    m, r = send_machine(), SendRoom(ROOM, created=0.0, last_progress=0.0)
+    m, r = send_machine(), SendRoom(ROOM, last_progress=0.0)
     blocks = 3 if state in (LaneState.SENT_LAST, LaneState.DONE) else 1
     apply_send(r, m.alloc(r, LANG, grant(0, blocks), 1, None))
     if state is LaneState.ABORTING:
@@ -193,7 +193,7 @@ def test_send_cell(state: LaneState, event: str) -> None:
 
 
 def test_send_status_never_moves_backwards_or_out_of_an_end() -> None:
-    r = SendRoom(ROOM, created=0.0, last_progress=0.0)
+    r = SendRoom(ROOM, last_progress=0.0)
     set_send_status(r, T)
     with pytest.raises(AssertionError):
         set_send_status(r, W)

@@ -29,7 +29,7 @@ from ..pool import BlockAllocator
 from ..stats import Stats
 from ..topology import Topology
 from ..transport import PairTransport
-from ..types import TransferStatus
+from ..types import TransferStatus, check_room_id
 from ..wire import Abort, Alloc, ControlMessage, Heartbeat, Reject, Resume
 from .lobby import Lobby, Refusal
 from .machine import (
@@ -46,7 +46,7 @@ from .machine import (
     SendRoom,
     set_status,
 )
-from .sender import Sender, check_room_id
+from .sender import Sender
 from .stream import Frame, SendStreams, abort_frame, data_frame
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,7 @@ class EmbeddingEngine:
                 raise ValueError(f"room {room} is still live on embedding rank {self.rank}; "
                                  f"room ids must be unique among live rooms")
             now = self._clock()
-            r = SendRoom(room, created=now, last_progress=now)
+            r = SendRoom(room, last_progress=now)
             claimed = self.lobby.claim(room, now)
             if claimed.early_abort is not None:
                 r.failure, r.ended = claimed.early_abort, True

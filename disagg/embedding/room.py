@@ -52,7 +52,6 @@ class LaneState(enum.Enum):
 @dataclass
 class SendRoom:
     room: int
-    created: float
     last_progress: float
     seq_len: int = 0
     sources: list[torch.Tensor] | None = None  # wire order, each [seq, *per_token]

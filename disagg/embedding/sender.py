@@ -18,12 +18,6 @@ if TYPE_CHECKING:
     from .machine import SendRoom
 
 
-def check_room_id(room: object) -> None:
-    """Room ids are ints in [0, 2**63), on both sides."""
-    if isinstance(room, bool) or not isinstance(room, int) or not 0 <= room < (1 << 63):
-        raise ValueError(f"room={room!r} must be an int in [0, 2**63)")
-
-
 class Sender:
     """One room on an Embedding rank (see `disagg.embedding.machine` for its
     states). `send` once, then `poll`/`wait` until SUCCESS or FAILED."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import threading
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
@@ -39,7 +40,7 @@ class Credit:
 
 class Credits:
     def __init__(self, pool: BlockPool, stats: Stats, *, direct: bool,
-                 default_alloc_tokens: int | str) -> None:
+                 default_alloc_tokens: int | Literal["auto"]) -> None:
         self.pool = pool
         self.allocator = pool.allocator
         self.block_size = pool.geometry.block_size

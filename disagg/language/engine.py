@@ -29,7 +29,7 @@ from ..results import make_outputs, to_result
 from ..stats import Stats
 from ..topology import Topology
 from ..transport import PairTransport
-from ..types import EmbeddingResult, TransferStatus
+from ..types import EmbeddingResult, TransferStatus, check_room_id
 from ..wire import Abort, Alloc, ControlMessage, Heartbeat, Meta, Reject, Resume
 from .credit import Credits
 from .machine import (
@@ -92,8 +92,7 @@ class LanguageEngine:
         return self._lock._is_owned()  # type: ignore[attr-defined]
 
     def receiver(self, room: int, src_rank: int) -> Receiver:
-        if isinstance(room, bool) or not isinstance(room, int) or not 0 <= room < (1 << 63):
-            raise ValueError(f"room={room!r} must be an int in [0, 2**63)")
+        check_room_id(room)
         if src_rank not in self.topology.embedding_ranks:
             raise ValueError(f"src_rank={src_rank!r} is not an embedding rank (embedding "
                              f"ranks are {list(self.topology.embedding_ranks)})")
