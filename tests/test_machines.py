@@ -50,7 +50,7 @@ B = TransferStatus.BOOTSTRAPPING
 
 
 def send_machine() -> SendMachine:
-    return SendMachine(0, GEO, Topology(2, 1, 1), {LANG: 16}, bootstrap_timeout=300.0)
+    return SendMachine(0, GEO, Topology(2, 1, 1), bootstrap_timeout=300.0)
 
 
 def names(actions: list) -> list[str]:
@@ -76,7 +76,7 @@ def apply_send(r: SendRoom, actions: list) -> list:
 def send_state(state: LaneState) -> tuple[SendMachine, SendRoom]:
     m, r = send_machine(), SendRoom(ROOM, last_progress=0.0)
     blocks = 3 if state in (LaneState.SENT_LAST, LaneState.DONE) else 1
-    apply_send(r, m.alloc(r, LANG, grant(0, blocks), 1, None))
+    apply_send(r, m.alloc(r, LANG, grant(0, blocks), 1, None, lambda lang, first: None))
     if state is LaneState.ABORTING:
         apply_send(r, m.abort(r, "test"))
     elif state is LaneState.CLOSED:

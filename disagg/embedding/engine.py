@@ -31,13 +31,13 @@ from ..topology import Topology
 from ..transport import PairTransport
 from ..types import TransferStatus, check_room_id
 from ..wire import Abort, Alloc, ControlMessage, Heartbeat, Reject, Resume
+from .admission import Admission, budget_blocks
 from .lobby import Lobby, Refusal
 from .machine import (
     Action,
     Count,
     CountFailure,
     End,
-    Grant,
     Lane,
     SendAbortFrame,
     SendData,
@@ -68,12 +68,12 @@ class EmbeddingEngine:
         self.control = control
         self._clock = clock
         self.budget = BlockAllocator(geometry.num_blocks)
-        self.machine = SendMachine(rank, geometry, topology, peer_num_blocks,
-                                   cfg.bootstrap_timeout)
+        self.machine = SendMachine(rank, geometry, topology, cfg.bootstrap_timeout)
         self._transports = transports
         self._streams = SendStreams(rank, transports)
         self._rooms: dict[int, SendRoom] = {}
         self.lobby = Lobby(cfg.bootstrap_timeout)
+        self.admission = Admission(self.machine, self.lobby, geometry, topology, peer_num_blocks)
         self.liveness = Liveness(topology.language_ranks, cfg.peer_timeout, clock())
         self._lock = threading.RLock()
         self._ended = threading.Condition(self._lock)  # a room reached SUCCESS or FAILED
@@ -115,7 +115,7 @@ class EmbeddingEngine:
 
     def _send(self, r: SendRoom, sources: list[torch.Tensor], seq_len: int,
               aux: tuple[int, ...]) -> None:
-        need = self.machine.budget_blocks(r.room, seq_len, self.budget.num_blocks)
+        need = budget_blocks(self.geometry, r.room, seq_len, self.budget.num_blocks)
         ready = None
         if self.device.type == "cuda":  # the sends wait for the producer's stream
             ready = torch.cuda.Event()
@@ -164,16 +164,17 @@ class EmbeddingEngine:
             elif self.control is not None and not self._closing:
                 self.control.post(peer, Heartbeat(self.rank))
             return
-        try:
-            with self._lock:
-                if isinstance(msg, Alloc):
-                    self._on_alloc(msg)
-                elif isinstance(msg, Resume):
-                    self._on_resume(msg)
-                elif isinstance(msg, Abort):
-                    self._on_abort(msg)
-        finally:
-            self._flush()
+        if not isinstance(msg, (Alloc, Resume, Abort)):
+            return  # the channel lets only these through
+        with self._lock:
+            r, now = self._rooms.get(msg.room), self._clock()
+            if isinstance(msg, Alloc):
+                self._execute(self.admission.alloc(r, msg, now))
+            elif isinstance(msg, Resume):
+                self._execute(self.admission.resume(r, msg, now))
+            else:
+                self._execute(self.admission.abort(r, msg, now))
+        self._flush()
 
     def on_bad_message(self, peer: int | None, room: int | None, why: str) -> None:
         """A message the channel could not accept. A room it names fails here
@@ -189,57 +190,8 @@ class EmbeddingEngine:
             return
         reason = f"embedding rank {self.rank}: bad message from language rank {peer}: {why}"
         with self._lock:
-            r = self._rooms.get(room)
-            if r is not None:
-                self._execute(self.machine.bad_message(r, peer, reason))
-            else:
-                self._reject(peer, room, reason)
+            self._execute(self.admission.bad_message(self._rooms.get(room), peer, room, reason))
         self._flush()
-
-    def _on_alloc(self, m: Alloc) -> None:
-        lang, room = m.lang_rank, m.room
-        why = (self.machine.check_grant(lang, m.block_ids, m.allocated_tokens, m.direct,
-                                        allow_empty=False)
-               or self.machine.check_instance_size(m.instance_size))
-        grant = Grant(0, m.block_ids, m.allocated_tokens, m.direct, self._clock())
-        r = self._rooms.get(room)
-        if r is not None:
-            self._execute(self.machine.alloc(r, lang, grant, m.instance_size, why))
-            return
-        ended = self.lobby.ended(room)
-        if ended is not None:
-            why = f"ALLOC for a room that already ended: {ended}"
-        elif why is not None:
-            why = f"bad ALLOC from language rank {lang}: {why}"
-        else:
-            refusal = self.lobby.add_alloc(lang, room, m.instance_size, grant,
-                                           self.machine.other_instance)
-            if refusal is not None:
-                self.stats.failure(FailureCause.BAD_MESSAGE)
-                self._refuse([refusal])
-            return
-        self._execute([self.machine.refuse(lang, room, why)])
-
-    def _on_resume(self, m: Resume) -> None:
-        lang, room = m.lang_rank, m.room
-        r = self._rooms.get(room)
-        if r is None:
-            ended = self.lobby.ended(room)
-            self._execute([self.machine.refuse(
-                lang, room, "RESUME for a room that is unknown here" if ended is None
-                else f"RESUME for a room that already ended: {ended}")])
-            return
-        why = self.machine.check_grant(lang, m.block_ids, m.allocated_tokens, m.direct,
-                                       allow_empty=True)
-        grant = Grant(m.sent_tokens, m.block_ids, m.allocated_tokens, m.direct, self._clock())
-        self._execute(self.machine.resume(r, lang, grant, why))
-
-    def _on_abort(self, m: Abort) -> None:
-        r = self._rooms.get(m.room)
-        if r is not None:
-            self._execute(self.machine.peer_abort(r, m.lang_rank, m.reason))
-        else:
-            self._refuse(self.lobby.abort(m.room, m.lang_rank, m.reason, self._clock()))
 
     def on_tick(self) -> None:
         """Control thread, every poll interval: liveness and bootstrap timeouts."""
@@ -313,7 +265,7 @@ class EmbeddingEngine:
         self._ended.notify_all()
 
     def _refuse(self, refusals: list[Refusal]) -> None:
-        self._execute([self.machine.refuse(f.lang_rank, f.room, f.reason) for f in refusals])
+        self._execute(self.admission.refusals(refusals))
 
     def _reject(self, lang_rank: int, room: int, reason: str) -> None:
         if self.control is not None and not self._closing:

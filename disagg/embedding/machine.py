@@ -39,11 +39,13 @@ the pair fails the room.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from ..errors import FailureCause
 from ..geometry import Geometry
-from ..plan import chunk_tokens, num_blocks_for, segment_plan
+from ..plan import chunk_tokens, segment_plan
 from ..topology import Topology
 from ..types import TransferStatus
 from ..wire import FLAG_FIRST, FLAG_LAST, FrameKind, Meta
@@ -60,11 +62,10 @@ class SendMachine:
     """Transitions of every room of one Embedding rank. Holds only constants."""
 
     def __init__(self, rank: int, geometry: Geometry, topology: Topology,
-                 peer_num_blocks: dict[int, int], bootstrap_timeout: float) -> None:
+                 bootstrap_timeout: float) -> None:
         self.rank = rank
         self.geometry = geometry
         self.topology = topology
-        self.peer_num_blocks = peer_num_blocks
         self.bootstrap_timeout = bootstrap_timeout
 
     # -------------------------------------------------------- caller events
@@ -97,15 +98,16 @@ class SendMachine:
     # -------------------------------------------------------- control events
 
     def alloc(self, r: SendRoom, lang: int, grant: Grant, instance_size: int,
-              why: str | None) -> list[Action]:
-        """An ALLOC for a live room; `why` is what `check_alloc` found wrong."""
+              why: str | None, other_instance: Callable[[int, int], str | None]) -> list[Action]:
+        """An ALLOC for a live room; `why` is what the grant checks found wrong,
+        `other_instance` says why `lang` may not join a room another rank asked for."""
         if r.failure is not None or r.ended:
             return [self.refuse(lang, r.room, f"ALLOC for a room that already failed: "
                                               f"{r.failure}")]
         if why is None and lang in r.lanes:
             why = "duplicate ALLOC from this language rank"
         if why is None and r.lanes:
-            intruder = self.other_instance(lang, next(iter(r.lanes)))
+            intruder = other_instance(lang, next(iter(r.lanes)))
             if intruder is not None:  # the room is another instance's: refuse only this ALLOC
                 return [self.refuse(lang, r.room, f"bad ALLOC from language rank {lang}: "
                                                   f"{intruder}"),
@@ -219,51 +221,6 @@ class SendMachine:
                    if r.instance_size and len(r.lanes) < r.instance_size else "RESUME")
         return self.fail(r, f"embedding rank {self.rank}: timed out after {limit:g}s waiting "
                             f"for {waiting}", FailureCause.TIMEOUT)
-
-    # -------------------------------------------------------- checks (pure)
-
-    def check_grant(self, lang: int, block_ids: tuple[int, ...], allocated: int,
-                    direct: bool, *, allow_empty: bool) -> str | None:
-        """Why these blocks cannot be a destination on `lang`, or None."""
-        bs = self.geometry.block_size
-        num = self.peer_num_blocks[lang]
-        if allocated < 1:
-            return f"allocated_tokens={allocated} must be >= 1"
-        if not block_ids:
-            if direct and allow_empty:
-                return None
-            return "no blocks"
-        if allocated != len(block_ids) * bs:
-            return f"allocated_tokens={allocated} != {len(block_ids)} blocks x block_size {bs}"
-        bad = [b for b in block_ids if not 0 <= b < num]
-        if bad:
-            return f"block ids {bad[:8]} out of range [0, {num})"
-        if len(set(block_ids)) != len(block_ids):
-            return "duplicate block ids"
-        return None
-
-    def check_instance_size(self, instance_size: int) -> str | None:
-        tp = self.topology.language_tp_size
-        if not 1 <= instance_size <= tp:
-            return f"instance_size={instance_size} outside [1, {tp}]"
-        return None
-
-    def other_instance(self, lang: int, first: int) -> str | None:
-        """A room is received by one Language instance: why `lang` may not join a
-        room that `first` already asked for, or None."""
-        mine, theirs = self.topology.instance_of(lang), self.topology.instance_of(first)
-        if mine == theirs:
-            return None
-        return (f"room already claimed by language instance {theirs} (rank {first}); "
-                f"rank {lang} is in instance {mine}")
-
-    def budget_blocks(self, room: int, seq_len: int, total: int) -> int:
-        need = num_blocks_for(seq_len, self.geometry.block_size)
-        if need > total:
-            raise ValueError(f"send(room={room}): seq_len={seq_len} needs {need} blocks of "
-                             f"{self.geometry.block_size} tokens, more than the whole budget "
-                             f"of {total} blocks")
-        return need
 
     def refuse(self, lang: int, room: int, why: str) -> SendAbortFrame:
         """Refuse an allocation: its answer is an ABORT frame that says why."""

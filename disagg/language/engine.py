@@ -5,8 +5,9 @@ frames owed to the pair's `PairReceiver`, final statuses to the caller.
 
 Threads that call in: the caller (`receiver`, `init`, `resume`, `abort`,
 `result`), the control thread (`on_message`, `on_tick`) and one receiver
-thread per Embedding rank (`on_frame`, `on_landed`, `on_abort_frame`,
-`pair_lost`).
+thread per Embedding rank (`stream.PairReceiver`, which asks the machine what
+each frame means under this engine's lock and calls `execute`, or
+`pair_lost` when its stream breaks).
 """
 
 from __future__ import annotations
@@ -21,21 +22,21 @@ import torch
 
 from ..config import DisaggConfig
 from ..control import ControlPort, RateLimitedLog
-from ..errors import DisaggError, FailureCause, PeerLost, StreamBroken
+from ..errors import DisaggError, FailureCause, PeerLost
 from ..geometry import Geometry
 from ..liveness import Liveness
 from ..pool import BlockPool
-from ..results import make_outputs, to_result
+from ..results import to_result
 from ..stats import Stats
 from ..topology import Topology
 from ..transport import PairTransport
 from ..types import EmbeddingResult, TransferStatus, check_room_id
-from ..wire import Abort, Alloc, ControlMessage, Heartbeat, Meta, Reject, Resume
+from ..wire import Abort, Alloc, ControlMessage, Heartbeat, Reject, Resume
+from . import timing
 from .credit import Credits
 from .machine import (
     Action,
     AskResume,
-    Chunk,
     CountFailure,
     Owe,
     Post,
@@ -48,7 +49,7 @@ from .machine import (
     set_status,
 )
 from .receiver import Receiver, check_tokens
-from .stream import Landing, PairReceiver, destinations
+from .stream import PairReceiver
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ class LanguageEngine:
         self.device = device
         self.stats = stats
         self.control = control
-        self._clock = clock
+        self.clock = clock
         self.pool = BlockPool(geometry, device, with_buffers=cfg.recv_into == "pool")
         self.credits = Credits(self.pool, stats, direct=cfg.recv_into == "output",
                                default_alloc_tokens=cfg.default_alloc_tokens)
@@ -77,7 +78,7 @@ class LanguageEngine:
         self._transports = transports
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)  # some room may need the caller
-        self._rooms: dict[int, RecvRoom] = {}
+        self.rooms: dict[int, RecvRoom] = {}
         self._pairs: dict[int, PairReceiver] = {}
         self.liveness = Liveness(topology.embedding_ranks, cfg.peer_timeout, clock())
         self._warn = RateLimitedLog(log)
@@ -99,12 +100,12 @@ class LanguageEngine:
         with self._lock:
             if self._closing:
                 raise DisaggError("context is shut down", rank=self.rank)
-            if room in self._rooms:
+            if room in self.rooms:
                 raise ValueError(f"room {room} is still live on language rank {self.rank}; "
                                  f"room ids must be unique among live rooms")
-            now = self._clock()
-            r = self._rooms[room] = RecvRoom(room, src_rank, created=now, last_progress=now)
-            self.stats.set_gauge("rooms_live", len(self._rooms))
+            now = self.clock()
+            r = self.rooms[room] = RecvRoom(room, src_rank, created=now, last_progress=now)
+            self.stats.set_gauge("rooms_live", len(self.rooms))
         return Receiver(self, r)
 
     def first_alloc_tokens(self) -> int:
@@ -123,17 +124,17 @@ class LanguageEngine:
                 return True
             down = self.liveness.dead.get(r.src_rank) or self._pair(r.src_rank).dead
             if down is not None:
-                self._execute(r, self.machine.fail(
+                self.execute(r, self.machine.fail(
                     r, f"language rank {self.rank}: embedding rank {r.src_rank} is down: "
                        f"{down}", FailureCause.PEER_LOST))
                 return False
             c = self.credits.take(r.room, want, key=0, remaining=None, resume=False,
-                                  reserve=sum(1 for x in self._rooms.values()
+                                  reserve=sum(1 for x in self.rooms.values()
                                               if x is not r and needs_resume(x)))
             if c is None:
                 return False
             auto = num_tokens is None and self.cfg.default_alloc_tokens == "auto"
-            self._execute(r, self.machine.asked(r, c, self._clock(), auto=auto))
+            self.execute(r, self.machine.asked(r, c, self.clock(), auto=auto))
             return True
 
     def _resume(self, r: RecvRoom, num_tokens: int | None) -> bool:
@@ -156,12 +157,12 @@ class LanguageEngine:
         if c is None:
             return False
         self.stats.add(resumes=1)
-        self._execute(r, self.machine.resumed(r, c))
+        self.execute(r, self.machine.resumed(r, c))
         return True
 
     def _abort(self, r: RecvRoom, reason: str) -> None:
         with self._lock:
-            self._execute(r, self.machine.abort(r, reason))
+            self.execute(r, self.machine.abort(r, reason))
 
     def _needs_resume(self, r: RecvRoom) -> bool:
         with self._lock:
@@ -187,58 +188,6 @@ class LanguageEngine:
 
     # ------------------------------------------------------------ receiver threads
 
-    def _owed_room(self, pair: PairReceiver, meta: Meta) -> RecvRoom:
-        if pair.dead is not None:  # declared dead meanwhile: read nothing more from it
-            raise StreamBroken(f"stream from embedding rank {pair.src} already torn down")
-        r = self._rooms.get(meta.room)
-        self.machine.owed(r, pair.src, meta)
-        assert r is not None
-        return r
-
-    def on_abort_frame(self, pair: PairReceiver, meta: Meta, reason: str) -> None:
-        with self._lock:
-            r = self._owed_room(pair, meta)
-            pair.owed -= 1
-            self._execute(r, self.machine.abort_frame(r, reason, pair.src))
-
-    def on_frame(self, pair: PairReceiver, meta: Meta) -> Landing:
-        """A DATA meta: check it (a bad one raises `StreamBroken` before anything
-        changes, so the room still holds its blocks), then say where it lands."""
-        with self._lock:
-            r = self._owed_room(pair, meta)
-            a = r.outstanding
-            assert a is not None
-            chunk = self.machine.check_meta(r, a, meta)
-            pair.owed -= 1
-            now = r.last_progress = self._clock()
-            if meta.first:
-                self.credits.learn(meta.seq_len)
-                try:
-                    r.outputs = make_outputs(self.geometry, meta.seq_len, self.device)
-                except (RuntimeError, MemoryError) as e:
-                    chunk = Chunk(chunk.num_tokens, chunk.token_offset, chunk.last,
-                                  f"language rank {self.rank}: cannot allocate output: {e}")
-            if r.first_byte_at is None:
-                r.first_byte_at = now
-                self.stats.observe("alloc_to_first_byte_s", now - (r.alloc_at or r.created))
-                self.credits.account_auto(r.auto_first_blocks, meta.seq_len)
-            elif r.partial_at is not None:
-                self.stats.observe("resume_gap_s", now - r.partial_at)
-                r.partial_at = None
-            plan, dsts = destinations(self.geometry, self.pool, r, a, chunk.num_tokens,
-                                      chunk.token_offset, self.device)
-            self._execute(r, self.machine.landing(r, a, meta, chunk))
-            return Landing(r, chunk, plan, dsts, not a.direct, pair.owed > 0)
-
-    def on_landed(self, pair: PairReceiver, landing: Landing, seconds: float) -> None:
-        with self._lock:
-            self.stats.observe("chunk_transfer_s", seconds)
-            self.stats.add(bytes_received=landing.chunk.num_tokens * self.geometry.token_nbytes,
-                           chunks=1)
-            r = landing.room
-            self._execute(r, self.machine.landed(r, landing.chunk, pair.dead, self._clock()))
-            self._changed.notify_all()
-
     def pair_lost(self, pair: PairReceiver, err: BaseException, *, from_thread: bool = True,
                   clean: bool = False) -> None:
         """The stream from `pair.src` is unusable: no recv is posted on it again,
@@ -255,9 +204,9 @@ class LanguageEngine:
                                             f"{err}", release_landing=from_thread)
 
     def _fail_rooms_from(self, src: int, why: str, *, release_landing: bool) -> None:
-        for r in list(self._rooms.values()):
+        for r in list(self.rooms.values()):
             if r.src_rank == src:
-                self._execute(r, self.machine.peer_lost(r, why, release_landing=release_landing))
+                self.execute(r, self.machine.peer_lost(r, why, release_landing=release_landing))
 
     def _peer_dead(self, src: int, why: str, *, clean: bool = False) -> None:
         """Embedding rank `src` is gone: heartbeats stopped, or (`clean`) it said BYE."""
@@ -279,17 +228,17 @@ class LanguageEngine:
     def on_message(self, src: int, msg: ControlMessage) -> None:
         """A HEARTBEAT or REJECT from Embedding rank `src`."""
         if isinstance(msg, Heartbeat):
-            self.liveness.heard(src, self._clock())
+            self.liveness.heard(src, self.clock())
             if msg.bye:
                 self._peer_dead(src, "it shut down", clean=True)
             return
         if not isinstance(msg, Reject):
             return
         with self._lock:
-            r = self._rooms.get(msg.room)
+            r = self.rooms.get(msg.room)
             if r is None or r.src_rank != src:
                 return  # a room that already ended here
-            self._execute(r, self.machine.reject(r, src, msg.reason))
+            self.execute(r, self.machine.reject(r, src, msg.reason))
 
     def on_bad_message(self, src: int | None, room: int | None, why: str) -> None:
         self._warn.warning("bad_message", "language rank %d: from embedding rank %s: %s",
@@ -297,19 +246,19 @@ class LanguageEngine:
         self.stats.failure(FailureCause.BAD_MESSAGE)
 
     def on_tick(self) -> None:
-        now = self._clock()
+        now = self.clock()
         if not self._closing and self.liveness.heartbeat_due(now):
             for e in self.liveness.alive():
                 self._post(e, Heartbeat(self.rank))
         for e, why in self.liveness.expired(now):
             self._peer_dead(e, why)
         with self._lock:
-            for r in list(self._rooms.values()):
-                self._execute(r, self.machine.tick(r, now))
+            for r in list(self.rooms.values()):
+                self.execute(r, self.machine.tick(r, now))
 
     # ------------------------------------------------------------ executing actions (locked)
 
-    def _execute(self, r: RecvRoom, actions: list[Action]) -> None:
+    def execute(self, r: RecvRoom, actions: list[Action]) -> None:
         for a in actions:
             if isinstance(a, Post):
                 self._post(r.src_rank, a.msg)
@@ -322,12 +271,13 @@ class LanguageEngine:
             elif isinstance(a, CountFailure):
                 self.stats.failure(a.cause)
             elif isinstance(a, Untrack):
-                if self._rooms.get(r.room) is r:
-                    del self._rooms[r.room]
-                    self.stats.set_gauge("rooms_live", len(self._rooms))
+                if self.rooms.get(r.room) is r:
+                    del self.rooms[r.room]
+                    self.stats.set_gauge("rooms_live", len(self.rooms))
             elif isinstance(a, Publish):
                 if a.status is TransferStatus.SUCCESS:
-                    self._observe_done(r)
+                    timing.room_done(self.stats, self.rank, self.cfg.slow_room_s, r,
+                                     self.clock())
                 set_status(r, a.status)  # last: blocks and the room id are free
                 self._changed.notify_all()
 
@@ -346,22 +296,9 @@ class LanguageEngine:
             self._warn.warning("post", "language rank %d: control message to embedding "
                                "rank %d not sent: %s", self.rank, src, e)
 
-    def _observe_done(self, r: RecvRoom) -> None:
-        now = self._clock()
-        total = now - r.created
-        self.stats.observe("recv_total_s", total)
-        if self.cfg.slow_room_s is not None and total > self.cfg.slow_room_s:
-            waited = (r.alloc_at or r.created) - r.created
-            to_first = (r.first_byte_at or now) - (r.alloc_at or r.created)
-            log.warning("language rank %d: room %d from embedding rank %d took %.2fs: "
-                        "%.3fs waiting for blocks, %.3fs ALLOC -> first byte, %.3fs "
-                        "transferring %d tokens in %d chunks (%d resumes)", self.rank, r.room,
-                        r.src_rank, total, waited, to_first, now - (r.first_byte_at or now),
-                        r.seq_len, r.chunk_index, r.num_resumes)
-
     def _live_by_peer(self) -> dict[str, object]:
         with self._lock:
-            counts = collections.Counter(r.src_rank for r in self._rooms.values())
+            counts = collections.Counter(r.src_rank for r in self.rooms.values())
         return {"rooms_live_by_peer": dict(counts)}
 
     # ------------------------------------------------------------ shutdown
@@ -371,8 +308,8 @@ class LanguageEngine:
         on each stream, then stop the receiver threads."""
         with self._lock:
             self._closing = True
-            for r in list(self._rooms.values()):
-                self._execute(r, self.machine.shutdown(r))
+            for r in list(self.rooms.values()):
+                self.execute(r, self.machine.shutdown(r))
             pairs = list(self._pairs.values())
             for p in pairs:
                 p.stopping = True

@@ -1,6 +1,8 @@
 """Language side: the per-pair receive streams. The only module of this side
 that calls the `PairTransport`, and (with `results.py`) the only place a
 received byte is copied: out of the pool into the room's output, in pool mode.
+Each frame read is handed to the room's machine under the engine lock: which
+allocation it answers, whether its sizes agree, where its payload lands.
 
 One thread per Embedding rank reads that pair's stream in order. It keeps a
 meta recv posted only while frames are owed (a Gloo recv cannot be cancelled,
@@ -24,8 +26,10 @@ from ..errors import PeerLost, ProtocolError, StreamBroken, TransferTimeout
 from ..geometry import Geometry
 from ..plan import Segment, segment_plan
 from ..pool import BlockPool
+from ..results import make_outputs
 from ..transport import PairTransport, Posted
 from ..wire import ABORT_REASON_BYTES, FrameKind, Meta, reason_from_tensor
+from . import timing
 from .credit import Credit
 from .machine import Chunk, RecvRoom
 
@@ -127,9 +131,9 @@ class PairReceiver:
         if meta.kind is FrameKind.ABORT:  # its reason follows, fixed size
             buf = torch.empty(ABORT_REASON_BYTES, dtype=torch.uint8, device=self.engine.device)
             t.wait(t.post_recv([buf]), "abort reason recv")
-            self.engine.on_abort_frame(self, meta, reason_from_tensor(buf))
+            self._abort_arrived(meta, reason_from_tensor(buf))
             return
-        landing = self.engine.on_frame(self, meta)
+        landing = self._data_arrived(meta)
         t0 = time.monotonic()
         posted = t.post_recv(landing.dsts)
         if landing.more:  # after this payload, in stream order
@@ -140,4 +144,55 @@ class PairReceiver:
             e = self.engine
             copy_out(e.geometry, e.pool, r.outputs, landing.plan, landing.chunk.token_offset,
                      e.device)
-        self.engine.on_landed(self, landing, time.monotonic() - t0)
+        self._landed(landing, time.monotonic() - t0)
+
+    # -------------------------------------------------------- what a frame means (locked)
+
+    def _owed_room(self, meta: Meta) -> RecvRoom:
+        if self.dead is not None:  # declared dead meanwhile: read nothing more from it
+            raise StreamBroken(f"stream from embedding rank {self.src} already torn down")
+        r = self.engine.rooms.get(meta.room)
+        self.engine.machine.owed(r, self.src, meta)
+        assert r is not None
+        return r
+
+    def _abort_arrived(self, meta: Meta, reason: str) -> None:
+        e = self.engine
+        with self.cv:
+            r = self._owed_room(meta)
+            self.owed -= 1
+            e.execute(r, e.machine.abort_frame(r, reason, self.src))
+
+    def _data_arrived(self, meta: Meta) -> Landing:
+        """A DATA meta: check it (a bad one raises `StreamBroken` before anything
+        changes, so the room still holds its blocks), then say where it lands."""
+        e = self.engine
+        with self.cv:
+            r = self._owed_room(meta)
+            a = r.outstanding
+            assert a is not None
+            chunk = e.machine.check_meta(r, a, meta)
+            self.owed -= 1
+            now = r.last_progress = e.clock()
+            if meta.first:
+                e.credits.learn(meta.seq_len)
+                try:
+                    r.outputs = make_outputs(e.geometry, meta.seq_len, e.device)
+                except (RuntimeError, MemoryError) as err:
+                    chunk = Chunk(chunk.num_tokens, chunk.token_offset, chunk.last,
+                                  f"language rank {e.rank}: cannot allocate output: {err}")
+            timing.chunk_arrived(e.stats, e.credits, r, meta.seq_len, now)
+            plan, dsts = destinations(e.geometry, e.pool, r, a, chunk.num_tokens,
+                                      chunk.token_offset, e.device)
+            e.execute(r, e.machine.landing(r, a, meta, chunk))
+            return Landing(r, chunk, plan, dsts, not a.direct, self.owed > 0)
+
+    def _landed(self, landing: Landing, seconds: float) -> None:
+        e = self.engine
+        with self.cv:
+            e.stats.observe("chunk_transfer_s", seconds)
+            e.stats.add(bytes_received=landing.chunk.num_tokens * e.geometry.token_nbytes,
+                        chunks=1)
+            r = landing.room
+            e.execute(r, e.machine.landed(r, landing.chunk, self.dead, e.clock()))
+            self.cv.notify_all()
