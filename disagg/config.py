@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 import torch
 
+from .wire import MAX_BLOCKS_PER_MESSAGE
+
 # Names accepted for `dtype` and for extra buffers' dtypes.
 DTYPES: dict[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
@@ -105,6 +107,11 @@ class DisaggConfig:
         for name in ("num_embedding_ranks", "language_tp_size", "hidden_size",
                      "block_size", "num_blocks"):
             positive_int(name)
+        if self.num_blocks > MAX_BLOCKS_PER_MESSAGE:
+            # a first allocation may take the whole pool, and one ALLOC must carry it
+            raise _bad("num_blocks", self.num_blocks,
+                       f"must be at most {MAX_BLOCKS_PER_MESSAGE} (the block ids one ALLOC "
+                       f"can carry); use a larger block_size for the same memory")
         if self.dtype not in DTYPES:
             raise _bad("dtype", self.dtype, f"must be one of {sorted(DTYPES)}")
         d = self.default_alloc_tokens

@@ -30,7 +30,7 @@ INVALID: dict[str, list[object]] = {
     "hidden_size": [0, -3584, 3584.0, True, "3584", None],
     "dtype": ["bf16", "float8", "", None, torch.bfloat16, 3],
     "block_size": [0, -128, 128.0, True, "128", None],
-    "num_blocks": [0, -1, 256.5, True, "256", None],
+    "num_blocks": [0, -1, 256.5, True, "256", None, (1 << 20) + 1],
     "default_alloc_tokens": [0, -8192, 8192.0, True, "8192", "AUTO", None],
     "auto_resume": [1, 0, "True", None],
     "mrope": [1, 0, "yes", None],
@@ -106,6 +106,15 @@ def test_valid_value_is_kept(name, value):
 def test_replace_validates_too(name, value):
     with pytest.raises(ValueError, match=rf"DisaggConfig\.{name}="):
         DisaggConfig().replace(**{name: value})
+
+
+def test_num_blocks_one_alloc_cannot_carry_is_refused_at_construction():
+    """Issue 14, bug 7: a pool whose whole-pool first allocation needs more block
+    ids than one ALLOC carries used to be accepted; init() then took the blocks,
+    failed to encode the message and left the room stuck. Refused up front."""
+    with pytest.raises(ValueError, match=r"num_blocks=1048577.*one ALLOC"):
+        DisaggConfig(num_blocks=(1 << 20) + 1)
+    assert DisaggConfig(num_blocks=1 << 20).num_blocks == 1 << 20
 
 
 def test_defaults_match_the_design():
