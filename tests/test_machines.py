@@ -116,7 +116,8 @@ SEND_TABLE: dict[LaneState, dict[str, tuple[list[str], LaneState, TransferStatus
         "abort": (["CountFailure", "SendAbortFrame"], LaneState.ABORTING, W),
         "peer_abort": (["CountFailure", "SendAbortFrame"], LaneState.ABORTING, W),
         "peer_lost": (["CountFailure", "SendReject", "End"], LaneState.CLOSED, F),
-        "timeout": ([], LaneState.GRANTED, W),  # no data yet: the lobby's bound is not its
+        # no data within bootstrap_timeout: the grant is answered, the room fails
+        "timeout": (["CountFailure", "SendAbortFrame"], LaneState.ABORTING, W),
     },
     LaneState.SENDING: {
         "data": _,
@@ -144,8 +145,9 @@ SEND_TABLE: dict[LaneState, dict[str, tuple[list[str], LaneState, TransferStatus
         "resume": (["SendAbortFrame", "CountFailure", "SendReject"], LaneState.SENT_LAST, T),
         "frame_done": (["Count", "End"], LaneState.DONE, S),
         "send_failed": (["CountFailure", "SendReject", "End"], LaneState.CLOSED, F),
-        "abort": (["CountFailure", "SendReject"], LaneState.SENT_LAST, T),
-        "peer_abort": (["CountFailure", "SendReject"], LaneState.SENT_LAST, T),
+        # the last chunk is on the wire: its completion decides, whoever aborts
+        "abort": ([], LaneState.SENT_LAST, T),
+        "peer_abort": ([], LaneState.SENT_LAST, T),
         "peer_lost": ([], LaneState.SENT_LAST, T),  # its send's completion decides
         "timeout": ([], LaneState.SENT_LAST, T),
     },

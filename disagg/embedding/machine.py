@@ -84,7 +84,7 @@ class SendMachine:
         return out
 
     def abort(self, r: SendRoom, reason: str) -> list[Action]:
-        if r.ended or r.failure is not None:
+        if r.ended or r.failure is not None or self.decided_on_the_wire(r):
             return []
         return self.fail(r, f"aborted on embedding rank {self.rank}: {reason}",
                          FailureCause.ABORT)
@@ -93,6 +93,8 @@ class SendMachine:
         if r.sources is None and not r.lanes:  # nothing given, nobody asked: no count
             r.failure = "shutdown"
             return self._end(r, TransferStatus.FAILED, "shutdown")
+        if self.decided_on_the_wire(r):
+            return []  # the streams finish their frames before they stop
         return self.fail(r, f"embedding rank {self.rank} shut down", FailureCause.SHUTDOWN)
 
     # -------------------------------------------------------- control events
@@ -156,6 +158,8 @@ class SendMachine:
         return [Count(resumes=1), *self._schedule(r, lane)]
 
     def peer_abort(self, r: SendRoom, lang: int, reason: str) -> list[Action]:
+        if self.decided_on_the_wire(r):
+            return []
         return self.fail(r, f"aborted by language rank {lang}: {reason}", FailureCause.ABORT)
 
     def bad_message(self, r: SendRoom, lang: int, reason: str) -> list[Action]:
@@ -210,13 +214,17 @@ class SendMachine:
         return []
 
     def tick(self, r: SendRoom, now: float) -> list[Action]:
-        """bootstrap_timeout: a room with data that waits for an ALLOC or RESUME."""
+        """bootstrap_timeout: a room that waits for its data (`send()`), or with
+        data for an ALLOC or RESUME. Grants it holds are answered (ABORT
+        frames), so the Language side's posted recvs complete long before the
+        pair's transport timeout could end the pair."""
         limit = self.bootstrap_timeout
-        if r.sources is None or r.failure is not None or r.ended:
+        if r.failure is not None or r.ended:
             return []
         if now - r.last_progress <= limit or any(p.in_flight for p in r.lanes.values()):
             return []
-        waiting = ("ALLOC" if not r.lanes else
+        waiting = ("the caller's data (send())" if r.sources is None else
+                   "ALLOC" if not r.lanes else
                    f"ALLOC from {r.instance_size - len(r.lanes)} more rank(s)"
                    if r.instance_size and len(r.lanes) < r.instance_size else "RESUME")
         return self.fail(r, f"embedding rank {self.rank}: timed out after {limit:g}s waiting "
@@ -227,6 +235,16 @@ class SendMachine:
         return SendAbortFrame(room, lang, f"embedding rank {self.rank}: {why}")
 
     # -------------------------------------------------------- internals
+
+    @staticmethod
+    def decided_on_the_wire(r: SendRoom) -> bool:
+        """Every rank of the instance has the room's last chunk on the wire (or
+        received): the room's outcome is its sends' completion, whoever aborts
+        meanwhile, so both sides agree (SUCCESS if they complete)."""
+        return (r.sources is not None and r.instance_size is not None
+                and len(r.lanes) == r.instance_size
+                and all(lane.done or (lane.in_flight and lane.sent_tokens == r.seq_len
+                                      and not lane.aborting) for lane in r.lanes.values()))
 
     def fail(self, r: SendRoom, reason: str, cause: FailureCause) -> list[Action]:
         """Fail a live room: answer pending grants with ABORT frames, tell every

@@ -23,6 +23,11 @@ class Owe:
 
 
 @dataclass(frozen=True)
+class Disown:
+    """A frame counted as owed will not come (its ALLOC or RESUME was not sent)."""
+
+
+@dataclass(frozen=True)
 class Release:
     credit: Credit
 
@@ -52,4 +57,4 @@ class Publish:
     status: TransferStatus
 
 
-Action = Post | Owe | Release | AskResume | CountFailure | Untrack | Publish
+Action = Post | Owe | Disown | Release | AskResume | CountFailure | Untrack | Publish

@@ -38,7 +38,17 @@ from dataclasses import dataclass
 from ..errors import FailureCause, StreamBroken
 from ..types import TransferStatus
 from ..wire import Abort, Alloc, FrameKind, Meta, Resume
-from .actions import Action, AskResume, CountFailure, Owe, Post, Publish, Release, Untrack
+from .actions import (
+    Action,
+    AskResume,
+    CountFailure,
+    Disown,
+    Owe,
+    Post,
+    Publish,
+    Release,
+    Untrack,
+)
 from .credit import Credit
 from .room import TERMINAL, Phase, RecvRoom, needs_resume, phase, set_status
 
@@ -243,11 +253,25 @@ class RecvMachine:
                     Post(Abort(r.room, self.rank, "resume timeout"))]
         bound = boot + self.peer_timeout
         if r.outstanding is not None and idle > bound:
+            # The Embedding rank answers an allocation it cannot serve by
+            # bootstrap_timeout (an ABORT frame); this is the backstop for one that
+            # stopped answering, still peer_timeout before the pair's transport
+            # timeout (bootstrap + 2 x peer_timeout) could end the pair.
             stage = "first chunk" if r.seq_len is None else "next chunk"
             return [*self.fail(r, f"language rank {self.rank}: no {stage} from embedding "
                                   f"rank {r.src_rank} within {bound:g}s", FailureCause.TIMEOUT),
                     Post(Abort(r.room, self.rank, "timeout"))]
         return []
+
+    def post_failed(self, r: RecvRoom, why: str) -> list[Action]:
+        """The ALLOC or RESUME announcing `r.outstanding` could not be sent: nothing
+        will answer it, so its blocks are free and the room fails."""
+        c = r.outstanding
+        assert c is not None
+        r.outstanding = None
+        return [Disown(), Release(c),
+                *self.fail(r, f"language rank {self.rank}: {why}", FailureCause.PEER_LOST),
+                *self._maybe_untrack(r)]
 
     # -------------------------------------------------------- internals
 
