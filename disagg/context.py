@@ -158,7 +158,11 @@ class Context:
         peers = {r: json.loads(_get(store, f"{_KEY}/rank/{r}")) for r in range(self.world_size)}
         self._check_peers(peers)
         # Groups: the same calls in the same order on every rank.
-        timeout = datetime.timedelta(seconds=self.cfg.bootstrap_timeout + self.cfg.peer_timeout)
+        # A pair's transport timeout outlasts every room deadline (bootstrap_timeout,
+        # answered by a frame within peer_timeout) with peer_timeout to spare: a
+        # late room ends itself and never the pair (a Gloo timeout closes it).
+        timeout = datetime.timedelta(seconds=self.cfg.bootstrap_timeout
+                                     + 2 * self.cfg.peer_timeout)
         pair_groups: dict[tuple[int, int], dist.ProcessGroup] = {}
         for e in topo.embedding_ranks:
             for lang in topo.language_ranks:

@@ -34,7 +34,18 @@ from typing import Protocol
 import zmq
 
 from .errors import DisaggError, ProtocolError
-from .wire import Abort, Alloc, ControlMessage, Heartbeat, Reject, Resume, decode, encode, peek_room
+from .wire import (
+    Abort,
+    Alloc,
+    ControlMessage,
+    Heartbeat,
+    PairDown,
+    Reject,
+    Resume,
+    decode,
+    encode,
+    peek_room,
+)
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +186,9 @@ class ControlChannel:
             try:
                 s.send(payload, zmq.NOBLOCK)
             except zmq.ZMQError as e:  # Again: the peer's queue is full
-                log.warning("control message to embedding rank %d dropped: %s", dest, e)
+                # never dropped silently: the caller fails what depended on it
+                raise DisaggError(f"control message to embedding rank {dest} not sent: {e}",
+                                  peer=dest) from e
             # A socket operation may consume the edge its descriptor signals inbound
             # messages with: if one is waiting, make sure the control thread looks.
             inbound = int(s.getsockopt(zmq.EVENTS)) & zmq.POLLIN
@@ -281,7 +294,7 @@ class ControlChannel:
             return
         if isinstance(msg, Reject):
             self._bad(claimed, msg.room, "REJECT is not a Language->Embedding message")
-        elif isinstance(msg, Heartbeat) and msg.rank != claimed:
+        elif isinstance(msg, (Heartbeat, PairDown)) and msg.rank != claimed:
             self._bad(claimed, None, f"message claims language rank {msg.rank} but comes "
                                      f"from {claimed}")
         elif isinstance(msg, (Alloc, Resume, Abort)) and msg.lang_rank != claimed:
@@ -295,7 +308,8 @@ class ControlChannel:
         msg = self._decode(src, payload)
         if msg is None:
             return
-        if isinstance(msg, Reject) or (isinstance(msg, Heartbeat) and msg.rank == src):
+        if isinstance(msg, Reject) or (isinstance(msg, (Heartbeat, PairDown))
+                                       and msg.rank == src):
             self._deliver(src, msg)
         else:
             self._bad(src, None, f"unexpected {type(msg).__name__} from embedding rank {src}")

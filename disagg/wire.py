@@ -6,7 +6,7 @@ Control message (little-endian): a fixed 44-byte header
     instance_size i32 | sent_tokens i64 | allocated_tokens i64 | num_items u32
 
 then `num_items` int32 block ids (ALLOC, RESUME) or `num_items` UTF-8 bytes of
-reason (ABORT, REJECT). Decoding checks structure only and raises
+reason (ABORT, REJECT, PAIR_DOWN). Decoding checks structure only and raises
 `ProtocolError`; whether block ids fit the receiver's pool is checked by the
 Embedding engine, which knows each peer's geometry.
 
@@ -41,6 +41,7 @@ class MsgKind(enum.IntEnum):
     ABORT = 3
     REJECT = 4
     HEARTBEAT = 5
+    PAIR_DOWN = 6
 
 
 FLAG_DIRECT = 1  # the plan is one contiguous run into the room's output; blocks are credit
@@ -105,7 +106,17 @@ class Heartbeat:
     bye: bool = False
 
 
-ControlMessage = Alloc | Resume | Abort | Reject | Heartbeat
+@dataclass(frozen=True)
+class PairDown:
+    """Either way: the sender tore the pair's stream down (it broke, or the peer
+    fell silent for peer_timeout) and will not use it again; the receiver does
+    the same, so both sides agree the pair is gone, and why."""
+
+    rank: int
+    reason: str
+
+
+ControlMessage = Alloc | Resume | Abort | Reject | Heartbeat | PairDown
 
 
 def _reason_bytes(reason: str) -> bytes:
@@ -134,6 +145,10 @@ def encode(msg: ControlMessage) -> bytes:
     if isinstance(msg, Heartbeat):
         return _HEADER.pack(MAGIC, VERSION, MsgKind.HEARTBEAT, FLAG_BYE if msg.bye else 0, 0,
                             msg.rank, 0, 0, 0, 0)
+    if isinstance(msg, PairDown):
+        raw = _reason_bytes(msg.reason)
+        return _HEADER.pack(MAGIC, VERSION, MsgKind.PAIR_DOWN, 0, 0, msg.rank,
+                            0, 0, 0, len(raw)) + raw
     if isinstance(msg, Reject):
         raw = _reason_bytes(msg.reason)
         return _HEADER.pack(MAGIC, VERSION, MsgKind.REJECT, 0, msg.room, -1,
@@ -196,6 +211,8 @@ def decode(data: bytes) -> ControlMessage:
         raise ProtocolError(f"{kind.name} reason is not UTF-8", room=room) from None
     if kind is MsgKind.ABORT:
         return Abort(room, lang_rank, reason)
+    if kind is MsgKind.PAIR_DOWN:
+        return PairDown(lang_rank, reason)
     return Reject(room, sent_tokens, reason)
 
 

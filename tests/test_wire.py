@@ -213,7 +213,7 @@ def test_wrong_version(version):
         decode(header(version=version))
 
 
-@pytest.mark.parametrize("kind", [0, 6, 255])
+@pytest.mark.parametrize("kind", [0, 7, 255])
 def test_unknown_kind(kind):
     with pytest.raises(ProtocolError, match=f"unknown message kind {kind}"):
         decode(header(kind=kind))

@@ -39,7 +39,7 @@ class Admission:
         if r is not None:
             return self.machine.alloc(r, lang, grant, m.instance_size, why,
                                       self.other_instance)
-        ended = self.lobby.ended(room)
+        ended = self.lobby.late(room, lang)
         if ended is not None:
             return [self.machine.refuse(lang, room, f"ALLOC for a room that already ended: "
                                                     f"{ended}")]
@@ -66,7 +66,8 @@ class Admission:
     def abort(self, r: SendRoom | None, m: Abort, now: float) -> list[Action]:
         if r is not None:
             return self.machine.peer_abort(r, m.lang_rank, m.reason)
-        return self.refusals(self.lobby.abort(m.room, m.lang_rank, m.reason, now))
+        return self.refusals(self.lobby.abort(m.room, m.lang_rank, m.reason, now,
+                                              self.other_instance))
 
     def bad_message(self, r: SendRoom | None, lang: int, room: int,
                     reason: str) -> list[Action]:

@@ -30,7 +30,7 @@ from ..stats import Stats
 from ..topology import Topology
 from ..transport import PairTransport
 from ..types import TransferStatus, check_room_id
-from ..wire import Abort, Alloc, ControlMessage, Heartbeat, Reject, Resume
+from ..wire import Abort, Alloc, ControlMessage, Heartbeat, PairDown, Reject, Resume
 from .admission import Admission, budget_blocks
 from .lobby import Lobby, Refusal
 from .machine import (
@@ -164,6 +164,12 @@ class EmbeddingEngine:
             elif self.control is not None and not self._closing:
                 self.control.post(peer, Heartbeat(self.rank))
             return
+        if isinstance(msg, PairDown):
+            with self._lock:
+                self._pair_lost(peer, PeerLost(f"it tore the pair down: {msg.reason}",
+                                               peer=peer), told=True)
+            self._flush()
+            return
         if not isinstance(msg, (Alloc, Resume, Abort)):
             return  # the channel lets only these through
         with self._lock:
@@ -256,7 +262,7 @@ class EmbeddingEngine:
         r.sources = None  # drop the caller's tensors
         if self._rooms.get(r.room) is r:
             del self._rooms[r.room]
-            self.lobby.bury(r.room, a.outcome)
+            self.lobby.bury(r.room, a.outcome, set(r.lanes))
         self.stats.set_gauge("rooms_live", len(self._rooms))
         self.stats.set_gauge("pool_free_blocks", self.budget.num_free)
         if a.send_total_s is not None:
@@ -274,14 +280,23 @@ class EmbeddingEngine:
             except DisaggError as e:
                 self._warn.warning("reject", "could not send REJECT for room %d: %s", room, e)
 
-    def _pair_lost(self, lang: int, err: BaseException, *, clean: bool = False) -> None:
+    def _pair_lost(self, lang: int, err: BaseException, *, clean: bool = False,
+                   told: bool = False) -> None:
         """`lang` is gone or its stream broke: nothing is sent to it again, and every
-        room it was part of, or whose instance it belongs to, fails. Idempotent."""
+        room it was part of, or whose instance it belongs to, fails. Unless it
+        said goodbye (`clean`) or told us (`told`), it is told why, so both sides
+        agree the pair is gone. Idempotent."""
         if not self.liveness.mark_dead(lang, str(err)):
             return
         if not self._closing:
             log.log(logging.INFO if clean else logging.WARNING,
                     "embedding rank %d: language rank %d is down: %s", self.rank, lang, err)
+            if not clean and not told and self.control is not None:
+                try:
+                    self.control.post(lang, PairDown(self.rank, str(err)))
+                except DisaggError as e:
+                    self._warn.warning("pair_down", "could not tell language rank %d: %s",
+                                       lang, e)
         why = f"embedding rank {self.rank}: language rank {lang} is down: {err}"
         for r in list(self._rooms.values()):
             self._execute(self.machine.peer_lost(r, lang, why))

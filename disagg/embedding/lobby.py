@@ -3,6 +3,12 @@ came first (the Language side was quicker than the encoder), ABORTs that came
 first, and tombstones of rooms that ended. Every table is bounded: a flood of
 ALLOCs for rooms that never come is refused, not stored.
 
+A room id may be reused once its room has ended on every rank, in either order
+of ALLOC and `sender()`. A tombstone therefore remembers which Language ranks
+know the room ended (its lanes got their last chunk, an ABORT frame or a
+REJECT; a late ALLOC was refused): a message from such a rank is about a new
+room of the same id; from any other rank it is a late one for the old room.
+
 Pure bookkeeping: decisions come back as refusals `(lang_rank, room, reason)`
 that the engine answers with ABORT frames.
 """
@@ -26,6 +32,12 @@ class Refusal:
     reason: str
 
 
+@dataclass
+class Tombstone:
+    outcome: str
+    ended_on: set[int]  # Language ranks that know the room ended
+
+
 @dataclass(frozen=True)
 class Claimed:
     """What `sender(room)` takes over from the lobby."""
@@ -41,7 +53,7 @@ class Lobby:
         self._early: dict[int, dict[int, Grant]] = {}  # room -> lang rank -> ALLOC
         self._early_instance: dict[int, int] = {}
         self._early_total = 0
-        self._tombstones: collections.OrderedDict[int, str] = collections.OrderedDict()
+        self._tombstones: collections.OrderedDict[int, Tombstone] = collections.OrderedDict()
         self._early_aborts: collections.OrderedDict[int, tuple[str, float]] = (
             collections.OrderedDict())
 
@@ -55,7 +67,18 @@ class Lobby:
 
     def ended(self, room: int) -> str | None:
         """How a room that ended here ended, while remembered."""
-        return self._tombstones.get(room)
+        t = self._tombstones.get(room)
+        return None if t is None else t.outcome
+
+    def late(self, room: int, lang: int) -> str | None:
+        """How the ended room ended, if a message from `lang` naming it belongs
+        to it (`lang` did not know it ended; it will learn from the answer), or
+        None: no such room, or `lang` speaks of a new room of the same id."""
+        t = self._tombstones.get(room)
+        if t is None or lang in t.ended_on:
+            return None
+        t.ended_on.add(lang)
+        return t.outcome
 
     def claim(self, room: int, now: float) -> Claimed:
         """`sender(room)`: the room's early ALLOCs are the room's from now on, so
@@ -107,15 +130,19 @@ class Lobby:
         return self.drop(lambda room, lang, g: now - g.arrived > limit,
                          f"no data for this room within bootstrap_timeout={limit:g}s")
 
-    def abort(self, room: int, lang: int, reason: str, now: float) -> list[Refusal]:
-        """An ABORT for a room without a sender. If the room had early ALLOCs,
-        every rank of the instance that asked gets its answer with the reason;
-        a later `sender()` starts FAILED (unless the room already ended here)."""
+    def abort(self, room: int, lang: int, reason: str, now: float,
+              other_instance: Callable[[int, int], str | None]) -> list[Refusal]:
+        """An ABORT for a room without a sender. If the room has early ALLOCs from
+        the aborting rank's instance, every rank that asked gets its answer with
+        the reason (not only the aborting one: its TP peers would otherwise hold
+        their blocks until bootstrap_timeout); a later `sender()` starts FAILED,
+        unless the ABORT was a late one for a room that already ended here."""
         out: list[Refusal] = []
-        if self.holds(room, lang):
+        grants = self._early.get(room)
+        if grants and other_instance(lang, next(iter(grants))) is None:
             out = self.drop(lambda rm, _lang, _g: rm == room,
                             f"aborted by language rank {lang}: {reason}")
-        elif room in self._tombstones:
+        elif self.late(room, lang) is not None:
             return out
         self._early_aborts[room] = (f"aborted by language rank {lang} before this rank had "
                                     f"the room's data: {reason}", now)
@@ -123,8 +150,8 @@ class Lobby:
             self._early_aborts.popitem(last=False)
         return out
 
-    def bury(self, room: int, outcome: str) -> None:
-        self._tombstones[room] = outcome
+    def bury(self, room: int, outcome: str, ended_on: set[int]) -> None:
+        self._tombstones[room] = Tombstone(outcome, ended_on)
         while len(self._tombstones) > MAX_TOMBSTONES:
             self._tombstones.popitem(last=False)
 

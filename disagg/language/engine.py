@@ -31,13 +31,14 @@ from ..stats import Stats
 from ..topology import Topology
 from ..transport import PairTransport
 from ..types import EmbeddingResult, TransferStatus, check_room_id
-from ..wire import Abort, Alloc, ControlMessage, Heartbeat, Reject, Resume
+from ..wire import Alloc, ControlMessage, Heartbeat, PairDown, Reject, Resume
 from . import timing
 from .credit import Credits
 from .machine import (
     Action,
     AskResume,
     CountFailure,
+    Disown,
     Owe,
     Post,
     Publish,
@@ -135,7 +136,7 @@ class LanguageEngine:
                 return False
             auto = num_tokens is None and self.cfg.default_alloc_tokens == "auto"
             self.execute(r, self.machine.asked(r, c, self.clock(), auto=auto))
-            return True
+            return r.failure is None
 
     def _resume(self, r: RecvRoom, num_tokens: int | None) -> bool:
         check_tokens("resume", num_tokens)
@@ -189,15 +190,19 @@ class LanguageEngine:
     # ------------------------------------------------------------ receiver threads
 
     def pair_lost(self, pair: PairReceiver, err: BaseException, *, from_thread: bool = True,
-                  clean: bool = False) -> None:
+                  clean: bool = False, tell: bool = True) -> None:
         """The stream from `pair.src` is unusable: no recv is posted on it again,
-        and its rooms fail (`RecvMachine.peer_lost`)."""
+        its rooms fail (`RecvMachine.peer_lost`), and (`tell`) the Embedding rank
+        is told why, so it tears the pair down too."""
         with self._lock:
             if pair.dead is None:
                 pair.dead = str(err)
                 if not self._closing and not clean:
                     log.error("language rank %d: stream from embedding rank %d lost: %s",
                               self.rank, pair.src, err)
+                    if tell:
+                        self._post(pair.src, PairDown(self.rank, f"stream from embedding rank "
+                                                                 f"{pair.src} lost: {err}"))
             pair.owed = 0
             pair.cv.notify_all()
             self._fail_rooms_from(pair.src, f"stream from embedding rank {pair.src} lost: "
@@ -208,8 +213,10 @@ class LanguageEngine:
             if r.src_rank == src:
                 self.execute(r, self.machine.peer_lost(r, why, release_landing=release_landing))
 
-    def _peer_dead(self, src: int, why: str, *, clean: bool = False) -> None:
-        """Embedding rank `src` is gone: heartbeats stopped, or (`clean`) it said BYE."""
+    def _peer_dead(self, src: int, why: str, *, clean: bool = False,
+                   told: bool = False) -> None:
+        """Embedding rank `src` is gone: heartbeats stopped, it said BYE (`clean`),
+        or it tore the pair down itself (`told`). Unless told, it is told."""
         with self._lock:
             if not self.liveness.mark_dead(src, why):
                 return
@@ -218,10 +225,13 @@ class LanguageEngine:
                         "language rank %d: embedding rank %d is down: %s", self.rank, src, why)
             pair = self._pairs.get(src)
             if pair is not None:
-                self.pair_lost(pair, PeerLost(why, peer=src), from_thread=False, clean=clean)
-            else:
-                self._fail_rooms_from(src, f"embedding rank {src} is down: {why}",
-                                      release_landing=False)
+                self.pair_lost(pair, PeerLost(why, peer=src), from_thread=False, clean=clean,
+                               tell=not told)
+                return
+            if not clean and not told and not self._closing:
+                self._post(src, PairDown(self.rank, why))
+            self._fail_rooms_from(src, f"embedding rank {src} is down: {why}",
+                                  release_landing=False)
 
     # ------------------------------------------------------------ control thread
 
@@ -231,6 +241,9 @@ class LanguageEngine:
             self.liveness.heard(src, self.clock())
             if msg.bye:
                 self._peer_dead(src, "it shut down", clean=True)
+            return
+        if isinstance(msg, PairDown):
+            self._peer_dead(src, f"it tore the pair down: {msg.reason}", told=True)
             return
         if not isinstance(msg, Reject):
             return
@@ -261,9 +274,13 @@ class LanguageEngine:
     def execute(self, r: RecvRoom, actions: list[Action]) -> None:
         for a in actions:
             if isinstance(a, Post):
-                self._post(r.src_rank, a.msg)
+                why = self._post(r.src_rank, a.msg)
+                if why is not None and isinstance(a.msg, (Alloc, Resume)):
+                    self.execute(r, self.machine.post_failed(r, why))
             elif isinstance(a, Owe):
                 self._pair(r.src_rank).expect()
+            elif isinstance(a, Disown):
+                self._pair(r.src_rank).owed -= 1
             elif isinstance(a, Release):
                 self.credits.release(r.room, a.credit)
             elif isinstance(a, AskResume):
@@ -287,14 +304,17 @@ class LanguageEngine:
             p = self._pairs[src] = PairReceiver(self, src, self._transports[src], self._changed)
         return p
 
-    def _post(self, src: int, msg: Alloc | Resume | Abort | Heartbeat) -> None:
+    def _post(self, src: int, msg: ControlMessage) -> str | None:
+        """Send a control message; why it could not be sent, or None."""
         if self.control is None:
-            return
+            return "no control channel"
         try:
             self.control.post(src, msg)
         except DisaggError as e:
             self._warn.warning("post", "language rank %d: control message to embedding "
                                "rank %d not sent: %s", self.rank, src, e)
+            return f"control message to embedding rank {src} not sent: {e}"
+        return None
 
     def _live_by_peer(self) -> dict[str, object]:
         with self._lock:
