@@ -1,0 +1,92 @@
+"""Room data for the in-process layer, and bit-exact comparison.
+
+A room's tensors are rebuilt from (room, seq) alone. Embeddings are random
+bit patterns (NaNs, infinities, -0.0 and subnormals included), so equality is
+of bits: bf16 and fp16 are compared through int16 views with `torch.equal`.
+Each room draws from its own seed, so a ghost of another room never compares
+equal.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from disagg.config import DisaggConfig
+from disagg.embedding import Sender
+from disagg.types import EmbeddingResult
+
+
+@dataclass(frozen=True)
+class RoomData:
+    room: int
+    seq: int
+    embeddings: torch.Tensor  # [seq, hidden]
+    fill_ids: torch.Tensor  # [seq] int32
+    mrope_positions: torch.Tensor | None  # [3, seq] int32
+    aux: tuple[int, ...]
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def _bits(shape: tuple[int, ...], dtype: torch.dtype, g: torch.Generator) -> torch.Tensor:
+    """Uniformly random bit patterns of `dtype`."""
+    if dtype in (torch.bfloat16, torch.float16):
+        return torch.randint(-(1 << 15), 1 << 15, shape, dtype=torch.int16,
+                             generator=g).view(dtype)
+    if dtype == torch.int32:
+        return torch.randint(-(1 << 31), 1 << 31, shape, dtype=torch.int64,
+                             generator=g).to(torch.int32)
+    raise ValueError(f"no generator for {dtype}")
+
+
+def aux_of(room: int) -> tuple[int, ...]:
+    """Eight int64s: both extremes, negatives, and values unique to the room."""
+    return (room % 97 - 50, -(1 << 63), (1 << 63) - 1, -1, 0, room, (1 << 40) + room,
+            -(1 << 33) - room)
+
+
+def room_data(cfg: DisaggConfig, room: int, seq: int) -> RoomData:
+    g = torch.Generator().manual_seed(room * 7919 + seq)
+    return RoomData(
+        room=room, seq=seq,
+        embeddings=_bits((seq, cfg.hidden_size), cfg.torch_dtype, g),
+        fill_ids=_bits((seq,), torch.int32, g),
+        mrope_positions=_bits((3, seq), torch.int32, g) if cfg.mrope else None,
+        aux=aux_of(room),
+        extra={name: _bits((seq, *shape), getattr(torch, dt), g)  # dtype names are torch's
+               for name, (shape, dt) in sorted(cfg.extra_buffers.items())})
+
+
+def send(sender: Sender, data: RoomData) -> None:
+    sender.send(data.embeddings, data.fill_ids, data.mrope_positions, aux=data.aux,
+                **data.extra)
+
+
+def same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    """Bit-exact equality, dtype and shape included."""
+    if a is None or b is None:
+        return a is None and b is None
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.dtype in (torch.bfloat16, torch.float16):
+        return torch.equal(a.view(torch.int16), b.view(torch.int16))
+    return torch.equal(a, b)
+
+
+def mismatches(res: EmbeddingResult, data: RoomData) -> list[str]:
+    """What in `res` differs, bit for bit, from what was sent; empty when exact."""
+    bad = [name for name in ("embeddings", "fill_ids", "mrope_positions")
+           if not same(getattr(res, name), getattr(data, name))]
+    # plain row-major strides, as a fresh tensor has
+    bad += [f"{name} strides {t.stride()}" for name in ("embeddings", "fill_ids",
+                                                         "mrope_positions")
+            if (t := getattr(res, name)) is not None
+            and t.stride() != torch.empty(t.shape, device="meta").stride()]
+    if set(res.extra) != set(data.extra):
+        bad.append(f"extra keys {sorted(res.extra)} != {sorted(data.extra)}")
+    else:
+        bad += [f"extra[{n}]" for n in data.extra if not same(res.extra[n], data.extra[n])]
+    if tuple(res.aux) != data.aux:
+        bad.append(f"aux {tuple(res.aux)!r} != {data.aux!r}")
+    return [f"room {data.room} (seq {data.seq}): {b}" for b in bad]
