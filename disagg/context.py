@@ -261,6 +261,8 @@ class Context:
                 except Exception as e:  # a group broken by a dead peer
                     log.debug("destroying a pair group: %s", e)
             self._groups.clear()
+            if self._language is not None:
+                self._language.release_group()
             if self._owns_world and dist.is_initialized():
                 dist.destroy_process_group()
 
@@ -282,7 +284,14 @@ class LanguageSide:
         return self.engine.receiver(room, src_rank)
 
     def queue(self, window: int = MAX_WINDOW) -> RoomQueue:
-        return RoomQueue(self.engine, self._instance_group, window)
+        return RoomQueue(self.engine, self.instance_group, window)
+
+    def instance_group(self) -> dist.ProcessGroup | None:
+        """The instance's Gloo group; None once the context is shut down."""
+        return self._instance_group
+
+    def release_group(self) -> None:
+        self._instance_group = None
 
     @property
     def pool(self) -> BlockPool:

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import hashlib
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from .errors import LockstepError
+from .errors import DisaggError, LockstepError
 from .language import LanguageEngine, Receiver
 from .types import EmbeddingResult, TransferStatus
 
@@ -36,10 +37,12 @@ class _Entry:
 
 
 class RoomQueue:
-    def __init__(self, engine: LanguageEngine, group: dist.ProcessGroup | None,
+    def __init__(self, engine: LanguageEngine,
+                 group: dist.ProcessGroup | Callable[[], dist.ProcessGroup | None] | None,
                  window: int = MAX_WINDOW) -> None:
         self._engine = engine
-        self._group = group
+        # a callable: the context's, which lets go of the group at shutdown
+        self._group_of = group if callable(group) else (lambda: group)
         self._window = window
         self._entries: list[_Entry] = []
         self._buf = torch.empty(_HEADER + window, dtype=torch.int64)
@@ -52,6 +55,9 @@ class RoomQueue:
 
     def step(self) -> tuple[list[tuple[int, EmbeddingResult]], list[tuple[int, str]]]:
         """Advance every queued room once; return the rooms finished on every TP rank."""
+        if self._engine.closed:
+            raise DisaggError("context is shut down: step() has nothing to agree on",
+                              rank=self._engine.rank)
         # FIFO: earlier rooms get blocks first, and no room starts while an earlier
         # one waits for blocks (a long room is never starved by short ones behind it).
         admit = True
@@ -86,7 +92,8 @@ class RoomQueue:
         return done, failed
 
     def _agree(self, window: list[_Entry], statuses: list[int]) -> list[int]:
-        if self._group is None or dist.get_world_size(self._group) == 1:
+        group = self._group_of()
+        if group is None or dist.get_world_size(group) == 1:
             return statuses
         n = len(window)
         h = hashlib.blake2b(struct.pack(f"<{2 * n}q", *[v for e in window
@@ -100,7 +107,7 @@ class RoomQueue:
         if n:
             buf[_HEADER:_HEADER + n] = torch.tensor(statuses, dtype=torch.int64)
         try:
-            dist.all_reduce(buf, op=dist.ReduceOp.MIN, group=self._group)
+            dist.all_reduce(buf, op=dist.ReduceOp.MIN, group=group)
         except RuntimeError as e:  # the group's timeout is peer_timeout
             raise LockstepError(
                 f"language rank {self._engine.rank}: the other TP ranks did not step() within "

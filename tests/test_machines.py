@@ -392,3 +392,40 @@ def test_recv_status_is_monotone_and_final() -> None:
     r.failure = "late"
     with pytest.raises(AssertionError):
         set_recv_status(r, F)
+
+
+# ---------------------------------------------------------------- the tables in the docs
+
+
+def render(table: dict, events: list[str]) -> list[str]:
+    """A machine's table as the markdown rows its module docstring shows:
+    `NEXT: Action, Action (status)` per cell, `-` where the event cannot happen."""
+    rows = ["| state | " + " | ".join(events) + " |",
+            "|---" * (len(events) + 1) + "|"]
+    for state, row in table.items():
+        cells = []
+        for e in events:
+            cell = row[e]
+            if cell is None:
+                cells.append("-")
+            elif isinstance(cell, str):
+                cells.append(cell)
+            else:
+                acts, nxt, status = cell
+                cells.append(f"{nxt.name}{': ' + ', '.join(acts) if acts else ''} "
+                             f"({status.name})")
+        rows.append(f"| {state.name} | " + " | ".join(cells) + " |")
+    return rows
+
+
+@pytest.mark.parametrize(("module", "table", "events"), [
+    ("disagg.embedding.machine", SEND_TABLE, list(SEND_EVENTS)),
+    ("disagg.language.machine", RECV_TABLE, list(RECV_EVENTS)),
+], ids=["embedding", "language"])
+def test_module_docstring_shows_the_tested_table(module: str, table: dict,
+                                                 events: list[str]) -> None:
+    """The table a reader sees is the table these tests check, row for row."""
+    import importlib
+    doc = importlib.import_module(module).__doc__ or ""
+    missing = [row for row in render(table, events) if row not in doc]
+    assert not missing, "docstring out of date; these rows are missing:\n" + "\n".join(missing)

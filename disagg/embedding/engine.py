@@ -327,7 +327,7 @@ class EmbeddingEngine:
                 self._execute(self.machine.shutdown(r))
             self._refuse(self.lobby.drop(lambda room, lang, g: True, "shut down"))
             self._closing = True
-        self._streams.stop(timeout_s, time.monotonic() + timeout_s)
+        self._streams.stop(timeout_s)
         if self.control is not None:  # after the last frames: a clean goodbye
             for lang in self.topology.language_ranks:
                 self.control.post(lang, Heartbeat(self.rank, bye=True))

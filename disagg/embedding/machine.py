@@ -21,16 +21,25 @@ Between "failure decided" and FAILED a room is *failing*: `failure` is set,
 frames already on the wire complete. The budget is returned when the room
 ends (`End`), exactly once, before the status is published.
 
-Lane states (derived by `lane_state`, for tables and tests):
+Lane states (derived by `lane_state`) by event, for a TP-1 room: the next
+state, the actions in order, and the room's status after. `-`: the event
+cannot happen there (the engine refuses it first). `tests/test_machines.py`
+checks every cell and that this table is the one it checks. In words: a grant
+waits for data, or is answered by an ABORT frame if the room fails first; a
+chunk on the wire decides its lane (a failure meanwhile only tells the
+Language rank by REJECT); when the last chunk of every lane is on the wire,
+aborts, timeouts and a lost peer change nothing: the sends' completion
+decides, so both sides agree.
 
-| lane \\ event   | data (send)   | grant (ALLOC/RESUME)  | frame done        | room fails          | peer lost        |
-|----------------|---------------|-----------------------|-------------------|---------------------|------------------|
-| GRANTED        | SENDING: DATA | refuse (unanswered)   | -                 | ABORTING: ABORT fr. | pending dropped  |
-| SENDING        | -             | GRANTED (eager) / -   | WAIT_RESUME/DONE  | in flight decides   | FAILED           |
-| WAIT_RESUME    | -             | SENDING: DATA         | -                 | REJECT              | FAILED           |
-| SENT_LAST      | -             | repeat: ignored       | DONE              | in flight decides   | its send decides |
-| DONE           | -             | repeat: ignored       | -                 | -                   | -                |
-| ABORTING       | -             | refused               | CLOSED            | -                   | -                |
+| state | data | resume | frame_done | send_failed | abort | peer_abort | peer_lost | timeout |
+|---|---|---|---|---|---|---|---|---|
+| GRANTED | SENDING: SendData (TRANSFERRING) | GRANTED (WAITING_FOR_INPUT) | - | - | ABORTING: CountFailure, SendAbortFrame (WAITING_FOR_INPUT) | ABORTING: CountFailure, SendAbortFrame (WAITING_FOR_INPUT) | CLOSED: CountFailure, SendReject, End (FAILED) | ABORTING: CountFailure, SendAbortFrame (WAITING_FOR_INPUT) |
+| SENDING | - | SENDING: Count, SendData (TRANSFERRING) | WAIT_RESUME: Count (TRANSFERRING) | CLOSED: CountFailure, SendReject, End (FAILED) | SENDING: CountFailure, SendReject (TRANSFERRING) | SENDING: CountFailure, SendReject (TRANSFERRING) | SENDING: CountFailure, SendReject (TRANSFERRING) | SENDING (TRANSFERRING) |
+| WAIT_RESUME | - | SENDING: Count, SendData (TRANSFERRING) | - | - | CLOSED: CountFailure, SendReject, End (FAILED) | CLOSED: CountFailure, SendReject, End (FAILED) | CLOSED: CountFailure, SendReject, End (FAILED) | CLOSED: CountFailure, SendReject, End (FAILED) |
+| SENT_LAST | - | SENT_LAST: SendAbortFrame, CountFailure, SendReject (TRANSFERRING) | DONE: Count, End (SUCCESS) | CLOSED: CountFailure, SendReject, End (FAILED) | SENT_LAST (TRANSFERRING) | SENT_LAST (TRANSFERRING) | SENT_LAST (TRANSFERRING) | SENT_LAST (TRANSFERRING) |
+| DONE | - | DONE: SendAbortFrame (SUCCESS) | - | - | DONE (SUCCESS) | DONE (SUCCESS) | DONE (SUCCESS) | DONE (SUCCESS) |
+| ABORTING | - | ABORTING: SendAbortFrame (WAITING_FOR_INPUT) | CLOSED: End (FAILED) | - | ABORTING (WAITING_FOR_INPUT) | ABORTING (WAITING_FOR_INPUT) | ABORTING (WAITING_FOR_INPUT) | ABORTING (WAITING_FOR_INPUT) |
+| CLOSED | - | CLOSED: SendAbortFrame (FAILED) | - | - | CLOSED (FAILED) | CLOSED (FAILED) | CLOSED (FAILED) | CLOSED (FAILED) |
 
 Resume is keyed by `sent_tokens`, which only grows: a RESUME at a key already
 served is a repeat and is ignored; any other key than what was really sent on

@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import logging
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -160,9 +161,15 @@ class SendStreams:
         for s in list(self._senders.values()):
             s.flush()
 
-    def stop(self, timeout_s: float, deadline: float) -> None:
-        import time
-        for s in list(self._senders.values()):
-            if not s.stop(max(0.0, deadline - time.monotonic())):
+    def stop(self, timeout_s: float) -> None:
+        """Finish every queued frame, stop the threads, and let go of the
+        transports (and so of their process groups: nothing but garbage
+        collection would free them otherwise)."""
+        deadline = time.monotonic() + timeout_s
+        for lang, s in list(self._senders.items()):
+            if s.stop(max(0.0, deadline - time.monotonic())):
+                del self._senders[lang]
+            else:
                 log.error("embedding rank %d: a sender thread did not stop in %.1fs",
                           self._rank, timeout_s)
+        self._transports.clear()

@@ -109,6 +109,10 @@ class LanguageEngine:
             self.stats.set_gauge("rooms_live", len(self.rooms))
         return Receiver(self, r)
 
+    @property
+    def closed(self) -> bool:
+        return self._closing
+
     def first_alloc_tokens(self) -> int:
         """The first allocation of a room when the caller names none."""
         return self.credits.first_alloc_tokens()
@@ -337,9 +341,14 @@ class LanguageEngine:
         deadline = time.monotonic() + timeout_s
         for p in pairs:
             p.thread.join(max(0.0, deadline - time.monotonic()))
-            if p.thread.is_alive():
+            if p.thread.is_alive():  # blocked in a recv that cannot be cancelled
                 log.error("language rank %d: receiver thread for embedding rank %d still "
                           "waits for %d frame(s) after %.1fs", self.rank, p.src, p.owed,
                           timeout_s)
+            else:
+                del self._pairs[p.src]
+        # let go of the transports and so of their process groups (a thread still
+        # blocked in a recv keeps its own until the pair's timeout ends it)
+        self._transports.clear()
         for e in self.topology.embedding_ranks:  # after the owed frames: a clean goodbye
             self._post(e, Heartbeat(self.rank, bye=True))

@@ -11,17 +11,24 @@ and aux come from the FIRST chunk's meta and are cached; a later chunk that
 disagrees fails the room. A meta frame for a room with nothing owed, or whose
 sizes disagree with the allocation, breaks the stream (`StreamBroken`).
 
-Phases (`phase`, derived from the room's fields) and the public status:
+Phases (`phase`, derived from the room's fields) by event: the next phase,
+the actions in order, and the public status after. `-`: cannot happen;
+StreamBroken: the frame breaks the pair's stream (every room on it fails).
+`tests/test_machines.py` checks every cell and that this table is the one it
+checks. ASKED is an ALLOC outstanding, RESUMED a RESUME; LANDING a DATA
+meta answered it and its payload lands; PARTIAL is `needs_resume`; DRAINING
+failed while a frame is still owed (its blocks held until it comes).
 
-| phase \\ event | granted (init/resume) | DATA meta            | payload landed      | ABORT frame    | REJECT / abort() / timeout | peer lost           |
-|---------------|-----------------------|----------------------|---------------------|----------------|----------------------------|---------------------|
-| NEW           | ASKED: ALLOC          | StreamBroken         | -                   | StreamBroken   | FAILED (abort(): ABORT msg) | FAILED              |
-| ASKED         | no-op (repeat)        | LANDING (eager RESUME)| -                  | FAILED: release| DRAINING (abort: ABORT msg) | FAILED: release     |
-| LANDING       | -                     | -                    | DONE/PARTIAL/RESUMED: release | -    | DRAINING                    | the landing decides |
-| PARTIAL       | RESUMED: RESUME       | StreamBroken         | -                   | StreamBroken   | FAILED (abort: ABORT msg)   | FAILED              |
-| RESUMED       | no-op (repeat)        | LANDING              | -                   | FAILED: release| DRAINING (abort: ABORT msg) | FAILED: release     |
-| DRAINING      | no-op                 | lands into held blocks| FAILED: release    | FAILED: release| -                           | FAILED: release     |
-| DONE / FAILED | no-op                 | StreamBroken         | -                   | StreamBroken   | -                           | -                   |
+| state | meta | landed | abort_frame | reject | abort | peer_lost | timeout |
+|---|---|---|---|---|---|---|---|
+| NEW | StreamBroken | - | StreamBroken | FAILED: CountFailure, Untrack, Publish (FAILED) | FAILED: CountFailure, Untrack, Publish, Post (FAILED) | FAILED: CountFailure, Untrack, Publish (FAILED) | FAILED: CountFailure, Untrack, Publish (FAILED) |
+| ASKED | LANDING (WAITING_FOR_INPUT) | - | FAILED: Release, CountFailure, Untrack, Publish (FAILED) | DRAINING: CountFailure, Publish (FAILED) | DRAINING: CountFailure, Publish, Post (FAILED) | FAILED: Release, CountFailure, Untrack, Publish (FAILED) | DRAINING: CountFailure, Publish, Post (FAILED) |
+| LANDING | StreamBroken | PARTIAL: Release (TRANSFERRING) | StreamBroken | DRAINING: CountFailure, Publish (FAILED) | DRAINING: CountFailure, Publish, Post (FAILED) | LANDING (WAITING_FOR_INPUT) | LANDING (WAITING_FOR_INPUT) |
+| PARTIAL | StreamBroken | - | StreamBroken | FAILED: CountFailure, Untrack, Publish (FAILED) | FAILED: CountFailure, Untrack, Publish, Post (FAILED) | FAILED: CountFailure, Untrack, Publish (FAILED) | FAILED: CountFailure, Untrack, Publish, Post (FAILED) |
+| RESUMED | LANDING (TRANSFERRING) | - | FAILED: Release, CountFailure, Untrack, Publish (FAILED) | DRAINING: CountFailure, Publish (FAILED) | DRAINING: CountFailure, Publish, Post (FAILED) | FAILED: Release, CountFailure, Untrack, Publish (FAILED) | DRAINING: CountFailure, Publish, Post (FAILED) |
+| DRAINING | DRAINING (FAILED) | - | FAILED: Release, Untrack (FAILED) | DRAINING (FAILED) | DRAINING (FAILED) | FAILED: Release, Untrack (FAILED) | DRAINING (FAILED) |
+| DONE | StreamBroken | - | StreamBroken | DONE (SUCCESS) | DONE (SUCCESS) | DONE (SUCCESS) | DONE (SUCCESS) |
+| FAILED | StreamBroken | - | StreamBroken | FAILED (FAILED) | FAILED (FAILED) | FAILED (FAILED) | FAILED (FAILED) |
 
 Status: NEW is BOOTSTRAPPING; ASKED is WAITING_FOR_INPUT; a landed partial
 chunk (or an eager resume) makes it TRANSFERRING; DONE is SUCCESS; FAILED is

@@ -650,11 +650,13 @@ class FakeControl:
         if self._roles[dst] == "embedding":
             if isinstance(msg, wire.Reject):
                 return "REJECT is not a Language->Embedding message"
-            claimed = msg.rank if isinstance(msg, wire.Heartbeat) else msg.lang_rank
+            claimed = (msg.rank if isinstance(msg, (wire.Heartbeat, wire.PairDown))
+                       else msg.lang_rank)
             if claimed != src:
                 return f"message claims language rank {claimed} but comes from {src}"
             return None
-        if isinstance(msg, wire.Reject) or (isinstance(msg, wire.Heartbeat) and msg.rank == src):
+        if isinstance(msg, wire.Reject) or (isinstance(msg, (wire.Heartbeat, wire.PairDown))
+                                            and msg.rank == src):
             return None
         return f"unexpected {type(msg).__name__} from embedding rank {src}"
 
