@@ -230,6 +230,16 @@ class Context:
     def stats(self) -> dict[str, object]:
         return self._stats.snapshot()
 
+    def health(self) -> dict[int, dict[str, object]]:
+        """Per peer rank: `alive`, `last_heard_s`, `rooms_live`, `pair` ("ok" or
+        "lost: why"); a serving loop's readiness probe reads it. On a Language
+        rank after shutdown, a peer whose receiver thread is still blocked in a
+        recv (a frozen peer) also has `receiver`."""
+        if self._embedding is not None:
+            return self._embedding.health()
+        assert self._language is not None
+        return self._language.engine.health()
+
     def on_shutdown(self, fn: Callable[[], None]) -> None:
         """Run `fn` first thing in `shutdown()` (e.g. stop a metrics exporter)."""
         self._closers.append(fn)

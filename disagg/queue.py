@@ -5,9 +5,11 @@ Lockstep contract: every TP rank of an instance calls `add` with the same rooms
 in the same order and calls `step` the same number of times. Each `step` does
 one fixed-size all-reduce (MIN) over the instance's Gloo group holding a header
 (number of rooms and a checksum of the room list, each with its negation so MIN
-yields both the least and the greatest value) and one status per room. FAILED
-wins, a room is done only when every rank holds all of it, and so every rank
-returns the same `done` and `failed` lists in the same order. A rank that broke
+yields both the least and the greatest value), one status per room and, per
+room, the lowest rank it failed on. FAILED wins, a room is done only when every
+rank holds all of it, and so every rank returns the same `done` and `failed`
+lists in the same order; each rank's reason is its own, and a rank that did not
+fail names the TP rank that did. A rank that broke
 the contract gets `LockstepError` on every rank instead of a hang or a silently
 different answer.
 """
@@ -28,6 +30,7 @@ from .types import EmbeddingResult, TransferStatus
 
 MAX_WINDOW = 1024  # rooms agreed on per step; later ones keep moving and wait their turn
 _HEADER = 6
+NOBODY = 1 << 62  # "failed on no rank": above every rank, so MIN finds the lowest that did
 
 
 @dataclass
@@ -45,7 +48,8 @@ class RoomQueue:
         self._group_of = group if callable(group) else (lambda: group)
         self._window = window
         self._entries: list[_Entry] = []
-        self._buf = torch.empty(_HEADER + window, dtype=torch.int64)
+        # header, then per room of the window its status, then the lowest rank it FAILED on
+        self._buf = torch.empty(_HEADER + 2 * window, dtype=torch.int64)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -70,7 +74,7 @@ class RoomQueue:
                 admit = False
         window = self._entries[:self._window]
         statuses = [int(e.receiver.poll()) for e in window]
-        agreed = self._agree(window, statuses)
+        agreed, failed_on = self._agree(window, statuses)
         done: list[tuple[int, EmbeddingResult]] = []
         failed: list[tuple[int, str]] = []
         finished: set[int] = set()
@@ -80,8 +84,9 @@ class RoomQueue:
                 done.append((e.receiver.room, e.receiver.result()))
             elif s == TransferStatus.FAILED:
                 reason = e.receiver.failure
-                if reason is None:  # it failed on another rank of the instance
-                    reason = f"room {e.receiver.room} failed on another rank of the TP instance"
+                if reason is None:  # it failed on another rank of the instance: name it
+                    reason = (f"room {e.receiver.room} failed on language rank "
+                              f"{failed_on[i]} of the TP instance")
                     e.receiver.abort(reason)
                 failed.append((e.receiver.room, reason))
             else:
@@ -91,10 +96,15 @@ class RoomQueue:
             self._entries = [e for i, e in enumerate(self._entries) if i not in finished]
         return done, failed
 
-    def _agree(self, window: list[_Entry], statuses: list[int]) -> list[int]:
+    def _agree(self, window: list[_Entry],
+               statuses: list[int]) -> tuple[list[int], list[int]]:
+        """Per room of the window: the least advanced status on any TP rank, and
+        the lowest rank on which it FAILED (`NOBODY` if none), in one all-reduce."""
+        me = self._engine.rank
+        failed_on = [me if st == TransferStatus.FAILED else NOBODY for st in statuses]
         group = self._group_of()
         if group is None or dist.get_world_size(group) == 1:
-            return statuses
+            return statuses, failed_on
         n = len(window)
         h = hashlib.blake2b(struct.pack(f"<{2 * n}q", *[v for e in window
                                                          for v in (e.receiver.room,
@@ -102,10 +112,12 @@ class RoomQueue:
                             digest_size=8).digest()
         lo, hi = struct.unpack("<ii", h)
         buf = self._buf
-        buf.fill_(int(TransferStatus.SUCCESS))
+        buf.fill_(NOBODY)
         buf[:_HEADER] = torch.tensor([n, -n, lo, -lo, hi, -hi], dtype=torch.int64)
         if n:
             buf[_HEADER:_HEADER + n] = torch.tensor(statuses, dtype=torch.int64)
+            at = _HEADER + self._window
+            buf[at:at + n] = torch.tensor(failed_on, dtype=torch.int64)
         try:
             dist.all_reduce(buf, op=dist.ReduceOp.MIN, group=group)
         except RuntimeError as e:  # the group's timeout is peer_timeout
@@ -120,4 +132,5 @@ class RoomQueue:
                 f"(rooms between {head[0]} and {-head[1]} in the window, or different "
                 f"rooms/order): every TP rank must add the same rooms in the same order and "
                 f"step the same number of times")
-        return buf[_HEADER:_HEADER + n].tolist()
+        at = _HEADER + self._window
+        return buf[_HEADER:_HEADER + n].tolist(), buf[at:at + n].tolist()

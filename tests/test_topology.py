@@ -92,7 +92,8 @@ TOPOS: dict[str, Topo] = {
     "e1_tp2": Topo(1, 2, 3, {"recv_into": "pool", "peer_timeout": STALL_PEER_TIMEOUT_S},
                    {0: {"num_blocks": EMB_BUDGET}, 1: {"num_blocks": 64}, 2: {"num_blocks": 6}},
                    ("traffic", "tp_pools_differ", "success_waits_for_every_tp_rank",
-                    "lockstep_order", "lockstep_stall"),  # the stall breaks the instance group
+                    "tp_failure_named", "lockstep_order",
+                    "lockstep_stall"),  # the stall breaks the instance group
                    36),
     "e2_2x1": Topo(2, 1, 4, {},
                    {0: {"num_blocks": EMB_BUDGET}, 1: {"num_blocks": EMB_BUDGET},
@@ -474,6 +475,45 @@ def sc_success_waits_for_every_tp_rank(env: Env) -> dict[str, Any]:
     return out
 
 
+def sc_tp_failure_named(env: Env) -> dict[str, Any]:
+    """Through the queue, the second TP rank alone aborts a room: step() fails it
+    on both ranks in the same step, the aborting rank with its own reason, the
+    other naming the rank that failed (DESIGN: each rank's reason is its own)."""
+    sp = Spec(env.room(0), 200, 0, 0, aux_of(env.room(0), 200))
+    if env.embedding:
+        s, _ = send_all(env, [sp])[sp.room]
+        env.sync("added")
+        return {"final": wait_end(s).name, "failure": s.failure}
+    engine = env.ctx.language.engine
+    mine: list[Any] = []
+    real = engine.receiver
+
+    def keep(room: int, src_rank: int) -> Any:  # the handles the queue makes
+        r = real(room, src_rank)
+        mine.append(r)
+        return r
+
+    engine.receiver = keep  # type: ignore[method-assign]
+    try:
+        q = env.ctx.language.queue()
+        q.add(sp.room, src_rank=0)
+    finally:
+        del engine.receiver
+    env.sync("added")
+    aborter = env.ctx.topology.instance_ranks(env.ctx.instance)[1]
+    if env.rank == aborter:
+        mine[0].abort("the scheduler dropped the request")
+    failed: list[tuple[int, str]] = []
+    dl = Deadline(WAIT_S, "the aborted room to come back failed")
+    while not failed:
+        done, failed = q.step()
+        if done:
+            raise AssertionError(f"room came back done: {done}")
+        dl.check(lambda: str(env.ctx.stats()))
+        time.sleep(POLL_S)
+    return {"failed": failed, "aborter": aborter}
+
+
 def _lockstep_rooms(env: Env, seqs: list[int]) -> list[Spec]:
     return [Spec(env.room(i), s, 0, 0, aux_of(env.room(i), s)) for i, s in enumerate(seqs)]
 
@@ -625,6 +665,7 @@ SCENARIOS: dict[str, Callable[[Env], dict[str, Any]]] = {
     "traffic": sc_traffic,
     "tp_pools_differ": sc_tp_pools_differ,
     "success_waits_for_every_tp_rank": sc_success_waits_for_every_tp_rank,
+    "tp_failure_named": sc_tp_failure_named,
     "lockstep_order": sc_lockstep_order,
     "lockstep_stall": sc_lockstep_stall,
     "claim_before_data": sc_claim_before_data,
@@ -799,6 +840,21 @@ def test_sender_success_waits_for_every_tp_rank() -> None:
     for x in (a, b):
         assert x["final"] == "SUCCESS" and x["bad"] == [], x
     assert emb["delta"]["bytes_sent"] == 2 * nb
+
+
+def test_tp_failure_names_the_rank_that_failed() -> None:
+    emb, a, b = ranks_of("e1_tp2", "tp_failure_named")
+    aborter = a["aborter"]
+    (room, own), = (b if aborter == 2 else a)["failed"]
+    (room2, other), = (a if aborter == 2 else b)["failed"]
+    assert room == room2
+    assert "the scheduler dropped the request" in own, own
+    # Each rank's reason is its own: the other rank either learnt it from the
+    # Embedding rank (the aborted room refused its ALLOC) or from the queue's
+    # agreement, which names the rank that failed; both name the aborting rank.
+    queue_words = f"room {room} failed on language rank {aborter} of the TP instance"
+    assert other == queue_words or f"aborted by language rank {aborter}" in other, other
+    assert emb["final"] == "FAILED", emb
 
 
 def test_lockstep_rooms_added_in_different_order() -> None:

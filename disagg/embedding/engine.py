@@ -310,6 +310,20 @@ class EmbeddingEngine:
         """Post the frames scheduled so far, without the engine lock."""
         self._streams.flush()
 
+    def health(self) -> dict[int, dict[str, object]]:
+        """Per Language rank: alive, seconds since last heard, live rooms it asked
+        for, and the pair's state ("ok", or "lost: why")."""
+        now = self._clock()
+        with self._lock:
+            live = collections.Counter(lang for r in self._rooms.values()
+                                       for lang, p in r.lanes.items() if not p.done)
+            dead = dict(self.liveness.dead)
+        return {lang: {"alive": lang not in dead,
+                       "last_heard_s": round(self.liveness.silence(lang, now), 3),
+                       "rooms_live": live[lang],
+                       "pair": "ok" if lang not in dead else f"lost: {dead[lang]}"}
+                for lang in self.topology.language_ranks}
+
     def _live_by_peer(self) -> dict[str, object]:
         """Live rooms per Language rank that asked for them (-1: none asked yet)."""
         with self._lock:

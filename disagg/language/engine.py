@@ -320,6 +320,27 @@ class LanguageEngine:
             return f"control message to embedding rank {src} not sent: {e}"
         return None
 
+    def health(self) -> dict[int, dict[str, object]]:
+        """Per Embedding rank: alive, seconds since last heard, live rooms from it,
+        and the pair's state ("ok", or "lost: why"). After shutdown, a receiver
+        thread still blocked in a recv that cannot be cancelled (a frozen peer)
+        is reported; it ends at the pair's transport timeout."""
+        now = self.clock()
+        out: dict[int, dict[str, object]] = {}
+        with self._lock:
+            live = collections.Counter(r.src_rank for r in self.rooms.values())
+            for e in self.topology.embedding_ranks:
+                pair = self._pairs.get(e)
+                lost = self.liveness.dead.get(e) or (pair.dead if pair is not None else None)
+                out[e] = {"alive": e not in self.liveness.dead,
+                          "last_heard_s": round(self.liveness.silence(e, now), 3),
+                          "rooms_live": live[e],
+                          "pair": "ok" if lost is None else f"lost: {lost}"}
+                if self._closing and pair is not None and pair.thread.is_alive():
+                    out[e]["receiver"] = ("blocked in a recv until the pair's transport "
+                                          "timeout (a daemon thread)")
+        return out
+
     def _live_by_peer(self) -> dict[str, object]:
         with self._lock:
             counts = collections.Counter(r.src_rank for r in self.rooms.values())
