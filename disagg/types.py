@@ -24,6 +24,23 @@ class TransferStatus(enum.IntEnum):
     SUCCESS = 4
 
 
+TERMINAL = (TransferStatus.SUCCESS, TransferStatus.FAILED)
+
+
+def advance(room: int, current: TransferStatus, new: TransferStatus,
+            failure: str | None) -> TransferStatus:
+    """The DESIGN order, for both sides' rooms: progress is monotone, SUCCESS and
+    FAILED are final, and FAILED comes only with a failure. Returns `new`;
+    anything else is a bug of the caller's machine (AssertionError)."""
+    if current in TERMINAL:
+        raise AssertionError(f"room {room}: {current.name} -> {new.name}")
+    if new is TransferStatus.FAILED:
+        assert failure is not None, f"room {room}: FAILED without a failure"
+    elif new < current:
+        raise AssertionError(f"room {room}: {current.name} -> {new.name}")
+    return new
+
+
 @dataclass(frozen=True)
 class EmbeddingResult:
     """One room's data as it arrived on a Language rank.

@@ -9,9 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..types import TransferStatus
-
-TERMINAL = (TransferStatus.SUCCESS, TransferStatus.FAILED)
+from ..types import TransferStatus, advance
 
 
 @dataclass
@@ -83,10 +81,4 @@ def lane_state(room: SendRoom, lane: Lane) -> LaneState:
 def set_status(room: SendRoom, status: TransferStatus) -> None:
     """The only writer of `room.status`: progress is monotone, an ended room
     never changes, and FAILED is reached only through a failure."""
-    if room.status in TERMINAL:
-        raise AssertionError(f"room {room.room}: {room.status.name} -> {status.name}")
-    if status is TransferStatus.FAILED:
-        assert room.failure is not None
-    elif status < room.status:
-        raise AssertionError(f"room {room.room}: {room.status.name} -> {status.name}")
-    room.status = status
+    room.status = advance(room.room, room.status, status, room.failure)

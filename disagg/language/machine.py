@@ -43,7 +43,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import FailureCause, StreamBroken
-from ..types import TransferStatus
+from ..types import TERMINAL, TransferStatus
 from ..wire import Abort, Alloc, FrameKind, Meta, Resume
 from .actions import (
     Action,
@@ -57,7 +57,7 @@ from .actions import (
     Untrack,
 )
 from .credit import Credit
-from .room import TERMINAL, Phase, RecvRoom, needs_resume, phase, set_status
+from .room import Phase, RecvRoom, needs_resume, phase, set_status
 
 __all__ = ["Chunk", "Phase", "Publish", "RecvMachine", "RecvRoom", "needs_resume", "phase",
            "set_status"]

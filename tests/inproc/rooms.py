@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from roomdata import same  # tests/ is on sys.path for this package (pytest rootdir import)
 
 from disagg.config import DisaggConfig
 from disagg.embedding import Sender
@@ -61,17 +62,6 @@ def room_data(cfg: DisaggConfig, room: int, seq: int) -> RoomData:
 def send(sender: Sender, data: RoomData) -> None:
     sender.send(data.embeddings, data.fill_ids, data.mrope_positions, aux=data.aux,
                 **data.extra)
-
-
-def same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
-    """Bit-exact equality, dtype and shape included."""
-    if a is None or b is None:
-        return a is None and b is None
-    if a.dtype != b.dtype or a.shape != b.shape:
-        return False
-    if a.dtype in (torch.bfloat16, torch.float16):
-        return torch.equal(a.view(torch.int16), b.view(torch.int16))
-    return torch.equal(a, b)
 
 
 def mismatches(res: EmbeddingResult, data: RoomData) -> list[str]:
