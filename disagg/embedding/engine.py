@@ -22,7 +22,7 @@ import torch
 
 from ..config import DisaggConfig
 from ..control import ControlPort, RateLimitedLog
-from ..errors import DisaggError, FailureCause, PeerLost, PoolFull
+from ..errors import DisaggError, FailureCause, PeerLost
 from ..geometry import Geometry
 from ..liveness import Liveness
 from ..pool import BlockAllocator
@@ -31,7 +31,7 @@ from ..topology import Topology
 from ..transport import PairTransport
 from ..types import TransferStatus, check_room_id
 from ..wire import Abort, Alloc, ControlMessage, Heartbeat, PairDown, Reject, Resume
-from .admission import Admission, budget_blocks
+from .admission import Admission
 from .lobby import Lobby, Refusal
 from .machine import (
     Action,
@@ -66,7 +66,7 @@ class EmbeddingEngine:
         self.device = device
         self.stats = stats
         self.control = control
-        self._clock = clock
+        self.clock = clock
         self.budget = BlockAllocator(geometry.num_blocks)
         self.machine = SendMachine(rank, geometry, topology, cfg.bootstrap_timeout)
         self._transports = transports
@@ -77,6 +77,7 @@ class EmbeddingEngine:
         self.liveness = Liveness(topology.language_ranks, cfg.peer_timeout, clock())
         self._lock = threading.RLock()
         self._ended = threading.Condition(self._lock)  # a room reached SUCCESS or FAILED
+        self.cond = self._ended  # for the shells: the lock, and waits for a room's end
         self._warn = RateLimitedLog(log)
         self._closing = False
         stats.add_source(self._live_by_peer)
@@ -96,7 +97,7 @@ class EmbeddingEngine:
             if room in self._rooms:
                 raise ValueError(f"room {room} is still live on embedding rank {self.rank}; "
                                  f"room ids must be unique among live rooms")
-            now = self._clock()
+            now = self.clock()
             r = SendRoom(room, last_progress=now)
             claimed = self.lobby.claim(room, now)
             if claimed.early_abort is not None:
@@ -111,53 +112,12 @@ class EmbeddingEngine:
             self.stats.set_gauge("rooms_live", len(self._rooms))
         return Sender(self, r)
 
-    # ------------------------------------------------------------ Sender calls
-
-    def _send(self, r: SendRoom, sources: list[torch.Tensor], seq_len: int,
-              aux: tuple[int, ...]) -> None:
-        need = budget_blocks(self.geometry, r.room, seq_len, self.budget.num_blocks)
-        ready = None
-        if self.device.type == "cuda":  # the sends wait for the producer's stream
-            ready = torch.cuda.Event()
-            ready.record(torch.cuda.current_stream(self.device))
-        with self._lock:
-            if r.failure is not None:
-                return  # aborted before its data came (e.g. by Language): poll() says why
-            if r.ended:
-                raise DisaggError(f"room {r.room} already ended: success",
-                                  rank=self.rank, room=r.room)
-            if r.sources is not None:
-                raise ValueError(f"room {r.room}: send() was already called")
-            try:
-                budget = self.budget.allocate(need, owner=r.room)
-            except PoolFull as e:
-                raise PoolFull(f"embedding budget full: room {r.room} needs {need} blocks, "
-                               f"{self.budget.num_free} of {self.budget.num_blocks} free",
-                               rank=self.rank, room=r.room) from e
-            self.stats.set_gauge("pool_free_blocks", self.budget.num_free)
-            self._execute(self.machine.data(r, sources, seq_len, aux, ready, budget,
-                                            self._clock()))
-        self._flush()
-
-    def _abort(self, r: SendRoom, reason: str) -> None:
-        with self._lock:
-            self._execute(self.machine.abort(r, reason))
-        self._flush()
-
-    def _wait(self, r: SendRoom, timeout_s: float | None) -> TransferStatus:
-        bound = (self.cfg.bootstrap_timeout + self.cfg.peer_timeout
-                 if timeout_s is None else timeout_s)
-        with self._ended:
-            self._ended.wait_for(lambda: r.status in (TransferStatus.SUCCESS,
-                                                      TransferStatus.FAILED), bound)
-        return r.status
-
     # ------------------------------------------------------------ control thread
 
     def on_message(self, peer: int, msg: ControlMessage) -> None:
         """One authenticated message; frames it scheduled leave at once."""
         if isinstance(msg, Heartbeat):
-            self.liveness.heard(peer, self._clock())
+            self.liveness.heard(peer, self.clock())
             if msg.bye:
                 with self._lock:
                     self._pair_lost(peer, PeerLost("it shut down", peer=peer), clean=True)
@@ -168,19 +128,19 @@ class EmbeddingEngine:
             with self._lock:
                 self._pair_lost(peer, PeerLost(f"it tore the pair down: {msg.reason}",
                                                peer=peer), told=True)
-            self._flush()
+            self.flush()
             return
         if not isinstance(msg, (Alloc, Resume, Abort)):
             return  # the channel lets only these through
         with self._lock:
-            r, now = self._rooms.get(msg.room), self._clock()
+            r, now = self._rooms.get(msg.room), self.clock()
             if isinstance(msg, Alloc):
-                self._execute(self.admission.alloc(r, msg, now))
+                self.execute(self.admission.alloc(r, msg, now))
             elif isinstance(msg, Resume):
-                self._execute(self.admission.resume(r, msg, now))
+                self.execute(self.admission.resume(r, msg, now))
             else:
-                self._execute(self.admission.abort(r, msg, now))
-        self._flush()
+                self.execute(self.admission.abort(r, msg, now))
+        self.flush()
 
     def on_bad_message(self, peer: int | None, room: int | None, why: str) -> None:
         """A message the channel could not accept. A room it names fails here
@@ -196,23 +156,23 @@ class EmbeddingEngine:
             return
         reason = f"embedding rank {self.rank}: bad message from language rank {peer}: {why}"
         with self._lock:
-            self._execute(self.admission.bad_message(self._rooms.get(room), peer, room, reason))
-        self._flush()
+            self.execute(self.admission.bad_message(self._rooms.get(room), peer, room, reason))
+        self.flush()
 
     def on_tick(self) -> None:
         """Control thread, every poll interval: liveness and bootstrap timeouts."""
-        now = self._clock()
+        now = self.clock()
         with self._lock:
             for lang, why in self.liveness.expired(now):
                 self._pair_lost(lang, PeerLost(why, peer=lang))
             self._refuse(self.lobby.expired(now))
             for r in list(self._rooms.values()):
-                self._execute(self.machine.tick(r, now))
-        self._flush()  # ABORT frames for the rooms that timed out
+                self.execute(self.machine.tick(r, now))
+        self.flush()  # ABORT frames for the rooms that timed out
 
     # ------------------------------------------------------------ executing actions (locked)
 
-    def _execute(self, actions: list[Action]) -> None:
+    def execute(self, actions: list[Action]) -> None:
         for a in actions:
             if isinstance(a, SendData):
                 assert a.room.sources is not None
@@ -250,9 +210,9 @@ class EmbeddingEngine:
         with self._lock:
             if err is not None:
                 self._pair_lost(lane.lang_rank, err)
-            self._execute(self.machine.frame_done(
+            self.execute(self.machine.frame_done(
                 r, lane, data=data, nbytes=nbytes, err=err,
-                lane_down=self.liveness.dead.get(lane.lang_rank), now=self._clock()))
+                lane_down=self.liveness.dead.get(lane.lang_rank), now=self.clock()))
 
     def _end(self, a: End) -> None:
         r = a.room
@@ -271,7 +231,7 @@ class EmbeddingEngine:
         self._ended.notify_all()
 
     def _refuse(self, refusals: list[Refusal]) -> None:
-        self._execute(self.admission.refusals(refusals))
+        self.execute(self.admission.refusals(refusals))
 
     def _reject(self, lang_rank: int, room: int, reason: str) -> None:
         if self.control is not None and not self._closing:
@@ -299,21 +259,21 @@ class EmbeddingEngine:
                                        lang, e)
         why = f"embedding rank {self.rank}: language rank {lang} is down: {err}"
         for r in list(self._rooms.values()):
-            self._execute(self.machine.peer_lost(r, lang, why))
+            self.execute(self.machine.peer_lost(r, lang, why))
         instance = self.topology.instance_of(lang)
         self.lobby.drop(lambda room, lr, g: lr == lang)
         self._refuse(self.lobby.drop(
             lambda room, lr, g: self.topology.instance_of(lr) == instance,
             f"language rank {lang} of this room's instance is down: {err}"))
 
-    def _flush(self) -> None:
+    def flush(self) -> None:
         """Post the frames scheduled so far, without the engine lock."""
         self._streams.flush()
 
     def health(self) -> dict[int, dict[str, object]]:
         """Per Language rank: alive, seconds since last heard, live rooms it asked
         for, and the pair's state ("ok", or "lost: why")."""
-        now = self._clock()
+        now = self.clock()
         with self._lock:
             live = collections.Counter(lang for r in self._rooms.values()
                                        for lang, p in r.lanes.items() if not p.done)
@@ -338,7 +298,7 @@ class EmbeddingEngine:
         """Fail every live room ("shutdown"), flush ABORT frames, stop threads."""
         with self._lock:
             for r in list(self._rooms.values()):
-                self._execute(self.machine.shutdown(r))
+                self.execute(self.machine.shutdown(r))
             self._refuse(self.lobby.drop(lambda room, lang, g: True, "shut down"))
             self._closing = True
         self._streams.stop(timeout_s)

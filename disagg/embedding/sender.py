@@ -9,9 +9,11 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..config import DisaggConfig
+from ..errors import DisaggError, PoolFull
 from ..geometry import Geometry
-from ..types import TransferStatus
+from ..types import TERMINAL, TransferStatus
 from ..wire import MAX_AUX
+from .admission import budget_blocks
 
 if TYPE_CHECKING:
     from .engine import EmbeddingEngine
@@ -20,7 +22,10 @@ if TYPE_CHECKING:
 
 class Sender:
     """One room on an Embedding rank (see `disagg.embedding.machine` for its
-    states). `send` once, then `poll`/`wait` until SUCCESS or FAILED."""
+    states). `send` once, then `poll`/`wait` until SUCCESS or FAILED. The
+    caller's side of the shell: each call takes the engine lock, asks the room's
+    machine, has the engine execute what it returns, and posts the frames it
+    scheduled once the lock is released."""
 
     def __init__(self, engine: EmbeddingEngine, state: SendRoom) -> None:
         self._engine = engine
@@ -37,11 +42,32 @@ class Sender:
         `poll()` is SUCCESS or FAILED. Raises `PoolFull` when the budget cannot
         take seq tokens now (retry later), `ValueError` for bad input.
         """
-        e = self._engine
+        e, r = self._engine, self._r
         sources, seq_len, aux_t = validate_send(e.cfg, e.geometry, e.device, self.room,
                                                 embeddings, fill_ids, mrope_positions, aux,
                                                 extra)
-        e._send(self._r, sources, seq_len, aux_t)
+        need = budget_blocks(e.geometry, r.room, seq_len, e.budget.num_blocks)
+        ready = None
+        if e.device.type == "cuda":  # the sends wait for the producer's stream
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(e.device))
+        with e.cond:
+            if r.failure is not None:
+                return  # aborted before its data came (e.g. by Language): poll() says why
+            if r.ended:
+                raise DisaggError(f"room {r.room} already ended: success", rank=e.rank,
+                                  room=r.room)
+            if r.sources is not None:
+                raise ValueError(f"room {r.room}: send() was already called")
+            try:
+                budget = e.budget.allocate(need, owner=r.room)
+            except PoolFull as err:
+                raise PoolFull(f"embedding budget full: room {r.room} needs {need} blocks, "
+                               f"{e.budget.num_free} of {e.budget.num_blocks} free",
+                               rank=e.rank, room=r.room) from err
+            e.stats.set_gauge("pool_free_blocks", e.budget.num_free)
+            e.execute(e.machine.data(r, sources, seq_len, aux_t, ready, budget, e.clock()))
+        e.flush()
 
     def poll(self) -> TransferStatus:
         return self._r.status
@@ -50,7 +76,11 @@ class Sender:
         """Block until SUCCESS or FAILED, or `timeout_s` (default: bootstrap_timeout
         + peer_timeout) passed; return the status then. For loops that would
         rather sleep than poll."""
-        return self._engine._wait(self._r, timeout_s)
+        e, r = self._engine, self._r
+        bound = e.cfg.bootstrap_timeout + e.cfg.peer_timeout if timeout_s is None else timeout_s
+        with e.cond:
+            e.cond.wait_for(lambda: r.status in TERMINAL, bound)
+        return r.status
 
     @property
     def failure(self) -> str | None:
@@ -58,7 +88,10 @@ class Sender:
 
     def abort(self, reason: str = "aborted") -> None:
         """Fail the room; frames already on the wire complete first."""
-        self._engine._abort(self._r, reason)
+        e = self._engine
+        with e.cond:
+            e.execute(e.machine.abort(self._r, reason))
+        e.flush()
 
 
 def validate_send(cfg: DisaggConfig, geometry: Geometry, device: torch.device, room: int,

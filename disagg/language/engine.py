@@ -26,11 +26,10 @@ from ..errors import DisaggError, FailureCause, PeerLost
 from ..geometry import Geometry
 from ..liveness import Liveness
 from ..pool import BlockPool
-from ..results import to_result
 from ..stats import Stats
 from ..topology import Topology
 from ..transport import PairTransport
-from ..types import EmbeddingResult, TransferStatus, check_room_id
+from ..types import TransferStatus, check_room_id
 from ..wire import Alloc, ControlMessage, Heartbeat, PairDown, Reject, Resume
 from . import timing
 from .credit import Credits
@@ -46,10 +45,9 @@ from .machine import (
     RecvRoom,
     Release,
     Untrack,
-    needs_resume,
     set_status,
 )
-from .receiver import Receiver, check_tokens
+from .receiver import Receiver
 from .stream import PairReceiver
 
 log = logging.getLogger(__name__)
@@ -79,6 +77,7 @@ class LanguageEngine:
         self._transports = transports
         self._lock = threading.RLock()
         self._changed = threading.Condition(self._lock)  # some room may need the caller
+        self.cond = self._changed  # for the shells: the lock, and waits for a room's change
         self.rooms: dict[int, RecvRoom] = {}
         self._pairs: dict[int, PairReceiver] = {}
         self.liveness = Liveness(topology.embedding_ranks, cfg.peer_timeout, clock())
@@ -117,41 +116,9 @@ class LanguageEngine:
         """The first allocation of a room when the caller names none."""
         return self.credits.first_alloc_tokens()
 
-    # ------------------------------------------------------------ Receiver calls
+    # ------------------------------------------------------------ allocation
 
-    def _init(self, r: RecvRoom, num_tokens: int | None) -> bool:
-        check_tokens("init", num_tokens)
-        want = num_tokens if num_tokens is not None else self.first_alloc_tokens()
-        with self._lock:
-            if r.failure is not None:
-                return False
-            if r.alloc_sent:
-                return True
-            down = self.liveness.dead.get(r.src_rank) or self._pair(r.src_rank).dead
-            if down is not None:
-                self.execute(r, self.machine.fail(
-                    r, f"language rank {self.rank}: embedding rank {r.src_rank} is down: "
-                       f"{down}", FailureCause.PEER_LOST))
-                return False
-            c = self.credits.take(r.room, want, key=0, remaining=None, resume=False,
-                                  reserve=sum(1 for x in self.rooms.values()
-                                              if x is not r and needs_resume(x)))
-            if c is None:
-                return False
-            auto = num_tokens is None and self.cfg.default_alloc_tokens == "auto"
-            self.execute(r, self.machine.asked(r, c, self.clock(), auto=auto))
-            return r.failure is None
-
-    def _resume(self, r: RecvRoom, num_tokens: int | None) -> bool:
-        check_tokens("resume", num_tokens)
-        with self._lock:
-            if r.failure is not None:
-                return False
-            if not needs_resume(r):
-                return True  # nothing to do this round: in flight, done, or a repeat
-            return self._ask_resume(r, num_tokens, landed=r.received)
-
-    def _ask_resume(self, r: RecvRoom, num_tokens: int | None, *, landed: int,
+    def ask_resume(self, r: RecvRoom, num_tokens: int | None, *, landed: int,
                     at_least: int = 1) -> bool:
         """Allocate for the rest after `landed` tokens (or `num_tokens` of it) and
         send RESUME keyed by `landed`. False: no blocks now."""
@@ -164,32 +131,6 @@ class LanguageEngine:
         self.stats.add(resumes=1)
         self.execute(r, self.machine.resumed(r, c))
         return True
-
-    def _abort(self, r: RecvRoom, reason: str) -> None:
-        with self._lock:
-            self.execute(r, self.machine.abort(r, reason))
-
-    def _needs_resume(self, r: RecvRoom) -> bool:
-        with self._lock:
-            return needs_resume(r)
-
-    def _wait(self, r: RecvRoom, timeout_s: float | None) -> TransferStatus:
-        bound = (self.cfg.bootstrap_timeout + self.cfg.peer_timeout
-                 if timeout_s is None else timeout_s)
-        done = (TransferStatus.SUCCESS, TransferStatus.FAILED)
-        with self._changed:
-            self._changed.wait_for(lambda: r.status in done or needs_resume(r), bound)
-        return r.status
-
-    def _result(self, r: RecvRoom) -> EmbeddingResult:
-        with self._lock:
-            if r.status != TransferStatus.SUCCESS:
-                raise DisaggError(f"room {r.room} has no result: status {r.status.name}"
-                                  + (f" ({r.failure})" if r.failure else ""),
-                                  rank=self.rank, room=r.room)
-            out = r.outputs
-            assert out is not None
-        return to_result(self.geometry, out, r.aux)
 
     # ------------------------------------------------------------ receiver threads
 
@@ -282,13 +223,13 @@ class LanguageEngine:
                 if why is not None and isinstance(a.msg, (Alloc, Resume)):
                     self.execute(r, self.machine.post_failed(r, why))
             elif isinstance(a, Owe):
-                self._pair(r.src_rank).expect()
+                self.pair(r.src_rank).expect()
             elif isinstance(a, Disown):
-                self._pair(r.src_rank).owed -= 1
+                self.pair(r.src_rank).owed -= 1
             elif isinstance(a, Release):
                 self.credits.release(r.room, a.credit)
             elif isinstance(a, AskResume):
-                self._ask_resume(r, None, landed=a.landed, at_least=a.at_least)
+                self.ask_resume(r, None, landed=a.landed, at_least=a.at_least)
             elif isinstance(a, CountFailure):
                 self.stats.failure(a.cause)
             elif isinstance(a, Untrack):
@@ -302,7 +243,7 @@ class LanguageEngine:
                 set_status(r, a.status)  # last: blocks and the room id are free
                 self._changed.notify_all()
 
-    def _pair(self, src: int) -> PairReceiver:
+    def pair(self, src: int) -> PairReceiver:
         p = self._pairs.get(src)
         if p is None:
             p = self._pairs[src] = PairReceiver(self, src, self._transports[src], self._changed)

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from ..types import EmbeddingResult, TransferStatus
+from ..errors import DisaggError, FailureCause
+from ..results import to_result
+from ..types import TERMINAL, EmbeddingResult, TransferStatus
+from .room import needs_resume
 
 if TYPE_CHECKING:
     from .engine import LanguageEngine
-    from .machine import RecvRoom
+    from .room import RecvRoom
 
 
 def check_tokens(call: str, num_tokens: object) -> None:
@@ -20,7 +23,9 @@ def check_tokens(call: str, num_tokens: object) -> None:
 
 class Receiver:
     """One room on a Language rank: `init`, then `poll` (and `resume` when
-    `needs_resume`) until SUCCESS or FAILED, then `result`."""
+    `needs_resume`) until SUCCESS or FAILED, then `result`. The caller's side of
+    the shell: each call takes the engine lock, asks the room's machine, and
+    has the engine execute what it returns."""
 
     def __init__(self, engine: LanguageEngine, state: RecvRoom) -> None:
         self._engine = engine
@@ -32,7 +37,29 @@ class Receiver:
         """Allocate (default_alloc_tokens if None) and send ALLOC. False: no free
         blocks yet, or the room failed (see poll()); call again later. A repeat
         after success does nothing."""
-        return self._engine._init(self._r, num_tokens)
+        check_tokens("init", num_tokens)
+        e, r = self._engine, self._r
+        want = num_tokens if num_tokens is not None else e.first_alloc_tokens()
+        with e.cond:
+            if r.failure is not None:
+                return False
+            if r.alloc_sent:
+                return True
+            down = e.liveness.dead.get(r.src_rank) or e.pair(r.src_rank).dead
+            if down is not None:
+                e.execute(r, e.machine.fail(
+                    r, f"language rank {e.rank}: embedding rank {r.src_rank} is down: {down}",
+                    FailureCause.PEER_LOST))
+                return False
+            # a new room leaves a block for each room waiting to resume (credit.py)
+            c = e.credits.take(r.room, want, key=0, remaining=None, resume=False,
+                               reserve=sum(1 for x in e.rooms.values()
+                                           if x is not r and needs_resume(x)))
+            if c is None:
+                return False
+            auto = num_tokens is None and e.cfg.default_alloc_tokens == "auto"
+            e.execute(r, e.machine.asked(r, c, e.clock(), auto=auto))
+            return r.failure is None
 
     def poll(self) -> TransferStatus:
         return self._r.status
@@ -40,7 +67,8 @@ class Receiver:
     @property
     def needs_resume(self) -> bool:
         """A partial chunk landed and nothing is asked for the rest yet."""
-        return self._engine._needs_resume(self._r)
+        with self._engine.cond:
+            return needs_resume(self._r)
 
     @property
     def progress(self) -> tuple[int, int | None]:
@@ -55,17 +83,37 @@ class Receiver:
         """Block until the room is SUCCESS or FAILED or `needs_resume`, or
         `timeout_s` (default: bootstrap_timeout + peer_timeout) passed; return
         the status then. For loops that would rather sleep than poll."""
-        return self._engine._wait(self._r, timeout_s)
+        e, r = self._engine, self._r
+        bound = e.cfg.bootstrap_timeout + e.cfg.peer_timeout if timeout_s is None else timeout_s
+        with e.cond:
+            e.cond.wait_for(lambda: r.status in TERMINAL or needs_resume(r), bound)
+        return r.status
 
     def resume(self, num_tokens: int | None = None) -> bool:
         """Allocate for the rest (or num_tokens of it) and send RESUME. False: no
         blocks yet (or the room failed); a repeat in the same round does nothing."""
-        return self._engine._resume(self._r, num_tokens)
+        check_tokens("resume", num_tokens)
+        e, r = self._engine, self._r
+        with e.cond:
+            if r.failure is not None:
+                return False
+            if not needs_resume(r):
+                return True  # nothing to do this round: in flight, done, or a repeat
+            return e.ask_resume(r, num_tokens, landed=r.received)
 
     def result(self) -> EmbeddingResult:
         """The received tensors; raises `DisaggError` unless SUCCESS."""
-        return self._engine._result(self._r)
+        e, r = self._engine, self._r
+        with e.cond:
+            if r.status != TransferStatus.SUCCESS:
+                raise DisaggError(f"room {r.room} has no result: status {r.status.name}"
+                                  + (f" ({r.failure})" if r.failure else ""),
+                                  rank=e.rank, room=r.room)
+            out = r.outputs
+            assert out is not None
+        return to_result(e.geometry, out, r.aux)
 
     def abort(self, reason: str = "aborted") -> None:
         """Fail the room; its blocks return once the frame owed for them arrives."""
-        self._engine._abort(self._r, reason)
+        with self._engine.cond:
+            self._engine.execute(self._r, self._engine.machine.abort(self._r, reason))
