@@ -148,3 +148,45 @@ def test_shutdown_closes_every_socket_and_group_without_gc() -> None:
     assert lang["bad"] == [], lang
     for who, o in (("embedding", emb), ("language", lang)):
         assert o["after"] == [o["before"], o["before"]], (who, o)
+
+
+# ---------------------------------------------------------------- a frozen peer
+
+
+def _frozen_peer(rank: int, world: int, init_method: str) -> dict[str, Any]:
+    import datetime
+    import signal
+    peer_timeout = 2.0
+    ctx = disagg.init(_cfg(peer_timeout=peer_timeout, bootstrap_timeout=30.0), rank=rank,
+                      world_size=world, init_method=init_method)
+    store = disagg.context.dist.distributed_c10d._get_default_store()
+    if rank == 0:
+        store.set("frozen/pid", str(os.getpid()))
+        store.wait(["frozen/done"], datetime.timedelta(seconds=60))
+        ctx.shutdown()
+        return {}
+    r = ctx.language.receiver(1, src_rank=0)
+    assert r.init()  # a frame is owed: the receiver thread waits in a Gloo recv
+    pid = int(store.get("frozen/pid"))
+    os.kill(pid, signal.SIGSTOP)  # stopped, not dead: its sockets stay open
+    try:
+        t0 = time.monotonic()
+        ctx.shutdown()
+        took = time.monotonic() - t0
+        health = ctx.health()
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    store.set("frozen/done", "1")
+    return {"took": took, "health": health, "status": r.poll().name, "failure": r.failure,
+            "peer_timeout": peer_timeout}
+
+
+def test_shutdown_with_a_frozen_peer_returns_within_peer_timeout() -> None:
+    """Decided in DESIGN: shutdown() with a frozen (SIGSTOPped) Embedding rank
+    returns within peer_timeout; the receiver thread blocked in a Gloo recv
+    that cannot be cancelled is reported by ctx.health() (it is a daemon that
+    ends at the pair's timeout, or when the peer goes)."""
+    _, lang = spawn(2, _frozen_peer, timeout=90.0)
+    assert lang["took"] < lang["peer_timeout"] + 1.5, lang
+    assert lang["status"] == "FAILED" and "shut down" in (lang["failure"] or ""), lang
+    assert "blocked in a recv" in str(lang["health"][0].get("receiver")), lang["health"]

@@ -173,3 +173,22 @@ def test_pair_torn_down_on_one_side_is_torn_down_on_the_other() -> None:
         # The Language rank's meta recv stays posted (a Gloo recv cannot be
         # cancelled; its pair group's timeout ends it): the Gloo pair is gone.
         w.link().break_link("the Gloo pair is gone")
+
+
+def test_room_id_from_another_embedding_rank_while_live_is_a_value_error() -> None:
+    """Decided in DESIGN: room ids are unique among the live rooms of the whole
+    world; a Language rank asked for a live room's id again, from another
+    Embedding rank, raises a clear ValueError and loses nothing."""
+    with World(cfg(num_embedding_ranks=2)) as w:
+        lang = w.topology.language_ranks[0]
+        d = room_data(w.cfg, 13, 30)
+        s = w.emb(0).sender(13)
+        send(s, d)
+        r = w.lang(lang).receiver(13, src_rank=0)
+        with pytest.raises(ValueError, match="room 13 is still live on language rank"):
+            w.lang(lang).receiver(13, src_rank=1)
+        assert r.init()
+        assert w.finish(r, "room 13") is SUCCESS
+        assert mismatches(r.result(), d) == []
+        assert w.ended(s, "its sender") is SUCCESS
+        w.settle_whole()
