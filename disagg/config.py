@@ -7,7 +7,11 @@ rank agrees on the geometry.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
+import itertools
+import textwrap
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -39,6 +43,10 @@ def _bad(field_name: str, value: Any, why: str) -> ValueError:
 
 @dataclass(frozen=True, kw_only=True)
 class DisaggConfig:
+    """Every rank of a job builds the same config (keyword-only, validated on
+    construction: a bad value is a `ValueError` naming the field). Fields, with
+    their defaults, are listed below (`help(DisaggConfig)`)."""
+
     num_embedding_ranks: int = 1
     """Ranks [0, num_embedding_ranks) run the encoder and send."""
 
@@ -158,3 +166,36 @@ class DisaggConfig:
 
     def replace(self, **changes: Any) -> DisaggConfig:
         return dataclasses.replace(self, **changes)
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of `cls`, read from its source."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, after in itertools.pairwise(body):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
+                and isinstance(after.value.value, str)):
+            docs[node.target.id] = inspect.cleandoc(after.value.value)
+    return docs
+
+
+def _document_fields(cls: type) -> None:
+    """Append each field's default and docstring to the class docstring, so
+    `help(DisaggConfig)` shows what every field means."""
+    try:
+        docs = _field_docs(cls)
+    except (OSError, TypeError):  # no source (e.g. a frozen app): keep the short docstring
+        return
+    lines = []
+    for f in dataclasses.fields(cls):
+        default = (f.default if f.default is not dataclasses.MISSING
+                   else f.default_factory() if f.default_factory is not dataclasses.MISSING
+                   else None)
+        text = textwrap.indent(docs.get(f.name, ""), "        ")
+        lines.append(f"    {f.name} (default {default!r}):\n{text}")
+    cls.__doc__ = (cls.__doc__ or "") + "\n\n    Fields:\n\n" + "\n".join(lines) + "\n"
+
+
+_document_fields(DisaggConfig)

@@ -52,6 +52,10 @@ def init(cfg: DisaggConfig | None = None, *, rank: int | None = None,
     """
     cfg = cfg or DisaggConfig()
     owns_world = not dist.is_initialized()
+    if owns_world and init_method is None and "RANK" not in os.environ:
+        raise DisaggError("disagg.init: no torch.distributed world to join: run under "
+                          "torchrun (e.g. `torchrun --standalone --nproc-per-node 2 ...`), "
+                          "or pass rank=, world_size= and init_method= (\"tcp://host:port\")")
     backend = _pick_backend(cfg)
     if owns_world:
         dist.init_process_group("cpu:gloo,cuda:nccl" if backend == "nccl" else "gloo",
@@ -142,8 +146,12 @@ class Context:
     def _start(self) -> None:
         store = dist.distributed_c10d._get_default_store()
         topo = self.topology
-        store.set(f"{_KEY}/host/{self.rank}", socket.gethostname())
-        hostnames = [_get(store, f"{_KEY}/host/{r}") for r in range(self.world_size)]
+        # Contexts made one after another in one world each have their own keys:
+        # every rank counts its own contexts, and every rank makes the same ones.
+        generation = store.add(f"{_KEY}/contexts/{self.rank}", 1)
+        key = f"{_KEY}/{generation}"
+        store.set(f"{key}/host/{self.rank}", socket.gethostname())
+        hostnames = [_get(store, f"{key}/host/{r}") for r in range(self.world_size)]
         is_embedding = self.role == "embedding"
         stats = Stats(pool_total_blocks=self.geometry.num_blocks,
                       pool_free_blocks=self.geometry.num_blocks, rooms_live=0)
@@ -152,10 +160,10 @@ class Context:
         if is_embedding:
             self.control_address = control.bind_router(self.cfg.host or _routable_host(hostnames),
                                                        topo.language_ranks)
-        store.set(f"{_KEY}/rank/{self.rank}", json.dumps(
+        store.set(f"{key}/rank/{self.rank}", json.dumps(
             {"geometry": self.geometry.to_dict(), "address": self.control_address,
              "backend": self.backend}))
-        peers = {r: json.loads(_get(store, f"{_KEY}/rank/{r}")) for r in range(self.world_size)}
+        peers = {r: json.loads(_get(store, f"{key}/rank/{r}")) for r in range(self.world_size)}
         self._check_peers(peers)
         # Groups: the same calls in the same order on every rank.
         # A pair's transport timeout outlasts every room deadline (bootstrap_timeout,

@@ -59,3 +59,4 @@ class FailureCause(str, enum.Enum):
     REJECTED = "rejected"  # the Embedding rank refused the room (REJECT)
     SHUTDOWN = "shutdown"  # this rank shut down with the room live
     TIMEOUT = "timeout"  # bootstrap_timeout (or the first-chunk bound) ran out
+    TOO_LONG = "too_long"  # longer than the whole Embedding budget: can never be sent

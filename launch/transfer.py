@@ -35,9 +35,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="first allocation per room (longer rooms resume)")
     p.add_argument("--recv-into", choices=("output", "pool"), default="output",
                    help="land payload straight in the output, or in pool blocks and copy")
-    p.add_argument("--num-embedding-ranks", type=int, default=1)
-    p.add_argument("--language-tp-size", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-embedding-ranks", type=int, default=1,
+                   help="ranks [0, N) encode and send; the rest receive")
+    p.add_argument("--language-tp-size", type=int, default=1,
+                   help="Language ranks per instance (tensor parallelism)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the rooms' lengths and bytes")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds for the whole run")
     args = p.parse_args(argv)
     if args.max_tokens > args.num_blocks * args.block_size:

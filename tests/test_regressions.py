@@ -62,6 +62,14 @@ def _recv(ctx: Any, room: int, seq: int) -> list[str]:
     return mismatches(r.result(), d, (room,), room, seq)
 
 
+def test_init_outside_torchrun_says_how_to_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 18: every entry point run without torchrun died with torch's
+    "environment variable RANK expected"; now the error says what to do."""
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(disagg.DisaggError, match=r"run under torchrun.*or pass rank="):
+        disagg.init(_cfg())
+
+
 # ---------------------------------------------------------------- bug 1
 
 BOOT, PEER = 2.0, 1.0  # the pair groups' Gloo timeout is BOOT + 2 * PEER = 4 s
@@ -190,3 +198,44 @@ def test_shutdown_with_a_frozen_peer_returns_within_peer_timeout() -> None:
     assert lang["took"] < lang["peer_timeout"] + 1.5, lang
     assert lang["status"] == "FAILED" and "shut down" in (lang["failure"] or ""), lang
     assert "blocked in a recv" in str(lang["health"][0].get("receiver")), lang["health"]
+
+
+# ---------------------------------------------------------------- contexts in one world
+
+
+def _contexts_in_one_world(rank: int, world: int, init_method: str) -> dict[str, Any]:
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
+    out: dict[str, Any] = {"status": [], "bad": []}
+    try:
+        for round_, hidden in enumerate((HIDDEN, 2 * HIDDEN)):  # another geometry the 2nd time
+            ctx = disagg.init(_cfg(peer_timeout=5.0).replace(hidden_size=hidden))
+            room, seq = 20 + round_, 30
+            d = room_data(room, seq, hidden)
+            if rank == 0:
+                s = ctx.embedding.sender(room)
+                s.send(d["embeddings"], d["fill_ids"], d["mrope_positions"], aux=(room,))
+                out["status"].append(s.wait(20.0).name)
+            else:
+                r = ctx.language.receiver(room, src_rank=0)
+                _wait(r.init, "blocks")
+                _wait(lambda r=r: r.poll() in TERMINAL, f"room {room}")
+                out["status"].append(r.poll().name)
+                if r.poll() is TransferStatus.SUCCESS:
+                    out["bad"] += mismatches(r.result(), d, (room,), room, seq)
+            ctx.shutdown()
+        out["world_still_up"] = dist.is_initialized()
+    finally:
+        dist.destroy_process_group()
+    return out
+
+
+def test_init_shutdown_init_in_one_world() -> None:
+    """Issue 18: a second disagg.init in the same torch.distributed world read the
+    first context's start-up entries in the c10d store (its address, its
+    geometry): rooms failed, or a spurious GeometryMismatch. Each context now
+    has its own keys."""
+    emb, lang = spawn(2, _contexts_in_one_world, timeout=90.0)
+    assert emb["status"] == lang["status"] == ["SUCCESS", "SUCCESS"], (emb, lang)
+    assert lang["bad"] == []
+    assert emb["world_still_up"] and lang["world_still_up"]  # the caller's world is left alone

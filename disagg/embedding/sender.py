@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..config import DisaggConfig
-from ..errors import DisaggError, PoolFull
+from ..errors import DisaggError, FailureCause, PoolFull
 from ..geometry import Geometry
 from ..types import TERMINAL, TransferStatus
 from ..wire import MAX_AUX
@@ -34,26 +34,37 @@ class Sender:
 
     def send(self, embeddings: torch.Tensor, fill_ids: torch.Tensor,
              mrope_positions: torch.Tensor | None = None, aux: tuple[int, ...] | None = None,
-             **extra: torch.Tensor) -> None:
-        """Hand the room's tensors over, without a copy of the embeddings.
+             **extra: torch.Tensor) -> TransferStatus:
+        """Hand the room's tensors over, without a copy of the embeddings; the
+        room's status after (FAILED if it had already failed, e.g. aborted by
+        the Language side before its data came: `failure` says why).
 
         embeddings [seq, hidden]; fill_ids [seq] int32; mrope_positions [3, seq]
         int32; extra buffers [seq, *per_token_shape]. Do not modify them until
         `poll()` is SUCCESS or FAILED. Raises `PoolFull` when the budget cannot
-        take seq tokens now (retry later), `ValueError` for bad input.
+        take seq tokens now (retry later), `ValueError` for bad input (the room
+        untouched), or for a room longer than the whole budget (which can never
+        be sent: the room fails on both sides at once, with that reason).
         """
         e, r = self._engine, self._r
         sources, seq_len, aux_t = validate_send(e.cfg, e.geometry, e.device, self.room,
                                                 embeddings, fill_ids, mrope_positions, aux,
                                                 extra)
-        need = budget_blocks(e.geometry, r.room, seq_len, e.budget.num_blocks)
+        try:
+            need = budget_blocks(e.geometry, r.room, seq_len, e.budget.num_blocks)
+        except ValueError as err:  # it can never be sent: end it on both sides now
+            with e.cond:
+                e.execute(e.machine.fail(r, f"embedding rank {e.rank}: {err}",
+                                         FailureCause.TOO_LONG))
+            e.flush()
+            raise
         ready = None
         if e.device.type == "cuda":  # the sends wait for the producer's stream
             ready = torch.cuda.Event()
             ready.record(torch.cuda.current_stream(e.device))
         with e.cond:
             if r.failure is not None:
-                return  # aborted before its data came (e.g. by Language): poll() says why
+                return r.status  # aborted before its data came (e.g. by Language)
             if r.ended:
                 raise DisaggError(f"room {r.room} already ended: success", rank=e.rank,
                                   room=r.room)
@@ -68,6 +79,7 @@ class Sender:
             e.stats.set_gauge("pool_free_blocks", e.budget.num_free)
             e.execute(e.machine.data(r, sources, seq_len, aux_t, ready, budget, e.clock()))
         e.flush()
+        return r.status
 
     def poll(self) -> TransferStatus:
         return self._r.status

@@ -192,3 +192,47 @@ def test_room_id_from_another_embedding_rank_while_live_is_a_value_error() -> No
         assert mismatches(r.result(), d) == []
         assert w.ended(s, "its sender") is SUCCESS
         w.settle_whole()
+
+
+@pytest.mark.parametrize("alloc_first", [True, False], ids=["alloc_first", "send_first"])
+def test_room_longer_than_the_whole_budget_fails_on_both_sides_at_once(
+        alloc_first: bool) -> None:
+    """Issue 18: a room longer than the whole Embedding budget raised ValueError
+    but stayed live, so its Language side waited bootstrap_timeout. Now it
+    fails on both sides at once, with the reason (the clock never moves)."""
+    with World(cfg(), embedding_blocks=4) as w:  # 64 tokens of budget
+        r = w.lang().receiver(14, src_rank=EMB)
+        if alloc_first:
+            assert r.init()
+            w.deliver_all()
+        s = w.emb().sender(14)
+        d = room_data(w.cfg, 14, 100)
+        with pytest.raises(ValueError, match="more than the whole budget of 4 blocks"):
+            send(s, d)
+        # FAILED once the ABORT frame answering the waiting ALLOC (if any) has left
+        assert w.ended(s, "the sender") is FAILED and "whole budget" in (s.failure or "")
+        if not alloc_first:
+            assert r.init()
+        assert w.ended(r, "the Language room") is FAILED
+        assert r.failure is not None and "more than the whole budget" in r.failure, r.failure
+        assert w.causes(EMB) == {"too_long": 1}
+        w.settle_whole()
+
+
+def test_send_on_a_room_that_already_failed_says_so() -> None:
+    """Issue 18: send() on a room the Language side aborted before its data came
+    did nothing, silently. It returns FAILED (and `failure` says why); the
+    tensors are not taken."""
+    with World(cfg()) as w:
+        r = w.lang().receiver(15, src_rank=EMB)
+        r.abort("client went away")
+        w.deliver_all()
+        s = w.emb().sender(15)
+        assert send_status(s, room_data(w.cfg, 15, 20)) is FAILED
+        assert s.failure is not None and "client went away" in s.failure
+        assert w.emb().budget.num_free == w.emb().budget.num_blocks
+        w.settle_whole()
+
+
+def send_status(s: Any, d: Any) -> TransferStatus:
+    return s.send(d.embeddings, d.fill_ids, d.mrope_positions, aux=d.aux, **d.extra)
