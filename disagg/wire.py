@@ -29,7 +29,8 @@ VERSION = 1
 MAX_ROOM = (1 << 63) - 1
 MAX_BLOCKS_PER_MESSAGE = 1 << 20
 MAX_REASON_BYTES = 1024
-MAX_AUX = 8
+MAX_AUX = 1024  # aux values a room may carry (they travel with its first chunk)
+MAX_INLINE_AUX = 8  # of which the meta frame itself holds this many
 
 _HEADER = struct.Struct("<HBBIqiiqqI")
 HEADER_SIZE = _HEADER.size
@@ -243,7 +244,7 @@ def reason_from_tensor(t: torch.Tensor) -> str:
 FLAG_FIRST = 1
 FLAG_LAST = 2
 META_MAGIC = 0xD15A_0000 | VERSION
-META_LEN = 18
+META_LEN = 10 + MAX_INLINE_AUX  # 18 words
 _CHECK_SALT = 0x5EED_D15A_C0DE
 
 
@@ -254,8 +255,13 @@ class Meta:
     Words: magic|version, kind, room, chunk_index, token_offset, num_tokens,
     seq_len, flags, num_aux, aux[8], check. `seq_len` and aux are meaningful
     in the FIRST chunk; later chunks repeat them and the receiver checks they
-    agree with what it cached. `check` xors every other word with a salt so a
-    frame read out of step with its sender is caught, not trusted.
+    agree with what it cached. Up to `MAX_INLINE_AUX` aux values sit in the
+    meta; a room with more (up to `MAX_AUX`) sends all of them as one extra
+    int64 payload tensor at the end of its first chunk, and every meta carries
+    `num_aux` and the first eight. Decoded, `aux` is what the meta holds (the
+    first eight at most) and `num_aux` the room's count. `check` xors every
+    other word with a salt so a frame read out of step with its sender is
+    caught, not trusted.
     """
 
     kind: FrameKind
@@ -266,6 +272,20 @@ class Meta:
     seq_len: int = 0
     flags: int = 0
     aux: tuple[int, ...] = ()
+    num_aux: int = -1  # -1: len(aux)
+
+    def __post_init__(self) -> None:
+        if self.num_aux == -1:
+            object.__setattr__(self, "num_aux", len(self.aux))
+
+    @property
+    def inline_aux(self) -> tuple[int, ...]:
+        return self.aux[:MAX_INLINE_AUX]
+
+    @property
+    def aux_follows(self) -> bool:
+        """The room's aux values travel as a tensor after this (first) chunk's payload."""
+        return self.first and self.num_aux > MAX_INLINE_AUX
 
     @property
     def first(self) -> bool:
@@ -276,11 +296,12 @@ class Meta:
         return bool(self.flags & FLAG_LAST)
 
     def words(self) -> list[int]:
-        if len(self.aux) > MAX_AUX:
-            raise ValueError(f"at most {MAX_AUX} aux values, got {len(self.aux)}")
+        if self.num_aux > MAX_AUX:
+            raise ValueError(f"at most {MAX_AUX} aux values, got {self.num_aux}")
+        inline = self.inline_aux
         w = [META_MAGIC, int(self.kind), self.room, self.chunk_index, self.token_offset,
-             self.num_tokens, self.seq_len, self.flags, len(self.aux),
-             *self.aux, *([0] * (MAX_AUX - len(self.aux)))]
+             self.num_tokens, self.seq_len, self.flags, self.num_aux,
+             *inline, *([0] * (MAX_INLINE_AUX - len(inline)))]
         return [*w, _check(w)]
 
     def to_tensor(self, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -309,7 +330,8 @@ class Meta:
         num_aux = w[8]
         if not 0 <= num_aux <= MAX_AUX:
             raise ProtocolError(f"meta frame num_aux={num_aux}")
-        return cls(kind, w[2], w[3], w[4], w[5], w[6], w[7], tuple(w[9:9 + num_aux]))
+        return cls(kind, w[2], w[3], w[4], w[5], w[6], w[7],
+                   tuple(w[9:9 + min(num_aux, MAX_INLINE_AUX)]), num_aux)
 
 
 def _check(words: list[int]) -> int:

@@ -22,6 +22,7 @@ from disagg.wire import (
     HEADER_SIZE,
     MAGIC,
     MAX_AUX,
+    MAX_INLINE_AUX,
     MAX_BLOCKS_PER_MESSAGE,
     MAX_REASON_BYTES,
     MAX_ROOM,
@@ -276,7 +277,7 @@ metas = st.builds(
     num_tokens=st.integers(0, 2**40),
     seq_len=st.integers(0, 2**40),
     flags=st.sampled_from([0, FLAG_FIRST, FLAG_LAST, FLAG_FIRST | FLAG_LAST]),
-    aux=st.lists(I64, max_size=MAX_AUX).map(tuple),
+    aux=st.lists(I64, max_size=MAX_INLINE_AUX).map(tuple),
 )
 
 
@@ -308,8 +309,9 @@ def test_meta_aux_over_limit_is_rejected():
     m = Meta(FrameKind.DATA, room=1, aux=tuple(range(MAX_AUX + 1)))
     with pytest.raises(ValueError, match=f"at most {MAX_AUX} aux values, got {MAX_AUX + 1}"):
         m.to_tensor()
-    assert Meta.from_words(Meta(FrameKind.DATA, 1, aux=tuple(range(MAX_AUX))).words()).aux == \
-        tuple(range(MAX_AUX))
+    long = Meta.from_words(Meta(FrameKind.DATA, 1, aux=tuple(range(MAX_AUX))).words())
+    # the meta holds the first eight; the rest follow the first chunk's payload
+    assert long.aux == tuple(range(MAX_INLINE_AUX)) and long.num_aux == MAX_AUX
 
 
 def test_meta_num_aux_over_limit_on_the_wire_is_rejected():

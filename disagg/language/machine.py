@@ -44,7 +44,7 @@ from dataclasses import dataclass
 
 from ..errors import FailureCause, StreamBroken
 from ..types import TERMINAL, TransferStatus
-from ..wire import Abort, Alloc, FrameKind, Meta, Resume
+from ..wire import MAX_INLINE_AUX, Abort, Alloc, FrameKind, Meta, Resume
 from .actions import (
     Action,
     AskResume,
@@ -143,10 +143,12 @@ class RecvMachine:
         else:
             assert r.seq_len is not None
             seq_len = r.seq_len
-            if m.seq_len != r.seq_len or m.aux != r.aux:
+            if (m.seq_len != r.seq_len or m.num_aux != len(r.aux)
+                    or m.aux != r.aux[:MAX_INLINE_AUX]):
                 corrupt = (f"language rank {self.rank}: chunk {m.chunk_index} of room {r.room} "
-                           f"says seq_len={m.seq_len} aux={m.aux}, first chunk said "
-                           f"seq_len={r.seq_len} aux={r.aux}")
+                           f"says seq_len={m.seq_len} aux={m.aux} ({m.num_aux} values), "
+                           f"first chunk said seq_len={r.seq_len} aux="
+                           f"{r.aux[:MAX_INLINE_AUX]} ({len(r.aux)} values)")
         expect = min(seq_len - m.token_offset, a.allocated_tokens)
         if m.num_tokens != expect:
             raise broken(f"num_tokens={m.num_tokens}, expected {expect} "
@@ -164,7 +166,7 @@ class RecvMachine:
         blocks gives whole."""
         r.outstanding = None
         r.landing = a
-        if meta.first:
+        if meta.first:  # aux that follow the payload replace these once landed
             r.seq_len, r.aux = meta.seq_len, meta.aux
         if not chunk.last and self.auto_resume and r.failure is None and chunk.corrupt is None:
             set_status(r, TransferStatus.TRANSFERRING)

@@ -49,6 +49,7 @@ class Landing:
     dsts: list[torch.Tensor]
     copy_out: bool  # it lands in pool blocks: copy into the output once landed
     more: bool  # another frame is owed after this one
+    aux: torch.Tensor | None = None  # the room's aux values, after a first chunk's payload
 
 
 def destinations(geometry: Geometry, pool: BlockPool, r: RecvRoom, a: Credit, n: int,
@@ -184,8 +185,12 @@ class PairReceiver:
             timing.chunk_arrived(e.stats, e.credits, r, meta.seq_len, now)
             plan, dsts = destinations(e.geometry, e.pool, r, a, chunk.num_tokens,
                                       chunk.token_offset, e.device)
+            aux = None
+            if meta.aux_follows:  # one more tensor, after the payload
+                aux = torch.empty(meta.num_aux, dtype=torch.int64, device=e.device)
+                dsts = [*dsts, aux]
             e.execute(r, e.machine.landing(r, a, meta, chunk))
-            return Landing(r, chunk, plan, dsts, not a.direct, self.owed > 0)
+            return Landing(r, chunk, plan, dsts, not a.direct, self.owed > 0, aux)
 
     def _landed(self, landing: Landing, seconds: float) -> None:
         e = self.engine
@@ -193,6 +198,13 @@ class PairReceiver:
             e.stats.observe("chunk_transfer_s", seconds)
             e.stats.add(bytes_received=landing.chunk.num_tokens * e.geometry.token_nbytes,
                         chunks=1)
-            r = landing.room
-            e.execute(r, e.machine.landed(r, landing.chunk, self.dead, e.clock()))
+            r, chunk = landing.room, landing.chunk
+            if landing.aux is not None:
+                values = tuple(landing.aux.tolist())
+                if values[:len(r.aux)] != r.aux and chunk.corrupt is None:
+                    chunk = Chunk(chunk.num_tokens, chunk.token_offset, chunk.last,
+                                  f"language rank {e.rank}: room {r.room}'s aux values "
+                                  f"disagree with its meta frame")
+                r.aux = values
+            e.execute(r, e.machine.landed(r, chunk, self.dead, e.clock()))
             self.cv.notify_all()
