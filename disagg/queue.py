@@ -5,8 +5,9 @@ Lockstep contract: every TP rank of an instance calls `add` with the same rooms
 in the same order and calls `step` the same number of times. Each `step` does
 one fixed-size all-reduce (MIN) over the instance's Gloo group holding a header
 (number of rooms and a checksum of the room list, each with its negation so MIN
-yields both the least and the greatest value), one status per room and, per
-room, the lowest rank it failed on. FAILED wins, a room is done only when every
+yields both the least and the greatest value) and, per room, its status, the
+lowest rank it failed on and the tokens landed (so `ready_tokens` is what
+every rank holds). FAILED wins, a room is done only when every
 rank holds all of it, and so every rank returns the same `done` and `failed`
 lists in the same order; each rank's reason is its own, and a rank that did not
 fail names the TP rank that did. A rank that broke
@@ -37,6 +38,7 @@ NOBODY = 1 << 62  # "failed on no rank": above every rank, so MIN finds the lowe
 class _Entry:
     receiver: Receiver
     started: bool = False  # init() has succeeded
+    ready: int = 0  # tokens every TP rank holds, as agreed at the last step()
 
 
 class RoomQueue:
@@ -48,14 +50,36 @@ class RoomQueue:
         self._group_of = group if callable(group) else (lambda: group)
         self._window = window
         self._entries: list[_Entry] = []
-        # header, then per room of the window its status, then the lowest rank it FAILED on
-        self._buf = torch.empty(_HEADER + 2 * window, dtype=torch.int64)
+        # header, then per room of the window: its status, the lowest rank it FAILED
+        # on, and the tokens landed (MIN: what every rank holds)
+        self._buf = torch.empty(_HEADER + 3 * window, dtype=torch.int64)
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def add(self, room: int, src_rank: int) -> None:
+        """Queue a room from Embedding rank `src_rank` (same rooms, same order,
+        on every TP rank of the instance)."""
         self._entries.append(_Entry(self._engine.receiver(room, src_rank)))
+
+    def ready_tokens(self, room: int) -> int:
+        """Tokens of `room` every TP rank of the instance holds, as agreed at the
+        last `step()`: identical on every rank, never decreasing, never ahead of
+        any rank. `ValueError` for a room not in the queue (returned, or never added)."""
+        return self._entry(room).ready
+
+    def prefix(self, room: int) -> EmbeddingResult:
+        """Views (no copy) of this rank's first `ready_tokens(room)` tokens of the
+        room: what chunked prefill may start on."""
+        e = self._entry(room)
+        return e.receiver.prefix(e.ready)
+
+    def _entry(self, room: int) -> _Entry:
+        for e in self._entries:
+            if e.receiver.room == room:
+                return e
+        raise ValueError(f"room {room} is not in this queue (returned by step(), or never "
+                         f"added)")
 
     def step(self) -> tuple[list[tuple[int, EmbeddingResult]], list[tuple[int, str]]]:
         """Advance every queued room once; return the rooms finished on every TP rank."""
@@ -74,7 +98,10 @@ class RoomQueue:
                 admit = False
         window = self._entries[:self._window]
         statuses = [int(e.receiver.poll()) for e in window]
-        agreed, failed_on = self._agree(window, statuses)
+        landed = [e.receiver.progress[0] for e in window]  # read after the statuses
+        agreed, failed_on, ready = self._agree(window, statuses, landed)
+        for e, n in zip(window, ready, strict=True):
+            e.ready = max(e.ready, n)
         done: list[tuple[int, EmbeddingResult]] = []
         failed: list[tuple[int, str]] = []
         finished: set[int] = set()
@@ -96,16 +123,17 @@ class RoomQueue:
             self._entries = [e for i, e in enumerate(self._entries) if i not in finished]
         return done, failed
 
-    def _agree(self, window: list[_Entry],
-               statuses: list[int]) -> tuple[list[int], list[int]]:
-        """Per room of the window: the least advanced status on any TP rank, and
-        the lowest rank on which it FAILED (`NOBODY` if none), in one all-reduce."""
+    def _agree(self, window: list[_Entry], statuses: list[int],
+               landed: list[int]) -> tuple[list[int], list[int], list[int]]:
+        """Per room of the window: the least advanced status on any TP rank, the
+        lowest rank on which it FAILED (`NOBODY` if none), and the fewest tokens
+        any rank holds; in one all-reduce."""
         me = self._engine.rank
         failed_on = [me if st == TransferStatus.FAILED else NOBODY for st in statuses]
         group = self._group_of()
         if group is None or dist.get_world_size(group) == 1:
-            return statuses, failed_on
-        n = len(window)
+            return statuses, failed_on, landed
+        n, w = len(window), self._window
         h = hashlib.blake2b(struct.pack(f"<{2 * n}q", *[v for e in window
                                                          for v in (e.receiver.room,
                                                                    e.receiver.src_rank)]),
@@ -116,8 +144,8 @@ class RoomQueue:
         buf[:_HEADER] = torch.tensor([n, -n, lo, -lo, hi, -hi], dtype=torch.int64)
         if n:
             buf[_HEADER:_HEADER + n] = torch.tensor(statuses, dtype=torch.int64)
-            at = _HEADER + self._window
-            buf[at:at + n] = torch.tensor(failed_on, dtype=torch.int64)
+            buf[_HEADER + w:_HEADER + w + n] = torch.tensor(failed_on, dtype=torch.int64)
+            buf[_HEADER + 2 * w:_HEADER + 2 * w + n] = torch.tensor(landed, dtype=torch.int64)
         try:
             dist.all_reduce(buf, op=dist.ReduceOp.MIN, group=group)
         except RuntimeError as e:  # the group's timeout is peer_timeout
@@ -132,5 +160,5 @@ class RoomQueue:
                 f"(rooms between {head[0]} and {-head[1]} in the window, or different "
                 f"rooms/order): every TP rank must add the same rooms in the same order and "
                 f"step the same number of times")
-        at = _HEADER + self._window
-        return buf[_HEADER:_HEADER + n].tolist(), buf[at:at + n].tolist()
+        return (buf[_HEADER:_HEADER + n].tolist(), buf[_HEADER + w:_HEADER + w + n].tolist(),
+                buf[_HEADER + 2 * w:_HEADER + 2 * w + n].tolist())

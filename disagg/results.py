@@ -1,7 +1,8 @@
-"""A Language room's result tensors: where they are made, and the one copy
-`result()` makes (splitting the packed ids). With the receive streams' copy
-out of the pool (`language/stream.py`), these are every copy the library
-makes of received bytes."""
+"""A Language room's result tensors: where they are made, the one copy
+`result()` makes (splitting the packed ids), and the views `prefix()` gives
+of what has landed. With the receive streams' copy out of the pool
+(`language/stream.py`), these are every copy the library makes of received
+bytes."""
 
 from __future__ import annotations
 
@@ -30,3 +31,21 @@ def to_result(geometry: Geometry, outputs: dict[str, torch.Tensor],
                   else packed[:, 0].clone(memory_format=own)),
         mrope_positions=None if packed is None else packed[:, 1:].t().clone(memory_format=own),
         aux=aux, extra={n: outputs[n] for n in geometry.extra_names})
+
+
+def prefix_views(geometry: Geometry, outputs: dict[str, torch.Tensor] | None, num_tokens: int,
+                 aux: tuple[int, ...], device: torch.device) -> EmbeddingResult:
+    """Views (no copy) of the first `num_tokens` tokens of a room's outputs;
+    zero-length tensors before its first chunk landed. `fill_ids` and
+    `mrope_positions` are strided views into the packed ids."""
+    if outputs is None:
+        outputs = {b.name: torch.empty((0, *b.per_token_shape), dtype=b.dtype, device=device)
+                   for b in geometry.wire_buffers}
+        num_tokens = 0
+    packed = outputs.get(PACKED_IDS)
+    return EmbeddingResult(
+        embeddings=outputs["embeddings"][:num_tokens],
+        fill_ids=(outputs["fill_ids"][:num_tokens] if packed is None
+                  else packed[:num_tokens, 0]),
+        mrope_positions=None if packed is None else packed[:num_tokens, 1:].t(),
+        aux=aux, extra={n: outputs[n][:num_tokens] for n in geometry.extra_names})

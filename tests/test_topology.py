@@ -92,7 +92,7 @@ TOPOS: dict[str, Topo] = {
     "e1_tp2": Topo(1, 2, 3, {"recv_into": "pool", "peer_timeout": STALL_PEER_TIMEOUT_S},
                    {0: {"num_blocks": EMB_BUDGET}, 1: {"num_blocks": 64}, 2: {"num_blocks": 6}},
                    ("traffic", "tp_pools_differ", "success_waits_for_every_tp_rank",
-                    "tp_failure_named", "lockstep_order",
+                    "tp_failure_named", "ready_tokens_agreed", "lockstep_order",
                     "lockstep_stall"),  # the stall breaks the instance group
                    36),
     "e2_2x1": Topo(2, 1, 4, {},
@@ -514,6 +514,37 @@ def sc_tp_failure_named(env: Env) -> dict[str, Any]:
     return {"failed": failed, "aborter": aborter}
 
 
+def sc_ready_tokens_agreed(env: Env) -> dict[str, Any]:
+    """A long room through the queue on TP ranks whose pools (64 and 6 blocks)
+    chunk it differently: at every step, ready_tokens is the same on both
+    ranks, never decreases, and q.prefix holds exactly those bytes."""
+    sp = Spec(env.room(0), 900, 0, 0, aux_of(env.room(0), 900))
+    if env.embedding:
+        s, _ = send_all(env, [sp])[sp.room]
+        return {"final": wait_end(s).name}
+    data = make_data(env.cfg, sp.room, sp.seq)
+    q = env.ctx.language.queue()
+    q.add(sp.room, src_rank=0)
+    ready: list[int] = []
+    bad: list[str] = []
+    dl = Deadline(WAIT_S, "the room through the queue")
+    while True:
+        done, failed = q.step()
+        if done or failed:
+            break
+        n = q.ready_tokens(sp.room)
+        ready.append(n)
+        p = q.prefix(sp.room)
+        if not (p.embeddings.shape[0] == n
+                and torch.equal(p.embeddings.view(torch.int16),
+                                data["embeddings"][:n].view(torch.int16))
+                and torch.equal(p.fill_ids, data["fill_ids"][:n])):
+            bad.append(f"step {len(ready)}: prefix of {n} tokens differs")
+        dl.check(lambda: f"ready {ready[-5:]}")
+        time.sleep(POLL_S)
+    return {"ready": ready, "bad": bad, "done": [r for r, _ in done], "failed": failed}
+
+
 def _lockstep_rooms(env: Env, seqs: list[int]) -> list[Spec]:
     return [Spec(env.room(i), s, 0, 0, aux_of(env.room(i), s)) for i, s in enumerate(seqs)]
 
@@ -666,6 +697,7 @@ SCENARIOS: dict[str, Callable[[Env], dict[str, Any]]] = {
     "tp_pools_differ": sc_tp_pools_differ,
     "success_waits_for_every_tp_rank": sc_success_waits_for_every_tp_rank,
     "tp_failure_named": sc_tp_failure_named,
+    "ready_tokens_agreed": sc_ready_tokens_agreed,
     "lockstep_order": sc_lockstep_order,
     "lockstep_stall": sc_lockstep_stall,
     "claim_before_data": sc_claim_before_data,
@@ -855,6 +887,15 @@ def test_tp_failure_names_the_rank_that_failed() -> None:
     queue_words = f"room {room} failed on language rank {aborter} of the TP instance"
     assert other == queue_words or f"aborted by language rank {aborter}" in other, other
     assert emb["final"] == "FAILED", emb
+
+
+def test_ready_tokens_identical_on_every_tp_rank_and_never_decreasing() -> None:
+    emb, a, b = ranks_of("e1_tp2", "ready_tokens_agreed")
+    assert emb["final"] == "SUCCESS", emb
+    assert a["ready"] == b["ready"], (a["ready"], b["ready"])  # the same at every step
+    assert a["ready"] == sorted(a["ready"]), a["ready"]
+    assert a["bad"] == b["bad"] == []
+    assert a["done"] == b["done"] and len(a["done"]) == 1 and a["failed"] == []
 
 
 def test_lockstep_rooms_added_in_different_order() -> None:

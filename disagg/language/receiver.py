@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from ..errors import DisaggError, FailureCause
-from ..results import to_result
+from ..results import prefix_views, to_result
 from ..types import TERMINAL, EmbeddingResult, TransferStatus
 from .room import needs_resume
 
@@ -102,16 +102,36 @@ class Receiver:
             return e.ask_resume(r, num_tokens, landed=r.received)
 
     def result(self) -> EmbeddingResult:
-        """The received tensors; raises `DisaggError` unless SUCCESS."""
+        """The received tensors (the same ones at every call); raises
+        `DisaggError` unless SUCCESS."""
         e, r = self._engine, self._r
         with e.cond:
             if r.status != TransferStatus.SUCCESS:
                 raise DisaggError(f"room {r.room} has no result: status {r.status.name}"
                                   + (f" ({r.failure})" if r.failure else ""),
                                   rank=e.rank, room=r.room)
-            out = r.outputs
-            assert out is not None
-        return to_result(e.geometry, out, r.aux)
+            if r.result is None:
+                assert r.outputs is not None
+                r.result = to_result(e.geometry, r.outputs, r.aux)
+            return r.result
+
+    def prefix(self, num_tokens: int | None = None) -> EmbeddingResult:
+        """Views (no copy) of the tokens landed so far, `[0, progress[0])` (or the
+        first `num_tokens` of them); `.aux` once the first chunk landed. After
+        SUCCESS, the same tensors as `result()`. Raises `DisaggError` once the
+        room failed (its memory may be reused)."""
+        e, r = self._engine, self._r
+        with e.cond:
+            if r.status == TransferStatus.SUCCESS and num_tokens is None:
+                pass
+            elif r.failure is not None:
+                raise DisaggError(f"room {r.room} has no prefix: it failed ({r.failure})",
+                                  rank=e.rank, room=r.room)
+            else:
+                n = r.received if num_tokens is None else min(num_tokens, r.received)
+                return prefix_views(e.geometry, r.outputs, n, r.aux if r.received else (),
+                                    e.device)
+        return self.result()
 
     def abort(self, reason: str = "aborted") -> None:
         """Fail the room; its blocks return once the frame owed for them arrives."""

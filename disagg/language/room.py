@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..types import TransferStatus, advance
+from ..types import EmbeddingResult, TransferStatus, advance
 from .credit import Credit
 
 
@@ -47,6 +47,7 @@ class RecvRoom:
     num_resumes: int = 0
     auto_first_blocks: int | None = None  # first allocation chosen by "auto"
     tracked: bool = True  # in the engine's table (forgotten once nothing can land)
+    result: EmbeddingResult | None = None  # made once, at the first result() call
 
     @property
     def complete(self) -> bool:
