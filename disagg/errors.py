@@ -55,6 +55,7 @@ class FailureCause(str, enum.Enum):
     BAD_MESSAGE = "bad_message"  # a malformed or impossible control message
     BAD_PEER = "bad_peer"  # a message from an identity that is no known rank
     CORRUPT_FRAME = "corrupt_frame"  # a chunk that disagrees with the room's first chunk
+    LENGTH_MISMATCH = "length_mismatch"  # the declared seq_len is not the room's
     PEER_LOST = "peer_lost"  # the peer died, said goodbye, or its stream broke
     REJECTED = "rejected"  # the Embedding rank refused the room (REJECT)
     SHUTDOWN = "shutdown"  # this rank shut down with the room live

@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from .errors import DisaggError, LockstepError
 from .language import LanguageEngine, Receiver
+from .language.receiver import check_tokens
 from .types import EmbeddingResult, TransferStatus
 
 MAX_WINDOW = 1024  # rooms agreed on per step; later ones keep moving and wait their turn
@@ -38,6 +39,7 @@ NOBODY = 1 << 62  # "failed on no rank": above every rank, so MIN finds the lowe
 class _Entry:
     receiver: Receiver
     started: bool = False  # init() has succeeded
+    seq_len: int | None = None  # declared by the caller
     ready: int = 0  # tokens every TP rank holds, as agreed at the last step()
 
 
@@ -57,10 +59,11 @@ class RoomQueue:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def add(self, room: int, src_rank: int) -> None:
+    def add(self, room: int, src_rank: int, seq_len: int | None = None) -> None:
         """Queue a room from Embedding rank `src_rank` (same rooms, same order,
-        on every TP rank of the instance)."""
-        self._entries.append(_Entry(self._engine.receiver(room, src_rank)))
+        on every TP rank of the instance); `seq_len` as for `Receiver.init`."""
+        check_tokens("add", seq_len, name="seq_len")
+        self._entries.append(_Entry(self._engine.receiver(room, src_rank), seq_len=seq_len))
 
     def ready_tokens(self, room: int) -> int:
         """Tokens of `room` every TP rank of the instance holds, as agreed at the
@@ -92,7 +95,7 @@ class RoomQueue:
         for e in self._entries:
             if not e.started:
                 if admit:
-                    e.started = e.receiver.init()
+                    e.started = e.receiver.init(seq_len=e.seq_len)
                 admit = admit and e.started
             elif e.receiver.needs_resume and not e.receiver.resume():
                 admit = False

@@ -51,7 +51,9 @@ FLAG_BYE = 2  # HEARTBEAT: the sender is shutting down cleanly
 
 @dataclass(frozen=True)
 class Alloc:
-    """L -> E: first allocation of a room by one Language rank."""
+    """L -> E: first allocation of a room by one Language rank. `seq_len`: the
+    room's length as the Language caller declared it (0: not declared); it
+    travels in the header's sent_tokens word, which an ALLOC has no other use for."""
 
     room: int
     lang_rank: int
@@ -59,6 +61,7 @@ class Alloc:
     block_ids: tuple[int, ...]
     allocated_tokens: int
     direct: bool = False
+    seq_len: int = 0
 
 
 @dataclass(frozen=True)
@@ -136,7 +139,7 @@ def encode(msg: ControlMessage) -> bytes:
             MAGIC, VERSION, MsgKind.ALLOC if is_alloc else MsgKind.RESUME,
             FLAG_DIRECT if msg.direct else 0, msg.room, msg.lang_rank,
             msg.instance_size if isinstance(msg, Alloc) else 0,
-            0 if isinstance(msg, Alloc) else msg.sent_tokens,
+            msg.seq_len if isinstance(msg, Alloc) else msg.sent_tokens,
             msg.allocated_tokens, len(msg.block_ids))
         return head + np.asarray(msg.block_ids, dtype="<i4").tobytes()
     if isinstance(msg, Abort):
@@ -201,7 +204,10 @@ def decode(data: bytes) -> ControlMessage:
         blocks = tuple(np.frombuffer(body, dtype="<i4").tolist())
         direct = bool(flags & FLAG_DIRECT)
         if kind is MsgKind.ALLOC:
-            return Alloc(room, lang_rank, instance_size, blocks, allocated_tokens, direct)
+            if sent_tokens < 0:
+                raise ProtocolError(f"ALLOC declares seq_len={sent_tokens}", room=room)
+            return Alloc(room, lang_rank, instance_size, blocks, allocated_tokens, direct,
+                         sent_tokens)
         return Resume(room, lang_rank, sent_tokens, blocks, allocated_tokens, direct)
     if num_items > MAX_REASON_BYTES or len(body) != num_items:
         raise ProtocolError(f"{kind.name} reason length {num_items} does not match "

@@ -35,7 +35,7 @@ class Admission:
         why = (self.check_grant(lang, m.block_ids, m.allocated_tokens, m.direct,
                                 allow_empty=False)
                or self.check_instance_size(m.instance_size))
-        grant = Grant(0, m.block_ids, m.allocated_tokens, m.direct, now)
+        grant = Grant(0, m.block_ids, m.allocated_tokens, m.direct, now, m.seq_len)
         if r is not None:
             return self.machine.alloc(r, lang, grant, m.instance_size, why,
                                       self.other_instance)

@@ -276,6 +276,13 @@ class SendMachine:
         grant = lane.pending
         if grant is None or r.sources is None or r.failure is not None:
             return []
+        if grant.seq_len and grant.seq_len != r.seq_len:
+            # The Language rank sized (and may have posted) its receives for the
+            # length its caller declared: answer with an ABORT frame instead,
+            # so the stream stays aligned, and fail the room on both sides.
+            return self.fail(r, f"embedding rank {self.rank}: language rank {lane.lang_rank} "
+                                f"declared seq_len={grant.seq_len} for room {r.room}, but it "
+                                f"has {r.seq_len} tokens", FailureCause.LENGTH_MISMATCH)
         lane.pending = None
         n = chunk_tokens(r.seq_len, lane.sent_tokens, grant.allocated_tokens)
         offset = lane.sent_tokens

@@ -21,6 +21,7 @@ class Grant:
     allocated_tokens: int
     direct: bool
     arrived: float
+    seq_len: int = 0  # ALLOC only: the length the Language caller declared (0: none)
 
 
 @dataclass

@@ -98,7 +98,7 @@ class RecvMachine:
         if auto:
             r.auto_first_blocks = len(c.block_ids)
         return [Owe(), Post(Alloc(r.room, self.rank, self.instance_size, tuple(c.block_ids),
-                                  c.allocated_tokens, c.direct))]
+                                  c.allocated_tokens, c.direct, r.declared_seq_len))]
 
     def resumed(self, r: RecvRoom, c: Credit) -> list[Action]:
         """A resume got blocks (or direct credit): announce them with RESUME."""
@@ -140,6 +140,10 @@ class RecvMachine:
             if m.seq_len < 1:
                 raise broken(f"seq_len={m.seq_len}")
             seq_len = m.seq_len
+            if r.declared_seq_len and m.seq_len != r.declared_seq_len:
+                # the Embedding rank answers such an ALLOC with ABORT; this is the backstop
+                corrupt = (f"language rank {self.rank}: room {r.room} has {m.seq_len} tokens, "
+                           f"but seq_len={r.declared_seq_len} was declared")
         else:
             assert r.seq_len is not None
             seq_len = r.seq_len

@@ -15,10 +15,10 @@ if TYPE_CHECKING:
     from .room import RecvRoom
 
 
-def check_tokens(call: str, num_tokens: object) -> None:
+def check_tokens(call: str, num_tokens: object, name: str = "num_tokens") -> None:
     if num_tokens is not None and (isinstance(num_tokens, bool) or not isinstance(
             num_tokens, int) or num_tokens < 1):
-        raise ValueError(f"{call}(num_tokens={num_tokens!r}): must be an int >= 1 or None")
+        raise ValueError(f"{call}({name}={num_tokens!r}): must be an int >= 1 or None")
 
 
 class Receiver:
@@ -33,18 +33,26 @@ class Receiver:
         self.room = state.room
         self.src_rank = state.src_rank
 
-    def init(self, num_tokens: int | None = None) -> bool:
-        """Allocate (default_alloc_tokens if None) and send ALLOC. False: no free
-        blocks yet, or the room failed (see poll()); call again later. A repeat
-        after success does nothing."""
+    def init(self, num_tokens: int | None = None, *, seq_len: int | None = None) -> bool:
+        """Allocate and send ALLOC: `num_tokens`, else the declared `seq_len`,
+        else default_alloc_tokens. `seq_len`: the room's exact length, when the
+        caller knows it (it built the prompt's image-pad tokens): the first
+        allocation then covers it where the pool allows, and a room whose real
+        length differs fails on both sides with both numbers in the reason (the
+        stream stays aligned, other rooms carry on). False: no free blocks yet,
+        or the room failed (see poll()); call again later. A repeat after
+        success does nothing."""
         check_tokens("init", num_tokens)
+        check_tokens("init", seq_len, name="seq_len")
         e, r = self._engine, self._r
-        want = num_tokens if num_tokens is not None else e.first_alloc_tokens()
+        want = (num_tokens if num_tokens is not None else seq_len if seq_len is not None
+                else e.first_alloc_tokens())
         with e.cond:
             if r.failure is not None:
                 return False
             if r.alloc_sent:
                 return True
+            r.declared_seq_len = seq_len or 0
             down = e.liveness.dead.get(r.src_rank) or e.pair(r.src_rank).dead
             if down is not None:
                 e.execute(r, e.machine.fail(
@@ -57,7 +65,8 @@ class Receiver:
                                            if x is not r and needs_resume(x)))
             if c is None:
                 return False
-            auto = num_tokens is None and e.cfg.default_alloc_tokens == "auto"
+            auto = (num_tokens is None and seq_len is None
+                    and e.cfg.default_alloc_tokens == "auto")
             e.execute(r, e.machine.asked(r, c, e.clock(), auto=auto))
             return r.failure is None
 

@@ -33,6 +33,7 @@ class RecvRoom:
     status: TransferStatus = TransferStatus.BOOTSTRAPPING
     failure: str | None = None
     seq_len: int | None = None
+    declared_seq_len: int = 0  # init(seq_len=): the caller's word for it (0: none)
     aux: tuple[int, ...] = ()
     received: int = 0
     chunk_index: int = 0
