@@ -95,7 +95,8 @@ class RoomQueue:
         for e in self._entries:
             if not e.started:
                 if admit:
-                    e.started = e.receiver.init(seq_len=e.seq_len)
+                    e.started = (e.receiver.init() if e.seq_len is None
+                                 else e.receiver.init(seq_len=e.seq_len))
                 admit = admit and e.started
             elif e.receiver.needs_resume and not e.receiver.resume():
                 admit = False

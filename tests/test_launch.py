@@ -47,3 +47,25 @@ def test_transfer_demo_help_documents_flags() -> None:
     for flag in ("--rooms", "--hidden-size", "--block-size", "--default-alloc-tokens",
                  "--language-tp-size", "--num-embedding-ranks", "--recv-into", "--seed"):
         assert flag in p.stdout
+
+
+def test_progressive_example_runs_bit_exact() -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+         "examples/progressive.py", "--requests", "2", "--images", "3", "--tokens-per-image",
+         "32", "--encode-ms", "10", "--hidden-size", "64", "--timeout", "60"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=150)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "2 requests bit-exact" in p.stdout, p.stdout + p.stderr
+    # prefill started before some request's last image had arrived
+    assert " 0 prefill chunks ran before" not in p.stdout, p.stdout
+
+
+def test_progressive_benchmark_reports_both_modes() -> None:
+    p = subprocess.run(
+        [sys.executable, "scripts/bench_progressive.py", "--rounds", "2", "--images", "2",
+         "--tokens-per-image", "32", "--encode-ms", "20", "--hidden-size", "64"],
+        cwd=ROOT, capture_output=True, text=True, timeout=150)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "progressive" in p.stdout and "whole" in p.stdout and "earlier by" in p.stdout

@@ -62,7 +62,8 @@ def grant(key: int, blocks: int) -> Grant:
 
 
 def data(m: SendMachine, r: SendRoom) -> list:
-    return m.data(r, [torch.zeros(SEQ, 8, dtype=torch.bfloat16)], SEQ, (), None, [0, 1, 2], 0.0)
+    return m.data(r, [torch.zeros(SEQ, 8, dtype=torch.bfloat16)], SEQ, SEQ, (), None, [0, 1, 2],
+                  0.0)
 
 
 def apply_send(r: SendRoom, actions: list) -> list:

@@ -321,8 +321,8 @@ class CallCounts:
         real_init, real_resume = self._real
         counts = self.counts
 
-        def init(r: Any, num_tokens: int | None = None) -> bool:
-            ok = real_init(r, num_tokens)
+        def init(r: Any, num_tokens: int | None = None, **kw: Any) -> bool:
+            ok = real_init(r, num_tokens, **kw)
             counts["init_true" if ok else "init_false"] += 1
             return ok
 

@@ -8,7 +8,7 @@ from ..errors import FailureCause
 from ..plan import Segment
 from ..types import TransferStatus
 from ..wire import Meta
-from .room import Lane, SendRoom
+from .room import Lane, Part, SendRoom
 
 
 @dataclass(frozen=True)
@@ -20,6 +20,7 @@ class SendData:
     meta: Meta
     plan: list[Segment]
     nbytes: int
+    part: Part  # the part whose tensors the chunk is sliced from
 
 
 @dataclass(frozen=True)

@@ -175,9 +175,8 @@ class EmbeddingEngine:
     def execute(self, actions: list[Action]) -> None:
         for a in actions:
             if isinstance(a, SendData):
-                assert a.room.sources is not None
                 self._submit(a.lane.lang_rank, data_frame(
-                    a.meta, a.room.sources, a.plan, a.room.ready,
+                    a.meta, a.part.sources, a.part.start, a.plan, a.part.ready,
                     functools.partial(self._frame_done, a.room, a.lane, True, a.nbytes)))
             elif isinstance(a, SendAbortFrame):
                 done: Callable[[BaseException | None], None] = _ignore
@@ -219,7 +218,7 @@ class EmbeddingEngine:
         if r.budget:
             self.budget.free(r.budget, owner=r.room)
             r.budget = []
-        r.sources = None  # drop the caller's tensors
+        r.sources, r.parts = None, []  # drop the caller's tensors
         if self._rooms.get(r.room) is r:
             del self._rooms[r.room]
             self.lobby.bury(r.room, a.outcome, set(r.lanes))

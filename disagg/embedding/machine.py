@@ -7,6 +7,12 @@ keeps both ends in step: every allocation (ALLOC or RESUME) accepted on a lane
 is answered by exactly one frame on that pair's stream, a DATA chunk or an
 ABORT frame. REJECT messages only carry the reason a room failed.
 
+A room's data may come in parts (progressive send: `data`, then `part`): a
+grant waits while the tokens it would carry are not given yet, and a chunk
+never spans parts (one slice of the caller's tensors per segment, no copy),
+so a chunk may be shorter than its allocation and the Language rank resumes
+for the rest.
+
 Room status (monotone; `set_status` is the only writer):
 
     WAITING_FOR_INPUT  from sender(): the room lacks the caller's data, or any
@@ -59,7 +65,7 @@ from ..topology import Topology
 from ..types import TransferStatus
 from ..wire import FLAG_FIRST, FLAG_LAST, FrameKind, Meta
 from .actions import Action, Count, CountFailure, End, SendAbortFrame, SendData, SendReject
-from .room import Grant, Lane, LaneState, SendRoom, lane_state, set_status
+from .room import Grant, Lane, LaneState, Part, SendRoom, lane_state, set_status
 
 __all__ = ["Grant", "Lane", "LaneState", "SendMachine", "SendRoom", "lane_state", "set_status"]
 
@@ -79,14 +85,24 @@ class SendMachine:
 
     # -------------------------------------------------------- caller events
 
-    def data(self, r: SendRoom, sources: list[torch.Tensor], seq_len: int,
+    def data(self, r: SendRoom, sources: list[torch.Tensor], num_tokens: int, seq_len: int,
              aux: tuple[int, ...], ready: torch.cuda.Event | None, budget: list[int],
              now: float) -> list[Action]:
-        """send(): the room's tensors and budget; answer every grant already here."""
-        r.sources, r.seq_len, r.aux, r.ready, r.budget = sources, seq_len, aux, ready, budget
-        r.sent_at = r.last_progress = now
+        """The first send(): the room's length, budget and first part (the whole
+        room, or its first `num_tokens` tokens); answer every grant it can."""
+        r.sources, r.seq_len, r.aux, r.budget = sources, seq_len, aux, budget
+        r.sent_at = now
         if r.lanes:
             set_status(r, TransferStatus.TRANSFERRING)
+        return self.part(r, sources, num_tokens, ready, now)
+
+    def part(self, r: SendRoom, sources: list[torch.Tensor], num_tokens: int,
+             ready: torch.cuda.Event | None, now: float) -> list[Action]:
+        """A part of the room (progressive send): what waiting grants can take of
+        it leaves at once."""
+        r.parts.append(Part(r.given, num_tokens, sources, ready))
+        r.given += num_tokens
+        r.last_progress = now
         out: list[Action] = []
         for lane in list(r.lanes.values()):
             out += self._schedule(r, lane)
@@ -233,6 +249,8 @@ class SendMachine:
         if now - r.last_progress <= limit or any(p.in_flight for p in r.lanes.values()):
             return []
         waiting = ("the caller's data (send())" if r.sources is None else
+                   "the caller's next part (send())" if r.given < r.seq_len and any(
+                       p.pending is not None for p in r.lanes.values()) else
                    "ALLOC" if not r.lanes else
                    f"ALLOC from {r.instance_size - len(r.lanes)} more rank(s)"
                    if r.instance_size and len(r.lanes) < r.instance_size else "RESUME")
@@ -283,9 +301,15 @@ class SendMachine:
             return self.fail(r, f"embedding rank {self.rank}: language rank {lane.lang_rank} "
                                 f"declared seq_len={grant.seq_len} for room {r.room}, but it "
                                 f"has {r.seq_len} tokens", FailureCause.LENGTH_MISMATCH)
-        lane.pending = None
-        n = chunk_tokens(r.seq_len, lane.sent_tokens, grant.allocated_tokens)
         offset = lane.sent_tokens
+        if offset >= r.given:
+            return []  # its data is not given yet: the grant waits for the next part
+        part = next(p for p in reversed(r.parts) if p.start <= offset)
+        lane.pending = None
+        # A chunk never spans parts (one slice per segment, no copy); nor, while
+        # the room is incomplete, goes past what was given.
+        n = min(chunk_tokens(r.seq_len, offset, grant.allocated_tokens),
+                part.start + part.num_tokens - offset)
         plan = segment_plan(grant.block_ids, self.geometry.block_size, n, direct=grant.direct)
         flags = (FLAG_FIRST if offset == 0 else 0) | (FLAG_LAST if offset + n == r.seq_len
                                                       else 0)
@@ -294,7 +318,7 @@ class SendMachine:
         lane.sent_tokens += n
         lane.chunk_index += 1
         lane.in_flight += 1
-        return [SendData(r, lane, meta, plan, n * self.geometry.token_nbytes)]
+        return [SendData(r, lane, meta, plan, n * self.geometry.token_nbytes, part)]
 
     def _maybe_succeed(self, r: SendRoom, now: float) -> list[Action]:
         done = sum(p.done for p in r.lanes.values())

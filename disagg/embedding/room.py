@@ -25,6 +25,17 @@ class Grant:
 
 
 @dataclass
+class Part:
+    """One `send()` call's tensors (wire order, each [n, *per_token]), which
+    hold the room's tokens [start, start + n)."""
+
+    start: int
+    num_tokens: int
+    sources: list[torch.Tensor]
+    ready: torch.cuda.Event | None = None  # recorded on the producer's stream at send()
+
+
+@dataclass
 class Lane:
     """The room as seen by one Language rank's stream."""
 
@@ -53,9 +64,10 @@ class SendRoom:
     room: int
     last_progress: float
     seq_len: int = 0
-    sources: list[torch.Tensor] | None = None  # wire order, each [seq, *per_token]
+    sources: list[torch.Tensor] | None = None  # the first part's, wire order; None: no data yet
+    parts: list[Part] = field(default_factory=list)  # every part given so far, in order
+    given: int = 0  # tokens handed over so far (== seq_len once complete)
     aux: tuple[int, ...] = ()
-    ready: torch.cuda.Event | None = None
     budget: list[int] = field(default_factory=list)
     instance_size: int | None = None
     lanes: dict[int, Lane] = field(default_factory=dict)

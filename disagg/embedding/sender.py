@@ -16,6 +16,7 @@ from ..wire import MAX_AUX
 from .admission import budget_blocks
 
 if TYPE_CHECKING:
+    from .actions import Action
     from .engine import EmbeddingEngine
     from .machine import SendRoom
 
@@ -34,52 +35,85 @@ class Sender:
 
     def send(self, embeddings: torch.Tensor, fill_ids: torch.Tensor,
              mrope_positions: torch.Tensor | None = None, aux: tuple[int, ...] | None = None,
-             **extra: torch.Tensor) -> TransferStatus:
+             *, seq_len: int | None = None, **extra: torch.Tensor) -> TransferStatus:
         """Hand the room's tensors over, without a copy of the embeddings; the
         room's status after (FAILED if it had already failed, e.g. aborted by
         the Language side before its data came: `failure` says why).
 
-        embeddings [seq, hidden]; fill_ids [seq] int32; mrope_positions [3, seq]
-        int32; extra buffers [seq, *per_token_shape]. Do not modify them until
-        `poll()` is SUCCESS or FAILED. Raises `PoolFull` when the budget cannot
-        take seq tokens now (retry later), `ValueError` for bad input (the room
-        untouched), or for a room longer than the whole budget (which can never
-        be sent: the room fails on both sides at once, with that reason).
+        embeddings [n, hidden]; fill_ids [n] int32; mrope_positions [3, n]
+        int32; extra buffers [n, *per_token_shape]; aux: at most 1024 int64s.
+        Do not modify them until `poll()` is SUCCESS or FAILED.
+
+        Progressive send: the first call may give only the room's first part
+        and declare its whole length with `seq_len=`; later calls give the next
+        parts, in order, until seq_len tokens were given (e.g. one image at a
+        time as the encoder produces it). `aux` and `seq_len` only on the first
+        call. The budget for seq_len is taken at the first call, so later parts
+        never raise PoolFull; whatever waiting allocations can take of a part
+        leaves at once (a chunk never spans parts).
+
+        Raises `PoolFull` when the budget cannot take the room now (retry
+        later), `ValueError` for bad input (the room untouched: wrong shapes or
+        dtypes, a part after the room is complete, parts past seq_len, aux or
+        seq_len on a later part), or for a room longer than the whole budget
+        (which can never be sent: the room fails on both sides at once).
         """
         e, r = self._engine, self._r
-        sources, seq_len, aux_t = validate_send(e.cfg, e.geometry, e.device, self.room,
-                                                embeddings, fill_ids, mrope_positions, aux,
-                                                extra)
-        try:
-            need = budget_blocks(e.geometry, r.room, seq_len, e.budget.num_blocks)
-        except ValueError as err:  # it can never be sent: end it on both sides now
-            with e.cond:
-                e.execute(e.machine.fail(r, f"embedding rank {e.rank}: {err}",
-                                         FailureCause.TOO_LONG))
-            e.flush()
-            raise
+        sources, n, aux_t = validate_send(e.cfg, e.geometry, e.device, self.room,
+                                          embeddings, fill_ids, mrope_positions, aux, extra)
+        if seq_len is not None and (isinstance(seq_len, bool) or not isinstance(seq_len, int)
+                                    or seq_len < n):
+            raise ValueError(f"send(room={r.room}): seq_len={seq_len!r} must be an int >= the "
+                             f"{n} tokens given")
         ready = None
         if e.device.type == "cuda":  # the sends wait for the producer's stream
             ready = torch.cuda.Event()
             ready.record(torch.cuda.current_stream(e.device))
+        too_long: ValueError | None = None
         with e.cond:
             if r.failure is not None:
-                return r.status  # aborted before its data came (e.g. by Language)
+                return r.status  # e.g. aborted by the Language side before its data came
             if r.ended:
                 raise DisaggError(f"room {r.room} already ended: success", rank=e.rank,
                                   room=r.room)
             if r.sources is not None:
-                raise ValueError(f"room {r.room}: send() was already called")
-            try:
-                budget = e.budget.allocate(need, owner=r.room)
-            except PoolFull as err:
-                raise PoolFull(f"embedding budget full: room {r.room} needs {need} blocks, "
-                               f"{e.budget.num_free} of {e.budget.num_blocks} free",
-                               rank=e.rank, room=r.room) from err
-            e.stats.set_gauge("pool_free_blocks", e.budget.num_free)
-            e.execute(e.machine.data(r, sources, seq_len, aux_t, ready, budget, e.clock()))
+                e.execute(self._next_part(sources, n, aux, seq_len, ready))
+            else:
+                total = n if seq_len is None else seq_len
+                try:
+                    need = budget_blocks(e.geometry, r.room, total, e.budget.num_blocks)
+                except ValueError as err:  # it can never be sent: end it on both sides now
+                    too_long = err
+                    e.execute(e.machine.fail(r, f"embedding rank {e.rank}: {err}",
+                                             FailureCause.TOO_LONG))
+                else:
+                    try:
+                        budget = e.budget.allocate(need, owner=r.room)
+                    except PoolFull as err:
+                        raise PoolFull(f"embedding budget full: room {r.room} needs {need} "
+                                       f"blocks, {e.budget.num_free} of {e.budget.num_blocks} "
+                                       f"free", rank=e.rank, room=r.room) from err
+                    e.stats.set_gauge("pool_free_blocks", e.budget.num_free)
+                    e.execute(e.machine.data(r, sources, n, total, aux_t, ready, budget,
+                                             e.clock()))
         e.flush()
+        if too_long is not None:
+            raise too_long
         return r.status
+
+    def _next_part(self, sources: list[torch.Tensor], n: int, aux: object, seq_len: int | None,
+                   ready: torch.cuda.Event | None) -> list[Action]:
+        """A later part (engine lock held): checked before anything changes."""
+        e, r = self._engine, self._r
+        if r.given >= r.seq_len:
+            raise ValueError(f"room {r.room}: send() was already called for all {r.seq_len} "
+                             f"tokens")
+        if aux is not None or seq_len is not None:
+            raise ValueError(f"send(room={r.room}): aux and seq_len go with the first part only")
+        if r.given + n > r.seq_len:
+            raise ValueError(f"send(room={r.room}): parts would sum to {r.given + n} tokens, "
+                             f"past seq_len={r.seq_len}")
+        return e.machine.part(r, sources, n, ready, e.clock())
 
     def poll(self) -> TransferStatus:
         return self._r.status

@@ -40,12 +40,12 @@ class Frame:
     posted: Posted | None = None
 
 
-def data_frame(meta: Meta, sources: list[torch.Tensor], plan: list[Segment],
+def data_frame(meta: Meta, sources: list[torch.Tensor], start: int, plan: list[Segment],
                ready: torch.cuda.Event | None, done: Done) -> Frame:
     """A DATA frame: for each buffer, one slice (a view, no copy) of the caller's
     tensor per segment, in wire order; then, on a first chunk whose room has
     more aux values than the meta holds, all of them as one int64 tensor."""
-    offset = meta.token_offset
+    offset = meta.token_offset - start  # within the part's tensors, which begin at `start`
     payload = [src[offset + s.chunk_start:offset + s.chunk_start + s.num_tokens]
                for src in sources for s in plan]
     if meta.aux_follows:  # more aux than the meta holds: all of it, after the first chunk

@@ -153,9 +153,11 @@ class RecvMachine:
                            f"says seq_len={m.seq_len} aux={m.aux} ({m.num_aux} values), "
                            f"first chunk said seq_len={r.seq_len} aux="
                            f"{r.aux[:MAX_INLINE_AUX]} ({len(r.aux)} values)")
+        # min(remaining, allocated), or fewer when the sender has not been given
+        # more of the room yet (progressive send): the rest follows a resume
         expect = min(seq_len - m.token_offset, a.allocated_tokens)
-        if m.num_tokens != expect:
-            raise broken(f"num_tokens={m.num_tokens}, expected {expect} "
+        if not 1 <= m.num_tokens <= expect:
+            raise broken(f"num_tokens={m.num_tokens}, expected at most {expect} "
                          f"(seq_len {seq_len}, allocated {a.allocated_tokens})")
         last = m.token_offset + m.num_tokens == seq_len
         if m.last != last:

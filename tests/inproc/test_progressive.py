@@ -1,0 +1,163 @@
+"""In-process layer: progressive send (DESIGN 0.2). The first `send()` gives the
+room's first part and declares its length (`seq_len=`), later calls the next
+parts in order, e.g. one image at a time as the encoder produces it. What
+waiting allocations can take of a part leaves at once; a chunk never spans
+parts; the Language side's prefix grows part by part. Bit-exact, pool and
+output modes, many part shapes, with misuse, aborts and timeouts between
+parts."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from disagg.config import DisaggConfig
+from disagg.types import TransferStatus
+
+from .fakes import World
+from .rooms import RoomData, mismatches, room_data
+
+pytestmark = pytest.mark.timeout(60)
+
+SUCCESS, FAILED = TransferStatus.SUCCESS, TransferStatus.FAILED
+EMB, BS = 0, 16
+
+
+def cfg(recv_into: str = "output", first: int = 3 * BS, **kw: Any) -> DisaggConfig:
+    return DisaggConfig(hidden_size=32, block_size=BS, num_blocks=32, default_alloc_tokens=first,
+                        recv_into=recv_into, bootstrap_timeout=20.0,  # type: ignore[arg-type]
+                        peer_timeout=4.0).replace(**kw)
+
+
+def give(s: Any, d: RoomData, a: int, b: int, **kw: Any) -> TransferStatus:
+    """Tokens [a, b) of the room as one part."""
+    assert d.mrope_positions is not None
+    return s.send(d.embeddings[a:b], d.fill_ids[a:b], d.mrope_positions[:, a:b], **kw)
+
+
+def cuts(seq: int, sizes: list[int]) -> list[tuple[int, int]]:
+    out, a = [], 0
+    for n in sizes:
+        out.append((a, min(seq, a + n)))
+        a += n
+    if a < seq:
+        out.append((a, seq))
+    return [c for c in out if c[0] < c[1]]
+
+
+SHAPES = {
+    "one_part": (100, [100]),
+    "one_token_parts": (20, [1] * 20),
+    "block_minus_one": (100, [BS - 1] * 7),
+    "block_plus_one": (100, [BS + 1] * 6),
+    "splits_a_chunk": (150, [40, 70, 40]),
+    "64_parts": (64 * 3, [3] * 64),
+}
+
+
+@pytest.mark.parametrize("recv_into", ["output", "pool"])
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("first", [BS, 3 * BS], ids=["small_first_alloc", "first_alloc_48"])
+def test_parts_arrive_bit_exact(recv_into: str, shape: str, first: int) -> None:
+    seq, sizes = SHAPES[shape]
+    with World(cfg(recv_into, first), auto_control=True) as w:
+        d = room_data(w.cfg, 1, seq)
+        r = w.lang().receiver(1, src_rank=EMB)
+        assert r.init()
+        s = w.emb().sender(1)
+        for i, (a, b) in enumerate(cuts(seq, sizes)):
+            kw = {"seq_len": seq, "aux": d.aux} if i == 0 else {}
+            assert give(s, d, a, b, **kw) is not FAILED
+            # what was given may land; never more than was given
+            w.run_until(lambda b=b: r.progress[0] == b or r.poll() is SUCCESS
+                        or r.needs_resume, f"part ending at {b}")
+            if r.needs_resume:
+                r.resume()
+            assert r.progress[0] <= b
+        assert w.finish(r, "the room") is SUCCESS, r.failure
+        assert mismatches(r.result(), d) == []
+        assert w.ended(s, "the sender") is SUCCESS
+        w.settle_whole()
+
+
+def test_the_prefix_grows_as_parts_are_given() -> None:
+    with World(cfg(first=4 * BS), auto_control=True) as w:
+        d = room_data(w.cfg, 2, 4 * BS)
+        r = w.lang().receiver(2, src_rank=EMB)
+        assert r.init(seq_len=4 * BS)  # the whole room's space at once
+        s = w.emb().sender(2)
+        for i, (a, b) in enumerate(cuts(4 * BS, [BS] * 4)):
+            give(s, d, a, b, **({"seq_len": 4 * BS} if i == 0 else {}))
+            w.run_until(lambda b=b: r.progress[0] == b, f"{b} tokens landed")
+            p = r.prefix()
+            assert p.embeddings.shape[0] == b
+            assert mismatches_prefix(p, d, b) == []
+        assert w.ended(r, "the room") is SUCCESS
+        w.settle_whole()
+
+
+def mismatches_prefix(p: Any, d: RoomData, n: int) -> list[str]:
+    import torch
+    bad = []
+    if not torch.equal(p.embeddings.view(torch.int16), d.embeddings[:n].view(torch.int16)):
+        bad.append("embeddings")
+    if not torch.equal(p.fill_ids, d.fill_ids[:n]):
+        bad.append("fill_ids")
+    return bad
+
+
+def test_misuse_is_a_value_error_and_the_room_untouched() -> None:
+    with World(cfg(), auto_control=True) as w:
+        d = room_data(w.cfg, 3, 60)
+        s = w.emb().sender(3)
+        with pytest.raises(ValueError, match="seq_len=10 must be an int >= the 20 tokens"):
+            give(s, d, 0, 20, seq_len=10)
+        give(s, d, 0, 20, seq_len=60, aux=d.aux)
+        with pytest.raises(ValueError, match="aux and seq_len go with the first part only"):
+            give(s, d, 20, 40, aux=(1,))
+        with pytest.raises(ValueError, match="aux and seq_len go with the first part only"):
+            give(s, d, 20, 40, seq_len=60)
+        with pytest.raises(ValueError, match="would sum to 70 tokens, past seq_len=60"):
+            give(s, d, 10, 60)  # 50 more tokens after 20
+        give(s, d, 20, 60)
+        with pytest.raises(ValueError, match="send\\(\\) was already called for all 60"):
+            give(s, d, 0, 1)
+        r = w.lang().receiver(3, src_rank=EMB)
+        assert r.init()
+        assert w.finish(r, "the room") is SUCCESS
+        assert mismatches(r.result(), d) == []
+        w.settle_whole()
+
+
+@pytest.mark.parametrize("side", ["embedding", "language"])
+def test_abort_between_parts(side: str) -> None:
+    with World(cfg(), auto_control=True) as w:
+        d = room_data(w.cfg, 4, 100)
+        r = w.lang().receiver(4, src_rank=EMB)
+        assert r.init()
+        s = w.emb().sender(4)
+        give(s, d, 0, 30, seq_len=100)
+        w.run_until(lambda: r.progress[0] == 30, "the first part landed")
+        (s if side == "embedding" else r).abort("the request was cancelled")
+        assert w.ended(s, "the sender") is FAILED and w.ended(r, "the receiver") is FAILED
+        assert give(s, d, 30, 60) is FAILED  # a part after the abort: nothing taken
+        w.settle_whole()
+
+
+def test_parts_that_stop_coming_fail_at_bootstrap_timeout_on_both_sides() -> None:
+    with World(cfg()) as w:
+        d = room_data(w.cfg, 5, 100)
+        r = w.lang().receiver(5, src_rank=EMB)
+        assert r.init()
+        w.deliver_all()
+        s = w.emb().sender(5)
+        give(s, d, 0, 30, seq_len=100)
+        w.run_until(lambda: r.progress[0] == 30 and w.counter(EMB, "chunks") == 1,
+                    "the first part landed and counted")
+        w.advance(19.0)
+        assert s.poll() not in (SUCCESS, FAILED)
+        w.advance(3.0)
+        assert w.ended(s, "the sender") is FAILED and "next part" in (s.failure or "")
+        assert w.ended(r, "the receiver") is FAILED
+        w.settle_whole()
