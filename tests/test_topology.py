@@ -92,7 +92,8 @@ TOPOS: dict[str, Topo] = {
     "e1_tp2": Topo(1, 2, 3, {"recv_into": "pool", "peer_timeout": STALL_PEER_TIMEOUT_S},
                    {0: {"num_blocks": EMB_BUDGET}, 1: {"num_blocks": 64}, 2: {"num_blocks": 6}},
                    ("traffic", "tp_pools_differ", "success_waits_for_every_tp_rank",
-                    "tp_failure_named", "ready_tokens_agreed", "lockstep_order",
+                    "tp_failure_named", "ready_tokens_agreed", "progressive_parts",
+                    "lockstep_order",
                     "lockstep_stall"),  # the stall breaks the instance group
                    36),
     "e2_2x1": Topo(2, 1, 4, {},
@@ -545,6 +546,42 @@ def sc_ready_tokens_agreed(env: Env) -> dict[str, Any]:
     return {"ready": ready, "bad": bad, "done": [r for r, _ in done], "failed": failed}
 
 
+def sc_progressive_parts(env: Env) -> dict[str, Any]:
+    """A room sent image by image (progressive send) to a TP-2 instance whose
+    pools (64 and 6 blocks) chunk it differently: bit-exact on both ranks,
+    ready_tokens identical at every step and never decreasing."""
+    seq, parts = 700, [150, 250, 100, 200]
+    sp = Spec(env.room(0), seq, 0, 0, aux_of(env.room(0), seq))
+    data = make_data(env.cfg, sp.room, seq)
+    if env.embedding:
+        s = env.ctx.embedding.sender(sp.room)
+        env.sync("queued")
+        a = 0
+        for i, n in enumerate(parts):
+            time.sleep(0.02)  # the encoder
+            mrope = data["mrope_positions"]
+            s.send(data["embeddings"][a:a + n], data["fill_ids"][a:a + n],
+                   None if mrope is None else mrope[:, a:a + n],
+                   **({"seq_len": seq, "aux": sp.aux} if i == 0 else {}),
+                   **{k: v[a:a + n] for k, v in data["extra"].items()})
+            a += n
+        return {"final": wait_end(s).name, "failure": s.failure}
+    q = env.ctx.language.queue()
+    q.add(sp.room, src_rank=0, seq_len=seq)
+    env.sync("queued")
+    ready: list[int] = []
+    dl = Deadline(WAIT_S, "the progressive room")
+    while True:
+        done, failed = q.step()
+        if done or failed:
+            break
+        ready.append(q.ready_tokens(sp.room))
+        dl.check(lambda: f"ready {ready[-5:]}")
+        time.sleep(POLL_S)
+    bad = mismatches(done[0][1], data, sp.aux, sp.room, seq) if done else ["not done"]
+    return {"ready": ready, "bad": bad, "failed": failed}
+
+
 def _lockstep_rooms(env: Env, seqs: list[int]) -> list[Spec]:
     return [Spec(env.room(i), s, 0, 0, aux_of(env.room(i), s)) for i, s in enumerate(seqs)]
 
@@ -698,6 +735,7 @@ SCENARIOS: dict[str, Callable[[Env], dict[str, Any]]] = {
     "success_waits_for_every_tp_rank": sc_success_waits_for_every_tp_rank,
     "tp_failure_named": sc_tp_failure_named,
     "ready_tokens_agreed": sc_ready_tokens_agreed,
+    "progressive_parts": sc_progressive_parts,
     "lockstep_order": sc_lockstep_order,
     "lockstep_stall": sc_lockstep_stall,
     "claim_before_data": sc_claim_before_data,
@@ -896,6 +934,13 @@ def test_ready_tokens_identical_on_every_tp_rank_and_never_decreasing() -> None:
     assert a["ready"] == sorted(a["ready"]), a["ready"]
     assert a["bad"] == b["bad"] == []
     assert a["done"] == b["done"] and len(a["done"]) == 1 and a["failed"] == []
+
+
+def test_progressive_parts_bit_exact_on_every_tp_rank() -> None:
+    emb, a, b = ranks_of("e1_tp2", "progressive_parts")
+    assert emb["final"] == "SUCCESS", emb
+    assert a["bad"] == b["bad"] == [] and a["failed"] == b["failed"] == []
+    assert a["ready"] == b["ready"] and a["ready"] == sorted(a["ready"]), (a["ready"], b["ready"])
 
 
 def test_lockstep_rooms_added_in_different_order() -> None:
