@@ -161,3 +161,49 @@ def test_parts_that_stop_coming_fail_at_bootstrap_timeout_on_both_sides() -> Non
         assert w.ended(s, "the sender") is FAILED and "next part" in (s.failure or "")
         assert w.ended(r, "the receiver") is FAILED
         w.settle_whole()
+
+
+@pytest.mark.parametrize("dead", ["embedding", "language"])
+def test_peer_death_between_parts(dead: str) -> None:
+    """A rank dies (its links break, its messages stop) after the first part:
+    the survivor's room fails naming the peer, and its pool is whole."""
+    with World(cfg()) as w:
+        d = room_data(w.cfg, 6, 100)
+        r = w.lang().receiver(6, src_rank=EMB)
+        assert r.init()
+        w.deliver_all()
+        s = w.emb().sender(6)
+        give(s, d, 0, 40, seq_len=100)
+        w.run_until(lambda: r.progress[0] == 40, "the first part landed")
+        lang = w.topology.language_ranks[0]
+        w.kill(EMB if dead == "embedding" else lang)
+        survivor = r if dead == "embedding" else s
+        w.advance(5.0)  # past peer_timeout: the silence is noticed
+        assert w.ended(survivor, "the survivor's room") is FAILED
+        assert survivor.failure is not None and ("down" in survivor.failure or "lost" in survivor.failure), survivor.failure
+        if dead == "language":
+            assert give(s, d, 40, 100) is FAILED  # the next part: nothing taken
+        w.close(check=False)  # a dead rank leaves no goodbye
+        e_or_l = w.lang() if dead == "embedding" else w.emb()
+        free = (e_or_l.pool.allocator.num_free if dead == "embedding"
+                else e_or_l.budget.num_free)
+        total = (e_or_l.pool.allocator.num_blocks if dead == "embedding"
+                 else e_or_l.budget.num_blocks)
+        assert free == total
+
+
+def test_shutdown_with_a_half_given_room() -> None:
+    with World(cfg(), auto_control=True) as w:
+        d = room_data(w.cfg, 7, 100)
+        r = w.lang().receiver(7, src_rank=EMB)
+        assert r.init()
+        s = w.emb().sender(7)
+        give(s, d, 0, 30, seq_len=100)
+        w.run_until(lambda: r.progress[0] == 30, "the first part landed")
+        w.emb().close(5.0)
+        assert w.ended(s, "the sender") is FAILED and "shut down" in (s.failure or "")
+        assert w.ended(r, "the receiver") is FAILED
+        assert w.emb().budget.num_free == w.emb().budget.num_blocks
+        w.run_until(lambda: w.lang().pool.allocator.num_free == w.lang().pool.allocator.num_blocks,
+                    "the Language pool whole")
+        w.close(check=False)  # the Embedding engine is already closed
