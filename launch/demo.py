@@ -35,6 +35,7 @@ from tqdm import tqdm
 
 import disagg
 from disagg import DisaggConfig, EmbeddingResult, PoolFull, TransferStatus
+from launch._start import init_or_explain
 from launch.vision import (
     IMAGE_PAD_ID,
     TOKEN_PX,
@@ -192,7 +193,9 @@ def run_embedding(ctx: disagg.Context, args: argparse.Namespace, deadline: float
     st = ctx.stats()
     sent = st["bytes_sent"]
     assert isinstance(sent, int)
-    say(f"[embedding rank {e}] {'OK' if not failed else 'FAILED'}: {ok} requests, "
+    # a terminal may hold the Language rank's progress bar mid-line: start a fresh one
+    lead = "\n" if sys.stdout.isatty() else ""
+    say(f"{lead}[embedding rank {e}] {'OK' if not failed else 'FAILED'}: {ok} requests, "
         f"{tokens} tokens, {sent / 1e6:.1f} MB sent in {elapsed:.1f}s "
         f"({sent / elapsed / 1e9:.3f} GB/s), encoder {encode_s:.1f}s, "
         f"resumes={st['resumes']} failures={st['failures']}")
@@ -293,6 +296,17 @@ def run_language(ctx: disagg.Context, args: argparse.Namespace, deadline: float)
     return 1 if bad or failed_n else 0
 
 
+def _transfer_line(st: dict[str, object]) -> str:
+    """The transfer alone, from the library's own stage latencies: a chunk's
+    payload landing and a room's ALLOC -> first byte (no encoder time)."""
+    lat = st.get("latency_s")
+    if not isinstance(lat, dict) or "chunk_transfer_s" not in lat:
+        return "no chunk landed"
+    chunk, first = lat["chunk_transfer_s"], lat.get("alloc_to_first_byte_s", {})
+    return (f"chunk lands in p50 {chunk['p50'] * 1e3:.1f} ms / p99 {chunk['p99'] * 1e3:.1f} ms; "
+            f"ALLOC -> first byte p50 {first.get('p50', 0.0) * 1e3:.1f} ms (data ready or not)")
+
+
 def print_summary(ctx: disagg.Context, args: argparse.Namespace, first: int, total: int,
                   done_n: int, bad: int, failed_n: int, tokens: int, latencies: list[float],
                   elapsed: float, prefill_s: float) -> None:
@@ -309,8 +323,10 @@ def print_summary(ctx: disagg.Context, args: argparse.Namespace, first: int, tot
                         f"to the instance"),
         ("throughput", f"{recv / elapsed / 1e9:.3f} GB/s per rank over the {elapsed:.1f}s "
                        f"run, encoding included"),
-        ("latency p50", f"{np.percentile(lat, 50) * 1e3:.0f} ms (q.add -> done)"),
+        ("latency p50", f"{np.percentile(lat, 50) * 1e3:.0f} ms (q.add -> done, waiting for "
+                        f"the encoder included)"),
         ("latency p99", f"{np.percentile(lat, 99) * 1e3:.0f} ms"),
+        ("transfer", _transfer_line(st)),
         ("chunks", f"{st['chunks']}"),
         ("resumes", f"{st['resumes']}"),
         ("failures", f"{st['failures']}"),
@@ -331,7 +347,9 @@ def main(argv: list[str] | None = None) -> int:
                        block_size=args.block_size, num_blocks=args.num_blocks,
                        default_alloc_tokens=args.default_alloc_tokens,
                        bootstrap_timeout=args.timeout, peer_timeout=30.0)
-    ctx = disagg.init(cfg)
+    ctx = init_or_explain(cfg, "launch.demo")
+    if ctx is None:
+        return 2
     rc = 1
     try:
         deadline = time.monotonic() + args.timeout

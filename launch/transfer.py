@@ -20,6 +20,7 @@ import torch
 
 import disagg
 from disagg import DisaggConfig, PoolFull, TransferStatus
+from launch._start import init_or_explain
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -135,7 +136,9 @@ def main(argv: list[str] | None = None) -> int:
                        block_size=args.block_size, num_blocks=args.num_blocks,
                        default_alloc_tokens=args.default_alloc_tokens,
                        recv_into=args.recv_into, peer_timeout=30.0)
-    ctx = disagg.init(cfg)
+    ctx = init_or_explain(cfg, "launch.transfer")
+    if ctx is None:
+        return 2
     rc = 1
     try:
         t0 = time.monotonic()

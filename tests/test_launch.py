@@ -69,3 +69,14 @@ def test_progressive_benchmark_reports_both_modes() -> None:
         cwd=ROOT, capture_output=True, text=True, timeout=150)
     assert p.returncode == 0, p.stdout + p.stderr
     assert "progressive" in p.stdout and "whole" in p.stdout and "earlier by" in p.stdout
+
+
+def test_wrong_process_count_is_said_once_briefly() -> None:
+    """Issue 18: a world that does not fit the config used to print the same
+    error in 80-130 lines of per-rank tracebacks; now one line, once."""
+    p = torchrun(3, "launch.transfer", *SMALL, "--num-embedding-ranks", "2",
+                 "--language-tp-size", "2")
+    assert p.returncode != 0
+    out = p.stdout + p.stderr
+    assert out.count("launch.transfer: cannot start: world_size=3 does not fit") == 1, out
+    assert "Traceback" not in out.split("ChildFailedError")[0].split("cannot start")[0], out
