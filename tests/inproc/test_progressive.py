@@ -207,3 +207,28 @@ def test_shutdown_with_a_half_given_room() -> None:
         w.run_until(lambda: w.lang().pool.allocator.num_free == w.lang().pool.allocator.num_blocks,
                     "the Language pool whole")
         w.close(check=False)  # the Embedding engine is already closed
+
+
+@pytest.mark.parametrize("tp", [2, 3])
+def test_parts_to_a_tp_instance_whose_ranks_chunk_differently(tp: int) -> None:
+    """Every rank of a TP-2 / TP-3 instance receives the whole room, each in
+    its own chunks (pools of 2, 5 and 32 blocks), parts of uneven sizes."""
+    pools = [2, 5, 32][:tp]
+    ranks = list(range(1, 1 + tp))
+    with World(cfg(first=2 * BS, language_tp_size=tp), auto_control=True,
+               per_rank={rank: {"num_blocks": n} for rank, n in zip(ranks, pools, strict=True)}
+               ) as w:
+        d = room_data(w.cfg, 8, 200)
+        rs = [w.lang(rank).receiver(8, src_rank=EMB) for rank in ranks]
+        for r in rs:
+            assert r.init()
+        s = w.emb().sender(8)
+        for i, (a, b) in enumerate(cuts(200, [7, 50, 1, 90])):
+            give(s, d, a, b, **({"seq_len": 200, "aux": d.aux} if i == 0 else {}))
+        for r in rs:
+            assert w.finish(r, f"rank {r}") is SUCCESS, r.failure
+            assert mismatches(r.result(), d) == []
+        assert w.ended(s, "the sender") is SUCCESS
+        chunks = [w.counter(rank, "chunks") for rank in ranks]
+        assert len(set(chunks)) == tp, chunks  # each rank chunked it its own way
+        w.settle_whole()
