@@ -48,5 +48,9 @@ class Liveness:
         self._next_heartbeat = now + self.heartbeat_interval
         return True
 
+    @property
+    def peers(self) -> list[int]:
+        return list(self._heard)
+
     def alive(self) -> list[int]:
         return [p for p in self._heard if p not in self.dead]

@@ -14,18 +14,17 @@ from __future__ import annotations
 import collections
 import functools
 import logging
-import threading
 import time
 from collections.abc import Callable
 
 import torch
 
 from ..config import DisaggConfig
-from ..control import ControlPort, RateLimitedLog
+from ..control import ControlPort
 from ..errors import DisaggError, FailureCause, PeerLost
 from ..geometry import Geometry
-from ..liveness import Liveness
 from ..pool import BlockAllocator
+from ..shell import EngineShell
 from ..stats import Stats
 from ..topology import Topology
 from ..transport import PairTransport
@@ -52,21 +51,15 @@ from .stream import Frame, SendStreams, abort_frame, data_frame
 log = logging.getLogger(__name__)
 
 
-class EmbeddingEngine:
+class EmbeddingEngine(EngineShell):
     """All rooms of one Embedding rank. Built by `disagg.init`; use `sender(room)`."""
 
     def __init__(self, cfg: DisaggConfig, rank: int, topology: Topology, geometry: Geometry,
                  peer_num_blocks: dict[int, int], transports: dict[int, PairTransport],
                  device: torch.device, stats: Stats, control: ControlPort | None = None,
                  *, clock: Callable[[], float] = time.monotonic) -> None:
-        self.cfg = cfg
-        self.rank = rank
-        self.topology = topology
-        self.geometry = geometry
-        self.device = device
-        self.stats = stats
-        self.control = control
-        self.clock = clock
+        super().__init__(cfg, rank, topology, geometry, device, stats, control, clock,
+                         topology.language_ranks, log)
         self.budget = BlockAllocator(geometry.num_blocks)
         self.machine = SendMachine(rank, geometry, topology, cfg.bootstrap_timeout)
         self._transports = transports
@@ -74,20 +67,9 @@ class EmbeddingEngine:
         self._rooms: dict[int, SendRoom] = {}
         self.lobby = Lobby(cfg.bootstrap_timeout)
         self.admission = Admission(self.machine, self.lobby, geometry, topology, peer_num_blocks)
-        self.liveness = Liveness(topology.language_ranks, cfg.peer_timeout, clock())
-        self._lock = threading.RLock()
-        self._ended = threading.Condition(self._lock)  # a room reached SUCCESS or FAILED
-        self.cond = self._ended  # for the shells: the lock, and waits for a room's end
-        self._warn = RateLimitedLog(log)
-        self._closing = False
         stats.add_source(self._live_by_peer)
 
     # ------------------------------------------------------------ public
-
-    def holds_lock(self) -> bool:
-        """Whether the calling thread holds the engine lock (tests check that no
-        transport call is made under it)."""
-        return self._lock._is_owned()  # type: ignore[attr-defined]
 
     def sender(self, room: int) -> Sender:
         check_room_id(room)
@@ -227,7 +209,7 @@ class EmbeddingEngine:
         if a.send_total_s is not None:
             self.stats.observe("send_total_s", a.send_total_s)
         set_status(r, a.status)  # last: the id and the budget are free
-        self._ended.notify_all()
+        self.cond.notify_all()
 
     def _refuse(self, refusals: list[Refusal]) -> None:
         self.execute(self.admission.refusals(refusals))
@@ -270,18 +252,12 @@ class EmbeddingEngine:
         self._streams.flush()
 
     def health(self) -> dict[int, dict[str, object]]:
-        """Per Language rank: alive, seconds since last heard, live rooms it asked
-        for, and the pair's state ("ok", or "lost: why")."""
-        now = self.clock()
+        """Per Language rank: see `EngineShell.health_report`; its live rooms are
+        those it asked for and has not received whole."""
         with self._lock:
             live = collections.Counter(lang for r in self._rooms.values()
                                        for lang, p in r.lanes.items() if not p.done)
-            dead = dict(self.liveness.dead)
-        return {lang: {"alive": lang not in dead,
-                       "last_heard_s": round(self.liveness.silence(lang, now), 3),
-                       "rooms_live": live[lang],
-                       "pair": "ok" if lang not in dead else f"lost: {dead[lang]}"}
-                for lang in self.topology.language_ranks}
+            return self.health_report(live, dict(self.liveness.dead))
 
     def _live_by_peer(self) -> dict[str, object]:
         """Live rooms per Language rank that asked for them (-1: none asked yet)."""

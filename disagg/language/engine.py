@@ -14,18 +14,17 @@ from __future__ import annotations
 
 import collections
 import logging
-import threading
 import time
 from collections.abc import Callable
 
 import torch
 
 from ..config import DisaggConfig
-from ..control import ControlPort, RateLimitedLog
+from ..control import ControlPort
 from ..errors import DisaggError, FailureCause, PeerLost
 from ..geometry import Geometry
-from ..liveness import Liveness
 from ..pool import BlockPool
+from ..shell import EngineShell
 from ..stats import Stats
 from ..topology import Topology
 from ..transport import PairTransport
@@ -53,21 +52,15 @@ from .stream import PairReceiver
 log = logging.getLogger(__name__)
 
 
-class LanguageEngine:
+class LanguageEngine(EngineShell):
     """All rooms of one Language rank. Built by `disagg.init`; use `receiver()`."""
 
     def __init__(self, cfg: DisaggConfig, rank: int, topology: Topology, geometry: Geometry,
                  transports: dict[int, PairTransport], device: torch.device,
                  stats: Stats, control: ControlPort | None = None, *,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        self.cfg = cfg
-        self.rank = rank
-        self.topology = topology
-        self.geometry = geometry
-        self.device = device
-        self.stats = stats
-        self.control = control
-        self.clock = clock
+        super().__init__(cfg, rank, topology, geometry, device, stats, control, clock,
+                         topology.embedding_ranks, log)
         self.pool = BlockPool(geometry, device, with_buffers=cfg.recv_into == "pool")
         self.credits = Credits(self.pool, stats, direct=cfg.recv_into == "output",
                                default_alloc_tokens=cfg.default_alloc_tokens)
@@ -75,22 +68,11 @@ class LanguageEngine:
         self.machine = RecvMachine(rank, self.instance_size, cfg.auto_resume,
                                    cfg.bootstrap_timeout, cfg.peer_timeout)
         self._transports = transports
-        self._lock = threading.RLock()
-        self._changed = threading.Condition(self._lock)  # some room may need the caller
-        self.cond = self._changed  # for the shells: the lock, and waits for a room's change
         self.rooms: dict[int, RecvRoom] = {}
         self._pairs: dict[int, PairReceiver] = {}
-        self.liveness = Liveness(topology.embedding_ranks, cfg.peer_timeout, clock())
-        self._warn = RateLimitedLog(log)
-        self._closing = False
         stats.add_source(self._live_by_peer)
 
     # ------------------------------------------------------------ public
-
-    def holds_lock(self) -> bool:
-        """Whether the calling thread holds the engine lock (tests check that no
-        transport call is made under it)."""
-        return self._lock._is_owned()  # type: ignore[attr-defined]
 
     def receiver(self, room: int, src_rank: int) -> Receiver:
         check_room_id(room)
@@ -107,10 +89,6 @@ class LanguageEngine:
             r = self.rooms[room] = RecvRoom(room, src_rank, created=now, last_progress=now)
             self.stats.set_gauge("rooms_live", len(self.rooms))
         return Receiver(self, r)
-
-    @property
-    def closed(self) -> bool:
-        return self._closing
 
     def first_alloc_tokens(self) -> int:
         """The first allocation of a room when the caller names none."""
@@ -241,12 +219,12 @@ class LanguageEngine:
                     timing.room_done(self.stats, self.rank, self.cfg.slow_room_s, r,
                                      self.clock())
                 set_status(r, a.status)  # last: blocks and the room id are free
-                self._changed.notify_all()
+                self.cond.notify_all()
 
     def pair(self, src: int) -> PairReceiver:
         p = self._pairs.get(src)
         if p is None:
-            p = self._pairs[src] = PairReceiver(self, src, self._transports[src], self._changed)
+            p = self._pairs[src] = PairReceiver(self, src, self._transports[src], self.cond)
         return p
 
     def _post(self, src: int, msg: ControlMessage) -> str | None:
@@ -262,25 +240,20 @@ class LanguageEngine:
         return None
 
     def health(self) -> dict[int, dict[str, object]]:
-        """Per Embedding rank: alive, seconds since last heard, live rooms from it,
-        and the pair's state ("ok", or "lost: why"). After shutdown, a receiver
-        thread still blocked in a recv that cannot be cancelled (a frozen peer)
-        is reported; it ends at the pair's transport timeout."""
-        now = self.clock()
-        out: dict[int, dict[str, object]] = {}
+        """Per Embedding rank: see `EngineShell.health_report`. After shutdown, a
+        receiver thread still blocked in a recv that cannot be cancelled (a
+        frozen peer) is reported; it ends at the pair's transport timeout."""
         with self._lock:
             live = collections.Counter(r.src_rank for r in self.rooms.values())
-            for e in self.topology.embedding_ranks:
-                pair = self._pairs.get(e)
-                lost = self.liveness.dead.get(e) or (pair.dead if pair is not None else None)
-                out[e] = {"alive": e not in self.liveness.dead,
-                          "last_heard_s": round(self.liveness.silence(e, now), 3),
-                          "rooms_live": live[e],
-                          "pair": "ok" if lost is None else f"lost: {lost}"}
-                if self._closing and pair is not None and pair.thread.is_alive():
+            lost = {e: why for e in self.topology.embedding_ranks
+                    if (why := self.liveness.dead.get(e)
+                        or getattr(self._pairs.get(e), "dead", None)) is not None}
+            out = self.health_report(live, lost)
+            for e, pair in self._pairs.items():
+                if self._closing and pair.thread.is_alive():
                     out[e]["receiver"] = ("blocked in a recv until the pair's transport "
                                           "timeout (a daemon thread)")
-        return out
+            return out
 
     def _live_by_peer(self) -> dict[str, object]:
         with self._lock:

@@ -1,0 +1,61 @@
+"""What both engines are made of besides their tables and machines: the
+injected world (config, rank, topology, geometry, device, stats, control
+channel, clock), one lock with its condition, liveness of the peers, and the
+shutdown flag. Each side's `engine.py` adds its tables and its executor."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterable, Mapping
+
+import torch
+
+from .config import DisaggConfig
+from .control import ControlPort, RateLimitedLog
+from .geometry import Geometry
+from .liveness import Liveness
+from .stats import Stats
+from .topology import Topology
+
+
+class EngineShell:
+    def __init__(self, cfg: DisaggConfig, rank: int, topology: Topology, geometry: Geometry,
+                 device: torch.device, stats: Stats, control: ControlPort | None,
+                 clock: Callable[[], float], peers: Iterable[int],
+                 logger: logging.Logger) -> None:
+        self.cfg = cfg
+        self.rank = rank
+        self.topology = topology
+        self.geometry = geometry
+        self.device = device
+        self.stats = stats
+        self.control = control
+        self.clock = clock
+        self.liveness = Liveness(peers, cfg.peer_timeout, clock())
+        self._lock = threading.RLock()
+        # The shells (handles, streams) take the lock through it, and wait on it
+        # for a room's change; every status change notifies it.
+        self.cond = threading.Condition(self._lock)
+        self._warn = RateLimitedLog(logger)
+        self._closing = False
+
+    def holds_lock(self) -> bool:
+        """Whether the calling thread holds the engine lock (tests check that no
+        transport call is made under it)."""
+        return self._lock._is_owned()  # type: ignore[attr-defined]
+
+    @property
+    def closed(self) -> bool:
+        return self._closing
+
+    def health_report(self, rooms_live: Mapping[int, int],
+                      lost: Mapping[int, str]) -> dict[int, dict[str, object]]:
+        """`ctx.health()`: per peer, alive, seconds since last heard, live rooms,
+        and the pair's state ("ok", or "lost: why")."""
+        now = self.clock()
+        return {p: {"alive": p not in self.liveness.dead,
+                    "last_heard_s": round(self.liveness.silence(p, now), 3),
+                    "rooms_live": rooms_live.get(p, 0),
+                    "pair": "ok" if p not in lost else f"lost: {lost[p]}"}
+                for p in self.liveness.peers}
