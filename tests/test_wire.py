@@ -32,8 +32,10 @@ from disagg.wire import (
     Abort,
     Alloc,
     FrameKind,
+    Heartbeat,
     Meta,
     MsgKind,
+    PairDown,
     Reject,
     Resume,
     _check,
@@ -160,8 +162,9 @@ def test_plausible_garbage_only_ever_raises_protocol_error(data):
     except ProtocolError as e:
         assert str(e)  # says something
         return
-    assert isinstance(msg, (Alloc, Resume, Abort, Reject))
-    assert 0 <= msg.room <= MAX_ROOM
+    assert isinstance(msg, (Alloc, Resume, Abort, Reject, Heartbeat, PairDown))
+    if not isinstance(msg, (Heartbeat, PairDown)):  # those name a rank, not a room
+        assert 0 <= msg.room <= MAX_ROOM
     assert decode(encode(msg)) == msg
 
 
@@ -413,3 +416,14 @@ def test_heartbeat_with_body_or_unknown_flags_is_rejected():
     bad_flags[4] = 4  # flags word, low byte: neither 0 nor BYE
     with pytest.raises(ProtocolError, match="malformed HEARTBEAT"):
         decode(bytes(bad_flags))
+
+
+def test_pair_down_round_trips_and_alloc_carries_the_declared_length():
+    assert decode(encode(PairDown(3, "stream broke"))) == PairDown(3, "stream broke")
+    a = Alloc(7, 1, 2, (0, 1), 2 * 16, False, 1000)
+    assert decode(encode(a)) == a and decode(encode(a)).seq_len == 1000
+    assert decode(encode(Alloc(7, 1, 2, (0,), 16))).seq_len == 0  # not declared
+    w = bytearray(encode(Alloc(7, 1, 2, (0,), 16)))
+    struct.pack_into("<q", w, 24, -5)  # the declared length's word: negative
+    with pytest.raises(ProtocolError, match="declares seq_len=-5"):
+        decode(bytes(w))
