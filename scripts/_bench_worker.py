@@ -60,8 +60,10 @@ def _config(sc: Scenario, rank: int) -> disagg.DisaggConfig:
 class _Rank:
     """This rank's side of one scenario: tensors, sockets, and one round per kind."""
 
-    def __init__(self, ctx: disagg.Context, sc: Scenario, rank: int, fresh: bool) -> None:
+    def __init__(self, ctx: disagg.Context, sc: Scenario, rank: int, fresh: bool,
+                 caller: str = "wait") -> None:
         self.ctx, self.sc, self.rank, self.fresh = ctx, sc, rank, fresh
+        self.caller = caller
         self.langs = list(range(1, sc.world))
         self.side = dist.new_group(backend="gloo")
         self.raw = dist.new_group(backend="gloo")
@@ -132,7 +134,7 @@ class _Rank:
             s.send(self.emb, self.ids, self.pos)
             senders.append(s)
         for s in senders:
-            _expect(s.wait(WAIT_S), s)
+            _expect(_settle(s, self.caller), s)
         return []
 
     def _disagg_init(self, k: int) -> list[disagg.Receiver]:
@@ -150,7 +152,7 @@ class _Rank:
         recvs, self.ready = self.ready or self._disagg_init(k), []
         done = []
         for r in recvs:  # in start order: a room's end is seen once those before it ended
-            _finish(r, more)
+            _finish(r, more, self.caller)
             done.append(time.monotonic())
         if check:
             for r in recvs:
@@ -209,11 +211,40 @@ def _expect(status: TransferStatus, room: disagg.Sender | disagg.Receiver) -> No
         raise RuntimeError(f"room {room.room}: {status.name} {room.failure or '(timed out)'}")
 
 
-def _finish(r: disagg.Receiver, resume_tokens: int | None) -> None:
+SERVING_WORK_S = 0.002  # the "serving" caller's pure-Python work between two polls
+TERMINAL = (TransferStatus.SUCCESS, TransferStatus.FAILED)
+
+
+def _busy(seconds: float) -> None:
+    """Pure-Python work that holds the GIL, as a serving loop's scheduler does."""
+    end = time.perf_counter() + seconds
+    n = 0
+    while time.perf_counter() < end:
+        n += 1
+
+
+def _settle(room: disagg.Sender | disagg.Receiver, caller: str) -> TransferStatus:
+    """How the caller waits for a room to end (or, on a receiver, to need a
+    resume): blocked in wait(), spinning on poll(), or a serving loop that
+    does SERVING_WORK_S of Python between polls."""
+    if caller == "wait":
+        return room.wait(WAIT_S)
+    deadline = time.monotonic() + WAIT_S
+    while True:
+        st = room.poll()
+        if st in TERMINAL or (isinstance(room, disagg.Receiver) and room.needs_resume):
+            return st
+        if time.monotonic() > deadline:
+            return st
+        if caller == "serving":
+            _busy(SERVING_WORK_S)
+
+
+def _finish(r: disagg.Receiver, resume_tokens: int | None, caller: str = "wait") -> None:
     """Wait for one room; resume it by hand when it asks (auto_resume=False)."""
     while True:
-        st = r.wait(WAIT_S)
-        if st in (TransferStatus.SUCCESS, TransferStatus.FAILED):
+        st = _settle(r, caller)
+        if st in TERMINAL:
             return _expect(st, r)
         if not r.needs_resume:
             raise RuntimeError(f"room {r.room} stuck in {st.name} for {WAIT_S:.0f}s")
@@ -263,7 +294,7 @@ def _memory(me: _Rank) -> dict:
 
 
 def run_scenario(rank: int, sc: Scenario, init_method: str, rounds: int, warmup: int,
-                 timeout_s: float, fresh: bool) -> dict:
+                 timeout_s: float, fresh: bool, caller: str = "wait") -> dict:
     dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=sc.world,
                             timeout=datetime.timedelta(seconds=timeout_s))
     faulthandler.dump_traceback_later(timeout_s, exit=True)  # a hang shows its stacks
@@ -271,7 +302,7 @@ def run_scenario(rank: int, sc: Scenario, init_method: str, rounds: int, warmup:
         ctx = disagg.init(_config(sc, rank))  # reuses the world above, leaves it to us
         me = None
         try:
-            me = _Rank(ctx, sc, rank, fresh)
+            me = _Rank(ctx, sc, rank, fresh, caller)
             out = _memory(me) if sc.is_memory else _timed(me, rounds, warmup)
             dist.barrier(group=me.side)
             return out
@@ -298,7 +329,7 @@ def _exit_with_parent() -> None:
 
 
 def rank_main(rank: int, scenarios: list[Scenario], rounds: int, warmup: int, tmpdir: str,
-              timeout_s: float, fresh: bool = False) -> None:
+              timeout_s: float, fresh: bool = False, caller: str = "wait") -> None:
     """torch.multiprocessing entry: every scenario this rank takes part in; results
     to `tmpdir/rank{rank}.json` (None for scenarios with fewer ranks)."""
     os.environ["OMP_NUM_THREADS"] = "1"
@@ -307,6 +338,6 @@ def rank_main(rank: int, scenarios: list[Scenario], rounds: int, warmup: int, tm
     out = []
     for i, sc in enumerate(scenarios):
         out.append(None if rank >= sc.world else run_scenario(
-            rank, sc, f"file://{tmpdir}/world-{i}", rounds, warmup, timeout_s, fresh))
+            rank, sc, f"file://{tmpdir}/world-{i}", rounds, warmup, timeout_s, fresh, caller))
     with open(os.path.join(tmpdir, f"rank{rank}.json"), "w") as f:
         json.dump(out, f)

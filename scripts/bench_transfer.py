@@ -71,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fresh-destinations", action="store_true",
                    help="raw and zmq land each room in newly allocated tensors, as disagg "
                         "does, instead of preallocated touched ones")
+    p.add_argument("--caller", choices=("wait", "spin", "serving"), default="wait",
+                   help="how disagg's callers wait for a room: blocked in wait(), spinning "
+                        "on poll(), or a serving loop with 2 ms of Python between polls "
+                        "(the baselines always block)")
     p.add_argument("--timeout", type=float, default=300.0,
                    help="seconds one scenario may take before its ranks dump stacks and exit")
     p.add_argument("--list", action="store_true", help="list the scenarios and exit")
@@ -106,7 +110,7 @@ def _spawn(scs: list[Scenario], args: argparse.Namespace,
     nprocs = max(sc.world for sc in scs)
     pctx = mp.start_processes(rank_main, nprocs=nprocs, join=False, start_method="spawn",
                               args=(scs, args.rounds, args.warmup, tmpdir, args.timeout,
-                                    args.fresh_destinations))
+                                    args.fresh_destinations, args.caller))
     budget = args.timeout * len(scs) + 60
     deadline = time.monotonic() + budget
     try:
@@ -141,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     t0 = time.monotonic()
     print(f"{len(scs)} scenario(s) in {', '.join(args.groups)}; {args.rounds} rounds "
-          f"(+{args.warmup} warm-up) of each kind, interleaved", flush=True)
+          f"(+{args.warmup} warm-up) of each kind, interleaved; disagg's callers: "
+          f"{args.caller}", flush=True)
     with tempfile.TemporaryDirectory(prefix="disagg-bench-") as tmpdir:
         try:
             per_rank = _spawn(scs, args, tmpdir)
@@ -151,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     records = [summarise(sc, [r[i] for r in per_rank]) for i, sc in enumerate(scs)]
     for rec in records:
         rec["baseline_destinations"] = "fresh" if args.fresh_destinations else "preallocated"
+        rec["caller"] = args.caller
     print_table(records)
     print(f"total {time.monotonic() - t0:.1f}s")
     if args.json:

@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench_transfer.py"
 FLAGS = ("--scenarios", "--quick", "--rounds", "--warmup", "--json", "--plot", "--timeout",
          "--fresh-destinations", "--list", "--help")
@@ -96,3 +98,16 @@ def test_plot_without_matplotlib_is_a_clear_error(monkeypatch, capsys) -> None:
     else:
         raise AssertionError("--plot without matplotlib was accepted")
     assert "pip install" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("caller", ["spin", "serving"])
+def test_callers_that_spin_or_serve_complete_and_are_recorded(tmp_path: Path, caller: str) -> None:
+    """Issue 15's caller modes: disagg's callers spin on poll() or run a serving
+    loop (2 ms of Python between polls) instead of blocking in wait()."""
+    out = tmp_path / "bench.json"
+    p = _run("--quick", "--scenarios", "latency-64tok", "--rounds", "1", "--caller", caller,
+             "--json", str(out), timeout=120)
+    assert p.returncode == 0, p.stdout + p.stderr
+    [rec] = json.loads(out.read_text())
+    assert rec["caller"] == caller and rec["failures"] == 0 and rec["disagg"]["gbps"] > 0
+    assert f"disagg's callers: {caller}" in p.stdout
