@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping
 
 import torch
@@ -17,6 +18,14 @@ from .geometry import Geometry
 from .liveness import Liveness
 from .stats import Stats
 from .topology import Topology
+
+# A caller that spins on a status holds the GIL, and each engine thread that
+# needs it waits up to CPython's switch interval (5 ms) per hand-off. A status
+# call that finds nothing final waits this long for a change instead (at most
+# once per window per thread, so a sweep over many rooms pays it once), giving
+# the engine's threads the GIL without changing any interpreter setting.
+PAUSE_S = 200e-6
+PAUSE_WINDOW_S = 200e-6
 
 
 class EngineShell:
@@ -39,6 +48,7 @@ class EngineShell:
         self.cond = threading.Condition(self._lock)
         self._warn = RateLimitedLog(logger)
         self._closing = False
+        self._paused = threading.local()  # per caller thread: when it last paused
 
     def holds_lock(self) -> bool:
         """Whether the calling thread holds the engine lock (tests check that no
@@ -48,6 +58,17 @@ class EngineShell:
     @property
     def closed(self) -> bool:
         return self._closing
+
+    def pause_for_progress(self) -> None:
+        """Called by a status call that found nothing final: wait up to PAUSE_S
+        for any room's change (notified), at most once per PAUSE_WINDOW_S per
+        thread, so the engine's threads get the GIL from a spinning caller."""
+        now = time.perf_counter()
+        if now - getattr(self._paused, "at", 0.0) < PAUSE_WINDOW_S:
+            return
+        with self.cond:
+            self.cond.wait(PAUSE_S)
+        self._paused.at = time.perf_counter()
 
     def health_report(self, rooms_live: Mapping[int, int],
                       lost: Mapping[int, str]) -> dict[int, dict[str, object]]:
