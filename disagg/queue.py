@@ -51,7 +51,8 @@ class RoomQueue:
         # a callable: the context's, which lets go of the group at shutdown
         self._group_of = group if callable(group) else (lambda: group)
         self._window = window
-        self._entries: list[_Entry] = []
+        self._entries: list[_Entry] = []  # in the order added: the lockstep order
+        self._by_room: dict[int, _Entry] = {}
         # header, then per room of the window: its status, the lowest rank it FAILED
         # on, and the tokens landed (MIN: what every rank holds)
         self._buf = torch.empty(_HEADER + 3 * window, dtype=torch.int64)
@@ -63,7 +64,9 @@ class RoomQueue:
         """Queue a room from Embedding rank `src_rank` (same rooms, same order,
         on every TP rank of the instance); `seq_len` as for `Receiver.init`."""
         check_tokens("add", seq_len, name="seq_len")
-        self._entries.append(_Entry(self._engine.receiver(room, src_rank), seq_len=seq_len))
+        e = _Entry(self._engine.receiver(room, src_rank), seq_len=seq_len)
+        self._entries.append(e)
+        self._by_room[room] = e
 
     def ready_tokens(self, room: int) -> int:
         """Tokens of `room` every TP rank of the instance holds, as agreed at the
@@ -78,9 +81,9 @@ class RoomQueue:
         return e.receiver.prefix(e.ready)
 
     def _entry(self, room: int) -> _Entry:
-        for e in self._entries:
-            if e.receiver.room == room:
-                return e
+        e = self._by_room.get(room)
+        if e is not None:
+            return e
         raise ValueError(f"room {room} is not in this queue (returned by step(), or never "
                          f"added)")
 
@@ -124,6 +127,8 @@ class RoomQueue:
                 continue
             finished.add(i)
         if finished:
+            for i in finished:
+                del self._by_room[window[i].receiver.room]
             self._entries = [e for i, e in enumerate(self._entries) if i not in finished]
         return done, failed
 

@@ -6,6 +6,8 @@ bytes."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from .geometry import PACKED_IDS, Geometry
@@ -22,15 +24,17 @@ def make_outputs(geometry: Geometry, seq_len: int,
 
 def to_result(geometry: Geometry, outputs: dict[str, torch.Tensor],
               aux: tuple[int, ...]) -> EmbeddingResult:
-    packed = outputs.get(PACKED_IDS)  # [seq, 4]: fill_ids, then the 3 positions
+    """The whole room: the outputs themselves, but `fill_ids` and
+    `mrope_positions` split out of the packed ids into tensors of their own."""
+    seq = outputs["embeddings"].shape[0]
+    views = prefix_views(geometry, outputs, seq, aux, outputs["embeddings"].device)
+    if PACKED_IDS not in outputs:
+        return views
     # clone, not contiguous(): a 1-token column counts as contiguous with stride 4
     own = torch.contiguous_format
-    return EmbeddingResult(
-        embeddings=outputs["embeddings"],
-        fill_ids=(outputs["fill_ids"] if packed is None
-                  else packed[:, 0].clone(memory_format=own)),
-        mrope_positions=None if packed is None else packed[:, 1:].t().clone(memory_format=own),
-        aux=aux, extra={n: outputs[n] for n in geometry.extra_names})
+    assert views.mrope_positions is not None
+    return dataclasses.replace(views, fill_ids=views.fill_ids.clone(memory_format=own),
+                               mrope_positions=views.mrope_positions.clone(memory_format=own))
 
 
 def prefix_views(geometry: Geometry, outputs: dict[str, torch.Tensor] | None, num_tokens: int,

@@ -9,15 +9,19 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
+from typing import Protocol
 
 import torch
 
 from .config import DisaggConfig
 from .control import ControlPort, RateLimitedLog
+from .errors import DisaggError
 from .geometry import Geometry
 from .liveness import Liveness
 from .stats import Stats
 from .topology import Topology
+from .types import TERMINAL, TransferStatus
+from .wire import ControlMessage
 
 # A caller that spins on a status holds the GIL, and each engine thread that
 # needs it waits up to CPython's switch interval (5 ms) per hand-off. A status
@@ -26,6 +30,10 @@ from .topology import Topology
 # the engine's threads the GIL without changing any interpreter setting.
 PAUSE_S = 200e-6
 PAUSE_WINDOW_S = 200e-6
+
+
+class _HasStatus(Protocol):
+    status: TransferStatus
 
 
 class EngineShell:
@@ -59,6 +67,12 @@ class EngineShell:
     def closed(self) -> bool:
         return self._closing
 
+    def poll(self, room: _HasStatus) -> TransferStatus:
+        """A room's status for `poll()`: when not final yet, after the pause below."""
+        if room.status not in TERMINAL:
+            self.pause_for_progress()
+        return room.status
+
     def pause_for_progress(self) -> None:
         """Called by a status call that found nothing final: wait up to PAUSE_S
         for any room's change (notified), at most once per PAUSE_WINDOW_S per
@@ -69,6 +83,19 @@ class EngineShell:
         with self.cond:
             self.cond.wait(PAUSE_S)
         self._paused.at = time.perf_counter()
+
+    def _post(self, peer: int, msg: ControlMessage) -> str | None:
+        """Send a control message, never raising: why it could not be sent (a
+        full outbox or peer queue, no channel), or None. Logged, rate-limited."""
+        if self.control is None:
+            return "no control channel"
+        try:
+            self.control.post(peer, msg)
+        except DisaggError as e:
+            self._warn.warning("post", "rank %d: control message to rank %d not sent: %s",
+                               self.rank, peer, e)
+            return f"control message to rank {peer} not sent: {e}"
+        return None
 
     def health_report(self, rooms_live: Mapping[int, int],
                       lost: Mapping[int, str]) -> dict[int, dict[str, object]]:

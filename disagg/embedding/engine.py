@@ -6,7 +6,7 @@ channel, the budget back to its allocator, statuses to the caller.
 Threads that call in: the caller (`sender`, `send`, `abort`), the control
 thread (`on_message`, `on_bad_message`, `on_tick`) and each pair's send thread
 (frame completions). Every frame scheduled under the lock is posted right after
-the lock is released, by the thread that scheduled it (`_flush`).
+the lock is released, by the thread that scheduled it (`flush`).
 """
 
 from __future__ import annotations
@@ -30,21 +30,11 @@ from ..topology import Topology
 from ..transport import PairTransport
 from ..types import TransferStatus, check_room_id
 from ..wire import Abort, Alloc, ControlMessage, Heartbeat, PairDown, Reject, Resume
+from .actions import Action, Count, CountFailure, End, SendAbortFrame, SendData, SendReject
 from .admission import Admission
 from .lobby import Lobby, Refusal
-from .machine import (
-    Action,
-    Count,
-    CountFailure,
-    End,
-    Lane,
-    SendAbortFrame,
-    SendData,
-    SendMachine,
-    SendReject,
-    SendRoom,
-    set_status,
-)
+from .machine import SendMachine
+from .room import Lane, SendRoom, set_status
 from .sender import Sender
 from .stream import Frame, SendStreams, abort_frame, data_frame
 
@@ -103,8 +93,8 @@ class EmbeddingEngine(EngineShell):
             if msg.bye:
                 with self._lock:
                     self._pair_lost(peer, PeerLost("it shut down", peer=peer), clean=True)
-            elif self.control is not None and not self._closing:
-                self.control.post(peer, Heartbeat(self.rank))
+            elif not self._closing:
+                self._post(peer, Heartbeat(self.rank))
             return
         if isinstance(msg, PairDown):
             with self._lock:
@@ -215,11 +205,8 @@ class EmbeddingEngine(EngineShell):
         self.execute(self.admission.refusals(refusals))
 
     def _reject(self, lang_rank: int, room: int, reason: str) -> None:
-        if self.control is not None and not self._closing:
-            try:
-                self.control.post(lang_rank, Reject(room, -1, reason))
-            except DisaggError as e:
-                self._warn.warning("reject", "could not send REJECT for room %d: %s", room, e)
+        if not self._closing:
+            self._post(lang_rank, Reject(room, -1, reason))
 
     def _pair_lost(self, lang: int, err: BaseException, *, clean: bool = False,
                    told: bool = False) -> None:
@@ -232,12 +219,8 @@ class EmbeddingEngine(EngineShell):
         if not self._closing:
             log.log(logging.INFO if clean else logging.WARNING,
                     "embedding rank %d: language rank %d is down: %s", self.rank, lang, err)
-            if not clean and not told and self.control is not None:
-                try:
-                    self.control.post(lang, PairDown(self.rank, str(err)))
-                except DisaggError as e:
-                    self._warn.warning("pair_down", "could not tell language rank %d: %s",
-                                       lang, e)
+            if not clean and not told:
+                self._post(lang, PairDown(self.rank, str(err)))
         why = f"embedding rank {self.rank}: language rank {lang} is down: {err}"
         for r in list(self._rooms.values()):
             self.execute(self.machine.peer_lost(r, lang, why))
@@ -255,17 +238,19 @@ class EmbeddingEngine(EngineShell):
         """Per Language rank: see `EngineShell.health_report`; its live rooms are
         those it asked for and has not received whole."""
         with self._lock:
-            live = collections.Counter(lang for r in self._rooms.values()
-                                       for lang, p in r.lanes.items() if not p.done)
-            return self.health_report(live, dict(self.liveness.dead))
+            return self.health_report(self._rooms_by_peer(), dict(self.liveness.dead))
+
+    def _rooms_by_peer(self) -> collections.Counter[int]:
+        """Live rooms per Language rank that asked for them and has not received
+        them whole (-1: rooms no rank asked for yet). Lock held."""
+        counts: collections.Counter[int] = collections.Counter()
+        for r in self._rooms.values():
+            counts.update([lang for lang, p in r.lanes.items() if not p.done] or [-1])
+        return counts
 
     def _live_by_peer(self) -> dict[str, object]:
-        """Live rooms per Language rank that asked for them (-1: none asked yet)."""
         with self._lock:
-            counts: collections.Counter[int] = collections.Counter()
-            for r in self._rooms.values():
-                counts.update([lang for lang, p in r.lanes.items() if not p.done] or [-1])
-        return {"rooms_live_by_peer": dict(counts)}
+            return {"rooms_live_by_peer": dict(self._rooms_by_peer())}
 
     # ------------------------------------------------------------ shutdown
 
@@ -277,9 +262,8 @@ class EmbeddingEngine(EngineShell):
             self._refuse(self.lobby.drop(lambda room, lang, g: True, "shut down"))
             self._closing = True
         self._streams.stop(timeout_s)
-        if self.control is not None:  # after the last frames: a clean goodbye
-            for lang in self.topology.language_ranks:
-                self.control.post(lang, Heartbeat(self.rank, bye=True))
+        for lang in self.topology.language_ranks:  # after the last frames: a clean goodbye
+            self._post(lang, Heartbeat(self.rank, bye=True))
 
 
 def _ignore(err: BaseException | None) -> None:

@@ -119,11 +119,7 @@ class Sender:
         """The room's status. A room not yet ended may take up to 0.2 ms to say
         so (at most once per 0.2 ms per thread): a caller spinning on poll()
         thus lets the library's threads run."""
-        st = self._r.status
-        if st not in TERMINAL:
-            self._engine.pause_for_progress()
-            st = self._r.status
-        return st
+        return self._engine.poll(self._r)
 
     def wait(self, timeout_s: float | None = None) -> TransferStatus:
         """Block until SUCCESS or FAILED, or `timeout_s` (default: bootstrap_timeout

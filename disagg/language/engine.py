@@ -31,22 +31,11 @@ from ..transport import PairTransport
 from ..types import TransferStatus, check_room_id
 from ..wire import Alloc, ControlMessage, Heartbeat, PairDown, Reject, Resume
 from . import timing
+from .actions import Action, AskResume, CountFailure, Disown, Owe, Post, Publish, Release, Untrack
 from .credit import Credits
-from .machine import (
-    Action,
-    AskResume,
-    CountFailure,
-    Disown,
-    Owe,
-    Post,
-    Publish,
-    RecvMachine,
-    RecvRoom,
-    Release,
-    Untrack,
-    set_status,
-)
+from .machine import RecvMachine
 from .receiver import Receiver
+from .room import RecvRoom, set_status
 from .stream import PairReceiver
 
 log = logging.getLogger(__name__)
@@ -117,19 +106,17 @@ class LanguageEngine(EngineShell):
         """The stream from `pair.src` is unusable: no recv is posted on it again,
         its rooms fail (`RecvMachine.peer_lost`), and (`tell`) the Embedding rank
         is told why, so it tears the pair down too."""
+        why = f"stream from embedding rank {pair.src} lost: {err}"
         with self._lock:
             if pair.dead is None:
                 pair.dead = str(err)
                 if not self._closing and not clean:
-                    log.error("language rank %d: stream from embedding rank %d lost: %s",
-                              self.rank, pair.src, err)
+                    log.error("language rank %d: %s", self.rank, why)
                     if tell:
-                        self._post(pair.src, PairDown(self.rank, f"stream from embedding rank "
-                                                                 f"{pair.src} lost: {err}"))
+                        self._post(pair.src, PairDown(self.rank, why))
             pair.owed = 0
             pair.cv.notify_all()
-            self._fail_rooms_from(pair.src, f"stream from embedding rank {pair.src} lost: "
-                                            f"{err}", release_landing=from_thread)
+            self._fail_rooms_from(pair.src, why, release_landing=from_thread)
 
     def _fail_rooms_from(self, src: int, why: str, *, release_landing: bool) -> None:
         for r in list(self.rooms.values()):
@@ -227,24 +214,12 @@ class LanguageEngine(EngineShell):
             p = self._pairs[src] = PairReceiver(self, src, self._transports[src], self.cond)
         return p
 
-    def _post(self, src: int, msg: ControlMessage) -> str | None:
-        """Send a control message; why it could not be sent, or None."""
-        if self.control is None:
-            return "no control channel"
-        try:
-            self.control.post(src, msg)
-        except DisaggError as e:
-            self._warn.warning("post", "language rank %d: control message to embedding "
-                               "rank %d not sent: %s", self.rank, src, e)
-            return f"control message to embedding rank {src} not sent: {e}"
-        return None
-
     def health(self) -> dict[int, dict[str, object]]:
         """Per Embedding rank: see `EngineShell.health_report`. After shutdown, a
         receiver thread still blocked in a recv that cannot be cancelled (a
         frozen peer) is reported; it ends at the pair's transport timeout."""
         with self._lock:
-            live = collections.Counter(r.src_rank for r in self.rooms.values())
+            live = self._rooms_by_peer()
             lost = {e: why for e in self.topology.embedding_ranks
                     if (why := self.liveness.dead.get(e)
                         or getattr(self._pairs.get(e), "dead", None)) is not None}
@@ -255,10 +230,13 @@ class LanguageEngine(EngineShell):
                                           "timeout (a daemon thread)")
             return out
 
+    def _rooms_by_peer(self) -> collections.Counter[int]:
+        """Live rooms per Embedding rank (lock held)."""
+        return collections.Counter(r.src_rank for r in self.rooms.values())
+
     def _live_by_peer(self) -> dict[str, object]:
         with self._lock:
-            counts = collections.Counter(r.src_rank for r in self.rooms.values())
-        return {"rooms_live_by_peer": dict(counts)}
+            return {"rooms_live_by_peer": dict(self._rooms_by_peer())}
 
     # ------------------------------------------------------------ shutdown
 

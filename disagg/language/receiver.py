@@ -74,11 +74,7 @@ class Receiver:
         """This rank's status of the room. A room not yet ended may take up to
         0.2 ms to say so (at most once per 0.2 ms per thread): a caller spinning
         on poll() thus lets the library's threads run."""
-        st = self._r.status
-        if st not in TERMINAL:
-            self._engine.pause_for_progress()
-            st = self._r.status
-        return st
+        return self._engine.poll(self._r)
 
     @property
     def needs_resume(self) -> bool:

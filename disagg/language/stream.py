@@ -14,6 +14,7 @@ is owed, so the next frame is never waiting for a late post.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -149,18 +150,19 @@ class PairReceiver:
 
     # -------------------------------------------------------- what a frame means (locked)
 
-    def _owed_room(self, meta: Meta) -> RecvRoom:
+    def _owed_room(self, meta: Meta) -> tuple[RecvRoom, Credit]:
+        """The room a frame answers, and the allocation it answers."""
         if self.dead is not None:  # declared dead meanwhile: read nothing more from it
             raise StreamBroken(f"stream from embedding rank {self.src} already torn down")
         r = self.engine.rooms.get(meta.room)
-        self.engine.machine.owed(r, self.src, meta)
+        credit = self.engine.machine.owed(r, self.src, meta)
         assert r is not None
-        return r
+        return r, credit
 
     def _abort_arrived(self, meta: Meta, reason: str) -> None:
         e = self.engine
         with self.cv:
-            r = self._owed_room(meta)
+            r, _ = self._owed_room(meta)
             self.owed -= 1
             e.execute(r, e.machine.abort_frame(r, reason, self.src))
 
@@ -169,9 +171,7 @@ class PairReceiver:
         changes, so the room still holds its blocks), then say where it lands."""
         e = self.engine
         with self.cv:
-            r = self._owed_room(meta)
-            a = r.outstanding
-            assert a is not None
+            r, a = self._owed_room(meta)
             chunk = e.machine.check_meta(r, a, meta)
             self.owed -= 1
             now = r.last_progress = e.clock()
@@ -180,8 +180,8 @@ class PairReceiver:
                 try:
                     r.outputs = make_outputs(e.geometry, meta.seq_len, e.device)
                 except (RuntimeError, MemoryError) as err:
-                    chunk = Chunk(chunk.num_tokens, chunk.token_offset, chunk.last,
-                                  f"language rank {e.rank}: cannot allocate output: {err}")
+                    chunk = dataclasses.replace(
+                        chunk, corrupt=f"language rank {e.rank}: cannot allocate output: {err}")
             timing.chunk_arrived(e.stats, e.credits, r, meta.seq_len, now)
             plan, dsts = destinations(e.geometry, e.pool, r, a, chunk.num_tokens,
                                       chunk.token_offset, e.device)
@@ -202,9 +202,9 @@ class PairReceiver:
             if landing.aux is not None:
                 values = tuple(landing.aux.tolist())
                 if values[:len(r.aux)] != r.aux and chunk.corrupt is None:
-                    chunk = Chunk(chunk.num_tokens, chunk.token_offset, chunk.last,
-                                  f"language rank {e.rank}: room {r.room}'s aux values "
-                                  f"disagree with its meta frame")
+                    chunk = dataclasses.replace(
+                        chunk, corrupt=f"language rank {e.rank}: room {r.room}'s aux values "
+                                       f"disagree with its meta frame")
                 r.aux = values
             e.execute(r, e.machine.landed(r, chunk, self.dead, e.clock()))
             self.cv.notify_all()
