@@ -526,24 +526,34 @@ def sc_ready_tokens_agreed(env: Env) -> dict[str, Any]:
     data = make_data(env.cfg, sp.room, sp.seq)
     q = env.ctx.language.queue()
     q.add(sp.room, src_rank=0)
-    ready: list[int] = []
     bad: list[str] = []
-    dl = Deadline(WAIT_S, "the room through the queue")
-    while True:
-        done, failed = q.step()
-        if done or failed:
-            break
-        n = q.ready_tokens(sp.room)
-        ready.append(n)
+
+    def check_prefix(n: int) -> None:
         p = q.prefix(sp.room)
         if not (p.embeddings.shape[0] == n
                 and torch.equal(p.embeddings.view(torch.int16),
                                 data["embeddings"][:n].view(torch.int16))
                 and torch.equal(p.fill_ids, data["fill_ids"][:n])):
-            bad.append(f"step {len(ready)}: prefix of {n} tokens differs")
+            bad.append(f"prefix of {n} tokens differs")
+
+    ready, done, failed = step_until_returned(q, sp.room, check_prefix)
+    return {"ready": ready, "bad": bad, "done": [r for r, _ in done], "failed": failed}
+
+
+def step_until_returned(q: Any, room: int, each: Callable[[int], None] = lambda n: None
+                        ) -> tuple[list[int], list[Any], list[Any]]:
+    """Step a one-room queue until it returns the room; the agreed ready_tokens at
+    every step before (each also given to `each`), then step()'s lists."""
+    ready: list[int] = []
+    dl = Deadline(WAIT_S, f"room {room} through the queue")
+    while True:
+        done, failed = q.step()
+        if done or failed:
+            return ready, done, failed
+        ready.append(q.ready_tokens(room))
+        each(ready[-1])
         dl.check(lambda: f"ready {ready[-5:]}")
         time.sleep(POLL_S)
-    return {"ready": ready, "bad": bad, "done": [r for r, _ in done], "failed": failed}
 
 
 def sc_progressive_parts(env: Env) -> dict[str, Any]:
@@ -569,15 +579,7 @@ def sc_progressive_parts(env: Env) -> dict[str, Any]:
     q = env.ctx.language.queue()
     q.add(sp.room, src_rank=0, seq_len=seq)
     env.sync("queued")
-    ready: list[int] = []
-    dl = Deadline(WAIT_S, "the progressive room")
-    while True:
-        done, failed = q.step()
-        if done or failed:
-            break
-        ready.append(q.ready_tokens(sp.room))
-        dl.check(lambda: f"ready {ready[-5:]}")
-        time.sleep(POLL_S)
+    ready, done, failed = step_until_returned(q, sp.room)
     bad = mismatches(done[0][1], data, sp.aux, sp.room, seq) if done else ["not done"]
     return {"ready": ready, "bad": bad, "failed": failed}
 

@@ -130,15 +130,25 @@ def test_misuse_is_a_value_error_and_the_room_untouched() -> None:
         w.settle_whole()
 
 
+def first_part_landed(w: World, room: int, seq: int = 100,
+                      first: int = 30) -> tuple[RoomData, Any, Any]:
+    """A room of `seq` tokens whose first part (`first` tokens) was given and has
+    landed; the rest not given yet. (data, sender, receiver)."""
+    d = room_data(w.cfg, room, seq)
+    r = w.lang().receiver(room, src_rank=EMB)
+    assert r.init()
+    if not w.control.auto:
+        w.deliver_all()
+    s = w.emb().sender(room)
+    give(s, d, 0, first, seq_len=seq)
+    w.run_until(lambda: r.progress[0] == first, "the first part landed")
+    return d, s, r
+
+
 @pytest.mark.parametrize("side", ["embedding", "language"])
 def test_abort_between_parts(side: str) -> None:
     with World(cfg(), auto_control=True) as w:
-        d = room_data(w.cfg, 4, 100)
-        r = w.lang().receiver(4, src_rank=EMB)
-        assert r.init()
-        s = w.emb().sender(4)
-        give(s, d, 0, 30, seq_len=100)
-        w.run_until(lambda: r.progress[0] == 30, "the first part landed")
+        d, s, r = first_part_landed(w, 4)
         (s if side == "embedding" else r).abort("the request was cancelled")
         assert w.ended(s, "the sender") is FAILED and w.ended(r, "the receiver") is FAILED
         assert give(s, d, 30, 60) is FAILED  # a part after the abort: nothing taken
@@ -168,13 +178,7 @@ def test_peer_death_between_parts(dead: str) -> None:
     """A rank dies (its links break, its messages stop) after the first part:
     the survivor's room fails naming the peer, and its pool is whole."""
     with World(cfg()) as w:
-        d = room_data(w.cfg, 6, 100)
-        r = w.lang().receiver(6, src_rank=EMB)
-        assert r.init()
-        w.deliver_all()
-        s = w.emb().sender(6)
-        give(s, d, 0, 40, seq_len=100)
-        w.run_until(lambda: r.progress[0] == 40, "the first part landed")
+        d, s, r = first_part_landed(w, 6, first=40)
         lang = w.topology.language_ranks[0]
         w.kill(EMB if dead == "embedding" else lang)
         survivor = r if dead == "embedding" else s
@@ -194,12 +198,7 @@ def test_peer_death_between_parts(dead: str) -> None:
 
 def test_shutdown_with_a_half_given_room() -> None:
     with World(cfg(), auto_control=True) as w:
-        d = room_data(w.cfg, 7, 100)
-        r = w.lang().receiver(7, src_rank=EMB)
-        assert r.init()
-        s = w.emb().sender(7)
-        give(s, d, 0, 30, seq_len=100)
-        w.run_until(lambda: r.progress[0] == 30, "the first part landed")
+        _, s, r = first_part_landed(w, 7)
         w.emb().close(5.0)
         assert w.ended(s, "the sender") is FAILED and "shut down" in (s.failure or "")
         assert w.ended(r, "the receiver") is FAILED
