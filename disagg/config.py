@@ -35,6 +35,7 @@ DTYPES: dict[str, torch.dtype] = {
 RESERVED_BUFFERS = ("embeddings", "fill_ids", "mrope_positions")
 RECV_INTO = ("output", "pool")
 BACKENDS = (None, "gloo", "nccl")
+FANOUTS = ("copy", "scatter")
 
 
 def _bad(field_name: str, value: Any, why: str) -> ValueError:
@@ -90,6 +91,16 @@ class DisaggConfig:
     goes straight into the result, its blocks being credit that bounds what is
     in flight."""
 
+    fanout: Literal["copy", "scatter"] = "copy"
+    """How a TP instance's Language ranks get a room. "copy": each receives the
+    whole room from the Embedding rank (T copies of every byte leave it).
+    "scatter": rank i of a TP-T instance receives only its token slice
+    [i*c, min((i+1)*c, seq_len)) with c = ceil(seq_len / T), and `queue().step()`
+    all-gathers the slices over the instance's own group (NCCL on GPU, so
+    NVLink; Gloo on CPU): every byte leaves the Embedding rank once. Needs
+    `queue()` on Language ranks; every rank of an instance must use the same
+    value (checked at init); instances may differ."""
+
     backend: Literal["gloo", "nccl"] | None = None
     """None: NCCL when every rank has its own GPU, else Gloo."""
 
@@ -130,6 +141,8 @@ class DisaggConfig:
                 raise _bad(name, getattr(self, name), "must be a bool")
         if self.recv_into not in RECV_INTO:
             raise _bad("recv_into", self.recv_into, f"must be one of {RECV_INTO}")
+        if self.fanout not in FANOUTS:
+            raise _bad("fanout", self.fanout, f"must be one of {FANOUTS}")
         if self.backend not in BACKENDS:
             raise _bad("backend", self.backend, 'must be None, "gloo" or "nccl"')
         if self.host is not None and (not isinstance(self.host, str) or not self.host

@@ -162,7 +162,7 @@ class Context:
                                                        topo.language_ranks)
         store.set(f"{key}/rank/{self.rank}", json.dumps(
             {"geometry": self.geometry.to_dict(), "address": self.control_address,
-             "backend": self.backend}))
+             "backend": self.backend, "fanout": self.cfg.fanout}))
         peers = {r: json.loads(_get(store, f"{key}/rank/{r}")) for r in range(self.world_size)}
         self._check_peers(peers)
         # Groups: the same calls in the same order on every rank.
@@ -178,13 +178,23 @@ class Context:
                 if self.rank in (e, lang):
                     pair_groups[(e, lang)] = g
                     self._groups.append(g)
-        instance_group = None
+        instance_group = gather_group = None
         for i in range(topo.num_instances):
             g = dist.new_group(topo.instance_ranks(i), backend="gloo",
                                timeout=datetime.timedelta(seconds=self.cfg.peer_timeout))
             if self.instance == i:
-                instance_group = g
+                instance_group = gather_group = g
                 self._groups.append(g)
+        if self.backend == "nccl" and topo.language_tp_size > 1:
+            # fanout="scatter" all-gathers on the device (NVLink). Made for every
+            # instance, whatever its fanout, so every rank makes the same groups;
+            # NCCL creates a communicator only at a group's first collective.
+            for i in range(topo.num_instances):
+                g = dist.new_group(topo.instance_ranks(i), backend="nccl",
+                                   timeout=datetime.timedelta(seconds=self.cfg.peer_timeout))
+                if self.instance == i:
+                    gather_group = g
+                    self._groups.append(g)
         transports: dict[int, PairTransport] = {}
         for (e, lang), g in sorted(pair_groups.items()):  # one global order: no deadlock
             peer = lang if is_embedding else e
@@ -203,7 +213,7 @@ class Context:
             lang_engine = LanguageEngine(self.cfg, self.rank, topo, self.geometry, transports,
                                          self.device, stats, control)
             control.start(lang_engine)
-            self._language = LanguageSide(lang_engine, instance_group)
+            self._language = LanguageSide(lang_engine, instance_group, gather_group)
 
     def _check_peers(self, peers: dict[int, dict[str, object]]) -> None:
         mine = self.geometry
@@ -215,6 +225,15 @@ class Context:
                 raise GeometryMismatch(f"backend differs: rank {self.rank} uses "
                                        f"{self.backend}, rank {r} uses {info['backend']}",
                                        rank=self.rank, peer=r)
+        # every rank checks every instance, so all of them stop here, not some
+        # here and the others in new_group waiting for them
+        for i in range(self.topology.num_instances):
+            ranks = self.topology.instance_ranks(i)
+            fanouts = {r: peers[r]["fanout"] for r in ranks}
+            if len(set(fanouts.values())) > 1:
+                raise GeometryMismatch(f"fanout differs inside language instance {i}: "
+                                       f"{fanouts}; every rank of an instance must use the "
+                                       f"same", rank=self.rank)
 
     @property
     def embedding(self) -> EmbeddingEngine:
@@ -294,22 +313,30 @@ class Context:
 class LanguageSide:
     """`ctx.language`: receivers and the serving-loop queue."""
 
-    def __init__(self, engine: LanguageEngine, instance_group: dist.ProcessGroup | None) -> None:
+    def __init__(self, engine: LanguageEngine, instance_group: dist.ProcessGroup | None,
+                 gather_group: dist.ProcessGroup | None = None) -> None:
         self.engine = engine
         self._instance_group = instance_group
+        self._gather_group = gather_group or instance_group
 
     def receiver(self, room: int, src_rank: int) -> Receiver:
+        if self.engine.scatter:
+            raise DisaggError(
+                "fanout='scatter': each rank receives only its slice of a room, and the "
+                "instance completes it in queue().step()'s lockstep; use ctx.language.queue() "
+                "(or fanout='copy' for bare receivers)", rank=self.engine.rank)
         return self.engine.receiver(room, src_rank)
 
     def queue(self, window: int = MAX_WINDOW) -> RoomQueue:
-        return RoomQueue(self.engine, self.instance_group, window)
+        return RoomQueue(self.engine, self.instance_group, window,
+                         gather_group=lambda: self._gather_group)
 
     def instance_group(self) -> dist.ProcessGroup | None:
         """The instance's Gloo group; None once the context is shut down."""
         return self._instance_group
 
     def release_group(self) -> None:
-        self._instance_group = None
+        self._instance_group = self._gather_group = None
 
     @property
     def pool(self) -> BlockPool:

@@ -80,3 +80,17 @@ def alloc_blocks_for(request: int, block_size: int, remaining: int | None,
     more than the rest of the room needs (when known) nor the whole pool."""
     want = request if remaining is None else min(request, remaining)
     return max(1, min(num_blocks_for(want, block_size), max_blocks))
+
+
+def scatter_slice(seq_len: int, instance_size: int, index: int) -> tuple[int, int]:
+    """Tokens [lo, hi) of a `seq_len`-token room that rank `index` of a TP
+    instance of `instance_size` receives with fanout="scatter": contiguous
+    slices of ceil(seq_len / instance_size) tokens, the last ones shorter or
+    empty (seq_len 1 with TP 4: rank 0 gets the token, ranks 1-3 nothing).
+    Both ends derive it from these three numbers alone, and the all-gather
+    that completes the room reads slices of exactly that stride."""
+    if seq_len < 0 or instance_size < 1 or not 0 <= index < instance_size:
+        raise ValueError(f"seq_len={seq_len}, instance_size={instance_size}, index={index}")
+    stride = -(-seq_len // instance_size)
+    lo = min(index * stride, seq_len)
+    return lo, min(lo + stride, seq_len)

@@ -46,10 +46,14 @@ class _Entry:
 class RoomQueue:
     def __init__(self, engine: LanguageEngine,
                  group: dist.ProcessGroup | Callable[[], dist.ProcessGroup | None] | None,
-                 window: int = MAX_WINDOW) -> None:
+                 window: int = MAX_WINDOW, *,
+                 gather_group: Callable[[], dist.ProcessGroup | None] | None = None) -> None:
         self._engine = engine
         # a callable: the context's, which lets go of the group at shutdown
         self._group_of = group if callable(group) else (lambda: group)
+        # fanout="scatter": the instance's group on the device, for the all-gather
+        # (the Gloo group above on CPU)
+        self._gather_group_of = gather_group or self._group_of
         self._window = window
         self._entries: list[_Entry] = []  # in the order added: the lockstep order
         self._by_room: dict[int, _Entry] = {}
@@ -105,7 +109,8 @@ class RoomQueue:
                 admit = False
         window = self._entries[:self._window]
         statuses = [int(e.receiver.poll()) for e in window]
-        landed = [e.receiver.progress[0] for e in window]  # read after the statuses
+        # read after the statuses; a scatter slice is no prefix until gathered
+        landed = [0 if self._engine.scatter else e.receiver.progress[0] for e in window]
         agreed, failed_on, ready = self._agree(window, statuses, landed)
         for e, n in zip(window, ready, strict=True):
             e.ready = max(e.ready, n)
@@ -115,6 +120,8 @@ class RoomQueue:
         for i, e in enumerate(window):
             s = agreed[i]
             if s == TransferStatus.SUCCESS:
+                if self._engine.scatter:
+                    self._gather(e.receiver)
                 done.append((e.receiver.room, e.receiver.result()))
             elif s == TransferStatus.FAILED:
                 reason = e.receiver.failure
@@ -131,6 +138,20 @@ class RoomQueue:
                 del self._by_room[window[i].receiver.room]
             self._entries = [e for i, e in enumerate(self._entries) if i not in finished]
         return done, failed
+
+    def _gather(self, receiver: Receiver) -> None:
+        """fanout="scatter": every rank holds its slice (agreed this step); make
+        the whole room on every rank, in the queue's order on every rank."""
+        eng = self._engine
+        group = self._gather_group_of() if eng.instance_size > 1 else None
+        if group is None and eng.instance_size > 1:
+            raise DisaggError("context is shut down: no group to gather on", rank=eng.rank)
+        try:
+            receiver.gather(group)
+        except RuntimeError as err:  # the group's timeout is peer_timeout
+            raise LockstepError(
+                f"language rank {eng.rank}: all-gather of room {receiver.room} failed (a TP "
+                f"rank died, or stepped differently): {str(err)[:200]}") from err
 
     def _agree(self, window: list[_Entry], statuses: list[int],
                landed: list[int]) -> tuple[list[int], list[int], list[int]]:

@@ -15,18 +15,18 @@ from .pages import empty_result
 from .types import EmbeddingResult
 
 
-def make_outputs(geometry: Geometry, seq_len: int,
+def make_outputs(geometry: Geometry, rows: int,
                  device: torch.device) -> dict[str, torch.Tensor]:
-    """One [seq_len, *per_token] tensor per wire buffer, where chunks land."""
-    return {b.name: empty_result((seq_len, *b.per_token_shape), b.dtype, device)
+    """One [rows, *per_token] tensor per wire buffer, where chunks land."""
+    return {b.name: empty_result((rows, *b.per_token_shape), b.dtype, device)
             for b in geometry.wire_buffers}
 
 
 def to_result(geometry: Geometry, outputs: dict[str, torch.Tensor],
-              aux: tuple[int, ...]) -> EmbeddingResult:
-    """The whole room: the outputs themselves, but `fill_ids` and
+              aux: tuple[int, ...], seq: int) -> EmbeddingResult:
+    """The whole room, its first `seq` rows of the outputs (with
+    fanout="scatter" the outputs have padding rows after), but `fill_ids` and
     `mrope_positions` split out of the packed ids into tensors of their own."""
-    seq = outputs["embeddings"].shape[0]
     views = prefix_views(geometry, outputs, seq, aux, outputs["embeddings"].device)
     if PACKED_IDS not in outputs:
         return views

@@ -47,6 +47,7 @@ class MsgKind(enum.IntEnum):
 
 FLAG_DIRECT = 1  # the plan is one contiguous run into the room's output; blocks are credit
 FLAG_BYE = 2  # HEARTBEAT: the sender is shutting down cleanly
+FLAG_SCATTER = 4  # ALLOC: fanout="scatter", send this rank only its token slice (plan.scatter_slice)
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,7 @@ class Alloc:
     allocated_tokens: int
     direct: bool = False
     seq_len: int = 0
+    scatter: bool = False  # this rank wants only its slice of the room (fanout="scatter")
 
 
 @dataclass(frozen=True)
@@ -137,7 +139,9 @@ def encode(msg: ControlMessage) -> bytes:
         is_alloc = isinstance(msg, Alloc)
         head = _HEADER.pack(
             MAGIC, VERSION, MsgKind.ALLOC if is_alloc else MsgKind.RESUME,
-            FLAG_DIRECT if msg.direct else 0, msg.room, msg.lang_rank,
+            (FLAG_DIRECT if msg.direct else 0)
+            | (FLAG_SCATTER if isinstance(msg, Alloc) and msg.scatter else 0),
+            msg.room, msg.lang_rank,
             msg.instance_size if isinstance(msg, Alloc) else 0,
             msg.seq_len if isinstance(msg, Alloc) else msg.sent_tokens,
             msg.allocated_tokens, len(msg.block_ids))
@@ -192,7 +196,7 @@ def decode(data: bytes) -> ControlMessage:
             raise ProtocolError(f"malformed HEARTBEAT (flags 0x{flags:x}, {len(body)} body "
                                 f"bytes)")
         return Heartbeat(lang_rank, bool(flags & FLAG_BYE))
-    if flags & ~FLAG_DIRECT:
+    if flags & ~(FLAG_DIRECT | (FLAG_SCATTER if kind is MsgKind.ALLOC else 0)):
         raise ProtocolError(f"unknown flags 0x{flags:x}")
     if kind in (MsgKind.ALLOC, MsgKind.RESUME):
         if num_items > MAX_BLOCKS_PER_MESSAGE:
@@ -207,7 +211,7 @@ def decode(data: bytes) -> ControlMessage:
             if sent_tokens < 0:
                 raise ProtocolError(f"ALLOC declares seq_len={sent_tokens}", room=room)
             return Alloc(room, lang_rank, instance_size, blocks, allocated_tokens, direct,
-                         sent_tokens)
+                         sent_tokens, bool(flags & FLAG_SCATTER))
         return Resume(room, lang_rank, sent_tokens, blocks, allocated_tokens, direct)
     if num_items > MAX_REASON_BYTES or len(body) != num_items:
         raise ProtocolError(f"{kind.name} reason length {num_items} does not match "

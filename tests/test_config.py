@@ -52,6 +52,7 @@ INVALID: dict[str, list[object]] = {
                       {"deepstack": ((3,), "bfloat16", "extra")},
                       {"deepstack": "bfloat16"}],
     "recv_into": ["", "pool ", "device", None, 1],
+    "fanout": ["broadcast", "", None, 1],
     "backend": ["mpi", "NCCL", "", 1],
     "host": ["", "0.0.0.0", 127, b"127.0.0.1"],
     "bootstrap_timeout": [0, 0.0, -1, float("nan"), "300", None, True],
@@ -72,6 +73,7 @@ VALID: dict[str, list[object]] = {
     "extra_buffers": [{}, {"deepstack": ((3, 3584), "bfloat16")},
                       {"a": ([2], "float32"), "b": ((), "int64")}],
     "recv_into": ["output", "pool"],
+    "fanout": ["copy", "scatter"],
     "backend": [None, "gloo", "nccl"],
     "host": [None, "127.0.0.1", "node-3.cluster", "::1"],
     "bootstrap_timeout": [0.001, 1, 300.0, float("inf")],
@@ -123,7 +125,8 @@ def test_defaults_match_the_design():
         "num_embedding_ranks": 1, "language_tp_size": 1, "hidden_size": 3584,
         "dtype": "bfloat16", "block_size": 128, "num_blocks": 256,
         "default_alloc_tokens": 8192, "auto_resume": True, "mrope": True,
-        "extra_buffers": {}, "recv_into": "output", "backend": None, "host": None,
+        "extra_buffers": {}, "recv_into": "output", "fanout": "copy", "backend": None,
+            "host": None,
         "bootstrap_timeout": 300.0, "peer_timeout": 10.0, "slow_room_s": 10.0,
     }
     assert cfg.torch_dtype is torch.bfloat16
@@ -349,7 +352,7 @@ def test_stats_snapshot_starts_at_zero_with_gauges():
         "pool_total_blocks": 16, "pool_free_blocks": 16, "rooms_live": 0,
         "bytes_sent": 0, "bytes_received": 0, "chunks": 0, "resumes": 0, "failures": 0,
         "auto_alloc_resumes_avoided": 0, "auto_alloc_overallocated_blocks": 0,
-        "failures_by_cause": {}, "latency_s": {},
+        "failures_by_cause": {}, "latency_s": {}, "bytes_per_room": {},
     }
 
 

@@ -56,6 +56,7 @@ from roomdata import make_data, mismatches
 
 import disagg
 from disagg import TransferStatus
+from disagg.plan import scatter_slice
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -106,7 +107,47 @@ TOPOS: dict[str, Topo] = {
                    {0: {"num_blocks": EMB_BUDGET}, 1: {"num_blocks": EMB_BUDGET},
                     2: {"num_blocks": 10}, 3: {"num_blocks": 10}},
                    ("traffic",), 36),
+    # fanout="scatter": each TP rank receives its slice, step() all-gathers
+    "e1_tp2_scatter": Topo(1, 2, 3, {"recv_into": "pool", "fanout": "scatter",
+                                     "peer_timeout": STALL_PEER_TIMEOUT_S},
+                           {0: {"num_blocks": EMB_BUDGET}, 1: {"num_blocks": 64},
+                            2: {"num_blocks": 6}},
+                           ("traffic", "tp_failure_named", "ready_tokens_agreed",
+                            "progressive_parts", "scatter_embedding_abort"), 30),
+    # a scatter instance (ranks 1, 2) and a copy instance (ranks 3, 4) side by side
+    "e1_tp2_mixed": Topo(1, 2, 5, {"recv_into": "output", "extra_buffers": DEEPSTACK},
+                         {0: {"num_blocks": EMB_BUDGET},
+                          1: {"num_blocks": 6, "fanout": "scatter"},
+                          2: {"num_blocks": 64, "fanout": "scatter"},
+                          3: {"num_blocks": 6}, 4: {"num_blocks": 64}},
+                         ("traffic",), 30),
+    "e1_tp3_scatter": Topo(1, 3, 4, {"recv_into": "output", "auto_resume": False,
+                                     "fanout": "scatter"},
+                           {0: {"num_blocks": EMB_BUDGET}, 1: {"num_blocks": 64},
+                            2: {"num_blocks": 4}, 3: {"num_blocks": 10}},
+                           ("traffic",), 30),
+    "e1_tp4_scatter": Topo(1, 4, 5, {"recv_into": "pool", "fanout": "scatter",
+                                     "extra_buffers": DEEPSTACK},
+                           {0: {"num_blocks": EMB_BUDGET}, 1: {"num_blocks": 4},
+                            2: {"num_blocks": 64}, 3: {"num_blocks": 6},
+                            4: {"num_blocks": 4}},
+                           ("traffic",), 30),
 }
+
+
+def fanout_of(name: str, instance: int) -> str:
+    """The fanout of one Language instance of a topology (its first rank's)."""
+    t = TOPOS[name]
+    first = t.num_embedding_ranks + instance * t.language_tp_size
+    return str({**t.common, **t.per_rank[first]}.get("fanout", "copy"))
+
+
+def received_tokens(name: str, instance: int, index: int, seq: int) -> int:
+    """Tokens of a `seq`-token room that TP rank `index` of `instance` receives."""
+    if fanout_of(name, instance) == "copy":
+        return seq
+    lo, hi = scatter_slice(seq, TOPOS[name].language_tp_size, index)
+    return hi - lo
 
 
 def make_cfg(name: str, rank: int) -> disagg.DisaggConfig:
@@ -143,7 +184,7 @@ def traffic_specs(name: str, base: int) -> list[Spec]:
     t = TOPOS[name]
     n_inst = (t.world - t.num_embedding_ranks) // t.language_tp_size
     g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
-    edges = [600, 1, BS, BS + 1, DEFAULT_ALLOC + 1]
+    edges = [600, 1, BS, BS + 1, DEFAULT_ALLOC + 1, 2, 3, 5]  # 1-5: scatter's empty slices
     seqs = [*edges, *torch.randint(1, 601, (t.num_rooms,), generator=g).tolist()][:t.num_rooms]
     e = t.num_embedding_ranks
     return [Spec(base + i, s, i % e, (i // e) % n_inst,
@@ -274,7 +315,8 @@ def embedding_stream(env: Env, specs: list[Spec]) -> dict[str, Any]:
         dl.check(lambda: f"{len(todo)} unsent, live {sorted(live)[:8]}, "
                          f"stats {env.ctx.stats()}")
         time.sleep(POLL_S)
-    return {"delta": env.delta(), "pool_full": pool_full}
+    return {"delta": env.delta(), "pool_full": pool_full,
+            "bytes_per_room": env.ctx.stats()["bytes_per_room"]}
 
 
 def send_all(env: Env, specs: list[Spec]) -> dict[int, tuple[Any, dict[str, Any]]]:
@@ -371,7 +413,8 @@ def queue_until_done(env: Env, specs: list[Spec]) -> dict[str, Any]:
             dl.check(lambda: f"{len(digests)} done, {len(failures)} failed, {len(q)} queued; "
                              f"stats {env.ctx.stats()}")
             time.sleep(POLL_S)
-    return {"log": log, "steps": steps, "digests": digests, "failures": failures, "bad": bad,
+    return {"bytes_per_room": env.ctx.stats()["bytes_per_room"],
+            "log": log, "steps": steps, "digests": digests, "failures": failures, "bad": bad,
             "left_in_queue": len(q), "calls": dict(calls.counts), "delta": env.delta()}
 
 
@@ -584,6 +627,39 @@ def sc_progressive_parts(env: Env) -> dict[str, Any]:
     return {"ready": ready, "bad": bad, "failed": failed}
 
 
+def sc_scatter_embedding_abort(env: Env) -> dict[str, Any]:
+    """fanout="scatter": the Embedding rank gives the first 100 of 400 tokens
+    (TP rank 1's slice is [0, 200), rank 2's [200, 400)), rank 1's first chunk
+    lands, then the Embedding caller aborts: rank 2's allocation is answered by
+    an ABORT frame, rank 1 learns by REJECT or ABORT frame; the room fails on
+    both ranks in the same step, every block comes back."""
+    seq = 400
+    sp = Spec(env.room(0), seq, 0, 0, aux_of(env.room(0), seq))
+    data = make_data(env.cfg, sp.room, seq)
+    if env.embedding:
+        s = env.ctx.embedding.sender(sp.room)
+        s.send(data["embeddings"][:100], data["fill_ids"][:100],
+               data["mrope_positions"][:, :100], aux=sp.aux, seq_len=seq,
+               **{k: v[:100] for k, v in data["extra"].items()})
+        dl = Deadline(WAIT_S, "rank 1's first chunk")
+        while env.delta()["chunks"] < 1:
+            dl.check(lambda: str(env.ctx.stats()))
+            time.sleep(POLL_S)
+        s.abort("the encoder crashed")
+        return {"final": wait_end(s).name, "failure": s.failure}
+    q = env.ctx.language.queue()
+    q.add(sp.room, src_rank=0)
+    failed: list[tuple[int, str]] = []
+    dl = Deadline(WAIT_S, "the aborted room to come back failed")
+    while not failed:
+        done, failed = q.step()
+        if done:
+            raise AssertionError(f"room came back done: {done}")
+        dl.check(lambda: str(env.ctx.stats()))
+        time.sleep(POLL_S)
+    return {"failed": failed, "received": env.delta()["bytes_received"]}
+
+
 def _lockstep_rooms(env: Env, seqs: list[int]) -> list[Spec]:
     return [Spec(env.room(i), s, 0, 0, aux_of(env.room(i), s)) for i, s in enumerate(seqs)]
 
@@ -742,6 +818,7 @@ SCENARIOS: dict[str, Callable[[Env], dict[str, Any]]] = {
     "lockstep_stall": sc_lockstep_stall,
     "claim_before_data": sc_claim_before_data,
     "claim_during_transfer": sc_claim_during_transfer,
+    "scatter_embedding_abort": sc_scatter_embedding_abort,
 }
 
 
@@ -825,7 +902,8 @@ def instances(name: str) -> list[list[int]]:
     return [list(range(s, s + tp)) for s in range(e, t.world, tp)]
 
 
-@pytest.mark.parametrize("name", ["e1_tp2", "e2_2x1", "e2_tp2"])
+@pytest.mark.parametrize("name", ["e1_tp2", "e2_2x1", "e2_tp2", "e1_tp2_scatter",
+                                  "e1_tp2_mixed", "e1_tp3_scatter", "e1_tp4_scatter"])
 def test_traffic_every_room_bit_exact_on_every_tp_rank(name: str) -> None:
     res = ranks_of(name, "traffic")
     t = TOPOS[name]
@@ -849,18 +927,22 @@ def test_traffic_every_room_bit_exact_on_every_tp_rank(name: str) -> None:
         returned = [room for _, done, _ in first["log"] for room in done]
         assert sorted(returned) == want and len(returned) == len(set(returned))
     # each Embedding rank sends each of its rooms to each TP rank of the instance
-    # separately; each Language rank counts what it received
+    # separately: all of it ("copy"), or the rank's slice ("scatter"); each
+    # Language rank counts what it received
     nb = token_nbytes(name)
     tp = t.language_tp_size
+
+    def sent(s: Spec) -> int:
+        return nb * sum(received_tokens(name, s.instance, i, s.seq) for i in range(tp))
+
     for r in range(e):
-        assert res[r]["delta"]["bytes_sent"] == tp * nb * sum(s.seq for s in specs
-                                                               if s.src == r), r
+        assert res[r]["delta"]["bytes_sent"] == sum(sent(s) for s in specs if s.src == r), r
     for inst, ranks in enumerate(instances(name)):
-        for r in ranks:
-            assert res[r]["delta"]["bytes_received"] == nb * sum(s.seq for s in specs
-                                                                 if s.instance == inst), r
+        for i, r in enumerate(ranks):
+            assert res[r]["delta"]["bytes_received"] == nb * sum(
+                received_tokens(name, inst, i, s.seq) for s in specs if s.instance == inst), r
     emb, lang = res[:e], res[e:]
-    total = tp * nb * sum(s.seq for s in specs)
+    total = sum(sent(s) for s in specs)
     assert sum(x["delta"]["bytes_sent"] for x in emb) == total
     assert sum(x["delta"]["bytes_received"] for x in lang) == total
     assert sum(x["delta"]["chunks"] for x in emb) == sum(x["delta"]["chunks"] for x in lang)
@@ -914,8 +996,9 @@ def test_sender_success_waits_for_every_tp_rank() -> None:
     assert emb["delta"]["bytes_sent"] == 2 * nb
 
 
-def test_tp_failure_names_the_rank_that_failed() -> None:
-    emb, a, b = ranks_of("e1_tp2", "tp_failure_named")
+@pytest.mark.parametrize("name", ["e1_tp2", "e1_tp2_scatter"])
+def test_tp_failure_names_the_rank_that_failed(name: str) -> None:
+    emb, a, b = ranks_of(name, "tp_failure_named")
     aborter = a["aborter"]
     (room, own), = (b if aborter == 2 else a)["failed"]
     (room2, other), = (a if aborter == 2 else b)["failed"]
@@ -929,8 +1012,11 @@ def test_tp_failure_names_the_rank_that_failed() -> None:
     assert emb["final"] == "FAILED", emb
 
 
-def test_ready_tokens_identical_on_every_tp_rank_and_never_decreasing() -> None:
-    emb, a, b = ranks_of("e1_tp2", "ready_tokens_agreed")
+@pytest.mark.parametrize("name", ["e1_tp2", "e1_tp2_scatter"])
+def test_ready_tokens_identical_on_every_tp_rank_and_never_decreasing(name: str) -> None:
+    emb, a, b = ranks_of(name, "ready_tokens_agreed")
+    if name.endswith("scatter"):  # each rank holds a slice, not a prefix, until the gather
+        assert set(a["ready"]) == {0}, a["ready"]
     assert emb["final"] == "SUCCESS", emb
     assert a["ready"] == b["ready"], (a["ready"], b["ready"])  # the same at every step
     assert a["ready"] == sorted(a["ready"]), a["ready"]
@@ -938,11 +1024,38 @@ def test_ready_tokens_identical_on_every_tp_rank_and_never_decreasing() -> None:
     assert a["done"] == b["done"] and len(a["done"]) == 1 and a["failed"] == []
 
 
-def test_progressive_parts_bit_exact_on_every_tp_rank() -> None:
-    emb, a, b = ranks_of("e1_tp2", "progressive_parts")
+@pytest.mark.parametrize("name", ["e1_tp2", "e1_tp2_scatter"])
+def test_progressive_parts_bit_exact_on_every_tp_rank(name: str) -> None:
+    emb, a, b = ranks_of(name, "progressive_parts")
     assert emb["final"] == "SUCCESS", emb
     assert a["bad"] == b["bad"] == [] and a["failed"] == b["failed"] == []
     assert a["ready"] == b["ready"] and a["ready"] == sorted(a["ready"]), (a["ready"], b["ready"])
+
+
+def test_scatter_slice_failing_fails_the_room_on_every_rank() -> None:
+    emb, a, b = ranks_of("e1_tp2_scatter", "scatter_embedding_abort")
+    assert emb["final"] == "FAILED" and "the encoder crashed" in emb["failure"], emb
+    assert [room for room, _ in a["failed"]] == [room for room, _ in b["failed"]]
+    for x in (a, b):
+        (_, why), = x["failed"]
+        assert "the encoder crashed" in why or "failed on language rank" in why, why
+    nb = token_nbytes("e1_tp2_scatter")
+    assert a["received"] == 100 * nb and b["received"] == 0, (a, b)
+
+
+def test_scatter_embedding_side_bytes_per_room() -> None:
+    """The Embedding rank's per-room byte count: 1x the payload for a scatter
+    instance, T x for a copy instance (ctx.stats()["bytes_per_room"]["sent"])."""
+    res = ranks_of("e1_tp2_mixed", "traffic")
+    nb = token_nbytes("e1_tp2_mixed")
+    specs = traffic_specs("e1_tp2_mixed", 1 << 20)
+    sent = res[0]["bytes_per_room"]["sent"]
+    assert sent["count"] == len(specs)
+    sizes = sorted([s.seq * nb * (1 if s.instance == 0 else 2) for s in specs])
+    assert sent["max"] == sizes[-1]
+    gathered = [res[r]["bytes_per_room"].get("gathered", {}).get("count", 0) for r in (1, 2)]
+    assert gathered == [len([s for s in specs if s.instance == 0])] * 2
+    assert "gathered" not in res[3]["bytes_per_room"] and "gathered" not in res[4]["bytes_per_room"]
 
 
 def test_lockstep_rooms_added_in_different_order() -> None:

@@ -7,6 +7,7 @@ and every malformed input ends in `ProtocolError` saying what is wrong.
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 
 import pytest
@@ -223,10 +224,22 @@ def test_unknown_kind(kind):
         decode(header(kind=kind))
 
 
-@pytest.mark.parametrize("flags", [2, 4, 0x80000000, 0xFFFFFFFF])
+@pytest.mark.parametrize("flags", [2, 8, 0x80000000, 0xFFFFFFFF])
 def test_unknown_flags(flags):
     with pytest.raises(ProtocolError, match=f"unknown flags 0x{flags:x}"):
         decode(header(flags=flags))
+
+
+@pytest.mark.parametrize("kind", [MsgKind.RESUME, MsgKind.ABORT, MsgKind.REJECT])
+def test_scatter_flag_only_on_alloc(kind):
+    with pytest.raises(ProtocolError, match="unknown flags 0x4"):
+        decode(header(kind=kind, flags=4))
+
+
+def test_alloc_scatter_flag_roundtrips():
+    a = Alloc(7, 1, 2, (0, 1), 2 * 16, True, 1000, scatter=True)
+    assert decode(encode(a)) == a
+    assert decode(encode(dataclasses.replace(a, scatter=False))).scatter is False
 
 
 @pytest.mark.parametrize("room", [-1, -(2**63)])

@@ -34,8 +34,8 @@ class Admission:
         lang, room = m.lang_rank, m.room
         why = (self.check_grant(lang, m.block_ids, m.allocated_tokens, m.direct,
                                 allow_empty=False)
-               or self.check_instance_size(m.instance_size))
-        grant = Grant(0, m.block_ids, m.allocated_tokens, m.direct, now, m.seq_len)
+               or self.check_instance_size(m.instance_size, scatter=m.scatter))
+        grant = Grant(0, m.block_ids, m.allocated_tokens, m.direct, now, m.seq_len, m.scatter)
         if r is not None:
             return self.machine.alloc(r, lang, grant, m.instance_size, why,
                                       self.other_instance)
@@ -102,10 +102,14 @@ class Admission:
             return "duplicate block ids"
         return None
 
-    def check_instance_size(self, instance_size: int) -> str | None:
+    def check_instance_size(self, instance_size: int, *, scatter: bool = False) -> str | None:
         tp = self.topology.language_tp_size
         if not 1 <= instance_size <= tp:
             return f"instance_size={instance_size} outside [1, {tp}]"
+        if scatter and instance_size != tp:
+            # the slices are cut by the instance's real size: any other would
+            # leave tokens that no rank asks for
+            return f"fanout=scatter with instance_size={instance_size}, not {tp}"
         return None
 
     def other_instance(self, lang: int, first: int) -> str | None:

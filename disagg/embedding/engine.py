@@ -80,7 +80,7 @@ class EmbeddingEngine(EngineShell):
             self._rooms[room] = r
             r.instance_size = claimed.instance_size
             for lang, grant in claimed.grants.items():
-                r.lanes[lang] = Lane(lang, pending=grant, keys={0})
+                r.lanes[lang] = self.machine.new_lane(lang, grant)
             self.stats.set_gauge("rooms_live", len(self._rooms))
         return Sender(self, r)
 
@@ -198,6 +198,8 @@ class EmbeddingEngine(EngineShell):
         self.stats.set_gauge("pool_free_blocks", self.budget.num_free)
         if a.send_total_s is not None:
             self.stats.observe("send_total_s", a.send_total_s)
+        if a.status is TransferStatus.SUCCESS:  # every lane's payload: T x the room's for
+            self.stats.observe_bytes("sent", r.bytes_sent)  # fanout="copy", 1 x for "scatter"
         set_status(r, a.status)  # last: the id and the budget are free
         self.cond.notify_all()
 

@@ -98,6 +98,8 @@ class Lobby:
         other = other_instance(lang, next(iter(pending))) if pending else None
         why = ("duplicate ALLOC" if lang in pending else
                "instance_size disagrees" if inst != instance_size else
+               "fanout disagrees with the instance's other ranks"
+               if pending and next(iter(pending.values())).scatter != grant.scatter else
                other if other else
                f"too many ALLOCs waiting for data ({self._early_total})"
                if self._early_total >= MAX_EARLY_ALLOCS else None)

@@ -65,7 +65,17 @@ from ..topology import Topology
 from ..types import TransferStatus
 from ..wire import FLAG_FIRST, FLAG_LAST, FrameKind, Meta
 from .actions import Action, Count, CountFailure, End, SendAbortFrame, SendData, SendReject
-from .room import Grant, Lane, LaneState, Part, SendRoom, lane_state, set_status
+from .room import (
+    Grant,
+    Lane,
+    LaneState,
+    Part,
+    SendRoom,
+    lane_span,
+    lane_state,
+    lane_total,
+    set_status,
+)
 
 __all__ = ["Grant", "Lane", "LaneState", "SendMachine", "SendRoom", "lane_state", "set_status"]
 
@@ -141,13 +151,17 @@ class SendMachine:
                         CountFailure(FailureCause.BAD_MESSAGE)]
         if why is None and r.instance_size not in (None, instance_size):
             why = f"instance_size={instance_size} disagrees with {r.instance_size}"
+        if why is None and r.lanes and (
+                next(iter(r.lanes.values())).slice_index is not None) != grant.scatter:
+            why = (f"fanout={'scatter' if grant.scatter else 'copy'} disagrees with the "
+                   f"instance's other ranks")
         if why is not None:
             why = f"bad ALLOC from language rank {lang}: {why}"
             return [self.refuse(lang, r.room, why),
                     *self.fail(r, f"embedding rank {self.rank}: {why}",
                                FailureCause.BAD_MESSAGE)]
         r.instance_size = instance_size
-        lane = r.lanes[lang] = Lane(lang, pending=grant, keys={0})
+        lane = r.lanes[lang] = self.new_lane(lang, grant)
         r.last_progress = grant.arrived
         if r.sources is not None:
             set_status(r, TransferStatus.TRANSFERRING)
@@ -169,8 +183,8 @@ class SendMachine:
             elif grant.key != lane.sent_tokens:
                 why = (f"RESUME sent_tokens={grant.key} but {lane.sent_tokens} tokens "
                        f"were sent on this pair")
-            elif lane.sent_tokens >= r.seq_len:
-                why = f"RESUME after all {r.seq_len} tokens were sent"
+            elif lane.sent_tokens >= lane_total(r, lane):
+                why = f"RESUME after all {lane_total(r, lane)} tokens were sent"
         if why is not None:
             why = f"bad RESUME from language rank {lang}: {why}"
             return [self.refuse(lang, r.room, why),
@@ -214,7 +228,8 @@ class SendMachine:
                                 f"{lane.lang_rank} failed: {err}", FailureCause.PEER_LOST)
         elif r.failure is None:
             out.append(Count(bytes_sent=nbytes, chunks=1))
-            if lane.sent_tokens == r.seq_len and lane.in_flight == 0:
+            r.bytes_sent += nbytes
+            if lane.sent_tokens == lane_total(r, lane) and lane.in_flight == 0:
                 lane.done = True
                 out += self._maybe_succeed(r, now)
             elif lane_down is not None and lane.in_flight == 0:
@@ -230,7 +245,7 @@ class SendMachine:
         lane = r.lanes.get(lang)
         if lane is not None:
             lane.pending = None  # owed, but it can no longer be answered
-            if lane.done or (lane.in_flight and lane.sent_tokens == r.seq_len):
+            if lane.done or (lane.in_flight and lane.sent_tokens == lane_total(r, lane)):
                 return []
             return self.fail(r, why, FailureCause.PEER_LOST)
         if r.lanes and self.topology.instance_of(next(iter(r.lanes))) == \
@@ -257,6 +272,15 @@ class SendMachine:
         return self.fail(r, f"embedding rank {self.rank}: timed out after {limit:g}s waiting "
                             f"for {waiting}", FailureCause.TIMEOUT)
 
+    def new_lane(self, lang: int, grant: Grant) -> Lane:
+        """The lane an accepted ALLOC opens (now, or when `sender()` claims it)."""
+        index = None
+        if grant.scatter:
+            inst = self.topology.instance_of(lang)
+            assert inst is not None
+            index = lang - self.topology.instance_ranks(inst)[0]
+        return Lane(lang, slice_index=index, pending=grant, keys={0})
+
     def refuse(self, lang: int, room: int, why: str) -> SendAbortFrame:
         """Refuse an allocation: its answer is an ABORT frame that says why."""
         return SendAbortFrame(room, lang, f"embedding rank {self.rank}: {why}")
@@ -270,7 +294,8 @@ class SendMachine:
         meanwhile, so both sides agree (SUCCESS if they complete)."""
         return (r.sources is not None and r.instance_size is not None
                 and len(r.lanes) == r.instance_size
-                and all(lane.done or (lane.in_flight and lane.sent_tokens == r.seq_len
+                and all(lane.done or (lane.in_flight
+                                      and lane.sent_tokens == lane_total(r, lane)
                                       and not lane.aborting) for lane in r.lanes.values()))
 
     def fail(self, r: SendRoom, reason: str, cause: FailureCause) -> list[Action]:
@@ -301,18 +326,25 @@ class SendMachine:
             return self.fail(r, f"embedding rank {self.rank}: language rank {lane.lang_rank} "
                                 f"declared seq_len={grant.seq_len} for room {r.room}, but it "
                                 f"has {r.seq_len} tokens", FailureCause.LENGTH_MISMATCH)
-        offset = lane.sent_tokens
-        if offset >= r.given:
+        lo, hi = lane_span(r, lane)
+        offset = lo + lane.sent_tokens  # in the room's tokens
+        if hi > lo and offset >= r.given:
             return []  # its data is not given yet: the grant waits for the next part
         part = next(p for p in reversed(r.parts) if p.start <= offset)
         lane.pending = None
-        # A chunk never spans parts (one slice per segment, no copy); nor, while
-        # the room is incomplete, goes past what was given.
-        n = min(chunk_tokens(r.seq_len, offset, grant.allocated_tokens),
-                part.start + part.num_tokens - offset)
-        plan = segment_plan(grant.block_ids, self.geometry.block_size, n, direct=grant.direct)
-        flags = (FLAG_FIRST if offset == 0 else 0) | (FLAG_LAST if offset + n == r.seq_len
-                                                      else 0)
+        if hi == lo:
+            # scatter, a room shorter than its instance: this rank's slice is
+            # empty, and the answer is a meta frame alone (it carries seq_len)
+            n, plan = 0, []
+        else:
+            # A chunk never spans parts (one slice per segment, no copy); nor,
+            # while the room is incomplete, goes past what was given.
+            n = min(chunk_tokens(hi, offset, grant.allocated_tokens),
+                    part.start + part.num_tokens - offset)
+            plan = segment_plan(grant.block_ids, self.geometry.block_size, n,
+                                direct=grant.direct)
+        flags = ((FLAG_FIRST if lane.sent_tokens == 0 else 0)
+                 | (FLAG_LAST if offset + n == hi else 0))
         meta = Meta(FrameKind.DATA, r.room, lane.chunk_index, offset, n, r.seq_len, flags,
                     r.aux)
         lane.sent_tokens += n

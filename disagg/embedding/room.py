@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..plan import scatter_slice
 from ..types import TransferStatus, advance
 
 
@@ -22,6 +23,7 @@ class Grant:
     direct: bool
     arrived: float
     seq_len: int = 0  # ALLOC only: the length the Language caller declared (0: none)
+    scatter: bool = False  # ALLOC only: the rank wants only its slice (fanout="scatter")
 
 
 @dataclass
@@ -40,7 +42,10 @@ class Lane:
     """The room as seen by one Language rank's stream."""
 
     lang_rank: int
-    sent_tokens: int = 0  # the next chunk starts here
+    # fanout="scatter": the rank's place in its TP instance, which picks its
+    # slice of the room (`plan.scatter_slice`); None: it gets the whole room
+    slice_index: int | None = None
+    sent_tokens: int = 0  # sent on this pair (from the start of its slice)
     chunk_index: int = 0
     pending: Grant | None = None  # accepted, not yet answered
     in_flight: int = 0  # frames posted, not yet completed
@@ -75,6 +80,20 @@ class SendRoom:
     status: TransferStatus = TransferStatus.WAITING_FOR_INPUT
     ended: bool = False  # End emitted: nothing more happens to this room
     sent_at: float | None = None  # first send(), for latency stats
+    bytes_sent: int = 0  # payload bytes completed on every lane, for stats
+
+
+def lane_span(room: SendRoom, lane: Lane) -> tuple[int, int]:
+    """Tokens [lo, hi) of the room this lane carries (needs the room's seq_len)."""
+    if lane.slice_index is None:
+        return 0, room.seq_len
+    assert room.instance_size is not None
+    return scatter_slice(room.seq_len, room.instance_size, lane.slice_index)
+
+
+def lane_total(room: SendRoom, lane: Lane) -> int:
+    lo, hi = lane_span(room, lane)
+    return hi - lo
 
 
 def lane_state(room: SendRoom, lane: Lane) -> LaneState:
@@ -87,7 +106,8 @@ def lane_state(room: SendRoom, lane: Lane) -> LaneState:
     if room.failure is not None and not lane.in_flight:
         return LaneState.CLOSED
     if lane.in_flight:
-        return LaneState.SENT_LAST if lane.sent_tokens == room.seq_len else LaneState.SENDING
+        return (LaneState.SENT_LAST if lane.sent_tokens == lane_total(room, lane)
+                else LaneState.SENDING)
     return LaneState.WAIT_RESUME
 
 

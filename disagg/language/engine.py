@@ -54,8 +54,13 @@ class LanguageEngine(EngineShell):
         self.credits = Credits(self.pool, stats, direct=cfg.recv_into == "output",
                                default_alloc_tokens=cfg.default_alloc_tokens)
         self.instance_size = topology.language_tp_size
+        self.scatter = cfg.fanout == "scatter"
+        instance = topology.instance_of(rank)
+        assert instance is not None
         self.machine = RecvMachine(rank, self.instance_size, cfg.auto_resume,
-                                   cfg.bootstrap_timeout, cfg.peer_timeout)
+                                   cfg.bootstrap_timeout, cfg.peer_timeout,
+                                   slice_index=(rank - topology.instance_ranks(instance)[0]
+                                                if self.scatter else None))
         self._transports = transports
         self.rooms: dict[int, RecvRoom] = {}
         self._pairs: dict[int, PairReceiver] = {}
@@ -79,6 +84,14 @@ class LanguageEngine(EngineShell):
             self.stats.set_gauge("rooms_live", len(self.rooms))
         return Receiver(self, r)
 
+    def output_rows(self, seq_len: int) -> int:
+        """Rows of a room's result tensors: seq_len, or with fanout="scatter" the
+        instance's slices end to end (T x ceil(seq_len / T)), so the all-gather
+        lands every slice in place; the result is a view of the first seq_len."""
+        if not self.scatter:
+            return seq_len
+        return -(-seq_len // self.instance_size) * self.instance_size
+
     def first_alloc_tokens(self) -> int:
         """The first allocation of a room when the caller names none."""
         return self.credits.first_alloc_tokens()
@@ -89,8 +102,8 @@ class LanguageEngine(EngineShell):
                     at_least: int = 1) -> bool:
         """Allocate for the rest after `landed` tokens (or `num_tokens` of it) and
         send RESUME keyed by `landed`. False: no blocks now."""
-        assert r.seq_len is not None
-        remaining = r.seq_len - landed
+        assert r.total is not None
+        remaining = r.total - landed
         c = self.credits.take(r.room, num_tokens or remaining, key=landed, remaining=remaining,
                               resume=True, at_least=at_least)
         if c is None:

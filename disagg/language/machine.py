@@ -43,6 +43,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import FailureCause, StreamBroken
+from ..plan import scatter_slice
 from ..types import TERMINAL, TransferStatus
 from ..wire import MAX_INLINE_AUX, Abort, Alloc, FrameKind, Meta, Resume
 from .actions import (
@@ -80,9 +81,13 @@ class RecvMachine:
     """Transitions of every room of one Language rank. Holds only constants."""
 
     def __init__(self, rank: int, instance_size: int, auto_resume: bool,
-                 bootstrap_timeout: float, peer_timeout: float) -> None:
+                 bootstrap_timeout: float, peer_timeout: float,
+                 slice_index: int | None = None) -> None:
         self.rank = rank
         self.instance_size = instance_size
+        # fanout="scatter": this rank's place in its instance, which picks its
+        # slice of every room; None: it receives whole rooms
+        self.slice_index = slice_index
         self.auto_resume = auto_resume
         self.bootstrap_timeout = bootstrap_timeout
         self.peer_timeout = peer_timeout
@@ -98,7 +103,14 @@ class RecvMachine:
         if auto:
             r.auto_first_blocks = len(c.block_ids)
         return [Owe(), Post(Alloc(r.room, self.rank, self.instance_size, tuple(c.block_ids),
-                                  c.allocated_tokens, c.direct, r.declared_seq_len))]
+                                  c.allocated_tokens, c.direct, r.declared_seq_len,
+                                  scatter=self.slice_index is not None))]
+
+    def span(self, seq_len: int) -> tuple[int, int]:
+        """Tokens [lo, hi) of a `seq_len`-token room that this rank receives."""
+        if self.slice_index is None:
+            return 0, seq_len
+        return scatter_slice(seq_len, self.instance_size, self.slice_index)
 
     def resumed(self, r: RecvRoom, c: Credit) -> list[Action]:
         """A resume got blocks (or direct credit): announce them with RESUME."""
@@ -130,36 +142,40 @@ class RecvMachine:
         if m.kind is not FrameKind.DATA:
             raise broken(f"unexpected {m.kind.name} frame")
 
-        if m.token_offset != a.key or m.chunk_index != r.chunk_index:
-            raise broken(f"token_offset={m.token_offset} chunk_index={m.chunk_index}, "
-                         f"expected {a.key} and {r.chunk_index}")
-        if m.first != (m.token_offset == 0):
-            raise broken("FIRST flag does not match token_offset")
+        # a.key: tokens of our span landed before this allocation; 0 for the ALLOC
+        if m.first != (a.key == 0):
+            raise broken(f"FIRST flag does not match the allocation at {a.key} tokens")
         corrupt = None
         if m.first:
             if m.seq_len < 1:
                 raise broken(f"seq_len={m.seq_len}")
             seq_len = m.seq_len
+            lo, hi = self.span(seq_len)
             if r.declared_seq_len and m.seq_len != r.declared_seq_len:
                 # the Embedding rank answers such an ALLOC with ABORT; this is the backstop
                 corrupt = (f"language rank {self.rank}: room {r.room} has {m.seq_len} tokens, "
                            f"but seq_len={r.declared_seq_len} was declared")
         else:
-            assert r.seq_len is not None
-            seq_len = r.seq_len
+            assert r.seq_len is not None and r.span is not None
+            seq_len, (lo, hi) = r.seq_len, r.span
             if (m.seq_len != r.seq_len or m.num_aux != len(r.aux)
                     or m.aux != r.aux[:MAX_INLINE_AUX]):
                 corrupt = (f"language rank {self.rank}: chunk {m.chunk_index} of room {r.room} "
                            f"says seq_len={m.seq_len} aux={m.aux} ({m.num_aux} values), "
                            f"first chunk said seq_len={r.seq_len} aux="
                            f"{r.aux[:MAX_INLINE_AUX]} ({len(r.aux)} values)")
+        if m.token_offset != lo + a.key or m.chunk_index != r.chunk_index:
+            raise broken(f"token_offset={m.token_offset} chunk_index={m.chunk_index}, "
+                         f"expected {lo + a.key} and {r.chunk_index}")
         # min(remaining, allocated), or fewer when the sender has not been given
-        # more of the room yet (progressive send): the rest follows a resume
-        expect = min(seq_len - m.token_offset, a.allocated_tokens)
-        if not 1 <= m.num_tokens <= expect:
+        # more of the room yet (progressive send): the rest follows a resume. An
+        # empty span (scatter, a room shorter than the instance) is one meta frame.
+        expect = min(hi - m.token_offset, a.allocated_tokens)
+        if not min(1, hi - lo) <= m.num_tokens <= expect:
             raise broken(f"num_tokens={m.num_tokens}, expected at most {expect} "
-                         f"(seq_len {seq_len}, allocated {a.allocated_tokens})")
-        last = m.token_offset + m.num_tokens == seq_len
+                         f"(seq_len {seq_len}, tokens [{lo}, {hi}) here, allocated "
+                         f"{a.allocated_tokens})")
+        last = m.token_offset + m.num_tokens == hi
         if m.last != last:
             raise broken("LAST flag does not match the token count")
         return Chunk(m.num_tokens, m.token_offset, last, corrupt)
@@ -173,11 +189,10 @@ class RecvMachine:
         r.outstanding = None
         r.landing = a
         if meta.first:  # aux that follow the payload replace these once landed
-            r.seq_len, r.aux = meta.seq_len, meta.aux
+            r.seq_len, r.aux, r.span = meta.seq_len, meta.aux, self.span(meta.seq_len)
         if not chunk.last and self.auto_resume and r.failure is None and chunk.corrupt is None:
             set_status(r, TransferStatus.TRANSFERRING)
-            return [AskResume(chunk.token_offset + chunk.num_tokens,
-                              at_least=len(a.block_ids))]
+            return [AskResume(r.received + chunk.num_tokens, at_least=len(a.block_ids))]
         return []
 
     def landed(self, r: RecvRoom, chunk: Chunk, pair_down: str | None,

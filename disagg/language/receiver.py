@@ -3,9 +3,13 @@ makes the same calls on it (see `disagg.language.machine` for its states)."""
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING
 
+from torch.distributed import ProcessGroup
+
 from ..errors import DisaggError, FailureCause
+from ..gather import gather_slices
 from ..results import prefix_views, to_result
 from ..types import TERMINAL, EmbeddingResult, TransferStatus
 from .room import needs_resume
@@ -45,8 +49,13 @@ class Receiver:
         check_tokens("init", num_tokens)
         check_tokens("init", seq_len, name="seq_len")
         e, r = self._engine, self._r
-        want = (num_tokens if num_tokens is not None else seq_len if seq_len is not None
-                else e.first_alloc_tokens())
+        if num_tokens is not None:
+            want = num_tokens
+        elif seq_len is not None:  # what this rank receives of it (scatter: its slice)
+            lo, hi = e.machine.span(seq_len)
+            want = max(1, hi - lo)
+        else:
+            want = e.first_alloc_tokens()
         with e.cond:
             if r.failure is not None:
                 return False
@@ -84,7 +93,8 @@ class Receiver:
 
     @property
     def progress(self) -> tuple[int, int | None]:
-        """(tokens received, seq_len once the first chunk told it)."""
+        """(tokens received, seq_len once the first chunk told it). With
+        fanout="scatter" the first is of this rank's slice."""
         return self._r.received, self._r.seq_len
 
     @property
@@ -122,9 +132,13 @@ class Receiver:
                 raise DisaggError(f"room {r.room} has no result: status {r.status.name}"
                                   + (f" ({r.failure})" if r.failure else ""),
                                   rank=e.rank, room=r.room)
+            if e.scatter and not r.gathered:
+                raise DisaggError(f"room {r.room} has only this rank's slice: with "
+                                  f"fanout='scatter' its result comes from queue().step(), "
+                                  f"which all-gathers it", rank=e.rank, room=r.room)
             if r.result is None:
-                assert r.outputs is not None
-                r.result = to_result(e.geometry, r.outputs, r.aux)
+                assert r.outputs is not None and r.seq_len is not None
+                r.result = to_result(e.geometry, r.outputs, r.aux, r.seq_len)
             return r.result
 
     def prefix(self, num_tokens: int | None = None) -> EmbeddingResult:
@@ -134,16 +148,39 @@ class Receiver:
         room failed (its memory may be reused)."""
         e, r = self._engine, self._r
         with e.cond:
-            if r.status == TransferStatus.SUCCESS and num_tokens is None:
+            if r.status == TransferStatus.SUCCESS and num_tokens is None and (
+                    r.gathered or not e.scatter):
                 pass
             elif r.failure is not None:
                 raise DisaggError(f"room {r.room} has no prefix: it failed ({r.failure})",
                                   rank=e.rank, room=r.room)
             else:
-                n = r.received if num_tokens is None else min(num_tokens, r.received)
+                # scatter: this rank holds a slice, not a prefix, until the gather
+                landed = 0 if e.scatter else r.received
+                n = landed if num_tokens is None else min(num_tokens, landed)
                 return prefix_views(e.geometry, r.outputs, n, r.aux if r.received else (),
                                     e.device)
         return self.result()
+
+    def gather(self, group: ProcessGroup | None) -> None:
+        """fanout="scatter", from `RoomQueue.step()` only, on every rank of the
+        instance in the same order, once every rank holds its slice: all-gather
+        the slices so this rank's result is the whole room (`disagg.gather`)."""
+        e, r = self._engine, self._r
+        with e.cond:
+            assert r.status == TransferStatus.SUCCESS and not r.gathered
+            assert r.outputs is not None and r.seq_len is not None
+            outputs, seq_len = r.outputs, r.seq_len
+        index = e.machine.slice_index
+        assert index is not None
+        if group is not None:  # TP > 1; without the lock: the other ranks may take a while
+            t0 = time.monotonic()
+            nbytes = gather_slices(outputs, seq_len, e.instance_size, index, group)
+            e.stats.add(bytes_gathered=nbytes)
+            e.stats.observe_bytes("gathered", nbytes)
+            e.stats.observe("gather_s", time.monotonic() - t0)
+        with e.cond:
+            r.gathered = True
 
     def abort(self, reason: str = "aborted") -> None:
         """Fail the room; its blocks return once the frame owed for them arrives."""

@@ -32,10 +32,13 @@ class RecvRoom:
     last_progress: float
     status: TransferStatus = TransferStatus.BOOTSTRAPPING
     failure: str | None = None
-    seq_len: int | None = None
+    seq_len: int | None = None  # the whole room's, from the first chunk's meta
+    # tokens [lo, hi) of the room this rank receives: all of it, or with
+    # fanout="scatter" its slice (`plan.scatter_slice`); set with seq_len
+    span: tuple[int, int] | None = None
     declared_seq_len: int = 0  # init(seq_len=): the caller's word for it (0: none)
     aux: tuple[int, ...] = ()
-    received: int = 0
+    received: int = 0  # of the span
     chunk_index: int = 0
     outstanding: Credit | None = None  # sent, not yet answered by a frame
     landing: Credit | None = None  # answered by a DATA meta, payload landing
@@ -49,10 +52,16 @@ class RecvRoom:
     auto_first_blocks: int | None = None  # first allocation chosen by "auto"
     tracked: bool = True  # in the engine's table (forgotten once nothing can land)
     result: EmbeddingResult | None = None  # made once, at the first result() call
+    gathered: bool = False  # fanout="scatter": the instance all-gathered the slices
+
+    @property
+    def total(self) -> int | None:
+        """Tokens this rank receives (its span's length), once the first chunk told."""
+        return None if self.span is None else self.span[1] - self.span[0]
 
     @property
     def complete(self) -> bool:
-        return self.seq_len is not None and self.received == self.seq_len
+        return self.span is not None and self.received == self.span[1] - self.span[0]
 
 
 def phase(r: RecvRoom) -> Phase:
@@ -71,7 +80,7 @@ def needs_resume(r: RecvRoom) -> bool:
     """Partial landed: the caller (or auto resume) must allocate for the rest."""
     return (r.failure is None and r.status == TransferStatus.TRANSFERRING
             and r.outstanding is None and r.landing is None
-            and r.seq_len is not None and r.received < r.seq_len)
+            and r.total is not None and r.received < r.total)
 
 
 def set_status(r: RecvRoom, status: TransferStatus) -> None:

@@ -56,6 +56,8 @@ class Landing:
 def destinations(geometry: Geometry, pool: BlockPool, r: RecvRoom, a: Credit, n: int,
                  offset: int, device: torch.device) -> tuple[list[Segment], list[torch.Tensor]]:
     """Recv targets in wire order: for each buffer, one tensor per segment."""
+    if n == 0:  # an empty scatter slice: the meta frame was all of it
+        return [], []
     plan = segment_plan(a.block_ids, geometry.block_size, n, direct=a.direct, dst_offset=offset)
     bufs = geometry.wire_buffers
     if a.direct and r.outputs is not None:
@@ -175,14 +177,15 @@ class PairReceiver:
             chunk = e.machine.check_meta(r, a, meta)
             self.owed -= 1
             now = r.last_progress = e.clock()
+            lo, hi = e.machine.span(meta.seq_len)
             if meta.first:
-                e.credits.learn(meta.seq_len)
+                e.credits.learn(hi - lo)  # what this rank allocates for: its span
                 try:
-                    r.outputs = make_outputs(e.geometry, meta.seq_len, e.device)
+                    r.outputs = make_outputs(e.geometry, e.output_rows(meta.seq_len), e.device)
                 except (RuntimeError, MemoryError) as err:
                     chunk = dataclasses.replace(
                         chunk, corrupt=f"language rank {e.rank}: cannot allocate output: {err}")
-            timing.chunk_arrived(e.stats, e.credits, r, meta.seq_len, now)
+            timing.chunk_arrived(e.stats, e.credits, r, hi - lo, now)
             plan, dsts = destinations(e.geometry, e.pool, r, a, chunk.num_tokens,
                                       chunk.token_offset, e.device)
             aux = None

@@ -12,13 +12,14 @@ from .room import RecvRoom
 log = logging.getLogger(__name__)
 
 
-def chunk_arrived(stats: Stats, credits: Credits, r: RecvRoom, seq_len: int,
+def chunk_arrived(stats: Stats, credits: Credits, r: RecvRoom, span_tokens: int,
                   now: float) -> None:
-    """A DATA meta for `r`: time to its first byte, or the gap a resume cost."""
+    """A DATA meta for `r`: time to its first byte, or the gap a resume cost.
+    `span_tokens`: what this rank receives of the room (all of it, or its slice)."""
     if r.first_byte_at is None:
         r.first_byte_at = now
         stats.observe("alloc_to_first_byte_s", now - (r.alloc_at or r.created))
-        credits.account_auto(r.auto_first_blocks, seq_len)
+        credits.account_auto(r.auto_first_blocks, span_tokens)
     elif r.partial_at is not None:
         stats.observe("resume_gap_s", now - r.partial_at)
         r.partial_at = None
