@@ -9,6 +9,14 @@ INT_BYTES_PER_TOKEN = 4 + 12
 
 GROUPS = ("sweep", "resume", "concurrency", "latency", "tp", "inflight", "memory")
 
+# How disagg's callers wait for a room (both sides): blocked in wait(), spinning
+# on poll(), or a serving loop with SERVING_WORK_S of pure Python between polls.
+CALLERS = ("wait", "spin", "serving")
+SERVING_WORK_S = 0.002
+BASELINES = ("raw", "zmq")  # always block, land in preallocated (or fresh) tensors
+KNOWN_LEN = "+len"  # mode suffix: the receiver passes seq_len= to init(), ALLOC carries it
+MEMORY_TARGET_PCT = 5.0
+
 
 @dataclass(frozen=True)
 class Scenario:
@@ -29,6 +37,7 @@ class Scenario:
     manual_resume: bool = False  # auto_resume=False; resume(num_tokens=alloc) each round
     alloc_first: bool = False  # Language sends its ALLOCs before the round starts
     memory_checkpoints: tuple[int, ...] = ()  # memory scenario: RSS after this many rooms
+    known_len: bool = False  # also run every caller with seq_len= known (mode "<caller>+len")
 
     @property
     def world(self) -> int:
@@ -57,6 +66,19 @@ class Scenario:
     def is_memory(self) -> bool:
         return bool(self.memory_checkpoints)
 
+    def modes(self, callers: tuple[str, ...], known_len: bool = True) -> list[str]:
+        """disagg's modes in this scenario: each caller, then each caller with the
+        length known where the scenario has that variant. The memory scenario
+        runs the first caller only."""
+        if self.is_memory:
+            return list(callers[:1])
+        return [*callers, *(c + KNOWN_LEN for c in callers if known_len and self.known_len)]
+
+
+def parse_mode(mode: str) -> tuple[str, bool]:
+    """(caller, seq_len known) of a mode name such as "spin" or "wait+len"."""
+    return mode.removesuffix(KNOWN_LEN), mode.endswith(KNOWN_LEN)
+
 
 def _resume(chunks: int, tokens: int, *, pool_allocs: int = 0) -> Scenario:
     """A room in `chunks` chunks. Output mode: the loop resumes by hand, one
@@ -77,19 +99,21 @@ def scenarios(quick: bool) -> list[Scenario]:
     # memory first: its RSS baseline is then not inflated by the other scenarios' tensors
     out = [Scenario("memory-16tok", "memory", 16, hidden=64, block=16,
                     memory_checkpoints=(200, 2000) if quick else (1000, 10000))]
-    sizes = (256, 4096) if quick else (64, 256, 1024, 2000, 4096, 16384)
-    out += [Scenario(f"sweep-{n}", "sweep", n) for n in sizes]
-    chunk_counts = (1, 16) if quick else (1, 2, 4, 16)
+    sizes = (256, 2000) if quick else (64, 256, 1024, 2000, 4096, 16384)
+    # 2000 tokens is the 14 MiB room of the targets: also with its length known
+    out += [Scenario(f"sweep-{n}", "sweep", n, known_len=n == 2000) for n in sizes]
+    # 4 chunks through a pool of 2 allocations: 8 blocks of 128 tokens, auto_resume
+    chunk_counts = (1, 4) if quick else (1, 2, 4, 16)
     out += [_resume(c, 2000, pool_allocs=1) for c in chunk_counts]
     out += [_resume(c, 2000, pool_allocs=2) for c in chunk_counts if c > 2]
     out += [_resume(c, 2000) for c in chunk_counts]
     # the default: a first allocation a quarter of the room, auto_resume asks for
     # the rest as the first chunk's meta arrives
     out.append(Scenario("resume-output-auto", "resume", 2000, alloc=512))
-    conc = ((8, 2000),) if quick else ((1, 2000), (8, 2000), (64, 256))
+    conc = ((64, 256),) if quick else ((1, 2000), (8, 2000), (64, 256))
     out += [Scenario(f"conc-{k}x{n}", "concurrency", n, rooms=k) for k, n in conc]
     out.append(Scenario("latency-64tok", "latency", 64, rooms=8 if quick else 32,
-                        sequential=True))
+                        sequential=True, known_len=True))
     # the usual serving order, the scheduler ahead of the encoder: what is left
     # is the data path (meta, payload, completion) without the ALLOC hop
     out.append(Scenario("latency-64tok-alloc-first", "latency", 64, rooms=8 if quick else 32,
@@ -100,6 +124,54 @@ def scenarios(quick: bool) -> list[Scenario]:
     return out
 
 
+TARGETS_SET = "targets"  # --scenarios targets: the scenarios TARGETS name, nothing else
+
+
 def select(names: list[str], quick: bool) -> list[Scenario]:
-    """Scenarios whose group or own name is in `names`, in run order."""
-    return [s for s in scenarios(quick) if s.group in names or s.name in names]
+    """Scenarios whose group or own name is in `names` ("targets": every
+    scenario a target names), in run order."""
+    wanted = set(names)
+    if TARGETS_SET in wanted:
+        wanted |= {t.scenario for t in TARGETS if t.scenario}
+    return [s for s in scenarios(quick) if s.group in wanted or s.name in wanted]
+
+
+@dataclass(frozen=True)
+class Target:
+    """One figure issue 15 asks the benchmark to report. `kind`: "spin_loss"
+    (spin vs wait in every scenario, % of throughput lost), "ratio" (`modes` of
+    `scenario` against baseline `base`), "serving_p50" (the serving caller's p50
+    room latency minus the waiting caller's, in ms and in poll intervals) or
+    "memory" (RSS growth, %). `bar`: the issue's limit (spin_loss and memory: at
+    most; ratio: at least); None where the issue names the figure but no limit,
+    which the summary then reports without a verdict."""
+
+    key: str
+    text: str
+    kind: str
+    scenario: str | None = None
+    modes: tuple[str, ...] = CALLERS
+    base: str = "raw"
+    bar: float | None = None
+
+
+_LEN = tuple(c + KNOWN_LEN for c in CALLERS)
+TARGETS = (
+    Target("spin-loss", "spinning callers lose at most 15 % vs blocking, every scenario",
+           "spin_loss", bar=15.0),
+    Target("14mib-1ch", "14 MiB, one chunk", "ratio", "sweep-2000"),
+    Target("14mib-1ch-len", "14 MiB, one chunk, seq_len known", "ratio", "sweep-2000", _LEN),
+    Target("14mib-16", "14 MiB, 16 rooms in flight", "ratio", "inflight-16x2000-tp1"),
+    Target("64tok", "64-token rooms one at a time, ALLOC in the path", "ratio", "latency-64tok"),
+    Target("64tok-len", "64-token rooms one at a time, seq_len known", "ratio", "latency-64tok",
+           _LEN),
+    Target("64x1.75", "64 rooms of 1.75 MiB in flight", "ratio", "conc-64x256"),
+    Target("64x1.75-zmq", "64 rooms of 1.75 MiB in flight, vs ZeroMQ + copy", "ratio",
+           "conc-64x256", base="zmq"),
+    Target("pool-8x128", "14 MiB through a pool of 8 blocks of 128 tokens (4 chunks, eager)",
+           "ratio", "resume-pool2x-4ch"),
+    Target("serving-p50", "serving loop: 14 MiB room p50 vs the waiting caller's",
+           "serving_p50", "sweep-2000"),
+    Target("rss", f"resident memory over many rooms (at most {MEMORY_TARGET_PCT:g} % growth)",
+           "memory", "memory-16tok", bar=MEMORY_TARGET_PCT),
+)

@@ -1,7 +1,8 @@
 """One rank of bench_transfer.py. Each scenario gets a fresh torch.distributed
-world (a new file:// rendezvous) in the same processes; in it disagg, the raw
-send/recv baseline and the ZeroMQ baseline take turns moving the same tensors,
-every round behind a barrier on a side group. Every rank reports when it left
+world (a new file:// rendezvous) in the same processes; in it the raw send/recv
+baseline, the ZeroMQ baseline and disagg under each of its modes (a caller that
+blocks, spins or serves, with or without seq_len known) take turns moving the
+same tensors, every round behind a barrier on a side group. Every rank reports when it left
 the barrier and Language ranks when each room's last byte was usable, on the
 host's shared CLOCK_MONOTONIC; `_bench_report` turns that into durations.
 """
@@ -21,12 +22,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import zmq
-from _bench_scenarios import Scenario
+from _bench_scenarios import BASELINES, SERVING_WORK_S, Scenario, parse_mode
 
 import disagg
 from disagg import TransferStatus
 
-KINDS = ("disagg", "raw", "zmq")
 WAIT_S = 60.0  # a room that takes longer than this is a bug, not a measurement
 
 
@@ -60,10 +60,8 @@ def _config(sc: Scenario, rank: int) -> disagg.DisaggConfig:
 class _Rank:
     """This rank's side of one scenario: tensors, sockets, and one round per kind."""
 
-    def __init__(self, ctx: disagg.Context, sc: Scenario, rank: int, fresh: bool,
-                 caller: str = "wait") -> None:
+    def __init__(self, ctx: disagg.Context, sc: Scenario, rank: int, fresh: bool) -> None:
         self.ctx, self.sc, self.rank, self.fresh = ctx, sc, rank, fresh
-        self.caller = caller
         self.langs = list(range(1, sc.world))
         self.side = dist.new_group(backend="gloo")
         self.raw = dist.new_group(backend="gloo")
@@ -109,24 +107,29 @@ class _Rank:
 
     def round(self, kind: str, check: bool = False,
               rooms: int | None = None) -> list[tuple[float, list[float]]]:
-        """Move one round. Returns its segments, each (start, [room ends]) in
-        time.monotonic() seconds (CLOCK_MONOTONIC: one clock for every rank on
-        this host); rank 0 reports starts only. The rooms of a round start
-        together behind one barrier; in a `sequential` scenario each room is a
-        segment of its own behind its own barrier."""
+        """Move one round of `kind` ("raw", "zmq", or one of disagg's modes,
+        such as "spin" or "wait+len"). Returns its segments, each (start, [room
+        ends]) in time.monotonic() seconds (CLOCK_MONOTONIC: one clock for every
+        rank on this host); rank 0 reports starts only. The rooms of a round
+        start together behind one barrier; in a `sequential` scenario each room
+        is a segment of its own behind its own barrier."""
         k = self.sc.rooms if rooms is None else rooms
-        fn = getattr(self, f"_{kind}_{'send' if self.rank == 0 else 'recv'}")
+        side = "send" if self.rank == 0 else "recv"
+        is_disagg = kind not in BASELINES
+        caller, known = parse_mode(kind) if is_disagg else ("", False)
+        fn = getattr(self, f"_{'disagg' if is_disagg else kind}_{side}")
         segments = []
         n = 1 if self.sc.sequential else k
         for j in range(k if self.sc.sequential else 1):
-            if kind == "disagg" and self.rank > 0 and self.sc.alloc_first:
-                self.ready = self._disagg_init(n)  # the ALLOCs leave before the barrier
+            if is_disagg and self.rank > 0 and self.sc.alloc_first:
+                self.ready = self._disagg_init(n, known)  # the ALLOCs leave before the barrier
             dist.barrier(group=self.side)
             t0 = time.monotonic()
-            segments.append((t0, fn(n, check and j == 0)))
+            args = (caller, known) if is_disagg else ()
+            segments.append((t0, fn(n, check and j == 0, *args)))
         return segments
 
-    def _disagg_send(self, k: int, check: bool) -> list[float]:
+    def _disagg_send(self, k: int, check: bool, caller: str, known: bool) -> list[float]:
         senders = []
         for _ in range(k):
             s = self.ctx.embedding.sender(self.room)
@@ -134,25 +137,26 @@ class _Rank:
             s.send(self.emb, self.ids, self.pos)
             senders.append(s)
         for s in senders:
-            _expect(_settle(s, self.caller), s)
+            _expect(_settle(s, caller), s)
         return []
 
-    def _disagg_init(self, k: int) -> list[disagg.Receiver]:
+    def _disagg_init(self, k: int, known: bool) -> list[disagg.Receiver]:
+        """init() k rooms; `known`: with seq_len=, so the ALLOC carries the length."""
         recvs = []
         for _ in range(k):
             r = self.ctx.language.receiver(self.room, src_rank=0)
             self.room += 1
-            if not r.init():
+            if not (r.init(seq_len=self.sc.tokens) if known else r.init()):
                 raise RuntimeError(f"room {r.room}: no free blocks for init()")
             recvs.append(r)
         return recvs
 
-    def _disagg_recv(self, k: int, check: bool) -> list[float]:
+    def _disagg_recv(self, k: int, check: bool, caller: str, known: bool) -> list[float]:
         more = self.sc.alloc_tokens if self.sc.manual_resume else None
-        recvs, self.ready = self.ready or self._disagg_init(k), []
+        recvs, self.ready = self.ready or self._disagg_init(k, known), []
         done = []
         for r in recvs:  # in start order: a room's end is seen once those before it ended
-            _finish(r, more, self.caller)
+            _finish(r, more, caller)
             done.append(time.monotonic())
         if check:
             for r in recvs:
@@ -211,7 +215,6 @@ def _expect(status: TransferStatus, room: disagg.Sender | disagg.Receiver) -> No
         raise RuntimeError(f"room {room.room}: {status.name} {room.failure or '(timed out)'}")
 
 
-SERVING_WORK_S = 0.002  # the "serving" caller's pure-Python work between two polls
 TERMINAL = (TransferStatus.SUCCESS, TransferStatus.FAILED)
 
 
@@ -258,13 +261,15 @@ def _check_equal(got: list[torch.Tensor], want: list[torch.Tensor], what: str) -
             raise AssertionError(f"{what}: received bytes differ from the source")
 
 
-def _timed(me: _Rank, rounds: int, warmup: int) -> dict:
-    """Interleaved rounds of every kind; per kind, per measured round: its
-    segments and this rank's minor page faults during it."""
-    out: dict[str, list] = {k: [] for k in KINDS}
-    faults: dict[str, list[int]] = {k: [] for k in KINDS}
+def _timed(me: _Rank, kinds: list[str], rounds: int, warmup: int) -> dict:
+    """Interleaved rounds of every kind (the baselines and disagg's modes); per
+    kind, per measured round: its segments and this rank's minor page faults
+    during it."""
+    out: dict[str, list] = {k: [] for k in kinds}
+    faults: dict[str, list[int]] = {k: [] for k in kinds}
     for i in range(warmup + rounds):
-        for kind in KINDS[i % 3:] + KINDS[:i % 3]:  # rotate who goes first
+        r = i % len(kinds)
+        for kind in kinds[r:] + kinds[:r]:  # rotate who goes first
             f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             segments = me.round(kind, check=i == 0)
             if i >= warmup:
@@ -273,17 +278,17 @@ def _timed(me: _Rank, rounds: int, warmup: int) -> dict:
     stats = me.ctx.stats()
     return {"rounds": out, "minor_faults": faults,
             "stats": {k: stats[k] for k in ("chunks", "resumes", "failures", "rooms_live")},
-            "disagg_rooms": (warmup + rounds) * me.sc.rooms}
+            "disagg_rooms": (warmup + rounds) * me.sc.rooms * (len(kinds) - len(BASELINES))}
 
 
-def _memory(me: _Rank) -> dict:
+def _memory(me: _Rank, mode: str) -> dict:
     """RSS after each checkpoint's worth of small rooms, 32 in flight at a time."""
     done, rss = 0, []
-    me.round("disagg", check=True, rooms=1)
+    me.round(mode, check=True, rooms=1)
     done += 1
     for cp in me.sc.memory_checkpoints:
         while done < cp:
-            me.round("disagg", rooms=min(32, cp - done))
+            me.round(mode, rooms=min(32, cp - done))
             done += min(32, cp - done)
         gc.collect()
         dist.barrier(group=me.side)
@@ -294,7 +299,7 @@ def _memory(me: _Rank) -> dict:
 
 
 def run_scenario(rank: int, sc: Scenario, init_method: str, rounds: int, warmup: int,
-                 timeout_s: float, fresh: bool, caller: str = "wait") -> dict:
+                 timeout_s: float, fresh: bool, modes: list[str]) -> dict:
     dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=sc.world,
                             timeout=datetime.timedelta(seconds=timeout_s))
     faulthandler.dump_traceback_later(timeout_s, exit=True)  # a hang shows its stacks
@@ -302,8 +307,9 @@ def run_scenario(rank: int, sc: Scenario, init_method: str, rounds: int, warmup:
         ctx = disagg.init(_config(sc, rank))  # reuses the world above, leaves it to us
         me = None
         try:
-            me = _Rank(ctx, sc, rank, fresh, caller)
-            out = _memory(me) if sc.is_memory else _timed(me, rounds, warmup)
+            me = _Rank(ctx, sc, rank, fresh)
+            out = (_memory(me, modes[0]) if sc.is_memory
+                   else _timed(me, [*BASELINES, *modes], rounds, warmup))
             dist.barrier(group=me.side)
             return out
         finally:
@@ -329,15 +335,16 @@ def _exit_with_parent() -> None:
 
 
 def rank_main(rank: int, scenarios: list[Scenario], rounds: int, warmup: int, tmpdir: str,
-              timeout_s: float, fresh: bool = False, caller: str = "wait") -> None:
-    """torch.multiprocessing entry: every scenario this rank takes part in; results
-    to `tmpdir/rank{rank}.json` (None for scenarios with fewer ranks)."""
+              timeout_s: float, fresh: bool, modes: list[list[str]]) -> None:
+    """torch.multiprocessing entry: every scenario this rank takes part in, each
+    with its disagg modes (`modes[i]` for scenario i); results to
+    `tmpdir/rank{rank}.json` (None for scenarios with fewer ranks)."""
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
     _exit_with_parent()
     out = []
     for i, sc in enumerate(scenarios):
         out.append(None if rank >= sc.world else run_scenario(
-            rank, sc, f"file://{tmpdir}/world-{i}", rounds, warmup, timeout_s, fresh, caller))
+            rank, sc, f"file://{tmpdir}/world-{i}", rounds, warmup, timeout_s, fresh, modes[i]))
     with open(os.path.join(tmpdir, f"rank{rank}.json"), "w") as f:
         json.dump(out, f)

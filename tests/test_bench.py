@@ -16,7 +16,8 @@ import pytest
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench_transfer.py"
 FLAGS = ("--scenarios", "--quick", "--rounds", "--warmup", "--json", "--plot", "--timeout",
-         "--fresh-destinations", "--list", "--help")
+         "--fresh-destinations", "--caller", "--no-known-len", "--repeat", "--list", "--help")
+CALLERS = ("wait", "spin", "serving")
 
 
 def _run(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
@@ -33,41 +34,59 @@ def _load():
     return mod
 
 
-def test_quick_run_writes_a_record_per_scenario(tmp_path: Path) -> None:
+def test_quick_run_measures_every_caller_in_one_run(tmp_path: Path) -> None:
+    """Issue 15 item 4: one run measures each scenario under every caller mode,
+    interleaved with the baselines, plus the known-length variant where the
+    scenario has one, and reports every issue target."""
     out = tmp_path / "bench.json"
-    p = _run("--quick", "--scenarios", "latency", "--rounds", "2", "--json", str(out),
-             timeout=120)
+    p = _run("--quick", "--scenarios", "latency", "--rounds", "2", "--warmup", "1",
+             "--json", str(out), timeout=120)
     assert p.returncode == 0, p.stdout + p.stderr
-    records = json.loads(out.read_text())
+    doc = json.loads(out.read_text())
+    assert doc["meta"]["callers"] == list(CALLERS) and doc["meta"]["rounds"] == 2
+    assert doc["meta"]["known_len_scenarios"] == ["latency-64tok"]
+    records = doc["scenarios"]
     names = ["latency-64tok", "latency-64tok-alloc-first"]
     assert [r["name"] for r in records] == names
+    want_modes = {"latency-64tok": [*CALLERS, *(c + "+len" for c in CALLERS)],
+                  "latency-64tok-alloc-first": list(CALLERS)}
     for rec in records:
         assert rec["failures"] == 0
         assert rec["rounds"] == 2 and rec["rooms"] >= 1 and rec["bytes"] > 0
         assert rec["chunks_per_room"] >= 1
-        for kind in ("disagg", "raw", "zmq"):
-            k = rec[kind]
+        assert list(rec["modes"]) == rec["mode_names"] == want_modes[rec["name"]]
+        for k in (rec["raw"], rec["zmq"], *rec["modes"].values()):
             for field in ("median_s", "min_s", "max_s", "gbps", "p50_ms", "p99_ms"):
-                assert k[field] > 0, (kind, field, k[field])
+                assert k[field] > 0, (field, k[field])
             assert len(k["rounds_s"]) == 2
             assert k["min_s"] <= k["median_s"] <= k["max_s"]
-        for base in ("raw", "zmq"):
-            assert rec[f"ratio_disagg_{base}"] > 0
-            lo, hi = rec[f"noise_disagg_{base}"]
-            assert 0 < lo <= hi
+        for m, d in rec["modes"].items():
+            for base in ("raw", "zmq"):
+                lo, hi = d[f"range_{base}"]
+                assert 0 < lo <= d[f"ratio_{base}"] <= hi
+            assert d["added_p50_ms"] == pytest.approx(d["p50_ms"] - rec["raw"]["p50_ms"])
+            assert ("vs_wait_loss_pct" in d) == (not m.startswith("wait"))
+        assert rec["disagg"]["gbps"] == rec["modes"]["wait"]["gbps"]  # one-mode names
+        assert rec["baseline_destinations"] == "preallocated"
+    by_key = {t["key"]: t for t in doc["targets"]}
+    assert by_key["spin-loss"]["status"] in ("met", "MISSED")
+    assert by_key["64tok"]["status"] == by_key["64tok-len"]["status"] == "no bar"
+    assert set(by_key["64tok-len"]["values"]) == {c + "+len" for c in CALLERS}
+    assert by_key["14mib-1ch"]["status"] == "not run"
     for name in names:
         assert name in p.stdout  # the table
-    assert all(r["baseline_destinations"] == "preallocated" for r in records)
+    assert "issue 15 targets" in p.stdout and "seq_len known too in latency-64tok" in p.stdout
 
 
 def test_fresh_destinations_land_and_check_new_tensors(tmp_path: Path) -> None:
     """The baselines' byte check runs on the freshly allocated tensors too."""
     out = tmp_path / "bench.json"
-    p = _run("--quick", "--scenarios", "latency-64tok", "--rounds", "1",
-             "--fresh-destinations", "--json", str(out), timeout=120)
+    p = _run("--quick", "--scenarios", "latency-64tok", "--rounds", "1", "--caller", "wait",
+             "--no-known-len", "--fresh-destinations", "--json", str(out), timeout=120)
     assert p.returncode == 0, p.stdout + p.stderr
-    [rec] = json.loads(out.read_text())
+    [rec] = json.loads(out.read_text())["scenarios"]
     assert rec["baseline_destinations"] == "fresh" and rec["failures"] == 0
+    assert list(rec["modes"]) == ["wait"]
     assert rec["raw"]["gbps"] > 0 and rec["zmq"]["gbps"] > 0
     assert "fresh tensors per room" in p.stdout
 
@@ -100,14 +119,52 @@ def test_plot_without_matplotlib_is_a_clear_error(monkeypatch, capsys) -> None:
     assert "pip install" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("caller", ["spin", "serving"])
-def test_callers_that_spin_or_serve_complete_and_are_recorded(tmp_path: Path, caller: str) -> None:
-    """Issue 15's caller modes: disagg's callers spin on poll() or run a serving
-    loop (2 ms of Python between polls) instead of blocking in wait()."""
+def test_repeat_and_a_subset_of_callers(tmp_path: Path) -> None:
+    """--repeat N: fresh processes per run, rounds pooled, each run's medians kept
+    for the min-max; --caller restricts the modes (spin's loss is vs wait)."""
     out = tmp_path / "bench.json"
-    p = _run("--quick", "--scenarios", "latency-64tok", "--rounds", "1", "--caller", caller,
-             "--json", str(out), timeout=120)
+    p = _run("--quick", "--scenarios", "latency-64tok-alloc-first", "--rounds", "1",
+             "--warmup", "1", "--caller", "wait,spin", "--repeat", "2", "--json", str(out),
+             timeout=120)
     assert p.returncode == 0, p.stdout + p.stderr
-    [rec] = json.loads(out.read_text())
-    assert rec["caller"] == caller and rec["failures"] == 0 and rec["disagg"]["gbps"] > 0
-    assert f"disagg's callers: {caller}" in p.stdout
+    doc = json.loads(out.read_text())
+    assert doc["meta"]["repeat"] == 2 and doc["meta"]["callers"] == ["wait", "spin"]
+    [rec] = doc["scenarios"]
+    assert rec["runs"] == 2 and rec["rounds"] == 2 and rec["failures"] == 0
+    assert list(rec["modes"]) == ["wait", "spin"]
+    spin = rec["modes"]["spin"]
+    assert len(spin["ratio_raw_by_run"]) == 2 and len(spin["vs_wait_loss_pct_by_run"]) == 2
+    assert "min-max over 2 runs" in p.stdout and "run 2/2 done" in p.stdout
+    assert "disagg's callers: wait, spin" in p.stdout
+
+
+@pytest.mark.parametrize("bad", ["bogus", "wait,wait", ","])
+def test_unknown_caller_is_a_clear_error(bad: str) -> None:
+    with pytest.raises(SystemExit) as e:
+        _load().parse_args(["--caller", bad])
+    assert e.value.code == 2
+
+
+def test_targets_verdicts() -> None:
+    """The summary's verdicts from synthetic records: spin's worst loss against
+    the 15 % bar, ratios without a bar, scenarios that did not run."""
+    _load()  # puts scripts/ on sys.path
+    from _bench_report import targets
+
+    def rec(name: str, loss: float) -> dict:
+        mode = {"ratio_raw": 0.8, "range_raw": [0.7, 0.9], "ratio_zmq": 1.1,
+                "range_zmq": [1.0, 1.2], "p50_ms": 10.0}
+        return {"name": name, "modes": {"wait": dict(mode), "spin": {**mode,
+                                                                    "vs_wait_loss_pct": loss},
+                                        "serving": {**mode, "p50_ms": 13.0}}}
+
+    by_key = {t["key"]: t for t in targets([rec("sweep-2000", 4.0), rec("conc-64x256", 14.9)])}
+    assert by_key["spin-loss"]["status"] == "met"
+    assert "conc-64x256" in by_key["spin-loss"]["figure"]
+    assert by_key["14mib-1ch"]["status"] == "no bar"
+    assert "wait 0.80 (0.70-0.90)" in by_key["14mib-1ch"]["figure"]
+    assert by_key["14mib-1ch-len"]["status"] == "not run"  # no +len modes in these records
+    assert by_key["serving-p50"]["values"]["diff_poll_intervals"] == pytest.approx(1.5)
+    assert by_key["rss"]["status"] == "not run"
+    by_key = {t["key"]: t for t in targets([rec("sweep-2000", 15.1)])}
+    assert by_key["spin-loss"]["status"] == "MISSED"
