@@ -168,3 +168,18 @@ def test_targets_verdicts() -> None:
     assert by_key["rss"]["status"] == "not run"
     by_key = {t["key"]: t for t in targets([rec("sweep-2000", 15.1)])}
     assert by_key["spin-loss"]["status"] == "MISSED"
+
+
+def test_bench_fanout_scatter_sends_each_byte_once(tmp_path: Path) -> None:
+    """scripts/bench_fanout.py: the Embedding rank sends T x the payload per
+    room for a copy instance and 1 x for a scatter one, every room bit-exact
+    on every rank (the script raises otherwise)."""
+    out = tmp_path / "fanout.json"
+    r = subprocess.run([sys.executable, str(SCRIPT.parent / "bench_fanout.py"), "--tp", "2",
+                        "--rounds", "2", "--warmup", "1", "--tokens", "200", "--hidden", "64",
+                        "--json", str(out)], capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stdout + r.stderr
+    (rec,) = json.loads(out.read_text())
+    assert rec["copy"]["sent_x_payload"] == 2.0 and rec["scatter"]["sent_x_payload"] == 1.0
+    assert rec["copy"]["sent_bytes_per_room"] == 2 * 200 * (2 * 64 + 16)
+    assert "throughput scatter/copy" in r.stdout
