@@ -94,3 +94,14 @@ def scatter_slice(seq_len: int, instance_size: int, index: int) -> tuple[int, in
     stride = -(-seq_len // instance_size)
     lo = min(index * stride, seq_len)
     return lo, min(lo + stride, seq_len)
+
+
+def prepost_tokens(span_tokens: int, key: int, allocated_tokens: int) -> int:
+    """Tokens of the chunk that answers a pre-posted allocation (wire
+    FLAG_PREPOSTED): all that fits of what is left of the rank's span after
+    `key` tokens, min(span_tokens - key, allocated); 0 for an empty span. Both
+    ends size that frame's recvs and sends from it, so it is exact."""
+    if not 0 <= key <= span_tokens or allocated_tokens < 1:
+        raise ValueError(f"span_tokens={span_tokens}, key={key}, "
+                         f"allocated_tokens={allocated_tokens}")
+    return min(span_tokens - key, allocated_tokens)

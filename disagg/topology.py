@@ -41,6 +41,12 @@ class Topology:
             return None
         return (rank - self.num_embedding_ranks) // self.language_tp_size
 
+    def index_in_instance(self, rank: int) -> int:
+        """A Language rank's place in its instance (its TP rank)."""
+        if rank < self.num_embedding_ranks:
+            raise ValueError(f"rank {rank} is an embedding rank")
+        return (rank - self.num_embedding_ranks) % self.language_tp_size
+
     def instance_ranks(self, instance: int) -> list[int]:
         start = self.num_embedding_ranks + instance * self.language_tp_size
         return list(range(start, start + self.language_tp_size))

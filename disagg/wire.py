@@ -48,6 +48,10 @@ class MsgKind(enum.IntEnum):
 FLAG_DIRECT = 1  # the plan is one contiguous run into the room's output; blocks are credit
 FLAG_BYE = 2  # HEARTBEAT: the sender is shutting down cleanly
 FLAG_SCATTER = 4  # ALLOC: fanout="scatter", send this rank only its token slice (plan.scatter_slice)
+# ALLOC (with a declared seq_len) and RESUME: the receiver has already posted this
+# frame's recvs (meta, then the payload of exactly `plan.expected_tokens`), so the
+# answer must be that DATA, or an ABORT or DEFER frame padded to the same sizes
+FLAG_PREPOSTED = 8
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,7 @@ class Alloc:
     direct: bool = False
     seq_len: int = 0
     scatter: bool = False  # this rank wants only its slice of the room (fanout="scatter")
+    preposted: bool = False  # the answer's recvs are posted (FLAG_PREPOSTED); needs seq_len
 
 
 @dataclass(frozen=True)
@@ -77,6 +82,7 @@ class Resume:
     block_ids: tuple[int, ...]
     allocated_tokens: int
     direct: bool = False
+    preposted: bool = False  # the answer's recvs are posted (FLAG_PREPOSTED)
 
 
 @dataclass(frozen=True)
@@ -106,10 +112,14 @@ class Reject:
 class Heartbeat:
     """L -> E every heartbeat interval, E -> L in answer: liveness of the pair's
     peer, so a rank learns within peer_timeout that the other side died even when
-    no recv of its own is posted to notice. `bye`: a clean shutdown."""
+    no recv of its own is posted to notice. `bye`: a clean shutdown; then
+    `frames` (E -> L) counts every frame the Embedding rank put on the pair's
+    stream, so the Language rank reads what is still on its way before it
+    gives the pair up (-1: not counted)."""
 
     rank: int
     bye: bool = False
+    frames: int = -1
 
 
 @dataclass(frozen=True)
@@ -139,7 +149,7 @@ def encode(msg: ControlMessage) -> bytes:
         is_alloc = isinstance(msg, Alloc)
         head = _HEADER.pack(
             MAGIC, VERSION, MsgKind.ALLOC if is_alloc else MsgKind.RESUME,
-            (FLAG_DIRECT if msg.direct else 0)
+            (FLAG_DIRECT if msg.direct else 0) | (FLAG_PREPOSTED if msg.preposted else 0)
             | (FLAG_SCATTER if isinstance(msg, Alloc) and msg.scatter else 0),
             msg.room, msg.lang_rank,
             msg.instance_size if isinstance(msg, Alloc) else 0,
@@ -152,7 +162,7 @@ def encode(msg: ControlMessage) -> bytes:
                             0, 0, 0, len(raw)) + raw
     if isinstance(msg, Heartbeat):
         return _HEADER.pack(MAGIC, VERSION, MsgKind.HEARTBEAT, FLAG_BYE if msg.bye else 0, 0,
-                            msg.rank, 0, 0, 0, 0)
+                            msg.rank, 0, msg.frames, 0, 0)
     if isinstance(msg, PairDown):
         raw = _reason_bytes(msg.reason)
         return _HEADER.pack(MAGIC, VERSION, MsgKind.PAIR_DOWN, 0, 0, msg.rank,
@@ -195,8 +205,10 @@ def decode(data: bytes) -> ControlMessage:
         if flags & ~FLAG_BYE or num_items or body:
             raise ProtocolError(f"malformed HEARTBEAT (flags 0x{flags:x}, {len(body)} body "
                                 f"bytes)")
-        return Heartbeat(lang_rank, bool(flags & FLAG_BYE))
-    if flags & ~(FLAG_DIRECT | (FLAG_SCATTER if kind is MsgKind.ALLOC else 0)):
+        return Heartbeat(lang_rank, bool(flags & FLAG_BYE), max(-1, sent_tokens))
+    allowed = {MsgKind.ALLOC: FLAG_DIRECT | FLAG_SCATTER | FLAG_PREPOSTED,
+               MsgKind.RESUME: FLAG_DIRECT | FLAG_PREPOSTED}.get(kind, FLAG_DIRECT)
+    if flags & ~allowed:
         raise ProtocolError(f"unknown flags 0x{flags:x}")
     if kind in (MsgKind.ALLOC, MsgKind.RESUME):
         if num_items > MAX_BLOCKS_PER_MESSAGE:
@@ -210,9 +222,12 @@ def decode(data: bytes) -> ControlMessage:
         if kind is MsgKind.ALLOC:
             if sent_tokens < 0:
                 raise ProtocolError(f"ALLOC declares seq_len={sent_tokens}", room=room)
+            if flags & FLAG_PREPOSTED and not sent_tokens:
+                raise ProtocolError("ALLOC with posted recvs declares no seq_len", room=room)
             return Alloc(room, lang_rank, instance_size, blocks, allocated_tokens, direct,
-                         sent_tokens, bool(flags & FLAG_SCATTER))
-        return Resume(room, lang_rank, sent_tokens, blocks, allocated_tokens, direct)
+                         sent_tokens, bool(flags & FLAG_SCATTER), bool(flags & FLAG_PREPOSTED))
+        return Resume(room, lang_rank, sent_tokens, blocks, allocated_tokens, direct,
+                      bool(flags & FLAG_PREPOSTED))
     if num_items > MAX_REASON_BYTES or len(body) != num_items:
         raise ProtocolError(f"{kind.name} reason length {num_items} does not match "
                             f"{len(body)} bytes (limit {MAX_REASON_BYTES})", room=room)
@@ -233,6 +248,9 @@ class FrameKind(enum.IntEnum):
     DATA = 1
     ABORT = 2  # answers an allocation: nothing of this room follows; payload: its reason
     CLOSE = 3  # reserved: decoded and rejected as unexpected, never sent (a pair ends with its group)
+    # a pre-posted allocation is not answered yet: filler of its sizes, so another
+    # room's frame can go first; its answer comes later as an ordinary frame
+    DEFER = 4
 
 
 ABORT_REASON_BYTES = 256  # an ABORT frame's payload: its reason, UTF-8, NUL-padded
@@ -253,6 +271,8 @@ def reason_from_tensor(t: torch.Tensor) -> str:
 
 FLAG_FIRST = 1
 FLAG_LAST = 2
+FLAG_GIVEN = 4  # DATA: the sender holds every token of the room (a RESUME may pre-post)
+FLAG_PADDED = 8  # ABORT: filler of the pre-posted sizes comes first, then the reason
 META_MAGIC = 0xD15A_0000 | VERSION
 META_LEN = 10 + MAX_INLINE_AUX  # 18 words
 _CHECK_SALT = 0x5EED_D15A_C0DE

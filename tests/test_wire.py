@@ -224,7 +224,7 @@ def test_unknown_kind(kind):
         decode(header(kind=kind))
 
 
-@pytest.mark.parametrize("flags", [2, 8, 0x80000000, 0xFFFFFFFF])
+@pytest.mark.parametrize("flags", [2, 16, 0x80000000, 0xFFFFFFFF])
 def test_unknown_flags(flags):
     with pytest.raises(ProtocolError, match=f"unknown flags 0x{flags:x}"):
         decode(header(flags=flags))
@@ -234,6 +234,22 @@ def test_unknown_flags(flags):
 def test_scatter_flag_only_on_alloc(kind):
     with pytest.raises(ProtocolError, match="unknown flags 0x4"):
         decode(header(kind=kind, flags=4))
+
+
+def test_preposted_flag_roundtrips_and_an_alloc_needs_a_declared_length():
+    a = Alloc(7, 1, 2, (0, 1), 32, False, 40, preposted=True)
+    assert decode(encode(a)) == a
+    r = Resume(7, 1, 16, (), 32, True, preposted=True)
+    assert decode(encode(r)) == r
+    with pytest.raises(ProtocolError, match="posted recvs declares no seq_len"):
+        decode(encode(dataclasses.replace(a, seq_len=0)))
+    with pytest.raises(ProtocolError, match="unknown flags 0x8"):
+        decode(header(kind=MsgKind.ABORT, flags=8))
+
+
+def test_goodbye_counts_the_frames_sent():
+    assert decode(encode(Heartbeat(0, bye=True, frames=12345))) == Heartbeat(0, True, 12345)
+    assert decode(encode(Heartbeat(3))).frames == -1
 
 
 def test_alloc_scatter_flag_roundtrips():

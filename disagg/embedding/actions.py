@@ -8,7 +8,7 @@ from ..errors import FailureCause
 from ..plan import Segment
 from ..types import TransferStatus
 from ..wire import Meta
-from .room import Lane, Part, SendRoom
+from .room import Grant, Lane, Part, SendRoom
 
 
 @dataclass(frozen=True)
@@ -20,7 +20,10 @@ class SendData:
     meta: Meta
     plan: list[Segment]
     nbytes: int
-    part: Part  # the part whose tensors the chunk is sliced from
+    # the parts whose tensors the chunk is sliced from: one, unless a chunk that
+    # answers a pre-posted allocation spans parts (then each segment is copied
+    # into one tensor: the receiver posted one recv per segment)
+    parts: list[Part]
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,36 @@ class SendAbortFrame:
     reason: str
     lane: Lane | None = None
     owner: SendRoom | None = None
+    pad: Grant | None = None  # a pre-posted grant: filler of its sizes precedes the reason
+
+
+@dataclass(frozen=True)
+class Preposted:
+    """`lang_rank` posted the recvs of `grant`'s answer: until it is on the
+    wire, any other frame for that pair must first DEFER it (the engine)."""
+
+    room: int
+    lang_rank: int
+    grant: Grant
+
+
+@dataclass(frozen=True)
+class SendDefer:
+    """Fill the posted recvs of `grant`'s answer with a DEFER frame: the grant
+    is answered later by an ordinary frame."""
+
+    room: int
+    lang_rank: int
+    grant: Grant
+
+
+@dataclass(frozen=True)
+class DropPair:
+    """Give up the stream to `lang_rank` (it is told why): no frame could keep
+    it in step."""
+
+    lang_rank: int
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -68,4 +101,5 @@ class End:
     send_total_s: float | None = None
 
 
-Action = SendData | SendAbortFrame | SendReject | CountFailure | Count | End
+Action = (SendData | SendAbortFrame | SendDefer | Preposted | DropPair | SendReject
+          | CountFailure | Count | End)

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from ..errors import FailureCause
 from ..geometry import Geometry
-from ..plan import num_blocks_for
+from ..plan import num_blocks_for, prepost_tokens, scatter_slice
 from ..topology import Topology
 from ..wire import Abort, Alloc, Resume
-from .actions import Action, CountFailure, SendReject
+from .actions import Action, CountFailure, DropPair, Preposted, SendReject
 from .lobby import Lobby, Refusal
 from .machine import SendMachine
 from .room import Grant, SendRoom
@@ -35,32 +35,46 @@ class Admission:
         why = (self.check_grant(lang, m.block_ids, m.allocated_tokens, m.direct,
                                 allow_empty=False)
                or self.check_instance_size(m.instance_size, scatter=m.scatter))
-        grant = Grant(0, m.block_ids, m.allocated_tokens, m.direct, now, m.seq_len, m.scatter)
+        grant = Grant(0, m.block_ids, m.allocated_tokens, m.direct, now, m.seq_len, m.scatter,
+                      m.preposted, self.alloc_expect(m) if m.preposted else -1)
         if r is not None:
             return self.machine.alloc(r, lang, grant, m.instance_size, why,
                                       self.other_instance)
         ended = self.lobby.late(room, lang)
         if ended is not None:
             return [self.machine.refuse(lang, room, f"ALLOC for a room that already ended: "
-                                                    f"{ended}")]
+                                                    f"{ended}", grant)]
         if why is not None:
             return [self.machine.refuse(lang, room, f"bad ALLOC from language rank {lang}: "
-                                                    f"{why}")]
+                                                    f"{why}", grant)]
         refusal = self.lobby.add_alloc(lang, room, m.instance_size, grant, self.other_instance)
-        if refusal is None:
-            return []  # kept until sender(room), or bootstrap_timeout
+        if refusal is None:  # kept until sender(room), or bootstrap_timeout
+            return [Preposted(room, lang, grant)] if grant.preposted else []
         return [CountFailure(FailureCause.BAD_MESSAGE), *self.refusals([refusal])]
 
     def resume(self, r: SendRoom | None, m: Resume, now: float) -> list[Action]:
         lang, room = m.lang_rank, m.room
         if r is None:
             ended = self.lobby.ended(room)
-            return [self.machine.refuse(
-                lang, room, "RESUME for a room that is unknown here" if ended is None
-                else f"RESUME for a room that already ended: {ended}")]
+            gone = ("RESUME for a room that is unknown here" if ended is None
+                    else f"RESUME for a room that already ended: {ended}")
+            grant = Grant(m.sent_tokens, m.block_ids, m.allocated_tokens, m.direct, now,
+                          preposted=m.preposted)
+            if m.preposted:
+                # The rank posted recvs sized from its span of the room, which it
+                # learnt from a DATA meta: the room ended here after that, and
+                # its tombstone says the span. Forgotten, no answer can match
+                # them: the pair is given up rather than sent a wrong size.
+                span = self.lobby.span(room, lang)
+                if span is None or not 0 <= m.sent_tokens <= span or m.allocated_tokens < 1:
+                    return [DropPair(lang, f"pre-posted {gone} (room {room}), of a size "
+                                           f"this rank cannot know")]
+                grant.expect = prepost_tokens(span, m.sent_tokens, m.allocated_tokens)
+            return [self.machine.refuse(lang, room, gone, grant)]
         why = self.check_grant(lang, m.block_ids, m.allocated_tokens, m.direct,
                                allow_empty=True)
-        grant = Grant(m.sent_tokens, m.block_ids, m.allocated_tokens, m.direct, now)
+        grant = Grant(m.sent_tokens, m.block_ids, m.allocated_tokens, m.direct, now,
+                      preposted=m.preposted)
         return self.machine.resume(r, lang, grant, why)
 
     def abort(self, r: SendRoom | None, m: Abort, now: float) -> list[Action]:
@@ -78,7 +92,19 @@ class Admission:
         return [SendReject(room, lang, reason)]
 
     def refusals(self, refusals: list[Refusal]) -> list[Action]:
-        return [self.machine.refuse(f.lang_rank, f.room, f.reason) for f in refusals]
+        return [self.machine.refuse(f.lang_rank, f.room, f.reason, f.grant) for f in refusals]
+
+    def alloc_expect(self, m: Alloc) -> int:
+        """The first chunk a pre-posted ALLOC's rank sized its recvs for: its
+        span of a room of the declared length, as far as the allocation goes."""
+        tp = m.instance_size
+        index = self.topology.index_in_instance(m.lang_rank) if m.scatter else None
+        if index is None or not 0 <= index < tp:
+            span = m.seq_len
+        else:
+            lo, hi = scatter_slice(m.seq_len, tp, index)
+            span = hi - lo
+        return prepost_tokens(span, 0, max(1, m.allocated_tokens))
 
     # -------------------------------------------------------- checks
 

@@ -30,13 +30,24 @@ from ..topology import Topology
 from ..transport import PairTransport
 from ..types import TransferStatus, check_room_id
 from ..wire import Abort, Alloc, ControlMessage, Heartbeat, PairDown, Reject, Resume
-from .actions import Action, Count, CountFailure, End, SendAbortFrame, SendData, SendReject
+from .actions import (
+    Action,
+    Count,
+    CountFailure,
+    DropPair,
+    End,
+    Preposted,
+    SendAbortFrame,
+    SendData,
+    SendDefer,
+    SendReject,
+)
 from .admission import Admission
 from .lobby import Lobby, Refusal
 from .machine import SendMachine
-from .room import Lane, SendRoom, set_status
+from .room import Grant, Lane, SendRoom, lane_total, set_status
 from .sender import Sender
-from .stream import Frame, SendStreams, abort_frame, data_frame
+from .stream import Frame, SendStreams, abort_frame, data_frame, defer_frame, filler
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +65,9 @@ class EmbeddingEngine(EngineShell):
         self.machine = SendMachine(rank, geometry, topology, cfg.bootstrap_timeout)
         self._transports = transports
         self._streams = SendStreams(rank, transports)
+        # per Language rank: the (room, grant) whose answer's recvs it posted, not
+        # yet answered; any other frame for that pair DEFERs it first (`_submit`)
+        self._preposted: dict[int, tuple[int, Grant]] = {}
         self._rooms: dict[int, SendRoom] = {}
         self.lobby = Lobby(cfg.bootstrap_timeout)
         self.admission = Admission(self.machine, self.lobby, geometry, topology, peer_num_blocks)
@@ -148,13 +162,22 @@ class EmbeddingEngine(EngineShell):
         for a in actions:
             if isinstance(a, SendData):
                 self._submit(a.lane.lang_rank, data_frame(
-                    a.meta, a.part.sources, a.part.start, a.plan, a.part.ready,
+                    a.meta, a.parts, a.plan,
                     functools.partial(self._frame_done, a.room, a.lane, True, a.nbytes)))
             elif isinstance(a, SendAbortFrame):
                 done: Callable[[BaseException | None], None] = _ignore
                 if a.lane is not None and a.owner is not None:
                     done = functools.partial(self._frame_done, a.owner, a.lane, False, 0)
-                self._submit(a.lang_rank, abort_frame(a.room, a.reason, self.device, done))
+                pad = None if a.pad is None else filler(self.geometry, a.pad, self.device)
+                self._submit(a.lang_rank, abort_frame(a.room, a.reason, self.device, done, pad))
+            elif isinstance(a, SendDefer):
+                self.stats.add(deferred=1)
+                self._submit(a.lang_rank, defer_frame(
+                    a.room, filler(self.geometry, a.grant, self.device), _ignore))
+            elif isinstance(a, Preposted):
+                self._preposted[a.lang_rank] = (a.room, a.grant)
+            elif isinstance(a, DropPair):
+                self._pair_lost(a.lang_rank, PeerLost(a.reason, peer=a.lang_rank))
             elif isinstance(a, SendReject):
                 self._reject(a.lang_rank, a.room, a.reason)
             elif isinstance(a, CountFailure):
@@ -165,6 +188,15 @@ class EmbeddingEngine(EngineShell):
                 self._end(a)
 
     def _submit(self, lang: int, frame: Frame) -> None:
+        waiting = self._preposted.pop(lang, None)
+        if waiting is not None and waiting[0] != frame.meta.room and waiting[1].preposted:
+            # `lang` posted the recvs of another room's answer, which is not ready:
+            # fill them, so this frame goes now; that answer comes later, ordinary
+            room, grant = waiting
+            grant.preposted = False
+            self.stats.add(deferred=1)
+            self._submit(lang, defer_frame(room, filler(self.geometry, grant, self.device),
+                                           _ignore))
         if self._closing:  # the streams are closing: the peer learns from their end
             frame.done(DisaggError(f"embedding rank {self.rank} is shut down"))
             return
@@ -193,7 +225,9 @@ class EmbeddingEngine(EngineShell):
         r.sources, r.parts = None, []  # drop the caller's tensors
         if self._rooms.get(r.room) is r:
             del self._rooms[r.room]
-            self.lobby.bury(r.room, a.outcome, set(r.lanes))
+            self.lobby.bury(r.room, a.outcome, set(r.lanes),
+                            {lang: lane_total(r, lane) for lang, lane in r.lanes.items()}
+                            if r.seq_len else None)
         self.stats.set_gauge("rooms_live", len(self._rooms))
         self.stats.set_gauge("pool_free_blocks", self.budget.num_free)
         if a.send_total_s is not None:
@@ -218,6 +252,7 @@ class EmbeddingEngine(EngineShell):
         agree the pair is gone. Idempotent."""
         if not self.liveness.mark_dead(lang, str(err)):
             return
+        self._preposted.pop(lang, None)
         if not self._closing:
             log.log(logging.INFO if clean else logging.WARNING,
                     "embedding rank %d: language rank %d is down: %s", self.rank, lang, err)
@@ -265,7 +300,8 @@ class EmbeddingEngine(EngineShell):
             self._closing = True
         self._streams.stop(timeout_s)
         for lang in self.topology.language_ranks:  # after the last frames: a clean goodbye
-            self._post(lang, Heartbeat(self.rank, bye=True))
+            self._post(lang, Heartbeat(self.rank, bye=True,
+                                       frames=self._streams.frames_posted(lang)))
 
 
 def _ignore(err: BaseException | None) -> None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import collections
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .machine import Grant
 
@@ -30,12 +30,16 @@ class Refusal:
     lang_rank: int
     room: int
     reason: str
+    grant: Grant | None = None  # the ALLOC refused (its answer is padded if pre-posted)
 
 
 @dataclass
 class Tombstone:
     outcome: str
     ended_on: set[int]  # Language ranks that know the room ended
+    # tokens each Language rank receives of the room (its span): what a late
+    # pre-posted RESUME's padded answer is sized from
+    spans: dict[int, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -104,7 +108,7 @@ class Lobby:
                f"too many ALLOCs waiting for data ({self._early_total})"
                if self._early_total >= MAX_EARLY_ALLOCS else None)
         if why is not None:
-            return Refusal(lang, room, f"bad ALLOC from language rank {lang}: {why}")
+            return Refusal(lang, room, f"bad ALLOC from language rank {lang}: {why}", grant)
         self._early.setdefault(room, {})[lang] = grant
         self._early_instance[room] = instance_size
         self._early_total += 1
@@ -118,10 +122,10 @@ class Lobby:
         for room in list(self._early):
             grants = self._early[room]
             for lang in [lang for lang, g in grants.items() if match(room, lang, g)]:
-                del grants[lang]
+                grant = grants.pop(lang)
                 self._early_total -= 1
                 if reason:
-                    out.append(Refusal(lang, room, reason))
+                    out.append(Refusal(lang, room, reason, grant))
             if not grants:
                 del self._early[room]
                 self._early_instance.pop(room, None)
@@ -152,8 +156,14 @@ class Lobby:
             self._early_aborts.popitem(last=False)
         return out
 
-    def bury(self, room: int, outcome: str, ended_on: set[int]) -> None:
-        self._tombstones[room] = Tombstone(outcome, ended_on)
+    def span(self, room: int, lang: int) -> int | None:
+        """Tokens `lang` receives of a room that ended here, while remembered."""
+        t = self._tombstones.get(room)
+        return None if t is None else t.spans.get(lang)
+
+    def bury(self, room: int, outcome: str, ended_on: set[int],
+             spans: dict[int, int] | None = None) -> None:
+        self._tombstones[room] = Tombstone(outcome, ended_on, spans or {})
         while len(self._tombstones) > MAX_TOMBSTONES:
             self._tombstones.popitem(last=False)
 

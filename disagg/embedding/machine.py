@@ -60,11 +60,21 @@ import torch
 
 from ..errors import FailureCause
 from ..geometry import Geometry
-from ..plan import chunk_tokens, segment_plan
+from ..plan import chunk_tokens, prepost_tokens, segment_plan
 from ..topology import Topology
 from ..types import TransferStatus
-from ..wire import FLAG_FIRST, FLAG_LAST, FrameKind, Meta
-from .actions import Action, Count, CountFailure, End, SendAbortFrame, SendData, SendReject
+from ..wire import FLAG_FIRST, FLAG_GIVEN, FLAG_LAST, FrameKind, Meta
+from .actions import (
+    Action,
+    Count,
+    CountFailure,
+    End,
+    Preposted,
+    SendAbortFrame,
+    SendData,
+    SendDefer,
+    SendReject,
+)
 from .room import (
     Grant,
     Lane,
@@ -115,8 +125,24 @@ class SendMachine:
         r.last_progress = now
         out: list[Action] = []
         for lane in list(r.lanes.values()):
+            out += self._defer_if_partial(r, lane)
             out += self._schedule(r, lane)
         return out
+
+    def _defer_if_partial(self, r: SendRoom, lane: Lane) -> list[Action]:
+        """A pre-posted grant waits for its whole chunk; when a part gives only
+        some of it (progressive send), it is DEFERred (its recvs take filler)
+        and answered as an ordinary grant, so that part leaves at once."""
+        g = lane.pending
+        if g is None or not g.preposted or g.expect <= 0 or r.failure is not None:
+            return []
+        if g.seq_len and g.seq_len != r.seq_len:
+            return []  # answered by a padded ABORT (length mismatch)
+        offset = lane_span(r, lane)[0] + lane.sent_tokens
+        if not offset < r.given < offset + g.expect:
+            return []
+        g.preposted = False
+        return [SendDefer(r.room, lane.lang_rank, g)]
 
     def abort(self, r: SendRoom, reason: str) -> list[Action]:
         if r.ended or r.failure is not None or self.decided_on_the_wire(r):
@@ -140,14 +166,14 @@ class SendMachine:
         `other_instance` says why `lang` may not join a room another rank asked for."""
         if r.failure is not None or r.ended:
             return [self.refuse(lang, r.room, f"ALLOC for a room that already failed: "
-                                              f"{r.failure}")]
+                                              f"{r.failure}", grant)]
         if why is None and lang in r.lanes:
             why = "duplicate ALLOC from this language rank"
         if why is None and r.lanes:
             intruder = other_instance(lang, next(iter(r.lanes)))
             if intruder is not None:  # the room is another instance's: refuse only this ALLOC
                 return [self.refuse(lang, r.room, f"bad ALLOC from language rank {lang}: "
-                                                  f"{intruder}"),
+                                                  f"{intruder}", grant),
                         CountFailure(FailureCause.BAD_MESSAGE)]
         if why is None and r.instance_size not in (None, instance_size):
             why = f"instance_size={instance_size} disagrees with {r.instance_size}"
@@ -157,7 +183,7 @@ class SendMachine:
                    f"instance's other ranks")
         if why is not None:
             why = f"bad ALLOC from language rank {lang}: {why}"
-            return [self.refuse(lang, r.room, why),
+            return [self.refuse(lang, r.room, why, grant),
                     *self.fail(r, f"embedding rank {self.rank}: {why}",
                                FailureCause.BAD_MESSAGE)]
         r.instance_size = instance_size
@@ -165,13 +191,13 @@ class SendMachine:
         r.last_progress = grant.arrived
         if r.sources is not None:
             set_status(r, TransferStatus.TRANSFERRING)
-        return self._schedule(r, lane)
+        return [*self._preposted(r.room, lang, grant), *self._schedule(r, lane)]
 
     def resume(self, r: SendRoom, lang: int, grant: Grant, why: str | None) -> list[Action]:
         """A RESUME for a live room keyed by `grant.key` (= sent_tokens)."""
         if r.failure is not None or r.ended:
             return [self.refuse(lang, r.room, f"RESUME for a room that already ended: "
-                                              f"{r.failure}")]
+                                              f"{r.failure}", grant)]
         lane = r.lanes.get(lang)
         if why is None and lane is None:
             why = "RESUME before ALLOC"
@@ -187,14 +213,19 @@ class SendMachine:
                 why = f"RESUME after all {lane_total(r, lane)} tokens were sent"
         if why is not None:
             why = f"bad RESUME from language rank {lang}: {why}"
-            return [self.refuse(lang, r.room, why),
+            if grant.preposted:  # its recvs are sized by the rank's own count
+                grant.expect = self._resume_expect(r, lane, grant)
+            return [self.refuse(lang, r.room, why, grant),
                     *self.fail(r, f"embedding rank {self.rank}: {why}",
                                FailureCause.BAD_MESSAGE)]
         assert lane is not None
         lane.pending = grant
         lane.keys.add(grant.key)
         r.last_progress = grant.arrived
-        return [Count(resumes=1), *self._schedule(r, lane)]
+        if grant.preposted:
+            grant.expect = self._resume_expect(r, lane, grant)
+        return [Count(resumes=1), *self._preposted(r.room, lang, grant),
+                *self._schedule(r, lane)]
 
     def peer_abort(self, r: SendRoom, lang: int, reason: str) -> list[Action]:
         if self.decided_on_the_wire(r):
@@ -274,16 +305,25 @@ class SendMachine:
 
     def new_lane(self, lang: int, grant: Grant) -> Lane:
         """The lane an accepted ALLOC opens (now, or when `sender()` claims it)."""
-        index = None
-        if grant.scatter:
-            inst = self.topology.instance_of(lang)
-            assert inst is not None
-            index = lang - self.topology.instance_ranks(inst)[0]
+        index = self.topology.index_in_instance(lang) if grant.scatter else None
         return Lane(lang, slice_index=index, pending=grant, keys={0})
 
-    def refuse(self, lang: int, room: int, why: str) -> SendAbortFrame:
-        """Refuse an allocation: its answer is an ABORT frame that says why."""
-        return SendAbortFrame(room, lang, f"embedding rank {self.rank}: {why}")
+    def refuse(self, lang: int, room: int, why: str, grant: Grant | None = None) -> SendAbortFrame:
+        """Refuse an allocation: its answer is an ABORT frame that says why
+        (padded to the allocation's sizes when its recvs are posted)."""
+        return SendAbortFrame(room, lang, f"embedding rank {self.rank}: {why}",
+                              pad=grant if grant is not None and grant.preposted else None)
+
+    @staticmethod
+    def _preposted(room: int, lang: int, grant: Grant) -> list[Action]:
+        return [Preposted(room, lang, grant)] if grant.preposted else []
+
+    @staticmethod
+    def _resume_expect(r: SendRoom, lane: Lane | None, grant: Grant) -> int:
+        """The chunk a pre-posted RESUME's rank sized its recvs for: what is left
+        of its span after `key` tokens, as far as the allocation goes."""
+        total = lane_total(r, lane) if lane is not None else r.seq_len
+        return prepost_tokens(total, min(grant.key, total), grant.allocated_tokens)
 
     # -------------------------------------------------------- internals
 
@@ -307,10 +347,11 @@ class SendMachine:
         out: list[Action] = [CountFailure(cause)]
         for lane in r.lanes.values():
             if lane.pending is not None:
-                lane.pending = None
+                grant, lane.pending = lane.pending, None
                 lane.in_flight += 1
                 lane.aborting = True
-                out.append(SendAbortFrame(r.room, lane.lang_rank, reason, lane, r))
+                out.append(SendAbortFrame(r.room, lane.lang_rank, reason, lane, r,
+                                          pad=grant if grant.preposted else None))
             elif not lane.done:  # no frame owed to it: the reason goes by REJECT
                 out.append(SendReject(r.room, lane.lang_rank, reason))
         return out + self._maybe_end(r)
@@ -328,29 +369,36 @@ class SendMachine:
                                 f"has {r.seq_len} tokens", FailureCause.LENGTH_MISMATCH)
         lo, hi = lane_span(r, lane)
         offset = lo + lane.sent_tokens  # in the room's tokens
-        if hi > lo and offset >= r.given:
+        if grant.preposted:
+            # exactly what the rank's posted recvs expect, whatever the parts
+            n = grant.expect
+            assert n == (min(hi - offset, grant.allocated_tokens) if hi > lo else 0)
+            if n and offset + n > r.given:
+                return []  # waits until that much is given (or a DEFER)
+        elif hi > lo and offset >= r.given:
             return []  # its data is not given yet: the grant waits for the next part
-        part = next(p for p in reversed(r.parts) if p.start <= offset)
-        lane.pending = None
-        if hi == lo:
-            # scatter, a room shorter than its instance: this rank's slice is
-            # empty, and the answer is a meta frame alone (it carries seq_len)
-            n, plan = 0, []
         else:
             # A chunk never spans parts (one slice per segment, no copy); nor,
             # while the room is incomplete, goes past what was given.
-            n = min(chunk_tokens(hi, offset, grant.allocated_tokens),
-                    part.start + part.num_tokens - offset)
-            plan = segment_plan(grant.block_ids, self.geometry.block_size, n,
-                                direct=grant.direct)
+            part = next(p for p in reversed(r.parts) if p.start <= offset)
+            n = (0 if hi == lo else min(chunk_tokens(hi, offset, grant.allocated_tokens),
+                                        part.start + part.num_tokens - offset))
+        lane.pending = None
+        # an empty span (scatter, a room shorter than its instance) is answered
+        # by a meta frame alone, which carries seq_len
+        plan = (segment_plan(grant.block_ids, self.geometry.block_size, n, direct=grant.direct)
+                if n else [])
+        parts = [p for p in r.parts if p.start < offset + n and offset < p.start + p.num_tokens]
         flags = ((FLAG_FIRST if lane.sent_tokens == 0 else 0)
-                 | (FLAG_LAST if offset + n == hi else 0))
+                 | (FLAG_LAST if offset + n == hi else 0)
+                 | (FLAG_GIVEN if r.given == r.seq_len else 0))
         meta = Meta(FrameKind.DATA, r.room, lane.chunk_index, offset, n, r.seq_len, flags,
                     r.aux)
         lane.sent_tokens += n
         lane.chunk_index += 1
         lane.in_flight += 1
-        return [SendData(r, lane, meta, plan, n * self.geometry.token_nbytes, part)]
+        return [SendData(r, lane, meta, plan, n * self.geometry.token_nbytes,
+                         parts or r.parts[:1])]
 
     def _maybe_succeed(self, r: SendRoom, now: float) -> list[Action]:
         done = sum(p.done for p in r.lanes.values())

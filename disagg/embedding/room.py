@@ -24,6 +24,12 @@ class Grant:
     arrived: float
     seq_len: int = 0  # ALLOC only: the length the Language caller declared (0: none)
     scatter: bool = False  # ALLOC only: the rank wants only its slice (fanout="scatter")
+    # The rank posted the recvs of this grant's answer already (wire
+    # FLAG_PREPOSTED): a DATA chunk of exactly `expect` tokens, or an ABORT or
+    # DEFER frame padded to the same sizes. Cleared by a DEFER: the answer is
+    # then an ordinary frame.
+    preposted: bool = False
+    expect: int = -1  # pre-posted: the chunk's tokens (`plan.prepost_tokens`)
 
 
 @dataclass

@@ -20,9 +20,11 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import DisaggError
-from ..plan import Segment
+from ..geometry import Geometry
+from ..plan import Segment, segment_plan
 from ..transport import PairTransport, Posted
-from ..wire import FrameKind, Meta, reason_tensor
+from ..wire import FLAG_PADDED, FrameKind, Meta, reason_tensor
+from .room import Grant, Part
 
 log = logging.getLogger(__name__)
 
@@ -40,23 +42,63 @@ class Frame:
     posted: Posted | None = None
 
 
-def data_frame(meta: Meta, sources: list[torch.Tensor], start: int, plan: list[Segment],
-               ready: torch.cuda.Event | None, done: Done) -> Frame:
+def data_frame(meta: Meta, parts: list[Part], plan: list[Segment], done: Done) -> Frame:
     """A DATA frame: for each buffer, one slice (a view, no copy) of the caller's
     tensor per segment, in wire order; then, on a first chunk whose room has
-    more aux values than the meta holds, all of them as one int64 tensor."""
-    offset = meta.token_offset - start  # within the part's tensors, which begin at `start`
-    payload = [src[offset + s.chunk_start:offset + s.chunk_start + s.num_tokens]
-               for src in sources for s in plan]
+    more aux values than the meta holds, all of them as one int64 tensor.
+
+    A segment spans parts only when the chunk answers a pre-posted allocation
+    (the receiver posted one recv per segment): those pieces are copied into
+    one tensor, on the device after every part's producer-stream event."""
+    ready = parts[-1].ready  # recorded after every earlier part's, on the same stream
+    payload: list[torch.Tensor] = []
+    joined = False
+    for j in range(len(parts[0].sources)):
+        for s in plan:
+            a = meta.token_offset + s.chunk_start
+            b = a + s.num_tokens
+            pieces = [p.sources[j][max(a, p.start) - p.start:min(b, p.start + p.num_tokens)
+                                   - p.start]
+                      for p in parts if p.start < b and a < p.start + p.num_tokens]
+            if len(pieces) > 1 and not joined and ready is not None:
+                torch.cuda.current_stream(pieces[0].device).wait_event(ready)
+            joined = joined or len(pieces) > 1
+            payload.append(pieces[0] if len(pieces) == 1 else torch.cat(pieces))
+    if joined and ready is not None:  # the sends wait for the copies, not only the producer
+        ready = torch.cuda.Event()
+        ready.record(torch.cuda.current_stream(parts[0].sources[0].device))
     if meta.aux_follows:  # more aux than the meta holds: all of it, after the first chunk
-        payload.append(torch.tensor(meta.aux, dtype=torch.int64, device=sources[0].device))
+        payload.append(torch.tensor(meta.aux, dtype=torch.int64,
+                                    device=parts[0].sources[0].device))
     return Frame(meta, payload, ready, done)
 
 
-def abort_frame(room: int, reason: str, device: torch.device, done: Done) -> Frame:
+def filler(geometry: Geometry, grant: Grant, device: torch.device) -> list[torch.Tensor]:
+    """Zeros of exactly the sizes the receiver posted for a pre-posted grant's
+    answer (the plan both ends derive from its blocks and `expect`)."""
+    if grant.expect <= 0:
+        return []
+    plan = segment_plan(grant.block_ids, geometry.block_size, grant.expect, direct=grant.direct)
+    return [torch.zeros((s.num_tokens, *b.per_token_shape), dtype=b.dtype, device=device)
+            for b in geometry.wire_buffers for s in plan]
+
+
+def abort_frame(room: int, reason: str, device: torch.device, done: Done,
+                pad: list[torch.Tensor] | None = None) -> Frame:
     """An ABORT frame: its reason in-band, fixed size, so the Language side reports
-    exactly this one."""
-    return Frame(Meta(FrameKind.ABORT, room), [reason_tensor(reason).to(device)], None, done)
+    exactly this one; after `pad` (FLAG_PADDED) when it answers a pre-posted
+    allocation, whose recvs then take the filler."""
+    if pad is None:
+        return Frame(Meta(FrameKind.ABORT, room), [reason_tensor(reason).to(device)], None,
+                     done)
+    return Frame(Meta(FrameKind.ABORT, room, flags=FLAG_PADDED),
+                 [*pad, reason_tensor(reason).to(device)], None, done)
+
+
+def defer_frame(room: int, pad: list[torch.Tensor], done: Done) -> Frame:
+    """A DEFER frame: filler for a pre-posted allocation that is not answered
+    yet, so another room's frame may use the pair first."""
+    return Frame(Meta(FrameKind.DEFER, room, flags=FLAG_PADDED), pad, None, done)
 
 
 class PairSender:
@@ -74,6 +116,7 @@ class PairSender:
         self._posting = threading.Lock()  # held while posting: one poster at a time
         self._stop = False
         self.dead: BaseException | None = None
+        self.frames_posted = 0  # put on the stream; told to the peer at a clean goodbye
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -101,6 +144,7 @@ class PairSender:
                         try:
                             frame.posted = self.transport.post_frame(frame.meta, frame.payload,
                                                                      frame.ready)
+                            self.frames_posted += 1
                         except Exception as e:  # reported through this frame and every later one
                             self.dead = e
                     with self._cv:
@@ -151,6 +195,7 @@ class SendStreams:
         self._rank = rank
         self._transports = transports
         self._senders: dict[int, PairSender] = {}
+        self._posted_before: dict[int, int] = {}  # frames of streams stopped already
 
     def submit(self, lang_rank: int, frame: Frame) -> None:
         s = self._senders.get(lang_rank)
@@ -164,6 +209,11 @@ class SendStreams:
         for s in list(self._senders.values()):
             s.flush()
 
+    def frames_posted(self, lang_rank: int) -> int:
+        """Frames put on the stream to `lang_rank` so far."""
+        s = self._senders.get(lang_rank)
+        return s.frames_posted if s is not None else self._posted_before.get(lang_rank, 0)
+
     def stop(self, timeout_s: float) -> None:
         """Finish every queued frame, stop the threads, and let go of the
         transports (and so of their process groups: nothing but garbage
@@ -171,6 +221,7 @@ class SendStreams:
         deadline = time.monotonic() + timeout_s
         for lang, s in list(self._senders.items()):
             if s.stop(max(0.0, deadline - time.monotonic())):
+                self._posted_before[lang] = s.frames_posted
                 del self._senders[lang]
             else:
                 log.error("embedding rank %d: a sender thread did not stop in %.1fs",

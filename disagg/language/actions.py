@@ -23,6 +23,17 @@ class Owe:
 
 
 @dataclass(frozen=True)
+class Prepost:
+    """Have the pair's receiver post the recvs of the frame that answers
+    `credit` now (its meta, then `num_tokens` tokens at `token_offset`), before
+    anything arrives; the allocation told the Embedding rank so (FLAG_PREPOSTED)."""
+
+    credit: Credit
+    num_tokens: int
+    token_offset: int
+
+
+@dataclass(frozen=True)
 class Disown:
     """A frame counted as owed will not come (its ALLOC or RESUME was not sent)."""
 
@@ -57,4 +68,4 @@ class Publish:
     status: TransferStatus
 
 
-Action = Post | Owe | Disown | Release | AskResume | CountFailure | Untrack | Publish
+Action = Post | Owe | Prepost | Disown | Release | AskResume | CountFailure | Untrack | Publish

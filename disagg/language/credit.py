@@ -36,6 +36,7 @@ class Credit:
     block_ids: list[int]
     allocated_tokens: int
     direct: bool
+    posted: bool = False  # its answer's recvs are posted (pre-posted): only the pair's thread frees it
 
 
 class Credits:

@@ -13,6 +13,7 @@ each frame means under this engine's lock and calls `execute`, or
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from ..control import ControlPort
 from ..errors import DisaggError, FailureCause, PeerLost
 from ..geometry import Geometry
 from ..pool import BlockPool
+from ..results import make_outputs
 from ..shell import EngineShell
 from ..stats import Stats
 from ..topology import Topology
@@ -31,12 +33,23 @@ from ..transport import PairTransport
 from ..types import TransferStatus, check_room_id
 from ..wire import Alloc, ControlMessage, Heartbeat, PairDown, Reject, Resume
 from . import timing
-from .actions import Action, AskResume, CountFailure, Disown, Owe, Post, Publish, Release, Untrack
+from .actions import (
+    Action,
+    AskResume,
+    CountFailure,
+    Disown,
+    Owe,
+    Post,
+    Prepost,
+    Publish,
+    Release,
+    Untrack,
+)
 from .credit import Credits
 from .machine import RecvMachine
 from .receiver import Receiver
 from .room import RecvRoom, set_status
-from .stream import PairReceiver
+from .stream import Job, PairReceiver, destinations
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +122,15 @@ class LanguageEngine(EngineShell):
         if c is None:
             return False
         self.stats.add(resumes=1)
-        self.execute(r, self.machine.resumed(r, c))
+        self.execute(r, self.machine.resumed(r, c, prepost=self.can_prepost(r)))
         return True
+
+    def can_prepost(self, r: RecvRoom) -> bool:
+        """The next frame on `r`'s pair is sure to answer an allocation asked for
+        now: nothing else is owed on it (lock held)."""
+        pair = self.pair(r.src_rank)
+        return (pair.dead is None and pair.owed == 0 and pair.job is None
+                and not pair.meta_ahead and not self._closing)
 
     # ------------------------------------------------------------ receiver threads
 
@@ -156,6 +176,19 @@ class LanguageEngine(EngineShell):
             self._fail_rooms_from(src, f"embedding rank {src} is down: {why}",
                                   release_landing=False)
 
+    def _peer_bye(self, src: int, frames: int) -> None:
+        """Embedding rank `src` shut down cleanly after putting `frames` frames on
+        the pair's stream. Those already sent are read first (a room whose last
+        chunk is among them succeeded on both sides); the pair's thread gives
+        the pair up after the last of them."""
+        with self._lock:
+            pair = self._pairs.get(src)
+            if (pair is not None and pair.dead is None and frames > pair.frames_read
+                    and self.liveness.mark_dead(src, "it shut down")):
+                pair.final_frames = frames
+                return
+        self._peer_dead(src, "it shut down", clean=True)
+
     # ------------------------------------------------------------ control thread
 
     def on_message(self, src: int, msg: ControlMessage) -> None:
@@ -163,7 +196,7 @@ class LanguageEngine(EngineShell):
         if isinstance(msg, Heartbeat):
             self.liveness.heard(src, self.clock())
             if msg.bye:
-                self._peer_dead(src, "it shut down", clean=True)
+                self._peer_bye(src, msg.frames)
             return
         if isinstance(msg, PairDown):
             self._peer_dead(src, f"it tore the pair down: {msg.reason}", told=True)
@@ -202,6 +235,9 @@ class LanguageEngine(EngineShell):
                     self.execute(r, self.machine.post_failed(r, why))
             elif isinstance(a, Owe):
                 self.pair(r.src_rank).expect()
+            elif isinstance(a, Prepost):
+                if r.outstanding is a.credit:  # else its ALLOC/RESUME could not be sent
+                    self._prepost(r, a)
             elif isinstance(a, Disown):
                 self.pair(r.src_rank).owed -= 1
             elif isinstance(a, Release):
@@ -220,6 +256,19 @@ class LanguageEngine(EngineShell):
                                      self.clock())
                 set_status(r, a.status)  # last: blocks and the room id are free
                 self.cond.notify_all()
+
+    def _prepost(self, r: RecvRoom, a: Prepost) -> None:
+        """Hand the pair's thread the recvs of the frame that answers `a.credit`."""
+        if a.credit.direct and r.outputs is None:  # the declared length sizes the result
+            # if it cannot be made, the frame lands in scratch (stream.destinations)
+            with contextlib.suppress(RuntimeError, MemoryError):
+                r.outputs = make_outputs(self.geometry, self.output_rows(r.declared_seq_len),
+                                         self.device)
+        plan, dsts = destinations(self.geometry, self.pool, r, a.credit, a.num_tokens,
+                                  a.token_offset, self.device)
+        self.stats.add(preposted=1)
+        self.pair(r.src_rank).prepost(Job(r, a.credit, a.num_tokens, a.token_offset, plan, dsts,
+                                          scratch=a.credit.direct and r.outputs is None))
 
     def pair(self, src: int) -> PairReceiver:
         p = self._pairs.get(src)

@@ -43,9 +43,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import FailureCause, StreamBroken
-from ..plan import scatter_slice
+from ..plan import prepost_tokens, scatter_slice
 from ..types import TERMINAL, TransferStatus
-from ..wire import MAX_INLINE_AUX, Abort, Alloc, FrameKind, Meta, Resume
+from ..wire import FLAG_GIVEN, MAX_INLINE_AUX, Abort, Alloc, FrameKind, Meta, Resume
 from .actions import (
     Action,
     AskResume,
@@ -53,6 +53,7 @@ from .actions import (
     Disown,
     Owe,
     Post,
+    Prepost,
     Publish,
     Release,
     Untrack,
@@ -94,17 +95,26 @@ class RecvMachine:
 
     # -------------------------------------------------------- allocations
 
-    def asked(self, r: RecvRoom, c: Credit, now: float, *, auto: bool) -> list[Action]:
-        """init() got blocks: announce them with ALLOC."""
+    def asked(self, r: RecvRoom, c: Credit, now: float, *, auto: bool,
+              prepost: bool = False) -> list[Action]:
+        """init() got blocks: announce them with ALLOC. `prepost`: the pair has
+        nothing else owed, so with a declared seq_len the first chunk's sizes
+        are known and its recvs are posted now (one rendezvous, not two)."""
         r.alloc_sent = True
         r.outstanding = c
         set_status(r, TransferStatus.WAITING_FOR_INPUT)
         r.last_progress = r.alloc_at = now
         if auto:
             r.auto_first_blocks = len(c.block_ids)
-        return [Owe(), Post(Alloc(r.room, self.rank, self.instance_size, tuple(c.block_ids),
-                                  c.allocated_tokens, c.direct, r.declared_seq_len,
-                                  scatter=self.slice_index is not None))]
+        prepost = prepost and r.declared_seq_len > 0
+        out: list[Action] = [Owe(), Post(Alloc(
+            r.room, self.rank, self.instance_size, tuple(c.block_ids), c.allocated_tokens,
+            c.direct, r.declared_seq_len, scatter=self.slice_index is not None,
+            preposted=prepost))]
+        if prepost:
+            lo, hi = self.span(r.declared_seq_len)
+            out.append(Prepost(c, prepost_tokens(hi - lo, 0, c.allocated_tokens), lo))
+        return out
 
     def span(self, seq_len: int) -> tuple[int, int]:
         """Tokens [lo, hi) of a `seq_len`-token room that this rank receives."""
@@ -112,14 +122,22 @@ class RecvMachine:
             return 0, seq_len
         return scatter_slice(seq_len, self.instance_size, self.slice_index)
 
-    def resumed(self, r: RecvRoom, c: Credit) -> list[Action]:
-        """A resume got blocks (or direct credit): announce them with RESUME."""
+    def resumed(self, r: RecvRoom, c: Credit, *, prepost: bool = False) -> list[Action]:
+        """A resume got blocks (or direct credit): announce them with RESUME.
+        `prepost`: the pair has nothing else owed; when the sender holds the
+        whole room the chunk is min(rest, allocated) and its recvs are posted now."""
         r.outstanding = c
         r.num_resumes += 1
+        prepost = prepost and r.given_all and r.span is not None
         # direct: the Embedding rank needs no block ids, only how many tokens fit
-        return [Owe(), Post(Resume(r.room, self.rank, c.key,
-                                   () if c.direct else tuple(c.block_ids),
-                                   c.allocated_tokens, c.direct))]
+        out: list[Action] = [Owe(), Post(Resume(r.room, self.rank, c.key,
+                                                () if c.direct else tuple(c.block_ids),
+                                                c.allocated_tokens, c.direct, prepost))]
+        if prepost:
+            assert r.span is not None and r.total is not None
+            out.append(Prepost(c, prepost_tokens(r.total, c.key, c.allocated_tokens),
+                               r.span[0] + c.key))
+        return out
 
     # -------------------------------------------------------- frames
 
@@ -188,6 +206,7 @@ class RecvMachine:
         blocks gives whole."""
         r.outstanding = None
         r.landing = a
+        r.given_all = bool(meta.flags & FLAG_GIVEN)
         if meta.first:  # aux that follow the payload replace these once landed
             r.seq_len, r.aux, r.span = meta.seq_len, meta.aux, self.span(meta.seq_len)
         if not chunk.last and self.auto_resume and r.failure is None and chunk.corrupt is None:
@@ -259,6 +278,11 @@ class RecvMachine:
         (`release_landing`: this is the thread that waited for it)."""
         out: list[Action] = []
         if r.outstanding is not None:
+            if r.outstanding.posted and not release_landing:
+                # its answer's recvs are posted: they hold the blocks until the
+                # receiver thread's wait ends; the room fails now (draining)
+                return self.fail(r, f"language rank {self.rank}: {why}",
+                                 FailureCause.PEER_LOST)
             out.append(Release(r.outstanding))
             r.outstanding = None
         if r.landing is not None:

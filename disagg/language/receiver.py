@@ -76,7 +76,8 @@ class Receiver:
                 return False
             auto = (num_tokens is None and seq_len is None
                     and e.cfg.default_alloc_tokens == "auto")
-            e.execute(r, e.machine.asked(r, c, e.clock(), auto=auto))
+            e.execute(r, e.machine.asked(r, c, e.clock(), auto=auto,
+                                         prepost=e.can_prepost(r)))
             return r.failure is None
 
     def poll(self) -> TransferStatus:

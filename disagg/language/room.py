@@ -39,6 +39,7 @@ class RecvRoom:
     declared_seq_len: int = 0  # init(seq_len=): the caller's word for it (0: none)
     aux: tuple[int, ...] = ()
     received: int = 0  # of the span
+    given_all: bool = False  # the last DATA meta said the sender holds the whole room
     chunk_index: int = 0
     outstanding: Credit | None = None  # sent, not yet answered by a frame
     landing: Credit | None = None  # answered by a DATA meta, payload landing

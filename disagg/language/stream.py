@@ -29,7 +29,7 @@ from ..plan import Segment, segment_plan
 from ..pool import BlockPool
 from ..results import make_outputs
 from ..transport import PairTransport, Posted
-from ..wire import ABORT_REASON_BYTES, FrameKind, Meta, reason_from_tensor
+from ..wire import ABORT_REASON_BYTES, FLAG_PADDED, FrameKind, Meta, reason_from_tensor
 from . import timing
 from .credit import Credit
 from .machine import Chunk, RecvRoom
@@ -38,6 +38,23 @@ if TYPE_CHECKING:
     from .engine import LanguageEngine
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class Job:
+    """A pre-posted frame: the recvs of the frame that will answer `credit` (its
+    meta, then `dsts`), posted by the pair's thread as soon as it is free, in
+    stream order, before anything arrives."""
+
+    room: RecvRoom
+    credit: Credit
+    num_tokens: int
+    token_offset: int
+    plan: list[Segment]
+    dsts: list[torch.Tensor]
+    scratch: bool = False  # no result could be made for it: it lands in scratch
+    meta: Posted | None = None  # set once posted
+    payload: Posted | None = None
 
 
 @dataclass(frozen=True)
@@ -97,6 +114,12 @@ class PairReceiver:
         # The next meta recv, posted while the frame before it still lands. Held
         # until it completes: Gloo must not lose a posted buffer.
         self.next_meta: Posted | None = None
+        # A frame to pre-post (`prepost`), then posted and awaited. Never beside
+        # `next_meta`: it is handed over only when nothing else is owed.
+        self.job: Job | None = None
+        self.meta_ahead = False  # a next meta recv is posted, or about to be
+        self.frames_read = 0  # metas read: every frame the peer sent that arrived
+        self.final_frames: int | None = None  # the peer said goodbye after this many
         self.dead: str | None = None
         self.stopping = False
         self.cv = cv
@@ -109,6 +132,13 @@ class PairReceiver:
         self.owed += 1
         self.cv.notify_all()
 
+    def prepost(self, job: Job) -> None:
+        """Post `job`'s recvs as the next ones on the stream (engine lock held;
+        the frame it answers is owed already and is the only one owed)."""
+        assert self.job is None and self.next_meta is None
+        self.job = job
+        self.cv.notify_all()
+
     def _run(self) -> None:
         while True:
             with self.cv:
@@ -118,6 +148,12 @@ class PairReceiver:
                     return
             try:
                 self._read_frame()
+                with self.cv:
+                    last = self.final_frames is not None and self.frames_read >= self.final_frames
+                if last:  # the peer said goodbye after this frame: nothing more comes
+                    self.engine.pair_lost(self, PeerLost("it shut down", peer=self.src),
+                                          clean=True)
+                    return
             except (PeerLost, TransferTimeout, ProtocolError, StreamBroken) as e:
                 self.engine.pair_lost(self, e)
                 return
@@ -126,29 +162,95 @@ class PairReceiver:
                 self.engine.pair_lost(self, e)
                 return
 
+    def _post_next(self, meta_if_owed: bool = False) -> Job | None:
+        """Post, in stream order, the recvs of the next frame: a handed-over job's
+        (its meta and payload), else (`meta_if_owed`) the next meta when a frame
+        is owed. Decided under the lock, so a job is never handed over while a
+        meta recv of this thread's is posted or about to be. The job, if any."""
+        with self.cv:
+            if self.final_frames is not None and self.frames_read >= self.final_frames:
+                return None  # the peer said goodbye after the frame being read
+            job = self.job
+            if job is not None and job.meta is None:
+                job.credit.posted = True  # only this thread frees its blocks now
+            elif job is None and meta_if_owed and self.owed > 0:
+                self.meta_ahead = True
+        t = self.transport
+        if job is not None and job.meta is None:
+            job.meta = t.post_meta_recv()
+            job.payload = t.post_recv(job.dsts) if job.dsts else None
+        elif job is None and self.meta_ahead and self.next_meta is None:
+            self.next_meta = t.post_meta_recv()
+        return job
+
     def _read_frame(self) -> None:
         t = self.transport
-        if self.next_meta is None:
-            self.next_meta = t.post_meta_recv()
-        meta: Meta = t.wait_meta(self.next_meta)
-        self.next_meta = None
-        if meta.kind is FrameKind.ABORT:  # its reason follows, fixed size
-            buf = torch.empty(ABORT_REASON_BYTES, dtype=torch.uint8, device=self.engine.device)
-            t.wait(t.post_recv([buf]), "abort reason recv")
-            self._abort_arrived(meta, reason_from_tensor(buf))
-            return
-        landing = self._data_arrived(meta)
+        job = self._post_next()
+        if job is not None:
+            assert job.meta is not None
+            meta: Meta = t.wait_meta(job.meta)
+            with self.cv:
+                self.job = None
+                self.frames_read += 1
+            if meta.kind is not FrameKind.DATA:
+                self._prepost_answered(job, meta)
+                return
+        else:
+            if self.next_meta is None:
+                self.next_meta = t.post_meta_recv()
+            meta = t.wait_meta(self.next_meta)
+            with self.cv:
+                self.next_meta, self.meta_ahead = None, False
+                self.frames_read += 1
+            if meta.kind is FrameKind.ABORT:  # its reason follows, fixed size
+                self._abort_arrived(meta, self._reason())
+                return
+        landing = self._data_arrived(meta, job)
         t0 = time.monotonic()
-        posted = t.post_recv(landing.dsts)
-        if landing.more:  # after this payload, in stream order
-            self.next_meta = t.post_meta_recv()
-        t.wait(posted, "payload recv")
+        if job is None:  # the payload (and aux) recvs, now that the sizes are known
+            posted = t.post_recv(landing.dsts) if landing.dsts else None
+            aux = None
+        else:  # posted already; the aux values, if they follow, come after them
+            posted = job.payload
+            aux = t.post_recv([landing.aux]) if landing.aux is not None else None
+        # after this payload, in stream order: a frame handed over meanwhile (an
+        # eager resume), else the next meta when more is owed
+        self._post_next(meta_if_owed=landing.more)
+        if posted is not None:
+            t.wait(posted, "payload recv")
+        if aux is not None:
+            t.wait(aux, "aux recv")
         r = landing.room
         if landing.copy_out and r.outputs is not None:  # blocks still the room's
             e = self.engine
             copy_out(e.geometry, e.pool, r.outputs, landing.plan, landing.chunk.token_offset,
                      e.device)
         self._landed(landing, time.monotonic() - t0)
+
+    def _reason(self) -> str:
+        """An ABORT frame's reason: its last tensor, fixed size."""
+        buf = torch.empty(ABORT_REASON_BYTES, dtype=torch.uint8, device=self.engine.device)
+        self.transport.wait(self.transport.post_recv([buf]), "abort reason recv")
+        return reason_from_tensor(buf)
+
+    def _prepost_answered(self, job: Job, meta: Meta) -> None:
+        """A pre-posted frame's meta was not DATA: a padded ABORT (the filler
+        took the posted recvs; the reason follows) or a DEFER (filler only: the
+        allocation stays owed, and its answer comes later as an ordinary frame)."""
+        padded = bool(meta.flags & FLAG_PADDED)
+        if meta.room != job.room.room or not padded or meta.kind not in (FrameKind.ABORT,
+                                                                          FrameKind.DEFER):
+            raise StreamBroken(f"language rank {self.engine.rank}: {meta.kind.name} frame "
+                               f"for room {meta.room} (padded: {padded}) where room "
+                               f"{job.room.room}'s pre-posted frame was due", room=meta.room)
+        if job.payload is not None:
+            self.transport.wait(job.payload, "filler recv")
+        if meta.kind is FrameKind.ABORT:
+            self._abort_arrived(meta, self._reason())
+            return
+        with self.cv:
+            job.credit.posted = False  # nothing is posted into it any more
+            self.engine.stats.add(deferred=1)
 
     # -------------------------------------------------------- what a frame means (locked)
 
@@ -168,30 +270,48 @@ class PairReceiver:
             self.owed -= 1
             e.execute(r, e.machine.abort_frame(r, reason, self.src))
 
-    def _data_arrived(self, meta: Meta) -> Landing:
+    def _data_arrived(self, meta: Meta, job: Job | None = None) -> Landing:
         """A DATA meta: check it (a bad one raises `StreamBroken` before anything
-        changes, so the room still holds its blocks), then say where it lands."""
+        changes, so the room still holds its blocks), then say where it lands:
+        where its pre-posted recvs (`job`) already wait, or where to post them."""
         e = self.engine
         with self.cv:
             r, a = self._owed_room(meta)
             chunk = e.machine.check_meta(r, a, meta)
+            if job is not None and (r is not job.room or a is not job.credit
+                                    or chunk.num_tokens != job.num_tokens
+                                    or chunk.token_offset != job.token_offset):
+                raise StreamBroken(f"language rank {e.rank}: room {r.room}'s chunk of "
+                                   f"{chunk.num_tokens} tokens at {chunk.token_offset} is not "
+                                   f"the pre-posted one ({job.num_tokens} at "
+                                   f"{job.token_offset} of room {job.room.room})", room=r.room)
             self.owed -= 1
             now = r.last_progress = e.clock()
             lo, hi = e.machine.span(meta.seq_len)
+            rows = e.output_rows(meta.seq_len)
             if meta.first:
                 e.credits.learn(hi - lo)  # what this rank allocates for: its span
+            if meta.first and (r.outputs is None or r.outputs["embeddings"].shape[0] != rows):
+                # (made already when a declared length sized a pre-posted first chunk)
                 try:
-                    r.outputs = make_outputs(e.geometry, e.output_rows(meta.seq_len), e.device)
+                    r.outputs = make_outputs(e.geometry, rows, e.device)
                 except (RuntimeError, MemoryError) as err:
                     chunk = dataclasses.replace(
                         chunk, corrupt=f"language rank {e.rank}: cannot allocate output: {err}")
             timing.chunk_arrived(e.stats, e.credits, r, hi - lo, now)
-            plan, dsts = destinations(e.geometry, e.pool, r, a, chunk.num_tokens,
-                                      chunk.token_offset, e.device)
             aux = None
             if meta.aux_follows:  # one more tensor, after the payload
                 aux = torch.empty(meta.num_aux, dtype=torch.int64, device=e.device)
-                dsts = [*dsts, aux]
+            if job is not None:
+                plan, dsts = job.plan, job.dsts
+                if job.scratch and chunk.corrupt is None:
+                    chunk = dataclasses.replace(
+                        chunk, corrupt=f"language rank {e.rank}: could not allocate room "
+                                       f"{r.room}'s output when its first chunk was asked for")
+            else:
+                plan, dsts = destinations(e.geometry, e.pool, r, a, chunk.num_tokens,
+                                          chunk.token_offset, e.device)
+                dsts = dsts if aux is None else [*dsts, aux]
             e.execute(r, e.machine.landing(r, a, meta, chunk))
             return Landing(r, chunk, plan, dsts, not a.direct, self.owed > 0, aux)
 

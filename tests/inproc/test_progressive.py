@@ -229,5 +229,8 @@ def test_parts_to_a_tp_instance_whose_ranks_chunk_differently(tp: int) -> None:
             assert mismatches(r.result(), d) == []
         assert w.ended(s, "the sender") is SUCCESS
         chunks = [w.counter(rank, "chunks") for rank in ranks]
-        assert len(set(chunks)) == tp, chunks  # each rank chunked it its own way
+        # each rank chunked it its own way: the smallest pool in the most chunks
+        # (how many exactly depends on whether a RESUME found the whole room given,
+        # when it is pre-posted and not cut at part ends)
+        assert chunks[0] > chunks[-1] and chunks[0] >= 200 // (2 * BS), chunks
         w.settle_whole()
