@@ -7,7 +7,9 @@ Start-up, identical on every rank:
     the c10d store, and check every rank's geometry against rank 0's;
  3. create one process group per (Embedding, Language) pair and one Gloo group
     per Language instance, all in the same order on every rank, so a broken
-    pair can be torn down alone;
+    pair can be torn down alone (on NCCL every group call holds the device's
+    lock, and a world whose pair communicators could wait on each other in a
+    cycle is refused: docs/nccl.md);
  4. start the control thread.
 """
 
@@ -19,7 +21,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.distributed as dist
@@ -34,7 +36,7 @@ from .language import LanguageEngine, Receiver
 from .pool import BlockPool
 from .queue import MAX_WINDOW, RoomQueue
 from .stats import Stats
-from .transport import PairTransport, TorchPairTransport
+from .transport import PairTransport, TorchPairTransport, device_lock
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +58,10 @@ def init(cfg: DisaggConfig | None = None, *, rank: int | None = None,
         raise DisaggError("disagg.init: no torch.distributed world to join: run under "
                           "torchrun (e.g. `torchrun --standalone --nproc-per-node 2 ...`), "
                           "or pass rank=, world_size= and init_method= (\"tcp://host:port\")")
-    backend = _pick_backend(cfg)
+    backend, why = backend_choice(cfg)
+    log.info("disagg backend: %s (%s)", backend, why)
     if owns_world:
-        dist.init_process_group("cpu:gloo,cuda:nccl" if backend == "nccl" else "gloo",
+        dist.init_process_group(world_backend(backend),
                                 init_method=init_method or "env://",
                                 rank=-1 if rank is None else rank,
                                 world_size=-1 if world_size is None else world_size,
@@ -81,22 +84,98 @@ def _local_rank() -> tuple[int, int]:
     return int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
 
 
-def _pick_backend(cfg: DisaggConfig) -> str:
-    _, local_world = _local_rank()
-    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+def backend_choice(cfg: DisaggConfig, *, gpus: int | None = None,
+                   local_world: int | None = None) -> tuple[str, str]:
+    """("nccl" or "gloo", why): `cfg.backend` if set (a ValueError if NCCL cannot
+    run here), else NCCL when every rank of this node has a GPU of its own.
+    `gpus` and `local_world` default to this node's (torchrun's LOCAL_WORLD_SIZE)."""
+    if local_world is None:
+        _, local_world = _local_rank()
+    if gpus is None:
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    share = (f"{local_world} ranks on this node but {gpus} GPU(s): NCCL refuses two ranks "
+             f"on one GPU (a communicator cannot hold the same device twice; NCCL reports "
+             f"a duplicate GPU), so ranks that would share a GPU cannot talk over NCCL")
     if cfg.backend == "nccl":
         if gpus == 0:
             raise ValueError("DisaggConfig.backend='nccl' but this rank sees no CUDA GPU; "
                              "use backend='gloo' (CPU) or None to pick automatically")
         if local_world > gpus:
-            raise ValueError(f"DisaggConfig.backend='nccl' needs one GPU per rank: "
-                             f"{local_world} ranks on this node but {gpus} GPU(s); NCCL "
-                             f"refuses two ranks on one GPU. Use fewer ranks per node or "
-                             f"backend='gloo'")
-        return "nccl"
+            raise ValueError(f"DisaggConfig.backend='nccl' needs one GPU per rank: {share}. "
+                             f"Use fewer ranks per node or backend='gloo'")
+        return "nccl", "backend='nccl' in the config"
     if cfg.backend == "gloo":
-        return "gloo"
-    return "nccl" if gpus >= local_world and gpus > 0 else "gloo"
+        return "gloo", "backend='gloo' in the config"
+    if gpus == 0:
+        return "gloo", "no CUDA GPU on this rank: CPU tensors over Gloo"
+    if local_world > gpus:
+        return "gloo", f"{share}; Gloo through host memory instead"
+    return "nccl", f"{local_world} rank(s) on this node and {gpus} GPU(s): one GPU per rank"
+
+
+def _pick_backend(cfg: DisaggConfig) -> str:
+    return backend_choice(cfg)[0]
+
+
+def world_backend(backend: str) -> str:
+    """What `init_process_group` is given: on NCCL, Gloo too for CPU tensors
+    (the store-side groups and any CPU collective)."""
+    return "cpu:gloo,cuda:nccl" if backend == "nccl" else "gloo"
+
+
+# Set to 1 to run NCCL with several Embedding and several Language ranks anyway
+# (docs/nccl.md says when that is sound).
+NCCL_CONCURRENT_ENV = "DISAGG_NCCL_CONCURRENT_COMMS"
+
+
+def check_nccl_topology(topology: Topology, env: Mapping[str, str] = os.environ) -> None:
+    """Refuse, on NCCL, a world whose pair communicators can wait on each other in
+    a cycle (docs/nccl.md): with at least 2 Embedding and 2 Language ranks, two
+    ranks of each side that submit their ops on the pairs between them in
+    opposite orders deadlock whenever a device runs NCCL kernels one at a time,
+    which NCCL allows. One Embedding rank, or one Language rank, cannot. The
+    opt-in (`DISAGG_NCCL_CONCURRENT_COMMS=1`) says the devices run the kernels
+    of different communicators concurrently, so it is refused together with a
+    setting that forces them into one queue."""
+    e, lang = topology.num_embedding_ranks, len(topology.language_ranks)
+    if e < 2 or lang < 2:
+        return
+    serial = [f"{k}={env[k]}" for k, v in (("CUDA_DEVICE_MAX_CONNECTIONS", "1"),
+                                            ("CUDA_LAUNCH_BLOCKING", "1"))
+              if env.get(k, "").strip() == v]
+    if env.get(NCCL_CONCURRENT_ENV, "").strip() == "1":
+        if serial:
+            raise ValueError(f"{NCCL_CONCURRENT_ENV}=1 asserts that NCCL kernels of different "
+                             f"communicators run concurrently on a device, but {', '.join(serial)} "
+                             f"makes every kernel of a device wait for the one before it: with "
+                             f"{e} Embedding and {lang} Language ranks the pair communicators can "
+                             f"deadlock (docs/nccl.md). Unset it, or use backend='gloo'")
+        log.warning("NCCL with %d Embedding and %d Language ranks (%s=1): safe only while "
+                    "each device runs NCCL kernels of different communicators concurrently "
+                    "(docs/nccl.md)", e, lang, NCCL_CONCURRENT_ENV)
+        return
+    raise ValueError(
+        f"NCCL with {e} Embedding and {lang} Language ranks can deadlock: every (Embedding, "
+        f"Language) pair is its own NCCL communicator, and two Embedding and two Language "
+        f"ranks whose ops on the pairs between them are queued in opposite orders wait on "
+        f"each other in a cycle whenever a device runs NCCL kernels one at a time, which NCCL "
+        f"allows (docs/nccl.md). With one Embedding rank, or one Language rank, no cycle can "
+        f"form. Use num_embedding_ranks=1, or backend='gloo', or set {NCCL_CONCURRENT_ENV}=1 "
+        f"if your GPUs run the kernels of different communicators concurrently (the default "
+        f"on current GPUs unless CUDA_DEVICE_MAX_CONNECTIONS=1)")
+
+
+def new_group(ranks: list[int], *, backend: str, timeout: datetime.timedelta,
+              device: torch.device) -> dist.ProcessGroup:
+    """`dist.new_group`, holding the device's NCCL lock (docs/nccl.md)."""
+    with device_lock(device):
+        return dist.new_group(ranks, timeout=timeout, backend=backend)
+
+
+def destroy_group(group: dist.ProcessGroup, device: torch.device) -> None:
+    """`dist.destroy_process_group(group)`, holding the device's NCCL lock."""
+    with device_lock(device):
+        dist.destroy_process_group(group)
 
 
 def _routable_host(hostnames: list[str]) -> str:
@@ -121,6 +200,8 @@ class Context:
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
         self.topology = Topology(self.world_size, cfg.num_embedding_ranks, cfg.language_tp_size)
+        if backend == "nccl":
+            check_nccl_topology(self.topology)
         self.role = self.topology.role(self.rank)
         self.instance = self.topology.instance_of(self.rank)
         local_rank, _ = _local_rank()
@@ -174,14 +255,16 @@ class Context:
         pair_groups: dict[tuple[int, int], dist.ProcessGroup] = {}
         for e in topo.embedding_ranks:
             for lang in topo.language_ranks:
-                g = dist.new_group([e, lang], timeout=timeout, backend=self.backend)
+                g = new_group([e, lang], timeout=timeout, backend=self.backend,
+                              device=self.device)
                 if self.rank in (e, lang):
                     pair_groups[(e, lang)] = g
                     self._groups.append(g)
         instance_group = gather_group = None
         for i in range(topo.num_instances):
-            g = dist.new_group(topo.instance_ranks(i), backend="gloo",
-                               timeout=datetime.timedelta(seconds=self.cfg.peer_timeout))
+            g = new_group(topo.instance_ranks(i), backend="gloo",
+                          timeout=datetime.timedelta(seconds=self.cfg.peer_timeout),
+                          device=self.device)
             if self.instance == i:
                 instance_group = gather_group = g
                 self._groups.append(g)
@@ -294,14 +377,15 @@ class Context:
             self._zctx.term()
             for g in self._groups:
                 try:
-                    dist.destroy_process_group(g)
+                    destroy_group(g, self.device)
                 except Exception as e:  # a group broken by a dead peer
                     log.debug("destroying a pair group: %s", e)
             self._groups.clear()
             if self._language is not None:
                 self._language.release_group()
             if self._owns_world and dist.is_initialized():
-                dist.destroy_process_group()
+                with device_lock(self.device):
+                    dist.destroy_process_group()
 
     def __enter__(self) -> Context:
         return self

@@ -7,14 +7,24 @@ and size only, which is all NCCL offers, so Gloo runs the same way in tests.
 Sends are posted at once (`post_frame`) by whichever thread schedules them and
 completed later (`wait`) by the pair's completion thread, so the next frame is
 on the wire without a thread hand-off. Receives and `wait` return only once
-completion is host-observed: `Work.wait()`, then on CUDA an event recorded
-after it has been seen complete, so no block is reused and no status changes
-while a kernel may still touch the memory. Waits are
-bounded by the pair group's timeout (Gloo closes the pair when it fires).
+completion is host-observed: on Gloo `Work.wait()`; on CUDA the host polls the
+work's own end event (`Work.is_completed()`) before `Work.wait()`, so no block
+is reused and no status changes while a kernel may still touch the memory, and
+no stream of the caller's is ever made to wait for a peer. Waits are bounded by
+the pair group's timeout (Gloo closes the pair when it fires).
+
+NCCL's rules (docs/nccl.md): every NCCL call this process makes on a device (a
+post: isend, irecv, batch_isend_irecv; a pair's first op, which creates its
+communicator; a group's creation and destruction in `context.py`) goes through
+that device's lock, `device_lock`, so no two threads ever issue NCCL
+operations on one device at once. Gloo has no such rule, and a Gloo post may
+wait milliseconds for a busy pair: there each pair has a lock of its own (the
+same structure, never contended across pairs).
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from typing import NamedTuple, Protocol
@@ -24,6 +34,42 @@ import torch.distributed as dist
 
 from .errors import PeerLost, TransferTimeout
 from .wire import META_LEN, Meta
+
+_device_locks: dict[tuple[str, int], threading.Lock] = {}
+_device_locks_guard = threading.Lock()
+
+
+def device_lock(device: torch.device) -> threading.Lock:
+    """The one lock through which every NCCL call of this process on `device`
+    goes. NCCL forbids issuing operations in parallel, from several threads, to
+    communicators on one device; disagg posts from several threads (the
+    caller's, the control thread, one per pair), so each takes this lock for
+    the call itself (never while waiting). An application that issues NCCL
+    operations of its own on this device from a thread of its own while
+    disagg runs can take it too. The same lock for every caller in the process."""
+    index = device.index
+    if index is None:
+        index = torch.cuda.current_device() if device.type == "cuda" else -1
+    key = (device.type, index)
+    lock = _device_locks.get(key)
+    if lock is None:
+        with _device_locks_guard:
+            lock = _device_locks.setdefault(key, threading.Lock())
+    return lock
+
+
+def wait_until(done: Callable[[], bool], deadline: float) -> bool:
+    """Poll `done` (e.g. a CUDA event's or a NCCL work's completion) until it is
+    true or `time.monotonic()` passes `deadline`; whether it became true. Sleeps
+    between looks, 10 us doubling to 1 ms: a chunk seen late by at most ~1 ms,
+    and a waiting thread leaves the GIL to the others."""
+    delay = 1e-5
+    while not done():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(delay)
+        delay = min(delay * 2, 1e-3)
+    return True
 
 
 class Posted(NamedTuple):
@@ -55,7 +101,8 @@ class TorchPairTransport:
 
     One thread may send and one thread may receive on it; the protocol gives
     each pair exactly one sender thread (Embedding side) and one receiver
-    thread (Language side).
+    thread (Language side). Posts may come from any thread: each holds the
+    post lock (the device's on CUDA) for the call alone.
     """
 
     def __init__(self, group: dist.ProcessGroup, peer: int, device: torch.device,
@@ -64,15 +111,19 @@ class TorchPairTransport:
         self.peer = peer
         self.device = device
         self.timeout_s = timeout_s
+        self._cuda = device.type == "cuda"
         # NCCL wants a pair's ops in one group launch; on Gloo a batch only adds
         # Python overhead (~10 us per op) to what are independent posts anyway
-        self._batched = device.type == "cuda"
+        self._batched = self._cuda
+        self._post_lock = device_lock(device) if self._cuda else threading.Lock()
 
     def post_frame(self, meta: Meta, payload: list[torch.Tensor],
                    ready: torch.cuda.Event | None = None) -> Posted:
         """Post a frame's sends and return at once; `wait` completes them. Frames
         go out in the order they are posted: the caller orders the posts."""
         if ready is not None:
+            # NCCL's stream waits for the posting thread's current stream (torch's
+            # rule), and that one for the producer's: the sends read finished data
             torch.cuda.current_stream(self.device).wait_event(ready)
         # a meta tensor per frame: several frames may be in flight
         tensors = [meta.to_tensor().to(self.device), *payload]
@@ -83,7 +134,9 @@ class TorchPairTransport:
 
     def connect(self, *, sending: bool) -> None:
         """One tiny frame before any other: NCCL creates a pair's communicator on
-        its first op, which must not happen later under the engine's lock."""
+        its first op, which must not happen later under the engine's lock. Every
+        rank connects its pairs in one global order (`context.py`): communicator
+        creation is collective, and so never waits in a cycle."""
         t = torch.zeros(1, dtype=torch.int64, device=self.device)
         self._complete(self._post(dist.isend if sending else dist.irecv, [t]), "connect")
 
@@ -104,10 +157,11 @@ class TorchPairTransport:
     def _post(self, op: Callable[..., dist.Work | None],
               tensors: list[torch.Tensor]) -> list[dist.Work]:
         try:
-            if self._batched:
-                return dist.batch_isend_irecv(
-                    [dist.P2POp(op, t, self.peer, group=self.group) for t in tensors])
-            works = [op(t, self.peer, group=self.group) for t in tensors]
+            with self._post_lock:  # NCCL: one thread at a time issues to the device
+                if self._batched:
+                    return dist.batch_isend_irecv(
+                        [dist.P2POp(op, t, self.peer, group=self.group) for t in tensors])
+                works = [op(t, self.peer, group=self.group) for t in tensors]
         except RuntimeError as e:  # the pair is already broken (e.g. the peer died)
             raise PeerLost(f"posting to/from rank {self.peer} failed: {str(e)[:200]}",
                            peer=self.peer) from e
@@ -115,9 +169,18 @@ class TorchPairTransport:
         return works  # type: ignore[return-value]
 
     def _complete(self, works: list[dist.Work], what: str) -> None:
+        done = True
         try:
-            for w in works:
-                w.wait()
+            if self._cuda:
+                # Host-observed: the work's own end event, polled. Work.wait() alone
+                # would only make this thread's current stream (the device's default
+                # stream, shared with the application) wait for the peer, which for
+                # a meta recv lasts as long as the peer's encoder takes.
+                deadline = time.monotonic() + self.timeout_s
+                done = all(wait_until(w.is_completed, deadline) for w in works)
+            if done:
+                for w in works:
+                    w.wait()  # on CUDA, once complete: only raises the work's error
         except RuntimeError as e:
             text = str(e)
             if "Timed out" in text or "timeout" in text.lower():
@@ -126,14 +189,6 @@ class TorchPairTransport:
                                       peer=self.peer) from e
             raise PeerLost(f"{what} with rank {self.peer} failed: {text[:200]}",
                            peer=self.peer) from e
-        if self.device.type == "cuda":
-            event = torch.cuda.Event()
-            event.record(torch.cuda.current_stream(self.device))
-            deadline = time.monotonic() + self.timeout_s
-            delay = 1e-5
-            while not event.query():
-                if time.monotonic() > deadline:
-                    raise TransferTimeout(f"{what} with rank {self.peer}: CUDA work not "
-                                          f"done after {self.timeout_s:.0f}s", peer=self.peer)
-                time.sleep(delay)
-                delay = min(delay * 2, 1e-3)
+        if not done:
+            raise TransferTimeout(f"{what} with rank {self.peer}: CUDA work not done after "
+                                  f"{self.timeout_s:.0f}s", peer=self.peer)

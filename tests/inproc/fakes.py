@@ -16,7 +16,16 @@ keeps the promises of the real thing that the engines rely on:
   lost: pending and later ops fail with `PeerLost`) and gated (messages match
   only once the test releases them), so a test can deliver a DATA meta, then a
   control message, then the payload, in exactly that order. Every post call
-  records whether the posting engine's lock was held.
+  records whether the posting engine's lock was held. On a CUDA device
+  (`World(device=...)`, used by `scripts/gpu_check.py`) a link moves device
+  memory on a CUDA stream of its own, as NCCL does: each post makes that
+  stream wait for the posting thread's current stream (and a DATA frame's
+  sends for the producer's event, which the Embedding engine must pass), the
+  copy of a matched message is queued there (after an optional
+  `torch.cuda._sleep`, so anything that reads too early sees garbage), and a
+  wait returns only once the copy's event is host-observed, through the
+  library's own polling (`disagg.transport.wait_until`). On CPU it copies at
+  the match, as before.
 - `FakeControl` routes control messages between the engines: `post` encodes
   with `wire.encode` and queues; delivery decodes with `wire.decode`, checks
   who may say what (as `ControlChannel` does) and calls `on_message` or
@@ -53,9 +62,9 @@ from disagg.errors import DisaggError, PeerLost, ProtocolError, TransferTimeout
 from disagg.geometry import Geometry, Topology
 from disagg.language import LanguageEngine, Receiver
 from disagg.stats import Stats
-from disagg.transport import Posted
+from disagg.transport import Posted, wait_until
 from disagg.types import TransferStatus
-from disagg.wire import META_LEN, ControlMessage, Meta
+from disagg.wire import META_LEN, ControlMessage, FrameKind, Meta
 
 CPU = torch.device("cpu")
 LINK_TIMEOUT_S = 5.0  # a transport wait that runs this long is a hang: the link reports it
@@ -143,12 +152,13 @@ class FrameRecord:
 class _Message:
     """One posted tensor, send or recv; it is its own `Work` in `Posted.works`."""
 
-    __slots__ = ("done", "failure", "index", "tensor")
+    __slots__ = ("done", "event", "failure", "index", "tensor")
 
     def __init__(self, index: int, tensor: torch.Tensor) -> None:
         self.index = index
         self.tensor = tensor
-        self.done = False
+        self.done = False  # matched (on CUDA: its copy queued, complete once `event` is)
+        self.event: torch.cuda.Event | None = None
         # (error type, why): set when the message can no longer complete
         self.failure: tuple[type[DisaggError], str] | None = None
 
@@ -176,10 +186,16 @@ class FakePairTransport:
                    ready: torch.cuda.Event | None = None) -> Posted:
         self._record("post_frame", 1 + len(payload))
         self._only("embedding", "post_frame")
-        if ready is not None:
+        if ready is not None and not self.link.cuda:
             raise self.link.misuse("post_frame got a CUDA event on a CPU link")
-        tensors = [meta.to_tensor(), *payload]  # a meta tensor per frame, as the real one
-        return Posted(self.link.post_sends(meta, tensors), tensors)  # type: ignore[arg-type]
+        if ready is None and self.link.cuda and meta.kind is FrameKind.DATA:
+            raise self.link.misuse(f"room {meta.room}: a DATA frame without the producer's "
+                                   f"CUDA event: its sends may read the tensors before the "
+                                   f"producer's stream has written them")
+        # a meta tensor per frame, as the real one
+        tensors = [meta.to_tensor().to(self.link.device), *payload]
+        return Posted(self.link.post_sends(meta, tensors, ready),  # type: ignore[arg-type]
+                      tensors)
 
     def wait(self, posted: Posted, what: str = "send") -> None:
         self.link.wait_messages(posted.works, what, self.peer)  # type: ignore[arg-type]
@@ -187,12 +203,13 @@ class FakePairTransport:
     def post_meta_recv(self) -> Posted:
         self._record("post_meta_recv", 1)
         self._only("language", "post_meta_recv")
-        t = torch.empty(META_LEN, dtype=torch.int64)
+        t = torch.empty(META_LEN, dtype=torch.int64, device=self.link.device)
         return Posted(self.link.post_recvs([t]), [t])  # type: ignore[arg-type]
 
     def wait_meta(self, posted: Posted) -> Meta:
         self.wait(posted, "meta recv")
-        return Meta.from_tensor(posted.tensors[0])  # ProtocolError if garbled, as the real one
+        # ProtocolError if garbled, as the real one
+        return Meta.from_tensor(posted.tensors[0].cpu())
 
     def post_recv(self, dsts: list[torch.Tensor]) -> Posted:
         self._record("post_recv", len(dsts))
@@ -219,10 +236,17 @@ class FakeLink:
     """
 
     def __init__(self, emb: int, lang: int, activity: Activity, *,
-                 timeout_s: float = LINK_TIMEOUT_S, gated: bool = False) -> None:
+                 timeout_s: float = LINK_TIMEOUT_S, gated: bool = False,
+                 device: torch.device = CPU, copy_delay_cycles: int = 0) -> None:
         self.name = f"link {emb}->{lang}"
         self.timeout_s = timeout_s
         self.gated = gated
+        self.device = device
+        self.cuda = device.type == "cuda"
+        # CUDA: the link's own stream, and GPU cycles spent before each copy
+        self.stream = torch.cuda.Stream(device) if self.cuda else None
+        self.copy_delay_cycles = copy_delay_cycles
+        self.producer_events = 0  # DATA frames whose sends waited for the producer's event
         self._activity = activity
         self._cv = threading.Condition()
         self._sends: list[_Message] = []
@@ -247,20 +271,34 @@ class FakeLink:
             self.errors.append(f"{self.name}: {why}")
         return WireMismatch(f"{self.name}: {why}")
 
-    def post_sends(self, meta: Meta, tensors: list[torch.Tensor]) -> list[_Message]:
-        return self._post(self._sends, tensors, meta)
+    def post_sends(self, meta: Meta, tensors: list[torch.Tensor],
+                   ready: torch.cuda.Event | None = None) -> list[_Message]:
+        return self._post(self._sends, tensors, meta, ready)
 
     def post_recvs(self, tensors: list[torch.Tensor]) -> list[_Message]:
         return self._post(self._recvs, tensors, None)
 
     def _post(self, stream: list[_Message], tensors: list[torch.Tensor],
-              meta: Meta | None) -> list[_Message]:
+              meta: Meta | None, ready: torch.cuda.Event | None = None) -> list[_Message]:
         bad = [_describe_tensor(t) for t in tensors if not t.is_contiguous()]
         if bad:  # torch.distributed refuses these
             raise self.misuse(f"non-contiguous tensors posted: {bad}")
+        elsewhere = [f"{_describe_tensor(t)} on {t.device}" for t in tensors
+                     if t.device != self.device]
+        if elsewhere:  # NCCL takes device tensors only, Gloo (here) CPU ones
+            raise self.misuse(f"tensors posted off the link's device {self.device}: {elsewhere}")
         with self._cv:
             if self.broken is not None:  # as the real transport: posting on a broken pair
                 raise PeerLost(f"posting on {self.name} failed: {self.broken}")
+            if self.stream is not None:
+                # as ProcessGroupNCCL: the op's stream waits for the poster's current
+                # stream (where its tensors were made), and a frame for its producer
+                posted_at = torch.cuda.Event()
+                posted_at.record(torch.cuda.current_stream(self.device))
+                self.stream.wait_event(posted_at)
+                if ready is not None:
+                    self.stream.wait_event(ready)
+                    self.producer_events += 1
             if meta is not None:
                 self.frames.append(FrameRecord(meta, tuple(t.nbytes for t in tensors[1:]),
                                                len(stream)))
@@ -274,7 +312,8 @@ class FakeLink:
     def wait_messages(self, msgs: list[_Message], what: str, peer: int) -> None:
         """Block until every message completed; raise as the real transport would:
         `PeerLost` once the link is broken, `TransferTimeout` after `timeout_s`
-        (which, as on Gloo, also closes the pair, and is reported as a hang)."""
+        (which, as on Gloo, also closes the pair, and is reported as a hang).
+        On CUDA, complete means the copy's event is host-observed."""
         deadline = time.monotonic() + self.timeout_s
         with self._cv:
             while True:
@@ -283,7 +322,7 @@ class FakeLink:
                     kind, why = failure
                     raise kind(f"{what} with rank {peer} failed: {why}", peer=peer)
                 if all(m.done for m in msgs):
-                    return
+                    break
                 left = deadline - time.monotonic()
                 if left <= 0:
                     why = (f"{what} with rank {peer}: not matched within {self.timeout_s:g}s "
@@ -292,6 +331,13 @@ class FakeLink:
                     self._break(f"timed out: {why}")
                     raise TransferTimeout(why, peer=peer)
                 self._cv.wait(left)
+        events = [m.event for m in msgs if m.event is not None]
+        if events and not wait_until(lambda: all(e.query() for e in events), deadline):
+            why = f"{what} with rank {peer}: CUDA copy not done within {self.timeout_s:g}s"
+            with self._cv:
+                self.errors.append(f"{self.name}: {why}")
+                self._break(f"timed out: {why}")
+            raise TransferTimeout(why, peer=peer)
 
     def _match(self) -> None:
         """Pair sends with recvs in stream order (caller holds `_cv`)."""
@@ -308,7 +354,15 @@ class FakeLink:
                 s.failure = r.failure = (WireMismatch, why)
                 self._break(f"stream unusable after a size mismatch at message {s.index}")
                 return
-            _as_bytes(r.tensor).copy_(_as_bytes(s.tensor))
+            if self.stream is None:
+                _as_bytes(r.tensor).copy_(_as_bytes(s.tensor))
+            else:  # queued on the link's stream, after both posts' stream waits
+                with torch.cuda.stream(self.stream):
+                    if self.copy_delay_cycles:
+                        torch.cuda._sleep(self.copy_delay_cycles)
+                    _as_bytes(r.tensor).copy_(_as_bytes(s.tensor), non_blocking=True)
+                    s.event = r.event = torch.cuda.Event()
+                    s.event.record(self.stream)
             s.done = r.done = True
 
     def _break(self, why: str) -> None:
@@ -695,15 +749,20 @@ class World:
                  embedding_blocks: int | None = None, language_blocks: int | None = None,
                  per_rank: dict[int, dict[str, Any]] | None = None,
                  gated: bool = False, auto_control: bool = False,
-                 link_timeout_s: float = LINK_TIMEOUT_S) -> None:
+                 link_timeout_s: float = LINK_TIMEOUT_S, device: torch.device = CPU,
+                 copy_delay_cycles: int = 0) -> None:
         self.cfg = cfg
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.device = device  # every engine's: pools, results, and what the links move
         self.topology = Topology(cfg.num_embedding_ranks + instances * cfg.language_tp_size,
                                  cfg.num_embedding_ranks, cfg.language_tp_size)
         self.activity = Activity()
         self.clock = FakeClock()
         self.control = FakeControl(self.activity)
         self.links = {(e, lang): FakeLink(e, lang, self.activity, timeout_s=link_timeout_s,
-                                          gated=gated)
+                                          gated=gated, device=device,
+                                          copy_delay_cycles=copy_delay_cycles)
                       for e in self.topology.embedding_ranks
                       for lang in self.topology.language_ranks}
         role_blocks = {"embedding": embedding_blocks, "language": language_blocks}
@@ -735,7 +794,7 @@ class World:
                 self.cfgs[e], e, topo, geom[e],
                 {lang: geom[lang].num_blocks for lang in topo.language_ranks},
                 {lang: self.links[(e, lang)].embedding for lang in topo.language_ranks},
-                CPU, st, self.control.port(e), clock=self.clock.now)
+                self.device, st, self.control.port(e), clock=self.clock.now)
             self.embedding[e] = eng
             self.control.register(e, eng, "embedding")
             for lang in topo.language_ranks:
@@ -745,7 +804,7 @@ class World:
             leng = LanguageEngine(
                 self.cfgs[lang], lang, topo, geom[lang],
                 {e: self.links[(e, lang)].language for e in topo.embedding_ranks},
-                CPU, st, self.control.port(lang), clock=self.clock.now)
+                self.device, st, self.control.port(lang), clock=self.clock.now)
             self.language[lang] = leng
             self.control.register(lang, leng, "language")
             for e in topo.embedding_ranks:

@@ -4,11 +4,14 @@ A room's tensors are rebuilt from (room, seq) alone. Embeddings are random
 bit patterns (NaNs, infinities, -0.0 and subnormals included), so equality is
 of bits: bf16 and fp16 are compared through int16 views with `torch.equal`.
 Each room draws from its own seed, so a ghost of another room never compares
-equal.
+equal. Rooms are made on the CPU; `send` moves them to the sending engine's
+device and `mismatches` compares on the result's, so every test runs as is
+on a CUDA `World` (`scripts/gpu_check.py`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -59,13 +62,26 @@ def room_data(cfg: DisaggConfig, room: int, seq: int) -> RoomData:
                for name, (shape, dt) in sorted(cfg.extra_buffers.items())})
 
 
+def on(data: RoomData, device: torch.device) -> RoomData:
+    """The same room with its tensors on `device` (itself when already there)."""
+    if data.embeddings.device == device:
+        return data
+    return dataclasses.replace(
+        data, embeddings=data.embeddings.to(device), fill_ids=data.fill_ids.to(device),
+        mrope_positions=(None if data.mrope_positions is None
+                         else data.mrope_positions.to(device)),
+        extra={n: t.to(device) for n, t in data.extra.items()})
+
+
 def send(sender: Sender, data: RoomData) -> None:
+    data = on(data, sender._engine.device)  # the caller's tensors live where the engine works
     sender.send(data.embeddings, data.fill_ids, data.mrope_positions, aux=data.aux,
                 **data.extra)
 
 
 def mismatches(res: EmbeddingResult, data: RoomData) -> list[str]:
     """What in `res` differs, bit for bit, from what was sent; empty when exact."""
+    data = on(data, res.embeddings.device)
     bad = [name for name in ("embeddings", "fill_ids", "mrope_positions")
            if not same(getattr(res, name), getattr(data, name))]
     # plain row-major strides, as a fresh tensor has

@@ -1,0 +1,739 @@
+"""One-GPU verification kit: what one CUDA device can prove about disagg's GPU path.
+
+    python scripts/gpu_check.py                  # every check on cuda, a table; exit 1 on a failure
+    python scripts/gpu_check.py --json out.json  # the same, and one record per check
+    python scripts/gpu_check.py --device cpu     # the CPU dry-run (what CI runs, < 30 s)
+
+Sections (docs/nccl.md says what each proves, and what only several GPUs can):
+
+  contract  the in-process layer (tests/inproc: the real Embedding and Language
+            engines, a fake pair transport and control channel) with every pool,
+            result and payload on the device. On CUDA each fake link moves device
+            memory on a stream of its own, after a GPU-side delay, and completes
+            only once its copy's event is host-observed, so the library's own
+            stream and event logic runs for real: the producer's event before the
+            sends (embeddings produced on a side stream behind a delay), blocks
+            reused and statuses changed only after completion. Bit-exact rooms on
+            2 Embedding x 2 Language ranks in both landing modes, then abort in
+            every state (tests/inproc/test_abort.py, every case).
+  pools     a Language pool on the device: allocation, the pool-mode copy-out
+            (one copy per segment; fragmented and contiguous) in GB/s against a
+            plain device-to-device copy of the same bytes, result()'s ids split,
+            and the cost of host-observed completion per chunk (us).
+  nccl      one rank: the backend auto-pick on this node (and why two ranks cannot
+            share a GPU), the cycle guard for several Embedding and Language
+            ranks, disagg.init on a world of one (which no topology fits: refused,
+            and the NCCL world torn down), a world of one built as init builds it:
+            group creation under the device lock, the first op (which creates the
+            communicator), a batched send/recv to itself, teardown; the lock's
+            uncontended cost. On the CPU dry-run the same with Gloo.
+  model     OPTIONAL: examples/qwen_vl.py (a real model), when the file exists and
+            CUDA is there; skipped otherwise.
+
+Without CUDA it says so, runs the dry-run on the CPU and exits 0 when every
+check passes. Needs the test extra (`pip install -e ".[test]"`): the contract
+section imports tests/inproc, as pytest does (tests/ on sys.path).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import logging
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # the in-process layer, as pytest imports it
+
+import disagg  # noqa: E402
+from disagg import context  # noqa: E402
+from disagg.config import DisaggConfig  # noqa: E402
+from disagg.geometry import Geometry, Topology  # noqa: E402
+from disagg.language.stream import copy_out  # noqa: E402
+from disagg.plan import segment_plan  # noqa: E402
+from disagg.pool import BlockPool  # noqa: E402
+from disagg.results import make_outputs, to_result  # noqa: E402
+from disagg.transport import TorchPairTransport, device_lock, wait_until  # noqa: E402
+from disagg.types import TransferStatus  # noqa: E402
+
+PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
+SUCCESS, FAILED = TransferStatus.SUCCESS, TransferStatus.FAILED
+MODEL_EXAMPLE = ROOT / "examples" / "qwen_vl.py"
+# GPU cycles a fake link spends before each copy, and a producer before writing
+# (~50 us and ~20 ms at 1.5-2 GHz): long enough that anything reading early
+# reads garbage, short enough for hundreds of messages.
+COPY_DELAY_CYCLES = 100_000
+PRODUCER_DELAY_CYCLES = 40_000_000
+
+
+class Skip(Exception):
+    """A check that cannot run here, and why."""
+
+
+@dataclass
+class Row:
+    section: str
+    check: str
+    result: str
+    figure: str = ""
+    detail: str = ""
+    seconds: float = 0.0
+    values: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Outcome:
+    """What a check returns: a short figure, a longer detail, numbers for --json."""
+
+    figure: str = ""
+    detail: str = ""
+    values: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Env:
+    device: torch.device
+    tmp: Path
+    model_cmd: list[str] | None
+    model_timeout: float
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+
+# ---------------------------------------------------------------- contract
+
+
+def _inproc() -> Any:
+    from inproc import fakes, rooms, test_abort  # tests/inproc, as pytest sees it
+
+    return fakes, rooms, test_abort
+
+
+def _delay(env: Env) -> int:
+    return COPY_DELAY_CYCLES if env.cuda else 0
+
+
+def _rooms_cfg(recv_into: str) -> DisaggConfig:
+    return DisaggConfig(num_embedding_ranks=2, language_tp_size=2, hidden_size=96,
+                        block_size=16, num_blocks=24, default_alloc_tokens=48,
+                        recv_into=recv_into, auto_resume=True,  # type: ignore[arg-type]
+                        extra_buffers={"deepstack": ((2, 8), "bfloat16")},
+                        bootstrap_timeout=30.0, peer_timeout=5.0)
+
+
+def check_rooms(env: Env) -> Outcome:
+    """Every room of two Embedding ranks to a TP-2 instance, several chunks each
+    (resume rounds, a pool smaller than the rooms), bit-exact on every rank."""
+    done = chunks = frames = 0
+    for recv_into in ("output", "pool"):
+        n = _rooms_in_one_mode(env, recv_into)
+        done, chunks, frames = done + n[0], chunks + n[1], frames + n[2]
+    return Outcome(f"{done} rooms bit-exact", f"2 E x TP2, output+pool modes, {chunks} chunks "
+                   f"in {frames} frames" + (", every copy on a link stream after a delay"
+                                            if env.cuda else ""),
+                   {"rooms": done, "chunks": chunks, "frames": frames})
+
+
+def _rooms_in_one_mode(env: Env, recv_into: str) -> tuple[int, int, int]:
+    """(rooms received, chunks, frames) of one landing mode; asserts every byte."""
+    fakes, rooms, _ = _inproc()
+    cfg = _rooms_cfg(recv_into)
+    with fakes.World(cfg, auto_control=True, embedding_blocks=256, device=env.device,
+                     copy_delay_cycles=_delay(env)) as w:
+        topo = w.topology
+        seqs = [1, 15, 16, 17, 47, 48, 49, 130, 200, 333]
+        data = {(e, i): rooms.room_data(cfg, 1000 * e + i, seq)
+                for e in topo.embedding_ranks for i, seq in enumerate(seqs)}
+        senders = {}
+        for (e, i), d in data.items():
+            senders[(e, i)] = w.emb(e).sender(d.room)
+            rooms.send(senders[(e, i)], d)
+        receivers = {(e, i, lang): w.lang(lang).receiver(d.room, src_rank=e)
+                     for (e, i), d in data.items() for lang in topo.language_ranks}
+        inited: set[tuple[int, int, int]] = set()
+
+        def step() -> bool:  # init() again until the pool has blocks for the room
+            for key, r in receivers.items():
+                if key not in inited and r.init():
+                    inited.add(key)
+            return all(r.poll() in fakes.TERMINAL for r in receivers.values())
+
+        w.run_until(step, f"{recv_into}: every room ended", timeout=60.0)
+        bad = [f"{key}: {r.poll().name} {r.failure}" for key, r in receivers.items()
+               if r.poll() is not SUCCESS]
+        bad += [m for (e, i, _), r in receivers.items() if r.poll() is SUCCESS
+                for m in rooms.mismatches(r.result(), data[(e, i)])]
+        for key, s in senders.items():
+            if w.ended(s, f"sender {key}") is not SUCCESS:
+                bad.append(f"sender {key}: {s.failure}")
+        if env.cuda:
+            bad += [f"{link.name}: {len(link.frames)} frames but the sends of only "
+                    f"{link.producer_events} waited for a producer's event"
+                    for link in w.links.values()
+                    if link.producer_events != sum(
+                        1 for f in link.frames if f.meta.kind.name == "DATA")]
+        assert not bad, f"{recv_into}: " + "; ".join(bad[:6])
+        return (len(receivers), sum(w.counter(r, "chunks") for r in topo.language_ranks),
+                sum(len(link.frames) for link in w.links.values()))
+
+
+def check_producer_stream(env: Env) -> Outcome:
+    """Embeddings written on a side stream behind a GPU delay, send() called from
+    that stream at once: only the producer's event keeps the sends from reading
+    them before they are written."""
+    fakes, rooms, _ = _inproc()
+    cfg = DisaggConfig(hidden_size=256, block_size=16, num_blocks=64, default_alloc_tokens=512,
+                       bootstrap_timeout=30.0, peer_timeout=5.0)
+    with fakes.World(cfg, auto_control=True, device=env.device,
+                     copy_delay_cycles=_delay(env)) as w:
+        rounds = 3
+        for room in range(rounds):
+            data = rooms.room_data(cfg, 50 + room, 500)
+            staged = rooms.on(data, env.device)
+            env.sync()
+            s = w.emb().sender(data.room)
+            if env.cuda:
+                producer = torch.cuda.Stream(env.device)
+                with torch.cuda.stream(producer):
+                    torch.cuda._sleep(PRODUCER_DELAY_CYCLES)  # an encoder still at work
+                    emb = staged.embeddings.clone()  # written only after the delay
+                    s.send(emb, staged.fill_ids, staged.mrope_positions, aux=data.aux)
+            else:
+                emb = staged.embeddings.clone()
+                s.send(emb, staged.fill_ids, staged.mrope_positions, aux=data.aux)
+            r = w.lang().receiver(data.room, src_rank=0)
+            assert r.init(), "no blocks in an idle pool"
+            assert w.finish(r, f"room {data.room}") is SUCCESS, r.failure
+            bad = rooms.mismatches(r.result(), data)
+            assert not bad, f"read before the producer wrote it: {bad}"
+            assert w.ended(s, "sender") is SUCCESS, s.failure
+            del emb
+    what = ("embeddings written on a side stream ~20 ms after send(); sends waited for "
+            "the producer's event" if env.cuda else "CPU: no streams (the same calls)")
+    return Outcome(f"{rounds} rooms bit-exact", what, {"rooms": rounds})
+
+
+def check_aborts(env: Env) -> Outcome:
+    """tests/inproc/test_abort.py, every case, on this device."""
+    fakes, _, ab = _inproc()
+    cases: list[tuple[str, Callable[[Any], None]]] = []
+    for recv_into in ab.RECV_INTO:
+        for side, state in ab.CASES:
+            cases.append((f"{recv_into}/{side}/{state}",
+                          lambda w, s=side, st=state: ab.test_abort_then_fresh_room_on_the_same_blocks(
+                              w, s, st)))
+        for reject_first in (False, True):
+            cases.append((f"{recv_into}/embedding/racing_last_chunk(reject_first={reject_first})",
+                          lambda w, rf=reject_first:
+                          ab.test_embedding_abort_racing_the_last_chunk_that_completes(w, rf)))
+        cases.append((f"{recv_into}/language/racing_last_chunk",
+                      ab.test_language_abort_racing_the_last_chunk_that_completes))
+        cases.append((f"{recv_into}/language/after_last_chunk",
+                      ab.test_language_abort_after_the_last_chunk_landed_is_a_noop))
+    failed = []
+    for i, (name, run) in enumerate(cases):
+        recv_into = name.split("/", 1)[0]
+        w = fakes.World(ab.abort_cfg(recv_into), embedding_blocks=ab.BUDGET,
+                        language_blocks=ab.POOL, device=env.device,
+                        copy_delay_cycles=_delay(env) if i % 2 else 0)
+        try:
+            run(w)
+            w.close()
+        except Exception as e:
+            failed.append(f"{name}: {str(e).splitlines()[0][:200] if str(e) else repr(e)}")
+        finally:
+            w.close(check=False)
+    assert not failed, f"{len(failed)}/{len(cases)} failed: " + "; ".join(failed[:4])
+    return Outcome(f"{len(cases)}/{len(cases)} cases", "every state x both sides x both "
+                   "landing modes, then a fresh room on the same blocks, bit-exact",
+                   {"cases": len(cases)})
+
+
+# ---------------------------------------------------------------- pools
+
+
+def _pool_geometry(env: Env) -> tuple[Geometry, int]:
+    """A Qwen2.5-VL-7B class geometry on the GPU (7,184 bytes a token), a small one
+    on the CPU; and the tokens of one chunk."""
+    if env.cuda:
+        cfg = DisaggConfig(hidden_size=3584, block_size=128, num_blocks=512,
+                           recv_into="pool")
+        return Geometry.from_config(cfg), 8192
+    cfg = DisaggConfig(hidden_size=256, block_size=16, num_blocks=64, recv_into="pool")
+    return Geometry.from_config(cfg), 512
+
+
+def _median_s(fn: Callable[[], object], env: Env, reps: int) -> tuple[float, float, float]:
+    """Median, min and max seconds of `fn` (each run synchronised), after one warm-up."""
+    fn()
+    env.sync()
+    times = []
+    for _ in range(reps):
+        env.sync()
+        t0 = time.perf_counter()
+        fn()
+        env.sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), min(times), max(times)
+
+
+def check_pool_alloc(env: Env) -> Outcome:
+    geom, _ = _pool_geometry(env)
+    env.sync()
+    t0 = time.perf_counter()
+    pool = BlockPool(geom, env.device, with_buffers=True)
+    env.sync()
+    dt = time.perf_counter() - t0
+    nbytes = sum(t.nbytes for t in pool.buffers.values())
+    assert all(t.device.type == env.device.type for t in pool.buffers.values())
+    del pool
+    return Outcome(f"{nbytes / 2**20:.0f} MiB in {dt * 1e3:.1f} ms",
+                   f"{geom.num_blocks} blocks x {geom.block_size} tokens x "
+                   f"{geom.token_nbytes} B", {"bytes": nbytes, "seconds": dt})
+
+
+def check_copy_out(env: Env) -> Outcome:
+    """Pool mode's copy out of pool blocks into the room's output, per segment,
+    against one plain copy of the same bytes."""
+    geom, n = _pool_geometry(env)
+    pool = BlockPool(geom, env.device, with_buffers=True)
+    for t in pool.buffers.values():
+        t.view(torch.uint8).random_(0, 256) if t.dtype != torch.int32 else t.random_()
+    outputs = make_outputs(geom, n, env.device)
+    nblocks = n // geom.block_size
+    fragmented = list(range(0, 2 * nblocks, 2))  # every other block: one segment each
+    contiguous = list(range(nblocks))
+    nbytes = n * geom.token_nbytes
+    src = torch.empty(nbytes, dtype=torch.uint8, device=env.device).random_(0, 256)
+    dst = torch.empty_like(src)
+    reps = 20
+    plain, _, _ = _median_s(lambda: dst.copy_(src), env, reps)
+    figures: dict[str, Any] = {"bytes": nbytes, "plain_gbps": nbytes / plain / 1e9}
+    parts = []
+    for name, ids in (("fragmented", fragmented), ("contiguous", contiguous)):
+        plan = segment_plan(ids, geom.block_size, n)
+        med, lo, hi = _median_s(
+            lambda p=plan: copy_out(geom, pool, outputs, p, 0, env.device), env, reps)
+        # what landed is what the blocks hold
+        for b in geom.wire_buffers:
+            s = plan[-1]
+            got = outputs[b.name][s.chunk_start:s.chunk_start + s.num_tokens]
+            want = pool.token_view(b.name, s.dst_token, s.num_tokens)
+            assert torch.equal(got.reshape(-1).view(torch.uint8),
+                               want.reshape(-1).view(torch.uint8)), f"{name}: {b.name} differs"
+        gbps = nbytes / med / 1e9
+        figures[f"{name}_gbps"] = gbps
+        figures[f"{name}_segments"] = len(plan)
+        parts.append(f"{name} ({len(plan)} segments) {gbps:.1f} GB/s "
+                     f"[{nbytes / hi / 1e9:.1f}-{nbytes / lo / 1e9:.1f}]")
+    return Outcome(f"{figures['fragmented_gbps'] / figures['plain_gbps']:.2f}x / "
+                   f"{figures['contiguous_gbps'] / figures['plain_gbps']:.2f}x plain",
+                   f"chunk of {n} tokens ({nbytes / 2**20:.1f} MiB): " + ", ".join(parts)
+                   + f"; plain copy {figures['plain_gbps']:.1f} GB/s (host-timed, synced)",
+                   figures)
+
+
+def check_result_split(env: Env) -> Outcome:
+    """result()'s one copy: fill_ids and mrope_positions split out of the packed ids."""
+    geom, n = _pool_geometry(env)
+    outputs = make_outputs(geom, n, env.device)
+    for t in outputs.values():
+        t.view(torch.uint8).random_(0, 256) if t.dtype != torch.int32 else t.random_()
+    med, _, _ = _median_s(lambda: to_result(geom, outputs, ()), env, 20)
+    res = to_result(geom, outputs, ())
+    packed = outputs["fill_ids+mrope_positions"]
+    assert torch.equal(res.fill_ids, packed[:, 0]) and res.fill_ids.is_contiguous()
+    assert res.mrope_positions is not None and torch.equal(res.mrope_positions, packed[:, 1:].t())
+    return Outcome(f"{med * 1e6:.0f} us / room", f"{n} tokens: two clones (16 B a token)",
+                   {"seconds": med, "tokens": n})
+
+
+def check_event_overhead(env: Env) -> Outcome:
+    """Host-observed completion as the transport does it (an event polled with
+    `wait_until`), per chunk, on an idle stream: what each chunk pays on top of
+    its transfer before a block is reused or a status changes."""
+    if not env.cuda:
+        raise Skip("no CUDA events on the CPU (Gloo's wait() is the completion)")
+    stream = torch.cuda.Stream(env.device)
+    x = torch.zeros(1, device=env.device)
+    times = []
+    for i in range(300):
+        with torch.cuda.stream(stream):
+            x.add_(1)
+            ev = torch.cuda.Event()
+            ev.record(stream)
+        t0 = time.perf_counter()
+        assert wait_until(ev.query, time.monotonic() + 5.0), "event never completed"
+        if i >= 20:
+            times.append(time.perf_counter() - t0)
+    syncs = []
+    for _ in range(100):
+        with torch.cuda.stream(stream):
+            x.add_(1)
+        t0 = time.perf_counter()
+        stream.synchronize()
+        syncs.append(time.perf_counter() - t0)
+    med = statistics.median(times)
+    return Outcome(f"{med * 1e6:.1f} us / chunk",
+                   f"a 1-element kernel, event polled (10 us doubling to 1 ms): median "
+                   f"{med * 1e6:.1f}, p90 {sorted(times)[int(0.9 * len(times))] * 1e6:.1f} us; "
+                   f"stream.synchronize() {statistics.median(syncs) * 1e6:.1f} us",
+                   {"poll_us": med * 1e6, "sync_us": statistics.median(syncs) * 1e6})
+
+
+# ---------------------------------------------------------------- nccl
+
+
+def _backend(env: Env) -> str:
+    return "nccl" if env.cuda else "gloo"
+
+
+def check_backend_pick(env: Env) -> Outcome:
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    backend, why = context.backend_choice(DisaggConfig(), gpus=gpus, local_world=1)
+    assert backend == _backend(env) or (not env.cuda and backend == "nccl"), (backend, why)
+    return Outcome(backend, f"one rank on this node, {gpus} GPU(s): {why}",
+                   {"backend": backend, "why": why})
+
+
+def check_backend_shared_gpu(env: Env) -> Outcome:
+    """Two ranks on one GPU: auto picks Gloo, and says why; forcing NCCL is refused."""
+    gpus = max(1, torch.cuda.device_count() if torch.cuda.is_available() else 0)
+    backend, why = context.backend_choice(DisaggConfig(), gpus=gpus, local_world=gpus + 1)
+    assert backend == "gloo" and "refuses two ranks on one GPU" in why, (backend, why)
+    try:
+        context.backend_choice(DisaggConfig(backend="nccl"), gpus=gpus, local_world=gpus + 1)
+    except ValueError as e:
+        refused = str(e)
+    else:
+        raise AssertionError("backend='nccl' with two ranks on one GPU was accepted")
+    assert "backend='gloo'" in refused, refused
+    return Outcome("gloo", f"{gpus + 1} ranks, {gpus} GPU(s): {why}. backend='nccl': "
+                   f"ValueError: {refused}", {"why": why, "forced": refused})
+
+
+def check_cycle_guard(env: Env) -> Outcome:
+    two_by_two = Topology(4, 2, 1)
+    try:
+        context.check_nccl_topology(two_by_two, env={})
+    except ValueError as e:
+        refused = str(e)
+    else:
+        raise AssertionError("2 Embedding x 2 Language ranks on NCCL accepted without opt-in")
+    for ok in (Topology(3, 1, 2), Topology(5, 1, 2), Topology(3, 2, 1), Topology(9, 8, 1)):
+        context.check_nccl_topology(ok, env={})
+    warned: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: warned.append(record.getMessage())  # type: ignore[method-assign]
+    logger = logging.getLogger(context.__name__)
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        context.check_nccl_topology(two_by_two, env={context.NCCL_CONCURRENT_ENV: "1"})
+    finally:
+        logger.removeHandler(handler)
+        logger.propagate = True
+    assert any("safe only while" in m for m in warned), f"no warning with the opt-in: {warned}"
+    try:
+        context.check_nccl_topology(two_by_two, env={context.NCCL_CONCURRENT_ENV: "1",
+                                                     "CUDA_DEVICE_MAX_CONNECTIONS": "1"})
+    except ValueError:
+        pass
+    else:
+        raise AssertionError("opt-in accepted with CUDA_DEVICE_MAX_CONNECTIONS=1")
+    return Outcome("2x2 refused", f"1 x N and N x 1 accepted; 2 x 2 needs "
+                   f"{context.NCCL_CONCURRENT_ENV}=1: {refused[:160]}...", {})
+
+
+def check_init_one_rank(env: Env) -> Outcome:
+    """disagg.init(backend=...) in a world of one: no topology has zero Language
+    ranks, so it must refuse, having joined (on CUDA: an NCCL world) and torn it down."""
+    assert not dist.is_initialized()
+    cfg = DisaggConfig(backend=_backend(env))  # type: ignore[arg-type]
+    t0 = time.perf_counter()
+    try:
+        ctx = disagg.init(cfg, rank=0, world_size=1,
+                          init_method=f"file://{env.tmp}/init-one-rank")
+    except ValueError as e:
+        text = str(e)
+    else:
+        ctx.shutdown()
+        raise AssertionError("a world of one was accepted")
+    dt = time.perf_counter() - t0
+    assert "does not fit" in text, text
+    assert not dist.is_initialized(), "the world was left up"
+    return Outcome("refused, torn down", f"{dt * 1e3:.0f} ms: {text[:120]}", {"seconds": dt})
+
+
+def check_world_of_one(env: Env) -> Outcome:
+    """The calls disagg.init makes, on one rank: the world, a group created under the
+    device lock, its first op (NCCL creates the communicator there), a batched
+    send/recv to itself (NCCL only: Gloo has no self pair), teardown; twice."""
+    backend = _backend(env)
+    t = {}
+    t0 = time.perf_counter()
+    dist.init_process_group(context.world_backend(backend),
+                            init_method=f"file://{env.tmp}/world-of-one", rank=0, world_size=1)
+    t["world_ms"] = (time.perf_counter() - t0) * 1e3
+    hung = False
+    try:
+        timeout = datetime.timedelta(seconds=60)
+        for attempt in range(2):
+            t0 = time.perf_counter()
+            g = context.new_group([0], backend=backend, timeout=timeout, device=env.device)
+            t[f"group_{attempt}_ms"] = (time.perf_counter() - t0) * 1e3
+            x = torch.ones(4, device=env.device)
+            t0 = time.perf_counter()
+            with device_lock(env.device):
+                work = dist.all_reduce(x, group=g, async_op=True)
+            assert work is not None
+            if not wait_until(work.is_completed, time.monotonic() + 60):
+                hung = True
+                raise AssertionError("first op (communicator creation) not done in 60 s")
+            work.wait()
+            t[f"first_op_{attempt}_ms"] = (time.perf_counter() - t0) * 1e3
+            assert x.tolist() == [1.0] * 4
+            transport = TorchPairTransport(g, 0, env.device, 60.0)
+            if env.cuda:
+                assert transport._post_lock is device_lock(env.device), "not the device's lock"
+                n = 64 << 20
+                src = torch.empty(n, dtype=torch.uint8, device=env.device).random_(0, 256)
+                dst = torch.zeros_like(src)
+                for _ in range(3):
+                    torch.cuda.synchronize(env.device)
+                    t0 = time.perf_counter()
+                    with device_lock(env.device):
+                        works = dist.batch_isend_irecv(
+                            [dist.P2POp(dist.isend, src, 0, group=g),
+                             dist.P2POp(dist.irecv, dst, 0, group=g)])
+                    if not all(wait_until(w.is_completed, time.monotonic() + 60)
+                               for w in works):
+                        hung = True
+                        raise AssertionError("batched send/recv to itself not done in 60 s")
+                    for w in works:
+                        w.wait()
+                    t["self_p2p_gbps"] = n / (time.perf_counter() - t0) / 1e9
+                assert torch.equal(src, dst), "send/recv to itself: bytes differ"
+            t0 = time.perf_counter()
+            context.destroy_group(g, env.device)
+            t[f"destroy_{attempt}_ms"] = (time.perf_counter() - t0) * 1e3
+    finally:
+        if not hung and dist.is_initialized():
+            with device_lock(env.device):
+                dist.destroy_process_group()
+    assert not dist.is_initialized()
+    p2p = (f", batched send/recv to itself {t['self_p2p_gbps']:.0f} GB/s (64 MiB)"
+           if "self_p2p_gbps" in t else ", no self p2p on Gloo")
+    return Outcome(
+        f"{backend}: ok x2",
+        f"world {t['world_ms']:.0f} ms; group {t['group_0_ms']:.0f}/{t['group_1_ms']:.0f} ms; "
+        f"first op {t['first_op_0_ms']:.0f}/{t['first_op_1_ms']:.0f} ms; destroy "
+        f"{t['destroy_0_ms']:.0f}/{t['destroy_1_ms']:.0f} ms{p2p}", t)
+
+
+def check_lock_cost(env: Env) -> Outcome:
+    """What the lock costs a post: 100k uncontended acquire+release of the
+    device's lock (TorchPairTransport holds it for each post)."""
+    lock = device_lock(env.device)
+    n = 100_000
+    runs = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(n):
+            with lock:
+                pass
+        runs.append((time.perf_counter() - t0) / n)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        pass
+    empty = (time.perf_counter() - t0) / n
+    med = statistics.median(runs)
+    return Outcome(f"{(med - empty) * 1e9:.0f} ns / post",
+                   f"{n} uncontended `with lock:` x5: median {med * 1e9:.0f} ns "
+                   f"[{min(runs) * 1e9:.0f}-{max(runs) * 1e9:.0f}], empty loop "
+                   f"{empty * 1e9:.0f} ns", {"ns": (med - empty) * 1e9})
+
+
+# ---------------------------------------------------------------- model
+
+
+def check_model(env: Env) -> Outcome:
+    """OPTIONAL: the real-model example, when it exists (another engineer's
+    examples/qwen_vl.py). Its own checks decide; a non-zero exit fails this row."""
+    if not MODEL_EXAMPLE.exists():
+        raise Skip(f"optional: {MODEL_EXAMPLE.relative_to(ROOT)} not present")
+    if not env.cuda:
+        raise Skip("optional: the real model needs CUDA")
+    if env.model_cmd is None:
+        raise Skip("optional: --no-model")
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(env.model_cmd, cwd=ROOT, capture_output=True, text=True,
+                              timeout=env.model_timeout)
+    except subprocess.TimeoutExpired as e:
+        raise AssertionError(f"still running after {env.model_timeout:.0f}s") from e
+    dt = time.perf_counter() - t0
+    tail = (proc.stdout + proc.stderr).strip().splitlines()[-3:]
+    assert proc.returncode == 0, f"exit {proc.returncode}: {' | '.join(tail)}"
+    return Outcome(f"ok in {dt:.0f} s", " | ".join(tail)[:300], {"seconds": dt})
+
+
+# ---------------------------------------------------------------- runner
+
+CHECKS: list[tuple[str, str, Callable[[Env], Outcome]]] = [
+    ("contract", "rooms bit-exact, 2 E x TP2", check_rooms),
+    ("contract", "producer stream's event", check_producer_stream),
+    ("contract", "abort in every state", check_aborts),
+    ("pools", "pool allocation", check_pool_alloc),
+    ("pools", "pool copy-out vs plain copy", check_copy_out),
+    ("pools", "result() ids split", check_result_split),
+    ("pools", "completion per chunk", check_event_overhead),
+    ("nccl", "backend auto-pick, this node", check_backend_pick),
+    ("nccl", "backend, 2 ranks on 1 GPU", check_backend_shared_gpu),
+    ("nccl", "cycle guard (E>=2, L>=2)", check_cycle_guard),
+    ("nccl", "disagg.init, world of one", check_init_one_rank),
+    ("nccl", "world of one: groups, first op", check_world_of_one),
+    ("nccl", "device lock, uncontended", check_lock_cost),
+    ("model", "examples/qwen_vl.py", check_model),
+]
+
+
+def run_check(section: str, name: str, fn: Callable[[Env], Outcome], env: Env) -> Row:
+    t0 = time.perf_counter()
+    try:
+        out = fn(env)
+        row = Row(section, name, PASS, out.figure, out.detail, values=out.values)
+    except Skip as e:
+        row = Row(section, name, SKIP, "", str(e))
+    except Exception as e:
+        text = str(e) or repr(e)
+        if not isinstance(e, AssertionError):
+            text = f"{type(e).__name__}: {text}\n{traceback.format_exc(limit=4)}"
+        row = Row(section, name, FAIL, "", text)
+    row.seconds = time.perf_counter() - t0
+    return row
+
+
+def exit_code(rows: list[Row]) -> int:
+    return 1 if any(r.result == FAIL for r in rows) else 0
+
+
+def header(env: Env) -> str:
+    if env.cuda:
+        props = torch.cuda.get_device_properties(env.device)
+        nccl = ".".join(map(str, torch.cuda.nccl.version())) if dist.is_nccl_available() else "-"
+        return (f"gpu_check on {env.device} ({props.name}, {props.total_memory / 2**30:.0f} GiB), "
+                f"torch {torch.__version__}, CUDA {torch.version.cuda}, NCCL {nccl}, "
+                f"CUDA_DEVICE_MAX_CONNECTIONS={os.environ.get('CUDA_DEVICE_MAX_CONNECTIONS', '-')}")
+    why = ("no CUDA on this machine" if not torch.cuda.is_available()
+           else "--device cpu")
+    return (f"gpu_check: {why}: CPU dry-run of the same code paths (device cpu, Gloo); "
+            f"figures are CPU figures, not GPU ones. torch {torch.__version__}")
+
+
+def print_table(rows: list[Row], out: Any = sys.stdout) -> None:
+    width = max(len(r.check) for r in rows)
+    print(f"{'section':<9} {'check':<{width}} {'result':<6} {'s':>5}  figure", file=out)
+    for r in rows:
+        print(f"{r.section:<9} {r.check:<{width}} {r.result:<6} {r.seconds:5.1f}  {r.figure}",
+              file=out)
+    print(file=out)
+    for r in rows:
+        if r.detail:
+            first, *rest = r.detail.splitlines()
+            print(f"  {r.check}: {first}", file=out)
+            for line in rest:
+                print(f"    {line}", file=out)
+    n = {k: sum(1 for r in rows if r.result == k) for k in (PASS, FAIL, SKIP)}
+    print(f"\n{n[PASS]} passed, {n[FAIL]} failed, {n[SKIP]} skipped", file=out)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog=__doc__.split("\n\n", 2)[2])
+    p.add_argument("--device", default=None,
+                   help="cuda[:N] or cpu (default: cuda:0 when CUDA is there, else the CPU "
+                        "dry-run)")
+    p.add_argument("--json", metavar="PATH", help="write every check as JSON here ('-': stdout)")
+    p.add_argument("--only", metavar="SECTIONS",
+                   help="comma-separated sections to run (contract, pools, nccl, model)")
+    p.add_argument("--no-model", action="store_true", help="skip the optional real-model check")
+    p.add_argument("--model-cmd", default=None,
+                   help="command for the model check (default: torchrun --standalone "
+                        "--nproc-per-node 2 examples/qwen_vl.py)")
+    p.add_argument("--model-timeout", type=float, default=600.0, help="seconds (default 600)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.device is None:
+        device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+    else:
+        device = torch.device(args.device)
+        if device.type == "cuda":
+            if not torch.cuda.is_available():
+                print("gpu_check: --device cuda but this machine has no CUDA", file=sys.stderr)
+                return 2
+            if device.index is None:
+                device = torch.device("cuda", 0)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    model_cmd = None if args.no_model else (
+        args.model_cmd.split() if args.model_cmd else
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         str(MODEL_EXAMPLE)])
+    sections = None if args.only is None else set(args.only.split(","))
+    tmp = Path(tempfile.mkdtemp(prefix="gpu_check-"))
+    env = Env(device, tmp, model_cmd, args.model_timeout)
+    print(header(env), flush=True)
+    rows: list[Row] = []
+    try:
+        for section, name, fn in CHECKS:
+            if sections is None or section in sections:
+                rows.append(run_check(section, name, fn, env))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print_table(rows)
+    if args.json:
+        record = {"header": header(env), "device": str(device), "dry_run": device.type != "cuda",
+                  "rows": [dataclasses.asdict(r) for r in rows], "exit": exit_code(rows)}
+        text = json.dumps(record, indent=1, default=str)
+        if args.json == "-":
+            print(text)
+        else:
+            Path(args.json).write_text(text)
+    alive = [t.name for t in threading.enumerate() if t.name.startswith("disagg")]
+    if alive:
+        print(f"disagg threads left behind: {alive}", file=sys.stderr)
+        return 1
+    return exit_code(rows)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""scripts/gpu_check.py: its CPU dry-run passes in CI (the same code paths as on a
+GPU, device cpu), and any failed check makes it exit non-zero."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "scripts" / "gpu_check.py"
+
+pytestmark = pytest.mark.timeout(90)
+
+# Every check by name; on the CPU these two cannot run, and say why.
+CPU_SKIPS = {"completion per chunk": "no CUDA events", "examples/qwen_vl.py": "optional"}
+
+
+def _load() -> object:
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["gpu_check"] = mod  # its dataclasses look themselves up there
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_cpu_dry_run_passes_and_says_so(tmp_path: Path) -> None:
+    out = tmp_path / "gpu_check.json"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--json", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=80, env=env)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 0, text
+    assert "CPU dry-run of the same code paths" in proc.stdout, text
+    record = json.loads(out.read_text())
+    assert record["dry_run"] is True and record["exit"] == 0
+    rows = {r["check"]: r for r in record["rows"]}
+    names = [c[1] for c in _load().CHECKS]  # type: ignore[attr-defined]
+    assert list(rows) == names, text
+    for name, row in rows.items():
+        if name in CPU_SKIPS:
+            assert row["result"] == "SKIP" and CPU_SKIPS[name] in row["detail"], row
+        else:
+            assert row["result"] == "PASS", row
+    # the contract layer really moved rooms, and every abort case ran
+    assert rows["rooms bit-exact, 2 E x TP2"]["values"]["rooms"] == 80
+    assert rows["abort in every state"]["values"]["cases"] == 46
+    assert "refuses two ranks on one GPU" in rows["backend, 2 ranks on 1 GPU"]["detail"]
+    # the table, as printed
+    assert "12 passed, 0 failed, 2 skipped" in proc.stdout, text
+
+
+def test_a_failed_check_fails_the_run() -> None:
+    g = _load()
+
+    def broken(env: object) -> object:
+        raise AssertionError("bytes differ")
+
+    row = g.run_check("contract", "broken", broken, None)  # type: ignore[attr-defined]
+    assert row.result == "FAIL" and "bytes differ" in row.detail
+    ok = g.Row("pools", "fine", "PASS")  # type: ignore[attr-defined]
+    skipped = g.Row("model", "absent", "SKIP")  # type: ignore[attr-defined]
+    assert g.exit_code([ok, skipped]) == 0  # type: ignore[attr-defined]
+    assert g.exit_code([ok, row, skipped]) == 1  # type: ignore[attr-defined]

@@ -1,0 +1,217 @@
+"""NCCL's rules as the code keeps them (docs/nccl.md), checked without a GPU:
+every NCCL call of a device goes through one lock, completion on CUDA is
+observed on the host before `Work.wait()` (which would otherwise make a
+caller's stream wait for the peer), the backend pick says why, and a world
+whose pair communicators could wait on each other in a cycle is refused."""
+
+from __future__ import annotations
+
+import datetime
+import threading
+from typing import Any
+
+import pytest
+import torch
+
+from disagg import context, transport
+from disagg.config import DisaggConfig
+from disagg.errors import PeerLost, TransferTimeout
+from disagg.geometry import Topology
+from disagg.transport import TorchPairTransport, device_lock
+from disagg.wire import FrameKind, Meta
+
+CUDA0 = torch.device("cuda", 0)  # a name only: nothing below touches a GPU
+CPU = torch.device("cpu")
+
+
+def test_one_lock_per_device() -> None:
+    assert device_lock(CUDA0) is device_lock(torch.device("cuda", 0))
+    assert device_lock(CUDA0) is not device_lock(torch.device("cuda", 1))
+    assert device_lock(CPU) is device_lock(torch.device("cpu"))
+
+
+def test_cuda_transports_share_the_device_lock_gloo_ones_do_not() -> None:
+    a = TorchPairTransport(None, 1, CUDA0, 5.0)  # type: ignore[arg-type]
+    b = TorchPairTransport(None, 2, CUDA0, 5.0)  # type: ignore[arg-type]
+    assert a._post_lock is b._post_lock is device_lock(CUDA0)
+    c = TorchPairTransport(None, 1, CPU, 5.0)  # type: ignore[arg-type]
+    d = TorchPairTransport(None, 2, CPU, 5.0)  # type: ignore[arg-type]
+    assert c._post_lock is not d._post_lock  # a busy Gloo pair never holds up another
+    assert c._post_lock is not device_lock(CPU)
+
+
+class FakeWork:
+    """A `dist.Work` that completes after `polls` looks, and records its calls."""
+
+    def __init__(self, polls: int, log: list[str], error: str | None = None) -> None:
+        self.polls = polls
+        self.log = log
+        self.error = error
+
+    def is_completed(self) -> bool:
+        self.log.append("is_completed")
+        self.polls -= 1
+        return self.polls <= 0
+
+    def wait(self) -> bool:
+        self.log.append("wait")
+        if self.error is not None:
+            raise RuntimeError(self.error)
+        return True
+
+
+def test_cuda_posts_hold_the_device_lock(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[bool] = []
+
+    def batch(ops: list[Any]) -> list[FakeWork]:
+        seen.append(device_lock(CUDA0).locked())
+        return [FakeWork(1, [])]
+
+    monkeypatch.setattr(transport.dist, "batch_isend_irecv", batch)
+    monkeypatch.setattr(transport.dist, "P2POp", lambda *a, **k: (a, k))
+    t = TorchPairTransport(None, 1, CUDA0, 5.0)  # type: ignore[arg-type]
+    t._post(transport.dist.irecv, [torch.zeros(1)])
+    assert seen == [True]
+    assert not device_lock(CUDA0).locked()  # held for the call alone
+
+
+def test_gloo_posts_hold_the_pairs_lock(monkeypatch: pytest.MonkeyPatch) -> None:
+    t = TorchPairTransport(None, 1, CPU, 5.0)  # type: ignore[arg-type]
+    seen: list[bool] = []
+
+    def isend(tensor: torch.Tensor, peer: int, group: Any = None) -> FakeWork:
+        seen.append(t._post_lock.locked())
+        return FakeWork(1, [])
+
+    monkeypatch.setattr(transport.dist, "isend", isend)
+    t.post_frame(Meta(FrameKind.ABORT, 7), [torch.zeros(3)])
+    assert seen == [True, True] and not t._post_lock.locked()
+
+
+def test_cuda_completion_is_observed_on_the_host_before_wait() -> None:
+    log: list[str] = []
+    t = TorchPairTransport(None, 1, CUDA0, 5.0)  # type: ignore[arg-type]
+    t._complete([FakeWork(3, log), FakeWork(2, log)], "payload recv")  # type: ignore[list-item]
+    assert log[-2:] == ["wait", "wait"] and "wait" not in log[:-2], log
+    assert log.count("is_completed") == 5
+
+
+def test_cuda_completion_is_bounded_and_errors_keep_their_kind() -> None:
+    t = TorchPairTransport(None, 1, CUDA0, 0.05)  # type: ignore[arg-type]
+    log: list[str] = []
+    with pytest.raises(TransferTimeout, match="not done after"):
+        t._complete([FakeWork(10**9, log)], "meta recv")  # type: ignore[list-item]
+    assert "wait" not in log  # never a stream wait on a peer that did not answer
+    with pytest.raises(PeerLost, match="connection reset"):
+        t._complete([FakeWork(1, [], "connection reset")], "send")  # type: ignore[list-item]
+    with pytest.raises(TransferTimeout, match="timed out after"):
+        t._complete([FakeWork(1, [], "Timed out waiting")], "send")  # type: ignore[list-item]
+
+
+def test_group_creation_and_teardown_hold_the_device_lock(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[tuple[str, bool]] = []
+
+    def new(ranks: list[int], **kw: Any) -> str:
+        seen.append(("new", device_lock(CUDA0).locked()))
+        return "group"
+
+    def destroy(group: Any = None) -> None:
+        seen.append(("destroy", device_lock(CUDA0).locked()))
+
+    monkeypatch.setattr(context.dist, "new_group", new)
+    monkeypatch.setattr(context.dist, "destroy_process_group", destroy)
+    g = context.new_group([0, 1], backend="nccl", timeout=datetime.timedelta(seconds=1),
+                          device=CUDA0)
+    context.destroy_group(g, CUDA0)
+    assert seen == [("new", True), ("destroy", True)]
+
+
+def test_the_lock_serialises_posts_from_several_threads(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Posts of different pairs from different threads never overlap on a device."""
+    inside = 0
+    overlaps = 0
+    guard = threading.Lock()
+
+    def batch(ops: list[Any]) -> list[FakeWork]:
+        nonlocal inside, overlaps
+        with guard:
+            inside += 1
+            overlaps += inside > 1
+        for _ in range(200):
+            pass
+        with guard:
+            inside -= 1
+        return [FakeWork(1, [])]
+
+    monkeypatch.setattr(transport.dist, "batch_isend_irecv", batch)
+    monkeypatch.setattr(transport.dist, "P2POp", lambda *a, **k: (a, k))
+    pairs = [TorchPairTransport(None, p, CUDA0, 5.0) for p in range(4)]  # type: ignore[arg-type]
+
+    def run(t: TorchPairTransport) -> None:
+        for _ in range(300):
+            t._post(transport.dist.isend, [torch.zeros(1)])
+
+    threads = [threading.Thread(target=run, args=(t,)) for t in pairs]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert overlaps == 0
+
+
+@pytest.mark.parametrize(("world", "e", "t", "refused"), [
+    (2, 1, 1, False),   # one pair
+    (5, 1, 2, False),   # one Embedding rank, two instances of TP 2: a star
+    (3, 2, 1, False),   # two Embedding ranks, one Language rank: a star
+    (9, 8, 1, False),
+    (4, 2, 1, True),    # 2 x 2: a cycle of four pairs
+    (4, 2, 2, True),    # two Embedding ranks, one instance of TP 2
+    (7, 3, 2, True),
+])
+def test_nccl_topologies_that_can_deadlock_are_refused(world: int, e: int, t: int,
+                                                       refused: bool) -> None:
+    topo = Topology(world, e, t)
+    if not refused:
+        context.check_nccl_topology(topo, env={})
+        return
+    with pytest.raises(ValueError) as info:
+        context.check_nccl_topology(topo, env={})
+    msg = str(info.value)
+    assert "can deadlock" in msg and "docs/nccl.md" in msg
+    assert "num_embedding_ranks=1" in msg and "backend='gloo'" in msg  # says what to change
+    assert context.NCCL_CONCURRENT_ENV in msg
+
+
+def test_the_opt_in_is_refused_with_settings_that_serialise_kernels(
+        caplog: pytest.LogCaptureFixture) -> None:
+    topo = Topology(4, 2, 1)
+    with caplog.at_level("WARNING", logger="disagg.context"):
+        context.check_nccl_topology(topo, env={context.NCCL_CONCURRENT_ENV: "1"})
+    assert "safe only while" in caplog.text
+    for k in ("CUDA_DEVICE_MAX_CONNECTIONS", "CUDA_LAUNCH_BLOCKING"):
+        with pytest.raises(ValueError, match=f"{k}=1"):
+            context.check_nccl_topology(topo, env={context.NCCL_CONCURRENT_ENV: "1", k: "1"})
+    context.check_nccl_topology(topo, env={context.NCCL_CONCURRENT_ENV: "1",
+                                           "CUDA_DEVICE_MAX_CONNECTIONS": "32"})
+
+
+@pytest.mark.parametrize(("backend", "gpus", "local_world", "expect", "why"), [
+    (None, 0, 1, "gloo", "no CUDA GPU"),
+    (None, 1, 1, "nccl", "one GPU per rank"),
+    (None, 1, 2, "gloo", "NCCL refuses two ranks on one GPU"),
+    (None, 4, 8, "gloo", "8 ranks on this node but 4 GPU(s)"),
+    ("gloo", 8, 2, "gloo", "in the config"),
+    ("nccl", 2, 2, "nccl", "in the config"),
+])
+def test_the_backend_pick_says_why(backend: Any, gpus: int, local_world: int, expect: str,
+                                   why: str) -> None:
+    got, reason = context.backend_choice(DisaggConfig(backend=backend), gpus=gpus,
+                                         local_world=local_world)
+    assert got == expect and why in reason, reason
+
+
+def test_the_world_backend_carries_gloo_for_cpu_tensors() -> None:
+    assert context.world_backend("nccl") == "cpu:gloo,cuda:nccl"
+    assert context.world_backend("gloo") == "gloo"
