@@ -27,7 +27,6 @@ from ..errors import PeerLost, ProtocolError, StreamBroken, TransferTimeout
 from ..geometry import Geometry
 from ..plan import Segment, segment_plan
 from ..pool import BlockPool
-from ..results import make_outputs
 from ..transport import PairTransport, Posted
 from ..wire import ABORT_REASON_BYTES, FrameKind, Meta, reason_from_tensor
 from . import timing
@@ -181,7 +180,7 @@ class PairReceiver:
             if meta.first:
                 e.credits.learn(hi - lo)  # what this rank allocates for: its span
                 try:
-                    r.outputs = make_outputs(e.geometry, e.output_rows(meta.seq_len), e.device)
+                    e.land_in(r, e.output_rows(meta.seq_len))
                 except (RuntimeError, MemoryError) as err:
                     chunk = dataclasses.replace(
                         chunk, corrupt=f"language rank {e.rank}: cannot allocate output: {err}")

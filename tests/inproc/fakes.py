@@ -147,7 +147,9 @@ class _Message:
 
     def __init__(self, index: int, tensor: torch.Tensor) -> None:
         self.index = index
-        self.tensor = tensor
+        # None once matched: as a finished Work, the link keeps no tensor alive
+        # (recycled results are reused only once nothing views them)
+        self.tensor: torch.Tensor | None = tensor
         self.done = False
         # (error type, why): set when the message can no longer complete
         self.failure: tuple[type[DisaggError], str] | None = None
@@ -300,6 +302,7 @@ class FakeLink:
                and (not self.gated or self._matched < self._released)):
             s, r = self._sends[self._matched], self._recvs[self._matched]
             self._matched += 1
+            assert s.tensor is not None and r.tensor is not None
             if s.tensor.nbytes != r.tensor.nbytes:
                 why = (f"message {s.index}: a send of {_describe_tensor(s.tensor)} matched a "
                        f"recv of {_describe_tensor(r.tensor)}: Gloo aborts the process here, "
@@ -310,6 +313,7 @@ class FakeLink:
                 return
             _as_bytes(r.tensor).copy_(_as_bytes(s.tensor))
             s.done = r.done = True
+            s.tensor = r.tensor = None
 
     def _break(self, why: str) -> None:
         if self.broken is None:
