@@ -107,7 +107,10 @@ def summarise(sc: Scenario, per_rank: list[dict | None], modes: list[str]) -> di
                     "gbps": nbytes / med / 1e9, "rounds_s": t[k],
                     "p50_ms": float(np.percentile(lat_ms, 50)),
                     "p99_ms": float(np.percentile(lat_ms, 99)),
-                    "minor_faults_per_room": statistics.median(faults) / sc.rooms}
+                    "minor_faults_per_room": statistics.median(faults) / sc.rooms,
+                    "minor_faults_per_room_mean": statistics.mean(faults) / sc.rooms,
+                    "minor_faults_per_room_range": [min(faults) / sc.rooms,
+                                                    max(faults) / sc.rooms]}
     for b in BASELINES:
         rec[b] = kinds[b]
     rec["modes"] = {}
@@ -266,6 +269,7 @@ def print_table(records: list[dict]) -> None:
                                      f"{d['added_p50_ms']:+8.2f} {d['added_p99_ms']:+8.2f} "
                                      f"{loss}{runs}").rstrip())
         fresh = timed[0].get("baseline_destinations") == "fresh"
+        recycle = timed[0].get("disagg_recycle", True)
         print("kinds: raw/zmq the baselines (always blocking); wait/spin/serving: disagg's "
               "callers block in wait(), spin on poll(),\nor run "
               f"{SERVING_WORK_S * 1e3:g} ms of Python between polls; +len: the receiver "
@@ -274,7 +278,9 @@ def print_table(records: list[dict]) -> None:
               "ratios (min-max). +p50/+p99: minus raw's.\nvs wait: throughput lost against "
               "the blocking caller, per-round median. faults: minor page faults per room on "
               "a Language rank.\nraw and zmq land in "
-              + ("fresh tensors per room." if fresh else "touched, preallocated tensors."))
+              + ("fresh tensors per room" if fresh else "touched, preallocated tensors")
+              + "; disagg in " + ("results handed back each round (recycle)."
+                                  if recycle else "new results (--no-recycle)."))
     for r in records:
         if "memory" in r:
             m = r["memory"]

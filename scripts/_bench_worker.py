@@ -60,8 +60,10 @@ def _config(sc: Scenario, rank: int) -> disagg.DisaggConfig:
 class _Rank:
     """This rank's side of one scenario: tensors, sockets, and one round per kind."""
 
-    def __init__(self, ctx: disagg.Context, sc: Scenario, rank: int, fresh: bool) -> None:
+    def __init__(self, ctx: disagg.Context, sc: Scenario, rank: int, fresh: bool,
+                 recycle: bool = True) -> None:
         self.ctx, self.sc, self.rank, self.fresh = ctx, sc, rank, fresh
+        self.recycle = recycle  # Language: hand results back when the round ends
         self.langs = list(range(1, sc.world))
         self.side = dist.new_group(backend="gloo")
         self.raw = dist.new_group(backend="gloo")
@@ -163,6 +165,9 @@ class _Rank:
                 res = r.result()
                 _check_equal([res.embeddings, res.fill_ids, res.mrope_positions],
                              [self.emb, self.ids, self.pos], "disagg")
+        if self.recycle:  # as a serving loop after prefill (the baselines reuse theirs)
+            for r in recvs:
+                self.ctx.language.recycle(r.result())
         return done
 
     def _raw_send(self, k: int, check: bool) -> list[float]:
@@ -299,7 +304,7 @@ def _memory(me: _Rank, mode: str) -> dict:
 
 
 def run_scenario(rank: int, sc: Scenario, init_method: str, rounds: int, warmup: int,
-                 timeout_s: float, fresh: bool, modes: list[str]) -> dict:
+                 timeout_s: float, fresh: bool, modes: list[str], recycle: bool = True) -> dict:
     dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=sc.world,
                             timeout=datetime.timedelta(seconds=timeout_s))
     faulthandler.dump_traceback_later(timeout_s, exit=True)  # a hang shows its stacks
@@ -307,7 +312,7 @@ def run_scenario(rank: int, sc: Scenario, init_method: str, rounds: int, warmup:
         ctx = disagg.init(_config(sc, rank))  # reuses the world above, leaves it to us
         me = None
         try:
-            me = _Rank(ctx, sc, rank, fresh)
+            me = _Rank(ctx, sc, rank, fresh, recycle)
             out = (_memory(me, modes[0]) if sc.is_memory
                    else _timed(me, [*BASELINES, *modes], rounds, warmup))
             dist.barrier(group=me.side)
@@ -335,16 +340,19 @@ def _exit_with_parent() -> None:
 
 
 def rank_main(rank: int, scenarios: list[Scenario], rounds: int, warmup: int, tmpdir: str,
-              timeout_s: float, fresh: bool, modes: list[list[str]]) -> None:
+              timeout_s: float, fresh: bool, modes: list[list[str]],
+              recycle: bool = True) -> None:
     """torch.multiprocessing entry: every scenario this rank takes part in, each
     with its disagg modes (`modes[i]` for scenario i); results to
-    `tmpdir/rank{rank}.json` (None for scenarios with fewer ranks)."""
+    `tmpdir/rank{rank}.json` (None for scenarios with fewer ranks). `recycle`:
+    Language ranks hand disagg's results back at the end of each round."""
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
     _exit_with_parent()
     out = []
     for i, sc in enumerate(scenarios):
         out.append(None if rank >= sc.world else run_scenario(
-            rank, sc, f"file://{tmpdir}/world-{i}", rounds, warmup, timeout_s, fresh, modes[i]))
+            rank, sc, f"file://{tmpdir}/world-{i}", rounds, warmup, timeout_s, fresh, modes[i],
+            recycle))
     with open(os.path.join(tmpdir, f"rank{rank}.json"), "w") as f:
         json.dump(out, f)

@@ -37,11 +37,14 @@ summary then lists every issue-15 target with its figure and verdict.
 --repeat N runs everything N times in fresh processes: figures pool every
 run's rounds, and the min-max of the runs' own medians is shown.
 
-"faults" counts minor page faults per room on a Language rank: disagg lands
-in a fresh result tensor per room, which the baselines do too with
---fresh-destinations (what a receiver that hands every request its own
-tensors pays; on some VMs the first touch of such memory costs far more than
-on bare metal, and shows in p99). The memory group reports the resident memory
+"faults" counts minor page faults per room on a Language rank. disagg's
+Language caller hands each round's results back when the round ends
+(`ctx.language.recycle`), so later rooms land in touched memory, as the
+baselines land in preallocated tensors; with --no-recycle every disagg room
+lands in a new result, which the baselines do too with --fresh-destinations
+(what a receiver that hands every request its own tensors pays; where glibc
+gave the memory back, each 4 KiB page faults on first touch, and on some VMs
+that costs far more than on bare metal). The memory group reports the resident memory
 growth of every rank between two room counts (target: within 5 %), under the
 first caller mode.
 """
@@ -87,6 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fresh-destinations", action="store_true",
                    help="raw and zmq land each room in newly allocated tensors, as disagg "
                         "does, instead of preallocated touched ones")
+    p.add_argument("--no-recycle", action="store_true",
+                   help="disagg's Language caller does not hand each round's results back "
+                        "(ctx.language.recycle) once the round ends, so every room lands in "
+                        "newly allocated memory (the default hands them back, as a serving "
+                        "loop does after prefill, as the baselines reuse their destinations)")
     p.add_argument("--caller", default=",".join(CALLERS), metavar="MODES",
                    help="comma-separated disagg caller modes, all measured in the same run "
                         "(default: wait,spin,serving): blocked in wait(), spinning on poll(), "
@@ -141,7 +149,7 @@ def _spawn(scs: list[Scenario], args: argparse.Namespace,
     nprocs = max(sc.world for sc in scs)
     pctx = mp.start_processes(rank_main, nprocs=nprocs, join=False, start_method="spawn",
                               args=(scs, args.rounds, args.warmup, tmpdir, args.timeout,
-                                    args.fresh_destinations, args.modes))
+                                    args.fresh_destinations, args.modes, not args.no_recycle))
     budget = args.timeout * len(scs) + 60
     deadline = time.monotonic() + budget
     try:
@@ -194,7 +202,8 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"commit": _commit(), "date": time.strftime("%Y-%m-%d"), "rounds": args.rounds,
             "warmup": args.warmup, "repeat": args.repeat, "callers": list(args.callers),
             "known_len_scenarios": known, "quick": args.quick,
-            "baseline_destinations": "fresh" if args.fresh_destinations else "preallocated"}
+            "baseline_destinations": "fresh" if args.fresh_destinations else "preallocated",
+            "disagg_recycle": not args.no_recycle}
     print(f"{len(scs)} scenario(s) in {', '.join(args.groups)}; {args.rounds} rounds "
           f"(+{args.warmup} warm-up) of each kind, interleaved, x {args.repeat} run(s); "
           f"disagg's callers: {', '.join(args.callers)}"
@@ -214,6 +223,7 @@ def main(argv: list[str] | None = None) -> int:
                               args.modes[i]) for i, sc in enumerate(scs)]
     for rec in records:
         rec["baseline_destinations"] = meta["baseline_destinations"]
+        rec["disagg_recycle"] = meta["disagg_recycle"]
     print_table(records)
     results = targets(records)
     print_targets(results, args.repeat)

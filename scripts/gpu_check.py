@@ -363,8 +363,8 @@ def check_result_split(env: Env) -> Outcome:
     outputs = make_outputs(geom, n, env.device)
     for t in outputs.values():
         t.view(torch.uint8).random_(0, 256) if t.dtype != torch.int32 else t.random_()
-    med, _, _ = _median_s(lambda: to_result(geom, outputs, ()), env, 20)
-    res = to_result(geom, outputs, ())
+    med, _, _ = _median_s(lambda: to_result(geom, outputs, (), n), env, 20)
+    res = to_result(geom, outputs, (), n)
     packed = outputs["fill_ids+mrope_positions"]
     assert torch.equal(res.fill_ids, packed[:, 0]) and res.fill_ids.is_contiguous()
     assert res.mrope_positions is not None and torch.equal(res.mrope_positions, packed[:, 1:].t())

@@ -16,7 +16,7 @@ import pytest
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench_transfer.py"
 FLAGS = ("--scenarios", "--quick", "--rounds", "--warmup", "--json", "--plot", "--timeout",
-         "--fresh-destinations", "--caller", "--no-known-len", "--repeat", "--list", "--help")
+         "--fresh-destinations", "--no-recycle", "--caller", "--no-known-len", "--repeat", "--list", "--help")
 CALLERS = ("wait", "spin", "serving")
 
 

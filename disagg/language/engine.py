@@ -25,12 +25,12 @@ from ..control import ControlPort
 from ..errors import DisaggError, FailureCause, PeerLost
 from ..geometry import Geometry
 from ..pool import BlockPool
-from ..results import make_outputs
+from ..recycle import Recycler
 from ..shell import EngineShell
 from ..stats import Stats
 from ..topology import Topology
 from ..transport import PairTransport
-from ..types import TransferStatus, check_room_id
+from ..types import EmbeddingResult, TransferStatus, check_room_id
 from ..wire import Alloc, ControlMessage, Heartbeat, PairDown, Reject, Resume
 from . import timing
 from .actions import (
@@ -77,6 +77,9 @@ class LanguageEngine(EngineShell):
         self._transports = transports
         self.rooms: dict[int, RecvRoom] = {}
         self._pairs: dict[int, PairReceiver] = {}
+        self.recycler = Recycler(geometry, device)
+        stats.add(results_recycled=0, results_reused=0)
+        stats.set_gauge("recycle_idle_bytes", 0)
         stats.add_source(self._live_by_peer)
 
     # ------------------------------------------------------------ public
@@ -104,6 +107,32 @@ class LanguageEngine(EngineShell):
         if not self.scatter:
             return seq_len
         return -(-seq_len // self.instance_size) * self.instance_size
+
+    def land_in(self, r: RecvRoom, rows: int) -> None:
+        """Give room `r` its result tensors of `rows` rows (lock held): carved
+        from a set a caller handed back when one fits, else new (`recycle.py`)."""
+        bufs, reused = self.recycler.take(rows, r)
+        r.buffers, r.outputs = bufs, bufs.views(rows)
+        if reused:
+            self.stats.add(results_reused=1)
+            self.stats.set_gauge("recycle_idle_bytes", self.recycler.idle_bytes)
+
+    def recycle(self, result: EmbeddingResult) -> None:
+        """Take back a result the caller no longer needs, so later rooms land in
+        its (already touched) memory. `ValueError` for anything but the very
+        `EmbeddingResult` a room's `result()` (or `RoomQueue.step()`) returned on
+        this rank, or one handed back already. The room's `result()` and
+        `prefix()` raise from now on."""
+        with self._lock:
+            bufs = self.recycler.claim(result)
+            room = bufs.owner() if bufs.owner is not None else None
+            if isinstance(room, RecvRoom):
+                room.outputs = room.buffers = room.result = None
+                room.handed_back = True
+            if not self._closing:  # after shutdown nothing lands: let it go
+                self.recycler.put(bufs)
+            self.stats.add(results_recycled=1)
+            self.stats.set_gauge("recycle_idle_bytes", self.recycler.idle_bytes)
 
     def first_alloc_tokens(self) -> int:
         """The first allocation of a room when the caller names none."""
@@ -262,8 +291,7 @@ class LanguageEngine(EngineShell):
         if a.credit.direct and r.outputs is None:  # the declared length sizes the result
             # if it cannot be made, the frame lands in scratch (stream.destinations)
             with contextlib.suppress(RuntimeError, MemoryError):
-                r.outputs = make_outputs(self.geometry, self.output_rows(r.declared_seq_len),
-                                         self.device)
+                self.land_in(r, self.output_rows(r.declared_seq_len))
         plan, dsts = destinations(self.geometry, self.pool, r, a.credit, a.num_tokens,
                                   a.token_offset, self.device)
         self.stats.add(preposted=1)
@@ -322,6 +350,8 @@ class LanguageEngine(EngineShell):
                           timeout_s)
             else:
                 del self._pairs[p.src]
+        self.recycler.clear()
+        self.stats.set_gauge("recycle_idle_bytes", 0)
         # let go of the transports and so of their process groups (a thread still
         # blocked in a recv keeps its own until the pair's timeout ends it)
         self._transports.clear()

@@ -126,32 +126,38 @@ class Receiver:
 
     def result(self) -> EmbeddingResult:
         """The received tensors (the same ones at every call); raises
-        `DisaggError` unless SUCCESS."""
+        `DisaggError` unless SUCCESS, or once they were handed back with
+        `ctx.language.recycle()`."""
         e, r = self._engine, self._r
         with e.cond:
             if r.status != TransferStatus.SUCCESS:
                 raise DisaggError(f"room {r.room} has no result: status {r.status.name}"
                                   + (f" ({r.failure})" if r.failure else ""),
                                   rank=e.rank, room=r.room)
+            if r.handed_back:
+                raise DisaggError(f"room {r.room}'s result was handed back (recycle()): its "
+                                  f"memory holds later rooms now", rank=e.rank, room=r.room)
             if e.scatter and not r.gathered:
                 raise DisaggError(f"room {r.room} has only this rank's slice: with "
                                   f"fanout='scatter' its result comes from queue().step(), "
                                   f"which all-gathers it", rank=e.rank, room=r.room)
             if r.result is None:
-                assert r.outputs is not None and r.seq_len is not None
+                assert r.outputs is not None and r.buffers is not None
+                assert r.seq_len is not None
                 r.result = to_result(e.geometry, r.outputs, r.aux, r.seq_len)
+                e.recycler.issue(r.result, r.buffers)  # it may be handed back
             return r.result
 
     def prefix(self, num_tokens: int | None = None) -> EmbeddingResult:
         """Views (no copy) of the tokens landed so far, `[0, progress[0])` (or the
         first `num_tokens` of them); `.aux` once the first chunk landed. After
         SUCCESS, the same tensors as `result()`. Raises `DisaggError` once the
-        room failed (its memory may be reused)."""
+        room failed (its memory may be reused), or its result was handed back."""
         e, r = self._engine, self._r
         with e.cond:
-            if r.status == TransferStatus.SUCCESS and num_tokens is None and (
-                    r.gathered or not e.scatter):
-                pass
+            whole = num_tokens is None and (r.gathered or not e.scatter)
+            if r.status == TransferStatus.SUCCESS and (r.handed_back or whole):
+                pass  # result() says what there is
             elif r.failure is not None:
                 raise DisaggError(f"room {r.room} has no prefix: it failed ({r.failure})",
                                   rank=e.rank, room=r.room)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..recycle import BufferSet
 from ..types import EmbeddingResult, TransferStatus, advance
 from .credit import Credit
 
@@ -43,7 +44,8 @@ class RecvRoom:
     chunk_index: int = 0
     outstanding: Credit | None = None  # sent, not yet answered by a frame
     landing: Credit | None = None  # answered by a DATA meta, payload landing
-    outputs: dict[str, torch.Tensor] | None = None
+    outputs: dict[str, torch.Tensor] | None = None  # views of `buffers`' first rows
+    buffers: BufferSet | None = None  # what outputs are carved from (`recycle.py`)
     alloc_sent: bool = False
     # stage timings, for latency stats and the slow-room log
     alloc_at: float | None = None
@@ -54,6 +56,7 @@ class RecvRoom:
     tracked: bool = True  # in the engine's table (forgotten once nothing can land)
     result: EmbeddingResult | None = None  # made once, at the first result() call
     gathered: bool = False  # fanout="scatter": the instance all-gathered the slices
+    handed_back: bool = False  # the caller recycled its result: the memory is not its own
 
     @property
     def total(self) -> int | None:

@@ -27,7 +27,6 @@ from ..errors import PeerLost, ProtocolError, StreamBroken, TransferTimeout
 from ..geometry import Geometry
 from ..plan import Segment, segment_plan
 from ..pool import BlockPool
-from ..results import make_outputs
 from ..transport import PairTransport, Posted
 from ..wire import ABORT_REASON_BYTES, FLAG_PADDED, FrameKind, Meta, reason_from_tensor
 from . import timing
@@ -294,7 +293,7 @@ class PairReceiver:
             if meta.first and (r.outputs is None or r.outputs["embeddings"].shape[0] != rows):
                 # (made already when a declared length sized a pre-posted first chunk)
                 try:
-                    r.outputs = make_outputs(e.geometry, rows, e.device)
+                    e.land_in(r, rows)
                 except (RuntimeError, MemoryError) as err:
                     chunk = dataclasses.replace(
                         chunk, corrupt=f"language rank {e.rank}: cannot allocate output: {err}")

@@ -156,7 +156,9 @@ class _Message:
 
     def __init__(self, index: int, tensor: torch.Tensor) -> None:
         self.index = index
-        self.tensor = tensor
+        # None once matched: as a finished Work, the link keeps no tensor alive
+        # (recycled results are reused only once nothing views them)
+        self.tensor: torch.Tensor | None = tensor
         self.done = False  # matched (on CUDA: its copy queued, complete once `event` is)
         self.event: torch.cuda.Event | None = None
         # (error type, why): set when the message can no longer complete
@@ -346,6 +348,7 @@ class FakeLink:
                and (not self.gated or self._matched < self._released)):
             s, r = self._sends[self._matched], self._recvs[self._matched]
             self._matched += 1
+            assert s.tensor is not None and r.tensor is not None
             if s.tensor.nbytes != r.tensor.nbytes:
                 why = (f"message {s.index}: a send of {_describe_tensor(s.tensor)} matched a "
                        f"recv of {_describe_tensor(r.tensor)}: Gloo aborts the process here, "
@@ -364,6 +367,7 @@ class FakeLink:
                     s.event = r.event = torch.cuda.Event()
                     s.event.record(self.stream)
             s.done = r.done = True
+            s.tensor = r.tensor = None
 
     def _break(self, why: str) -> None:
         if self.broken is None:
