@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from .transport import device_lock
+
 # torch 2.13 renamed all_gather_into_tensor (same arguments); older torch has only that
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
@@ -32,7 +34,12 @@ def gather_slices(outputs: dict[str, torch.Tensor], seq_len: int, instance_size:
         # as bytes: every backend gathers uint8, whatever the buffer's dtype
         rows = out.view(out.shape[0], -1).view(torch.uint8)  # contiguous (make_outputs)
         assert rows.shape[0] == stride * instance_size
-        _all_gather(rows, rows[index * stride:(index + 1) * stride], group=group)
+        mine = rows[index * stride:(index + 1) * stride]
+        if out.device.type == "cuda":  # NCCL: one thread at a time issues to a device
+            with device_lock(out.device):
+                _all_gather(rows, mine, group=group)
+        else:
+            _all_gather(rows, mine, group=group)
         received += rows[0].nbytes * stride * (instance_size - 1)
     for out in outputs.values():
         if out.device.type == "cuda":  # host-observed before the room is reported done
