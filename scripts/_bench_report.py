@@ -210,7 +210,8 @@ def _target(t: Target, by_name: dict[str, dict]) -> dict:
         out["figure"] = (f"{modes['serving']['p50_ms']:.1f} vs {modes['wait']['p50_ms']:.1f} ms: "
                          f"{diff:+.1f} ms = {intervals:+.1f} poll intervals of "
                          f"{SERVING_WORK_S * 1e3:g} ms")
-        out["status"] = "no bar"
+        out["status"] = ("no bar" if t.bar is None else
+                         "met" if intervals <= t.bar else "MISSED")
         return out
     have = [m for m in t.modes if m in modes]
     if not have:
@@ -218,8 +219,9 @@ def _target(t: Target, by_name: dict[str, dict]) -> dict:
     f = f"ratio_{t.base}"
     out["values"] = {m: modes[m][f] for m in have}
     out["figure"] = ", ".join(f"{m} {_range(modes[m], f)}" for m in have)
+    judged = [m for m in t.judged if m in modes] or have
     out["status"] = ("no bar" if t.bar is None else
-                     "met" if all(modes[m][f] >= t.bar for m in have) else "MISSED")
+                     "met" if all(modes[m][f] >= t.bar for m in judged) else "MISSED")
     return out
 
 
