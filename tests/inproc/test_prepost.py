@@ -224,3 +224,28 @@ def test_goodbye_after_the_last_chunk_is_read_before_the_pair_is_given_up() -> N
         assert w.ended(r, "room") is SUCCESS, r.failure
         assert mismatches(r.result(), d) == []
         w.close(check=False)  # the Embedding engine is closed already
+
+
+@pytest.mark.parametrize("how", ["killed", "silent"])
+def test_peer_lost_while_a_frame_is_pre_posted(how: str) -> None:
+    """The Embedding rank dies (its link breaks: the posted recvs fail) or falls
+    silent (heartbeats stop: the room fails at peer_timeout while the posted
+    recvs still hold its blocks, which come back once the receiver thread's
+    wait ends). Every block returns (World.close checks)."""
+    with World(cfg(), auto_control=False, link_timeout_s=5.0) as w:
+        r = w.lang().receiver(80, src_rank=0)
+        assert r.init(seq_len=4 * BS)
+        w.emb().sender(80)
+        w.deliver_all()
+        w.run_until(lambda: counter(w, 1, "preposted") == 1, "pre-posted")
+        if how == "killed":
+            w.kill(0)
+        else:
+            w.mute(0)
+            w.advance(2 * w.cfg.peer_timeout)  # declared dead: the room fails now
+        assert w.ended(r, "room") is FAILED
+        assert "embedding rank 0" in (r.failure or ""), r.failure
+        if how == "silent":  # the posted recvs end at the link's timeout, then
+            w.link().break_link("the transport timed out")  # (what Gloo does)
+        w.run_until(lambda: w.snapshot(1)["pool_free_blocks"] == 32, "blocks back")
+        w.close(check=False)  # the dead rank's engine cannot close cleanly
