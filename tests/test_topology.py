@@ -547,6 +547,11 @@ def sc_tp_failure_named(env: Env) -> dict[str, Any]:
     aborter = env.ctx.topology.instance_ranks(env.ctx.instance)[1]
     if env.rank == aborter:
         mine[0].abort("the scheduler dropped the request")
+    return {"failed": step_until_failed(env, q), "aborter": aborter}
+
+
+def step_until_failed(env: Env, q: Any) -> list[tuple[int, str]]:
+    """Step a one-room queue until the room comes back failed (done is an error)."""
     failed: list[tuple[int, str]] = []
     dl = Deadline(WAIT_S, "the aborted room to come back failed")
     while not failed:
@@ -555,7 +560,7 @@ def sc_tp_failure_named(env: Env) -> dict[str, Any]:
             raise AssertionError(f"room came back done: {done}")
         dl.check(lambda: str(env.ctx.stats()))
         time.sleep(POLL_S)
-    return {"failed": failed, "aborter": aborter}
+    return failed
 
 
 def sc_ready_tokens_agreed(env: Env) -> dict[str, Any]:
@@ -649,15 +654,7 @@ def sc_scatter_embedding_abort(env: Env) -> dict[str, Any]:
         return {"final": wait_end(s).name, "failure": s.failure}
     q = env.ctx.language.queue()
     q.add(sp.room, src_rank=0)
-    failed: list[tuple[int, str]] = []
-    dl = Deadline(WAIT_S, "the aborted room to come back failed")
-    while not failed:
-        done, failed = q.step()
-        if done:
-            raise AssertionError(f"room came back done: {done}")
-        dl.check(lambda: str(env.ctx.stats()))
-        time.sleep(POLL_S)
-    return {"failed": failed, "received": env.delta()["bytes_received"]}
+    return {"failed": step_until_failed(env, q), "received": env.delta()["bytes_received"]}
 
 
 def _lockstep_rooms(env: Env, seqs: list[int]) -> list[Spec]:
