@@ -298,6 +298,13 @@ class LanguageEngine(EngineShell):
         self.pair(r.src_rank).prepost(Job(r, a.credit, a.num_tokens, a.token_offset, plan, dsts,
                                           scratch=a.credit.direct and r.outputs is None))
 
+    def post_claimed(self, src: int) -> None:
+        """After the caller let go of the lock: post the recvs of a pre-posted
+        frame that was handed to it (`PairReceiver.prepost`), if any."""
+        pair = self._pairs.get(src)
+        if pair is not None:
+            pair.post_claimed()
+
     def pair(self, src: int) -> PairReceiver:
         p = self._pairs.get(src)
         if p is None:

@@ -78,7 +78,9 @@ class Receiver:
                     and e.cfg.default_alloc_tokens == "auto")
             e.execute(r, e.machine.asked(r, c, e.clock(), auto=auto,
                                          prepost=e.can_prepost(r)))
-            return r.failure is None
+            ok = r.failure is None
+        e.post_claimed(r.src_rank)  # a pre-posted frame's recvs, without the lock
+        return ok
 
     def poll(self) -> TransferStatus:
         """This rank's status of the room. A room not yet ended may take up to
@@ -122,7 +124,9 @@ class Receiver:
                 return False
             if not needs_resume(r):
                 return True  # nothing to do this round: in flight, done, or a repeat
-            return e.ask_resume(r, num_tokens, landed=r.received)
+            ok = e.ask_resume(r, num_tokens, landed=r.received)
+        e.post_claimed(r.src_rank)  # a pre-posted frame's recvs, without the lock
+        return ok
 
     def result(self) -> EmbeddingResult:
         """The received tensors (the same ones at every call); raises

@@ -52,6 +52,11 @@ class Job:
     plan: list[Segment]
     dsts: list[torch.Tensor]
     scratch: bool = False  # no result could be made for it: it lands in scratch
+    # Who posts it: the pair's thread, or (the thread idle when it was handed
+    # over) the caller that asked for it, right after letting go of the lock,
+    # which saves the thread's wake-up before the recvs are up. Decided under
+    # the lock, so exactly one of them posts.
+    caller_posts: bool = False
     meta: Posted | None = None  # set once posted
     payload: Posted | None = None
 
@@ -116,6 +121,8 @@ class PairReceiver:
         # A frame to pre-post (`prepost`), then posted and awaited. Never beside
         # `next_meta`: it is handed over only when nothing else is owed.
         self.job: Job | None = None
+        self.parked = False  # this thread waits with nothing owed (it posts nothing now)
+        self._claimed = False  # a caller is posting a handed-over job's recvs
         self.meta_ahead = False  # a next meta recv is posted, or about to be
         self.frames_read = 0  # metas read: every frame the peer sent that arrived
         self.final_frames: int | None = None  # the peer said goodbye after this many
@@ -133,16 +140,47 @@ class PairReceiver:
 
     def prepost(self, job: Job) -> None:
         """Post `job`'s recvs as the next ones on the stream (engine lock held;
-        the frame it answers is owed already and is the only one owed)."""
+        the frame it answers is owed already and is the only one owed). If this
+        thread is parked with nothing to read, the caller posts them itself
+        (`post_claimed`, after it lets go of the lock)."""
         assert self.job is None and self.next_meta is None
         self.job = job
+        if self.parked:
+            job.caller_posts = True
+            job.credit.posted = True  # only this thread frees its blocks now
         self.cv.notify_all()
+
+    def post_claimed(self) -> None:
+        """The caller's side of `prepost`: post the recvs of a job handed to it
+        (engine lock not held), then let this thread wait for the frame."""
+        with self.cv:
+            job = self.job
+            if job is None or not job.caller_posts or job.meta is not None or self._claimed:
+                return
+            self._claimed = True
+        t = self.transport
+        meta: Posted | None = None
+        payload: Posted | None = None
+        try:
+            meta = t.post_meta_recv()
+            payload = t.post_recv(job.dsts) if job.dsts else None
+        except Exception as e:  # the pair is broken: its thread finds out and ends it
+            log.debug("posting room %d's pre-posted recvs: %s", job.room.room, e)
+            meta = None
+        finally:
+            with self.cv:
+                job.meta, job.payload = meta, payload
+                job.caller_posts = meta is not None
+                self._claimed = False
+                self.cv.notify_all()
 
     def _run(self) -> None:
         while True:
             with self.cv:
+                self.parked = True
                 while self.owed == 0 and not self.stopping and self.dead is None:
                     self.cv.wait(0.5)
+                self.parked = False
                 if self.owed == 0 or self.dead is not None:
                     return
             try:
@@ -170,6 +208,15 @@ class PairReceiver:
             if self.final_frames is not None and self.frames_read >= self.final_frames:
                 return None  # the peer said goodbye after the frame being read
             job = self.job
+            if job is not None and job.caller_posts:
+                # its caller posts it: wait until it has (bounded: it posts right
+                # after letting go of the lock; a failed post clears caller_posts)
+                self.cv.wait_for(lambda: job.meta is not None or not job.caller_posts
+                                 or self.dead is not None, timeout=10.0)
+                if job.meta is None:
+                    raise StreamBroken(f"language rank {self.engine.rank}: the recvs of room "
+                                       f"{job.room.room}'s pre-posted frame were not posted")
+                return job
             if job is not None and job.meta is None:
                 job.credit.posted = True  # only this thread frees its blocks now
             elif job is None and meta_if_owed and self.owed > 0:

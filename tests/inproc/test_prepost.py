@@ -15,6 +15,7 @@ test here also checks that both ends stayed in step.
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import pytest
@@ -47,18 +48,31 @@ def test_alloc_with_declared_length_posts_its_recvs_first(recv_into: str) -> Non
     """The recvs of the first chunk are posted before the Embedding rank has the
     data; the frame then lands in them, bit-exact."""
     with World(cfg(recv_into=recv_into)) as w:
+        link = w.link()
+        d0 = room_data(w.cfg, 0, BS)  # a first room: the pair's thread is up and idle after
+        r0 = w.lang().receiver(0, src_rank=0)
+        assert r0.init(seq_len=BS)
+        w.deliver_all()
+        send(w.emb().sender(0), d0)
+        assert w.ended(r0, "room 0") is SUCCESS and mismatches(r0.result(), d0) == []
+        w.run_until(lambda: w.lang().pair(0).parked, "the pair's thread idle")
+        before, sends = len(link.posts), link.num_sends
         d = room_data(w.cfg, 1, 3 * BS)
         r = w.lang().receiver(1, src_rank=0)
         assert r.init(seq_len=3 * BS)
-        link = w.link()
-        link.wait_recvs(3)  # meta, embeddings, packed ids and positions
-        assert link.num_sends == 0
+        link.wait_recvs(3 + 3)  # meta, embeddings, packed ids and positions (each room)
+        assert link.num_sends == sends
+        # the pair's thread was idle: the caller posted them, after the lock
+        posts = [p for p in link.posts[before:] if p.side == "language"]
+        assert [(p.op, p.thread, p.under_lock) for p in posts] == [
+            ("post_meta_recv", threading.current_thread().name, False),
+            ("post_recv", threading.current_thread().name, False)], posts
         w.deliver_all()
         s = w.emb().sender(1)
         send(s, d)
         assert w.ended(r, "room") is SUCCESS and w.ended(s, "sender") is SUCCESS
         assert mismatches(r.result(), d) == []
-        assert counter(w, 1, "preposted") == 1 and counter(w, 0, "deferred") == 0
+        assert counter(w, 1, "preposted") == 2 and counter(w, 0, "deferred") == 0
 
 
 def test_eager_resumes_post_each_next_chunk_while_this_one_lands() -> None:
@@ -197,8 +211,6 @@ def test_goodbye_after_the_last_chunk_is_read_before_the_pair_is_given_up() -> N
     that chunk. The BYE says how many frames were sent, so the thread reads
     them first: the room succeeds on both sides (before, it failed here with
     "it shut down" while the Embedding side reported SUCCESS)."""
-    import threading
-
     with World(cfg()) as w:
         d = room_data(w.cfg, 70, 2 * BS)
         link = w.link()
