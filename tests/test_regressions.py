@@ -127,6 +127,22 @@ def _socket_count() -> int:
     return n
 
 
+def _file_barrier(tag: str, rank: int, world: int, timeout: float = 30.0) -> None:
+    """Every rank reaches `tag` before any goes on, through files: between two
+    worlds there is no store to meet in. Without it a rank that shut down
+    first could connect to the other's old store, still up on the same
+    address, and the test would measure that race instead of shutdown."""
+    import tempfile
+    d = Path(tempfile.gettempdir()) / "disagg-twice"
+    d.mkdir(exist_ok=True)
+    (d / f"{tag}.{rank}").touch()
+    deadline = time.monotonic() + timeout
+    while not all((d / f"{tag}.{r}").exists() for r in range(world)):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{tag}: not every rank arrived within {timeout:g}s")
+        time.sleep(0.01)
+
+
 def _twice(rank: int, world: int, init_method: str, port: int) -> dict[str, Any]:
     """init -> one room -> shutdown, twice, on the same TCP address, with no
     garbage collection in between."""
@@ -134,6 +150,8 @@ def _twice(rank: int, world: int, init_method: str, port: int) -> dict[str, Any]
     gc.disable()  # what a caller may not rely on: shutdown alone must free everything
     out: dict[str, Any] = {"before": _socket_count(), "after": []}
     for round_ in range(2):
+        if round_:  # both ranks shut the first world down before either starts the next
+            _file_barrier(f"{port}-{round_}", rank, world)
         ctx = disagg.init(_cfg(peer_timeout=5.0), rank=rank, world_size=world,
                           init_method=f"tcp://127.0.0.1:{port}")
         room = 10 + round_
