@@ -96,6 +96,14 @@ def scatter_slice(seq_len: int, instance_size: int, index: int) -> tuple[int, in
     return lo, min(lo + stride, seq_len)
 
 
+def span(seq_len: int, instance_size: int, index: int | None) -> tuple[int, int]:
+    """Tokens [lo, hi) of a room that one Language rank receives: all of it
+    (`index` None: fanout="copy"), or its `scatter_slice`. Both ends use it."""
+    if index is None:
+        return 0, seq_len
+    return scatter_slice(seq_len, instance_size, index)
+
+
 def prepost_tokens(span_tokens: int, key: int, allocated_tokens: int) -> int:
     """Tokens of the chunk that answers a pre-posted allocation (wire
     FLAG_PREPOSTED): all that fits of what is left of the rank's span after

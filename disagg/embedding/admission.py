@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from ..errors import FailureCause
 from ..geometry import Geometry
-from ..plan import num_blocks_for, prepost_tokens, scatter_slice
+from ..plan import num_blocks_for, prepost_tokens, span
 from ..topology import Topology
 from ..wire import Abort, Alloc, Resume
 from .actions import Action, CountFailure, DropPair, Preposted, SendReject
@@ -99,12 +99,10 @@ class Admission:
         span of a room of the declared length, as far as the allocation goes."""
         tp = m.instance_size
         index = self.topology.index_in_instance(m.lang_rank) if m.scatter else None
-        if index is None or not 0 <= index < tp:
-            span = m.seq_len
-        else:
-            lo, hi = scatter_slice(m.seq_len, tp, index)
-            span = hi - lo
-        return prepost_tokens(span, 0, max(1, m.allocated_tokens))
+        if index is not None and not 0 <= index < tp:
+            index = None  # a bad instance_size: the ALLOC is refused (padded to the whole room)
+        lo, hi = span(m.seq_len, tp, index)
+        return prepost_tokens(hi - lo, 0, max(1, m.allocated_tokens))
 
     # -------------------------------------------------------- checks
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..plan import scatter_slice
+from ..plan import span
 from ..types import TransferStatus, advance
 
 
@@ -91,10 +91,8 @@ class SendRoom:
 
 def lane_span(room: SendRoom, lane: Lane) -> tuple[int, int]:
     """Tokens [lo, hi) of the room this lane carries (needs the room's seq_len)."""
-    if lane.slice_index is None:
-        return 0, room.seq_len
-    assert room.instance_size is not None
-    return scatter_slice(room.seq_len, room.instance_size, lane.slice_index)
+    assert lane.slice_index is None or room.instance_size is not None  # set with the lane
+    return span(room.seq_len, room.instance_size or 1, lane.slice_index)
 
 
 def lane_total(room: SendRoom, lane: Lane) -> int:

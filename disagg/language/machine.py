@@ -43,7 +43,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import FailureCause, StreamBroken
-from ..plan import prepost_tokens, scatter_slice
+from ..plan import prepost_tokens, span
 from ..types import TERMINAL, TransferStatus
 from ..wire import FLAG_GIVEN, MAX_INLINE_AUX, Abort, Alloc, FrameKind, Meta, Resume
 from .actions import (
@@ -118,9 +118,7 @@ class RecvMachine:
 
     def span(self, seq_len: int) -> tuple[int, int]:
         """Tokens [lo, hi) of a `seq_len`-token room that this rank receives."""
-        if self.slice_index is None:
-            return 0, seq_len
-        return scatter_slice(seq_len, self.instance_size, self.slice_index)
+        return span(seq_len, self.instance_size, self.slice_index)
 
     def resumed(self, r: RecvRoom, c: Credit, *, prepost: bool = False) -> list[Action]:
         """A resume got blocks (or direct credit): announce them with RESUME.

@@ -334,16 +334,17 @@ class PairReceiver:
             self.owed -= 1
             now = r.last_progress = e.clock()
             lo, hi = e.machine.span(meta.seq_len)
-            rows = e.output_rows(meta.seq_len)
             if meta.first:
                 e.credits.learn(hi - lo)  # what this rank allocates for: its span
-            if meta.first and (r.outputs is None or r.outputs["embeddings"].shape[0] != rows):
+                rows = e.output_rows(meta.seq_len)
                 # (made already when a declared length sized a pre-posted first chunk)
-                try:
-                    e.land_in(r, rows)
-                except (RuntimeError, MemoryError) as err:
-                    chunk = dataclasses.replace(
-                        chunk, corrupt=f"language rank {e.rank}: cannot allocate output: {err}")
+                if r.outputs is None or r.outputs["embeddings"].shape[0] != rows:
+                    try:
+                        e.land_in(r, rows)
+                    except (RuntimeError, MemoryError) as err:
+                        chunk = dataclasses.replace(
+                            chunk, corrupt=f"language rank {e.rank}: cannot allocate output: "
+                                           f"{err}")
             timing.chunk_arrived(e.stats, e.credits, r, hi - lo, now)
             aux = None
             if meta.aux_follows:  # one more tensor, after the payload
