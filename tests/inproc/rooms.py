@@ -13,13 +13,19 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from roomdata import same  # tests/ is on sys.path for this package (pytest rootdir import)
 
 from disagg.config import DisaggConfig
 from disagg.embedding import Sender
-from disagg.types import EmbeddingResult
+from disagg.language import Receiver
+from disagg.plan import scatter_slice
+from disagg.types import EmbeddingResult, TransferStatus
+
+if TYPE_CHECKING:
+    from .fakes import World
 
 
 @dataclass(frozen=True)
@@ -96,3 +102,55 @@ def mismatches(res: EmbeddingResult, data: RoomData) -> list[str]:
     if tuple(res.aux) != data.aux:
         bad.append(f"aux {tuple(res.aux)!r} != {data.aux!r}")
     return [f"room {data.room} (seq {data.seq}): {b}" for b in bad]
+
+
+# ------------------------------------------------------------ whole rooms through a World
+
+
+def receive(w: World, room: int, seq: int, lang: int | None = None) -> tuple[Receiver, RoomData]:
+    """One room from Embedding rank 0, sender first, received whole on one
+    Language rank (resuming as needed): SUCCESS on both sides."""
+    d = room_data(w.cfg, room, seq)
+    s = w.emb().sender(room)
+    send(s, d)
+    r = w.lang(lang).receiver(room, src_rank=0)
+    assert r.init()
+    assert w.finish(r, f"room {room}") is TransferStatus.SUCCESS, r.failure
+    assert w.ended(s, f"sender {room}") is TransferStatus.SUCCESS, s.failure
+    return r, d
+
+
+def receivers_of(w: World, room: int) -> list[Receiver]:
+    """A receiver of `room` (from Embedding rank 0) on every Language rank."""
+    return [w.lang(rank).receiver(room, src_rank=0) for rank in w.topology.language_ranks]
+
+
+def receive_everywhere(w: World, room: int, seq: int) -> tuple[list[Receiver], RoomData]:
+    """One room from Embedding rank 0, sender first, to every Language rank of
+    the World's one instance (each resuming as needed): SUCCESS everywhere."""
+    d = room_data(w.cfg, room, seq)
+    s = w.emb().sender(room)
+    send(s, d)
+    rs = receivers_of(w, room)
+    for r in rs:
+        assert r.init()
+    for r in rs:
+        assert w.finish(r, f"room {room} (seq {seq})") is TransferStatus.SUCCESS, r.failure
+    assert w.ended(s, "sender") is TransferStatus.SUCCESS
+    return rs, d
+
+
+def gather_by_hand(receivers: list[Receiver]) -> None:
+    """fanout="scatter": what the instance's all-gather does, rank j's slice
+    rows into every other rank's outputs; then each receiver is marked gathered."""
+    outs = [r._r.outputs for r in receivers]
+    seq = receivers[0].progress[1]
+    assert seq is not None and all(o is not None for o in outs)
+    for j, src in enumerate(outs):
+        lo, hi = scatter_slice(seq, len(receivers), j)
+        for dst in outs:
+            if dst is not src:
+                for name, t in src.items():  # type: ignore[union-attr]
+                    dst[name][lo:hi] = t[lo:hi]  # type: ignore[index]
+    for r in receivers:
+        r.gather(None)

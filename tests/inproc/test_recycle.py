@@ -26,8 +26,15 @@ from disagg.recycle import MAX_IDLE_BYTES, MAX_SLACK, bucket
 from disagg.types import EmbeddingResult, TransferStatus
 
 from .fakes import World
-from .rooms import RoomData, mismatches, room_data, send
-from .test_scatter import gather_by_hand, receivers_of
+from .rooms import (
+    RoomData,
+    gather_by_hand,
+    mismatches,
+    receive,
+    receive_everywhere,
+    room_data,
+    send,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -39,18 +46,6 @@ def cfg(**kw: Any) -> DisaggConfig:
     return DisaggConfig(hidden_size=HIDDEN, block_size=BS, num_blocks=64,
                         default_alloc_tokens=512,
                         extra_buffers={"deepstack": ((2, 4), "bfloat16")}).replace(**kw)
-
-
-def receive(w: World, room: int, seq: int, lang: int | None = None) -> tuple[Receiver, RoomData]:
-    """One room, sent and received whole on one Language rank."""
-    d = room_data(w.cfg, room, seq)
-    s = w.emb().sender(room)
-    send(s, d)
-    r = w.lang(lang).receiver(room, src_rank=EMB)
-    assert r.init()
-    assert w.finish(r, f"room {room}") is SUCCESS, r.failure
-    assert w.ended(s, f"sender {room}") is SUCCESS
-    return r, d
 
 
 def ptr(res: EmbeddingResult) -> int:
@@ -289,15 +284,7 @@ def test_scatter_keeps_its_rows_in_recycled_sets(tp: int) -> None:
         sides = [LanguageSide(w.lang(rank), None) for rank in ranks]
         firsts: list[int] = []
         for room, seq in enumerate((40, 37, 31, 40), start=1):
-            d = room_data(w.cfg, room, seq)
-            s = w.emb().sender(room)
-            send(s, d)
-            rs = receivers_of(w, room)
-            for r in rs:
-                assert r.init()
-            for r in rs:
-                assert w.finish(r, f"room {room}") is SUCCESS, r.failure
-            assert w.ended(s, "sender") is SUCCESS
+            rs, d = receive_everywhere(w, room, seq)
             rows = tp * -(-seq // tp)
             for rank, r in zip(ranks, rs, strict=True):
                 assert w.lang(rank).output_rows(seq) == rows

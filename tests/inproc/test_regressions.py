@@ -16,7 +16,7 @@ from disagg.config import DisaggConfig
 from disagg.types import TransferStatus
 
 from .fakes import World
-from .rooms import mismatches, room_data, send
+from .rooms import mismatches, receive, room_data, send
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -32,13 +32,7 @@ def cfg(**kw: Any) -> DisaggConfig:
 
 def one_room(w: World, room: int, seq: int, *, lang: int = LANG) -> None:
     """An ordinary room, sender first: SUCCESS on both sides, bit-exact."""
-    d = room_data(w.cfg, room, seq)
-    s = w.emb().sender(room)
-    send(s, d)
-    r = w.lang(lang).receiver(room, src_rank=EMB)
-    assert r.init()
-    assert w.finish(r, f"room {room}") is SUCCESS, r.failure
-    assert w.ended(s, f"sender {room}") is SUCCESS, s.failure
+    r, d = receive(w, room, seq, lang)
     assert mismatches(r.result(), d) == []
 
 

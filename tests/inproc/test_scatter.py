@@ -18,12 +18,11 @@ import pytest
 
 from disagg.config import DisaggConfig
 from disagg.errors import DisaggError, FailureCause
-from disagg.language import Receiver
 from disagg.plan import scatter_slice
 from disagg.types import TransferStatus
 
 from .fakes import World
-from .rooms import mismatches, room_data, send
+from .rooms import gather_by_hand, mismatches, receive_everywhere, receivers_of, room_data, send
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -40,26 +39,6 @@ def cfg(tp: int, **kw: Any) -> DisaggConfig:
                         bootstrap_timeout=40.0, peer_timeout=10.0).replace(**kw)
 
 
-def gather_by_hand(receivers: list[Receiver]) -> None:
-    """What the instance's all-gather does: rank j's slice rows into every
-    other rank's outputs, then each receiver is marked gathered."""
-    outs = [r._r.outputs for r in receivers]
-    seq = receivers[0].progress[1]
-    assert seq is not None and all(o is not None for o in outs)
-    for j, src in enumerate(outs):
-        lo, hi = scatter_slice(seq, len(receivers), j)
-        for dst in outs:
-            if dst is not src:
-                for name, t in src.items():  # type: ignore[union-attr]
-                    dst[name][lo:hi] = t[lo:hi]  # type: ignore[index]
-    for r in receivers:
-        r.gather(None)
-
-
-def receivers_of(w: World, room: int) -> list[Receiver]:
-    return [w.lang(rank).receiver(room, src_rank=0) for rank in w.topology.language_ranks]
-
-
 @pytest.mark.parametrize("tp", [2, 3, 4])
 @pytest.mark.parametrize("recv_into", ["output", "pool"])
 def test_each_rank_receives_its_slice_and_the_gather_makes_the_room(
@@ -71,17 +50,9 @@ def test_each_rank_receives_its_slice_and_the_gather_makes_the_room(
         nb = w.emb().geometry.token_nbytes
         for i, seq in enumerate(seqs):
             room = 10 + i
-            d = room_data(w.cfg, room, seq)
             sent_before = w.counter(0, "bytes_sent")
             received_before = [w.counter(r, "bytes_received") for r in w.topology.language_ranks]
-            s = w.emb().sender(room)
-            send(s, d)
-            rs = receivers_of(w, room)
-            for r in rs:
-                assert r.init()
-            for r in rs:
-                assert w.finish(r, f"room {room} (seq {seq})") is SUCCESS, r.failure
-            assert w.ended(s, "sender") is SUCCESS
+            rs, d = receive_everywhere(w, room, seq)
             # every byte leaves the Embedding rank once; each rank got its slice
             assert w.counter(0, "bytes_sent") - sent_before == seq * nb
             for k, rank in enumerate(w.topology.language_ranks):
