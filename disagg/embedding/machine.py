@@ -125,24 +125,8 @@ class SendMachine:
         r.last_progress = now
         out: list[Action] = []
         for lane in list(r.lanes.values()):
-            out += self._defer_if_partial(r, lane)
             out += self._schedule(r, lane)
         return out
-
-    def _defer_if_partial(self, r: SendRoom, lane: Lane) -> list[Action]:
-        """A pre-posted grant waits for its whole chunk; when a part gives only
-        some of it (progressive send), it is DEFERred (its recvs take filler)
-        and answered as an ordinary grant, so that part leaves at once."""
-        g = lane.pending
-        if g is None or not g.preposted or g.expect <= 0 or r.failure is not None:
-            return []
-        if g.seq_len and g.seq_len != r.seq_len:
-            return []  # answered by a padded ABORT (length mismatch)
-        offset = lane_span(r, lane)[0] + lane.sent_tokens
-        if not offset < r.given < offset + g.expect:
-            return []
-        g.preposted = False
-        return [SendDefer(r.room, lane.lang_rank, g)]
 
     def abort(self, r: SendRoom, reason: str) -> list[Action]:
         if r.ended or r.failure is not None or self.decided_on_the_wire(r):
@@ -373,8 +357,13 @@ class SendMachine:
             # exactly what the rank's posted recvs expect, whatever the parts
             n = grant.expect
             assert n == (min(hi - offset, grant.allocated_tokens) if hi > lo else 0)
+            if n and offset >= r.given:
+                return []  # none of it given yet: waits (or a DEFER, for another room)
             if n and offset + n > r.given:
-                return []  # waits until that much is given (or a DEFER)
+                # a progressive send gave only some of it (whether the part or the
+                # grant came first): DEFER, and an ordinary chunk leaves at once
+                grant.preposted = False
+                return [SendDefer(r.room, lane.lang_rank, grant), *self._schedule(r, lane)]
         elif hi > lo and offset >= r.given:
             return []  # its data is not given yet: the grant waits for the next part
         else:

@@ -261,3 +261,26 @@ def test_peer_lost_while_a_frame_is_pre_posted(how: str) -> None:
             w.link().break_link("the transport timed out")  # (what Gloo does)
         w.run_until(lambda: w.snapshot(1)["pool_free_blocks"] == 32, "blocks back")
         w.close(check=False)  # the dead rank's engine cannot close cleanly
+
+
+def test_a_part_given_before_the_pre_posted_alloc_arrives_still_leaves() -> None:
+    """The same with the other order: the first part is given before the
+    pre-posted ALLOC reaches the Embedding rank. The grant meets partial data
+    on arrival, is DEFERred, and the part leaves (before, it waited for the
+    whole chunk, and the prefix did not grow: a hang for a caller waiting on it)."""
+    with World(cfg(default_alloc_tokens=8 * BS)) as w:
+        d = room_data(w.cfg, 41, 6 * BS)
+        r = w.lang().receiver(41, src_rank=0)
+        assert r.init(seq_len=6 * BS)  # its ALLOC waits in the control queue
+        s = w.emb().sender(41)
+        mrope = d.mrope_positions
+        assert mrope is not None
+        s.send(d.embeddings[:2 * BS], d.fill_ids[:2 * BS], mrope[:, :2 * BS], aux=d.aux,
+               seq_len=6 * BS)
+        w.run_until(lambda: r.progress[0] == 2 * BS, "the first part")  # delivers the ALLOC
+        assert counter(w, 1, "preposted") == 1 and counter(w, 0, "deferred") == 1
+        s.send(d.embeddings[2 * BS:], d.fill_ids[2 * BS:], mrope[:, 2 * BS:])
+        w.run_until(lambda: r.needs_resume or r.poll() is SUCCESS, "the rest")
+        if r.needs_resume:
+            assert r.resume()
+        assert w.ended(r, "room") is SUCCESS and mismatches(r.result(), d) == []
