@@ -274,8 +274,9 @@ class Context:
             # instance, whatever its fanout, so every rank makes the same groups;
             # NCCL creates a communicator only at a group's first collective.
             for i in range(topo.num_instances):
-                g = dist.new_group(topo.instance_ranks(i), backend="nccl",
-                                   timeout=datetime.timedelta(seconds=self.cfg.peer_timeout))
+                g = new_group(topo.instance_ranks(i), backend="nccl",
+                              timeout=datetime.timedelta(seconds=self.cfg.peer_timeout),
+                              device=self.device)
                 if self.instance == i:
                     gather_group = g
                     self._groups.append(g)
