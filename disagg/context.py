@@ -21,12 +21,20 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 import zmq
 
+from .backend import (
+    backend_choice,
+    check_nccl_topology,
+    destroy_group,
+    local_rank,
+    new_group,
+    world_backend,
+)
 from .config import DisaggConfig
 from .control import ControlChannel
 from .embedding import EmbeddingEngine
@@ -80,105 +88,6 @@ def init(cfg: DisaggConfig | None = None, *, rank: int | None = None,
         raise
 
 
-def _local_rank() -> tuple[int, int]:
-    # torchrun's contract; without it every rank is alone on its host as far as we know
-    return int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-
-
-def backend_choice(cfg: DisaggConfig, *, gpus: int | None = None,
-                   local_world: int | None = None) -> tuple[str, str]:
-    """("nccl" or "gloo", why): `cfg.backend` if set (a ValueError if NCCL cannot
-    run here), else NCCL when every rank of this node has a GPU of its own.
-    `gpus` and `local_world` default to this node's (torchrun's LOCAL_WORLD_SIZE)."""
-    if local_world is None:
-        _, local_world = _local_rank()
-    if gpus is None:
-        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    share = (f"{local_world} ranks on this node but {gpus} GPU(s): NCCL refuses two ranks "
-             f"on one GPU (a communicator cannot hold the same device twice; NCCL reports "
-             f"a duplicate GPU), so ranks that would share a GPU cannot talk over NCCL")
-    if cfg.backend == "nccl":
-        if gpus == 0:
-            raise ValueError("DisaggConfig.backend='nccl' but this rank sees no CUDA GPU; "
-                             "use backend='gloo' (CPU) or None to pick automatically")
-        if local_world > gpus:
-            raise ValueError(f"DisaggConfig.backend='nccl' needs one GPU per rank: {share}. "
-                             f"Use fewer ranks per node or backend='gloo'")
-        return "nccl", "backend='nccl' in the config"
-    if cfg.backend == "gloo":
-        return "gloo", "backend='gloo' in the config"
-    if gpus == 0:
-        return "gloo", "no CUDA GPU on this rank: CPU tensors over Gloo"
-    if local_world > gpus:
-        return "gloo", f"{share}; Gloo through host memory instead"
-    return "nccl", f"{local_world} rank(s) on this node and {gpus} GPU(s): one GPU per rank"
-
-
-def _pick_backend(cfg: DisaggConfig) -> str:
-    return backend_choice(cfg)[0]
-
-
-def world_backend(backend: str) -> str:
-    """What `init_process_group` is given: on NCCL, Gloo too for CPU tensors
-    (the store-side groups and any CPU collective)."""
-    return "cpu:gloo,cuda:nccl" if backend == "nccl" else "gloo"
-
-
-# Set to 1 to run NCCL with several Embedding and several Language ranks anyway
-# (docs/nccl.md says when that is sound).
-NCCL_CONCURRENT_ENV = "DISAGG_NCCL_CONCURRENT_COMMS"
-
-
-def check_nccl_topology(topology: Topology, env: Mapping[str, str] = os.environ) -> None:
-    """Refuse, on NCCL, a world whose pair communicators can wait on each other in
-    a cycle (docs/nccl.md): with at least 2 Embedding and 2 Language ranks, two
-    ranks of each side that submit their ops on the pairs between them in
-    opposite orders deadlock whenever a device runs NCCL kernels one at a time,
-    which NCCL allows. One Embedding rank, or one Language rank, cannot. The
-    opt-in (`DISAGG_NCCL_CONCURRENT_COMMS=1`) says the devices run the kernels
-    of different communicators concurrently, so it is refused together with a
-    setting that forces them into one queue."""
-    e, lang = topology.num_embedding_ranks, len(topology.language_ranks)
-    if e < 2 or lang < 2:
-        return
-    serial = [f"{k}={env[k]}" for k, v in (("CUDA_DEVICE_MAX_CONNECTIONS", "1"),
-                                            ("CUDA_LAUNCH_BLOCKING", "1"))
-              if env.get(k, "").strip() == v]
-    if env.get(NCCL_CONCURRENT_ENV, "").strip() == "1":
-        if serial:
-            raise ValueError(f"{NCCL_CONCURRENT_ENV}=1 asserts that NCCL kernels of different "
-                             f"communicators run concurrently on a device, but {', '.join(serial)} "
-                             f"makes every kernel of a device wait for the one before it: with "
-                             f"{e} Embedding and {lang} Language ranks the pair communicators can "
-                             f"deadlock (docs/nccl.md). Unset it, or use backend='gloo'")
-        log.warning("NCCL with %d Embedding and %d Language ranks (%s=1): safe only while "
-                    "each device runs NCCL kernels of different communicators concurrently "
-                    "(docs/nccl.md)", e, lang, NCCL_CONCURRENT_ENV)
-        return
-    raise ValueError(
-        f"NCCL with {e} Embedding and {lang} Language ranks can deadlock: every (Embedding, "
-        f"Language) pair is its own NCCL communicator, and two Embedding and two Language "
-        f"ranks whose ops on the pairs between them are queued in opposite orders wait on "
-        f"each other in a cycle whenever a device runs NCCL kernels one at a time, which NCCL "
-        f"allows (docs/nccl.md). With one Embedding rank, or one Language rank, no cycle can "
-        f"form. Use num_embedding_ranks=1, or backend='gloo', or set {NCCL_CONCURRENT_ENV}=1 "
-        f"if your GPUs run the kernels of different communicators concurrently (the default "
-        f"on current GPUs unless CUDA_DEVICE_MAX_CONNECTIONS=1)")
-
-
-def new_group(ranks: list[int], *, backend: str, timeout: datetime.timedelta,
-              device: torch.device) -> dist.ProcessGroup:
-    """`dist.new_group`, holding the device's NCCL lock (docs/nccl.md)."""
-    with device_lock(device):
-        return dist.new_group(ranks, timeout=timeout, backend=backend)
-
-
-def destroy_group(group: dist.ProcessGroup, device: torch.device) -> None:
-    """`dist.destroy_process_group(group)`, holding the device's NCCL lock."""
-    with device_lock(device):
-        dist.destroy_process_group(group)
-
-
 def _routable_host(hostnames: list[str]) -> str:
     if len(set(hostnames)) == 1:
         return "127.0.0.1"
@@ -205,8 +114,8 @@ class Context:
             check_nccl_topology(self.topology)
         self.role = self.topology.role(self.rank)
         self.instance = self.topology.instance_of(self.rank)
-        local_rank, _ = _local_rank()
-        self.device = (torch.device("cuda", local_rank) if backend == "nccl"
+        index, _ = local_rank()
+        self.device = (torch.device("cuda", index) if backend == "nccl"
                        else torch.device("cpu"))
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)

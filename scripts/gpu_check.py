@@ -64,7 +64,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))  # the in-process layer, as pytest imports it
 
 import disagg  # noqa: E402
-from disagg import context  # noqa: E402
+from disagg import backend as dbackend  # noqa: E402
 from disagg.config import DisaggConfig  # noqa: E402
 from disagg.geometry import Geometry, Topology  # noqa: E402
 from disagg.language.stream import copy_out  # noqa: E402
@@ -414,7 +414,7 @@ def _backend(env: Env) -> str:
 
 def check_backend_pick(env: Env) -> Outcome:
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    backend, why = context.backend_choice(DisaggConfig(), gpus=gpus, local_world=1)
+    backend, why = dbackend.backend_choice(DisaggConfig(), gpus=gpus, local_world=1)
     assert backend == _backend(env) or (not env.cuda and backend == "nccl"), (backend, why)
     return Outcome(backend, f"one rank on this node, {gpus} GPU(s): {why}",
                    {"backend": backend, "why": why})
@@ -423,10 +423,10 @@ def check_backend_pick(env: Env) -> Outcome:
 def check_backend_shared_gpu(env: Env) -> Outcome:
     """Two ranks on one GPU: auto picks Gloo, and says why; forcing NCCL is refused."""
     gpus = max(1, torch.cuda.device_count() if torch.cuda.is_available() else 0)
-    backend, why = context.backend_choice(DisaggConfig(), gpus=gpus, local_world=gpus + 1)
+    backend, why = dbackend.backend_choice(DisaggConfig(), gpus=gpus, local_world=gpus + 1)
     assert backend == "gloo" and "refuses two ranks on one GPU" in why, (backend, why)
     try:
-        context.backend_choice(DisaggConfig(backend="nccl"), gpus=gpus, local_world=gpus + 1)
+        dbackend.backend_choice(DisaggConfig(backend="nccl"), gpus=gpus, local_world=gpus + 1)
     except ValueError as e:
         refused = str(e)
     else:
@@ -439,34 +439,34 @@ def check_backend_shared_gpu(env: Env) -> Outcome:
 def check_cycle_guard(env: Env) -> Outcome:
     two_by_two = Topology(4, 2, 1)
     try:
-        context.check_nccl_topology(two_by_two, env={})
+        dbackend.check_nccl_topology(two_by_two, env={})
     except ValueError as e:
         refused = str(e)
     else:
         raise AssertionError("2 Embedding x 2 Language ranks on NCCL accepted without opt-in")
     for ok in (Topology(3, 1, 2), Topology(5, 1, 2), Topology(3, 2, 1), Topology(9, 8, 1)):
-        context.check_nccl_topology(ok, env={})
+        dbackend.check_nccl_topology(ok, env={})
     warned: list[str] = []
     handler = logging.Handler()
     handler.emit = lambda record: warned.append(record.getMessage())  # type: ignore[method-assign]
-    logger = logging.getLogger(context.__name__)
+    logger = logging.getLogger(dbackend.__name__)
     logger.addHandler(handler)
     logger.propagate = False
     try:
-        context.check_nccl_topology(two_by_two, env={context.NCCL_CONCURRENT_ENV: "1"})
+        dbackend.check_nccl_topology(two_by_two, env={dbackend.NCCL_CONCURRENT_ENV: "1"})
     finally:
         logger.removeHandler(handler)
         logger.propagate = True
     assert any("safe only while" in m for m in warned), f"no warning with the opt-in: {warned}"
     try:
-        context.check_nccl_topology(two_by_two, env={context.NCCL_CONCURRENT_ENV: "1",
+        dbackend.check_nccl_topology(two_by_two, env={dbackend.NCCL_CONCURRENT_ENV: "1",
                                                      "CUDA_DEVICE_MAX_CONNECTIONS": "1"})
     except ValueError:
         pass
     else:
         raise AssertionError("opt-in accepted with CUDA_DEVICE_MAX_CONNECTIONS=1")
     return Outcome("2x2 refused", f"1 x N and N x 1 accepted; 2 x 2 needs "
-                   f"{context.NCCL_CONCURRENT_ENV}=1: {refused[:160]}...", {})
+                   f"{dbackend.NCCL_CONCURRENT_ENV}=1: {refused[:160]}...", {})
 
 
 def check_init_one_rank(env: Env) -> Outcome:
@@ -496,7 +496,7 @@ def check_world_of_one(env: Env) -> Outcome:
     backend = _backend(env)
     t = {}
     t0 = time.perf_counter()
-    dist.init_process_group(context.world_backend(backend),
+    dist.init_process_group(dbackend.world_backend(backend),
                             init_method=f"file://{env.tmp}/world-of-one", rank=0, world_size=1)
     t["world_ms"] = (time.perf_counter() - t0) * 1e3
     hung = False
@@ -504,7 +504,7 @@ def check_world_of_one(env: Env) -> Outcome:
         timeout = datetime.timedelta(seconds=60)
         for attempt in range(2):
             t0 = time.perf_counter()
-            g = context.new_group([0], backend=backend, timeout=timeout, device=env.device)
+            g = dbackend.new_group([0], backend=backend, timeout=timeout, device=env.device)
             t[f"group_{attempt}_ms"] = (time.perf_counter() - t0) * 1e3
             x = torch.ones(4, device=env.device)
             t0 = time.perf_counter()
@@ -539,7 +539,7 @@ def check_world_of_one(env: Env) -> Outcome:
                     t["self_p2p_gbps"] = n / (time.perf_counter() - t0) / 1e9
                 assert torch.equal(src, dst), "send/recv to itself: bytes differ"
             t0 = time.perf_counter()
-            context.destroy_group(g, env.device)
+            dbackend.destroy_group(g, env.device)
             t[f"destroy_{attempt}_ms"] = (time.perf_counter() - t0) * 1e3
     finally:
         if not hung and dist.is_initialized():

@@ -426,16 +426,16 @@ def test_stats_latency_window_is_bounded():
     ("nccl", 1, 2, "refuses two ranks on one GPU"),
 ])
 def test_backend_choice_and_impossible_nccl(monkeypatch, backend, gpus, local_world, expect):
-    from disagg import context
+    from disagg import backend as dbackend
 
-    monkeypatch.setattr(context.torch.cuda, "is_available", lambda: gpus > 0)
-    monkeypatch.setattr(context.torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setattr(dbackend.torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(dbackend.torch.cuda, "device_count", lambda: gpus)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_world))
     monkeypatch.setenv("LOCAL_RANK", "1")
     cfg = DisaggConfig(backend=backend)
     if expect in ("gloo", "nccl"):
-        assert context._pick_backend(cfg) == expect
+        assert dbackend._pick_backend(cfg) == expect
     else:
         with pytest.raises(ValueError, match=expect) as info:
-            context._pick_backend(cfg)
+            dbackend._pick_backend(cfg)
         assert "backend='gloo'" in str(info.value)  # says what to change

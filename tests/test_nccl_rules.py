@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 import torch
 
-from disagg import context, transport
+from disagg import backend as dbackend
+from disagg import transport
 from disagg.config import DisaggConfig
 from disagg.errors import PeerLost, TransferTimeout
 from disagg.geometry import Topology
@@ -119,11 +120,11 @@ def test_group_creation_and_teardown_hold_the_device_lock(
     def destroy(group: Any = None) -> None:
         seen.append(("destroy", device_lock(CUDA0).locked()))
 
-    monkeypatch.setattr(context.dist, "new_group", new)
-    monkeypatch.setattr(context.dist, "destroy_process_group", destroy)
-    g = context.new_group([0, 1], backend="nccl", timeout=datetime.timedelta(seconds=1),
+    monkeypatch.setattr(dbackend.dist, "new_group", new)
+    monkeypatch.setattr(dbackend.dist, "destroy_process_group", destroy)
+    g = dbackend.new_group([0, 1], backend="nccl", timeout=datetime.timedelta(seconds=1),
                           device=CUDA0)
-    context.destroy_group(g, CUDA0)
+    dbackend.destroy_group(g, CUDA0)
     assert seen == [("new", True), ("destroy", True)]
 
 
@@ -174,26 +175,26 @@ def test_nccl_topologies_that_can_deadlock_are_refused(world: int, e: int, t: in
                                                        refused: bool) -> None:
     topo = Topology(world, e, t)
     if not refused:
-        context.check_nccl_topology(topo, env={})
+        dbackend.check_nccl_topology(topo, env={})
         return
     with pytest.raises(ValueError) as info:
-        context.check_nccl_topology(topo, env={})
+        dbackend.check_nccl_topology(topo, env={})
     msg = str(info.value)
     assert "can deadlock" in msg and "docs/nccl.md" in msg
     assert "num_embedding_ranks=1" in msg and "backend='gloo'" in msg  # says what to change
-    assert context.NCCL_CONCURRENT_ENV in msg
+    assert dbackend.NCCL_CONCURRENT_ENV in msg
 
 
 def test_the_opt_in_is_refused_with_settings_that_serialise_kernels(
         caplog: pytest.LogCaptureFixture) -> None:
     topo = Topology(4, 2, 1)
     with caplog.at_level("WARNING", logger="disagg.context"):
-        context.check_nccl_topology(topo, env={context.NCCL_CONCURRENT_ENV: "1"})
+        dbackend.check_nccl_topology(topo, env={dbackend.NCCL_CONCURRENT_ENV: "1"})
     assert "safe only while" in caplog.text
     for k in ("CUDA_DEVICE_MAX_CONNECTIONS", "CUDA_LAUNCH_BLOCKING"):
         with pytest.raises(ValueError, match=f"{k}=1"):
-            context.check_nccl_topology(topo, env={context.NCCL_CONCURRENT_ENV: "1", k: "1"})
-    context.check_nccl_topology(topo, env={context.NCCL_CONCURRENT_ENV: "1",
+            dbackend.check_nccl_topology(topo, env={dbackend.NCCL_CONCURRENT_ENV: "1", k: "1"})
+    dbackend.check_nccl_topology(topo, env={dbackend.NCCL_CONCURRENT_ENV: "1",
                                            "CUDA_DEVICE_MAX_CONNECTIONS": "32"})
 
 
@@ -207,11 +208,11 @@ def test_the_opt_in_is_refused_with_settings_that_serialise_kernels(
 ])
 def test_the_backend_pick_says_why(backend: Any, gpus: int, local_world: int, expect: str,
                                    why: str) -> None:
-    got, reason = context.backend_choice(DisaggConfig(backend=backend), gpus=gpus,
+    got, reason = dbackend.backend_choice(DisaggConfig(backend=backend), gpus=gpus,
                                          local_world=local_world)
     assert got == expect and why in reason, reason
 
 
 def test_the_world_backend_carries_gloo_for_cpu_tensors() -> None:
-    assert context.world_backend("nccl") == "cpu:gloo,cuda:nccl"
-    assert context.world_backend("gloo") == "gloo"
+    assert dbackend.world_backend("nccl") == "cpu:gloo,cuda:nccl"
+    assert dbackend.world_backend("gloo") == "gloo"
