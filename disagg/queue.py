@@ -80,9 +80,11 @@ class RoomQueue:
 
     def prefix(self, room: int) -> EmbeddingResult:
         """Views (no copy) of this rank's first `ready_tokens(room)` tokens of the
-        room: what chunked prefill may start on."""
+        room: what chunked prefill may start on. Agreed like `ready_tokens`: the
+        same on every TP rank until the next `step()`, even if the room failed
+        on some rank since (that `step()` returns it in `failed` everywhere)."""
         e = self._entry(room)
-        return e.receiver.prefix(e.ready)
+        return e.receiver.agreed_prefix(e.ready)
 
     def _entry(self, room: int) -> _Entry:
         e = self._by_room.get(room)

@@ -100,9 +100,13 @@ class EngineShell:
     def health_report(self, rooms_live: Mapping[int, int],
                       lost: Mapping[int, str]) -> dict[int, dict[str, object]]:
         """`ctx.health()`: per peer, alive, seconds since last heard, live rooms,
-        and the pair's state ("ok", or "lost: why")."""
+        and the pair's state ("ok", or "lost: why"). One meaning for `alive`,
+        whatever ended a pair: the peer is believed up and usable, i.e. heard
+        within peer_timeout, its pair not lost, and this rank not shut down."""
         now = self.clock()
-        return {p: {"alive": p not in self.liveness.dead,
+        limit = self.liveness.peer_timeout
+        return {p: {"alive": (not self._closing and p not in lost and p not in self.liveness.dead
+                              and self.liveness.silence(p, now) <= limit),
                     "last_heard_s": round(self.liveness.silence(p, now), 3),
                     "rooms_live": rooms_live.get(p, 0),
                     "pair": "ok" if p not in lost else f"lost: {lost[p]}"}

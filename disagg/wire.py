@@ -25,7 +25,7 @@ import torch
 from .errors import ProtocolError
 
 MAGIC = 0xD15A
-VERSION = 1
+VERSION = 2  # 2: a pre-posted RESUME carries the tokens its posted recvs expect
 MAX_ROOM = (1 << 63) - 1
 MAX_BLOCKS_PER_MESSAGE = 1 << 20
 MAX_REASON_BYTES = 1024
@@ -83,6 +83,11 @@ class Resume:
     allocated_tokens: int
     direct: bool = False
     preposted: bool = False  # the answer's recvs are posted (FLAG_PREPOSTED)
+    # pre-posted: the chunk's tokens the posted recvs expect (`plan.prepost_tokens`),
+    # in the header's instance_size word, which a RESUME has no other use for. Every
+    # answer, a refusal in any state or after the id was reused included, is sized
+    # from it: the receiver's word for what it posted, never a record of ours.
+    posted_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -152,7 +157,7 @@ def encode(msg: ControlMessage) -> bytes:
             (FLAG_DIRECT if msg.direct else 0) | (FLAG_PREPOSTED if msg.preposted else 0)
             | (FLAG_SCATTER if isinstance(msg, Alloc) and msg.scatter else 0),
             msg.room, msg.lang_rank,
-            msg.instance_size if isinstance(msg, Alloc) else 0,
+            msg.instance_size if isinstance(msg, Alloc) else msg.posted_tokens,
             msg.seq_len if isinstance(msg, Alloc) else msg.sent_tokens,
             msg.allocated_tokens, len(msg.block_ids))
         return head + np.asarray(msg.block_ids, dtype="<i4").tobytes()
@@ -226,8 +231,14 @@ def decode(data: bytes) -> ControlMessage:
                 raise ProtocolError("ALLOC with posted recvs declares no seq_len", room=room)
             return Alloc(room, lang_rank, instance_size, blocks, allocated_tokens, direct,
                          sent_tokens, bool(flags & FLAG_SCATTER), bool(flags & FLAG_PREPOSTED))
+        preposted = bool(flags & FLAG_PREPOSTED)
+        # Any count its recvs may hold is decoded: the Embedding rank answers it,
+        # padded to that count, even when the rest of the message is refused.
+        if instance_size < 0 or (instance_size and not preposted):
+            raise ProtocolError(f"RESUME (pre-posted: {preposted}) says its recvs expect "
+                                f"{instance_size} tokens", room=room)
         return Resume(room, lang_rank, sent_tokens, blocks, allocated_tokens, direct,
-                      bool(flags & FLAG_PREPOSTED))
+                      preposted, instance_size)
     if num_items > MAX_REASON_BYTES or len(body) != num_items:
         raise ProtocolError(f"{kind.name} reason length {num_items} does not match "
                             f"{len(body)} bytes (limit {MAX_REASON_BYTES})", room=room)

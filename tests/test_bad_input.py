@@ -561,7 +561,7 @@ def _language_side(ctx: Any, sync: _Sync) -> dict[str, Any]:
                 m = wire.decode(payload)
             except disagg.ProtocolError:
                 return orig_post(dest, payload)
-        rw = rewrites.pop((type(m).__name__, m.room), None)
+        rw = rewrites.pop((type(m).__name__, getattr(m, "room", None)), None)
         if rw is not None:
             m = rw(m)
             rewritten.append(m)

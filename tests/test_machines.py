@@ -103,6 +103,7 @@ SEND_EVENTS: dict[str, Callable[[SendMachine, SendRoom], list]] = {
     "abort": lambda m, r: m.abort(r, "test"),
     "peer_abort": lambda m, r: m.peer_abort(r, LANG, "test"),
     "peer_lost": lambda m, r: m.peer_lost(r, LANG, "gone"),
+    "peer_bye": lambda m, r: m.peer_lost(r, LANG, "it shut down", clean=True),
     "timeout": lambda m, r: m.tick(r, 1000.0),
 }
 
@@ -117,6 +118,7 @@ SEND_TABLE: dict[LaneState, dict[str, tuple[list[str], LaneState, TransferStatus
         "abort": (["CountFailure", "SendAbortFrame"], LaneState.ABORTING, W),
         "peer_abort": (["CountFailure", "SendAbortFrame"], LaneState.ABORTING, W),
         "peer_lost": (["CountFailure", "SendReject", "End"], LaneState.CLOSED, F),
+        "peer_bye": (["CountFailure", "SendReject", "End"], LaneState.CLOSED, F),
         # no data within bootstrap_timeout: the grant is answered, the room fails
         "timeout": (["CountFailure", "SendAbortFrame"], LaneState.ABORTING, W),
     },
@@ -128,7 +130,9 @@ SEND_TABLE: dict[LaneState, dict[str, tuple[list[str], LaneState, TransferStatus
         # the chunk on the wire decides when the room ends; the reason goes by REJECT
         "abort": (["CountFailure", "SendReject"], LaneState.SENDING, T),
         "peer_abort": (["CountFailure", "SendReject"], LaneState.SENDING, T),
-        "peer_lost": (["CountFailure", "SendReject"], LaneState.SENDING, T),
+        # a peer declared dead ends the room at once; the frame is the transport's
+        "peer_lost": (["CountFailure", "SendReject", "End"], LaneState.CLOSED, F),
+        "peer_bye": (["CountFailure", "SendReject"], LaneState.SENDING, T),
         "timeout": ([], LaneState.SENDING, T),
     },
     LaneState.WAIT_RESUME: {
@@ -138,6 +142,7 @@ SEND_TABLE: dict[LaneState, dict[str, tuple[list[str], LaneState, TransferStatus
         "abort": (["CountFailure", "SendReject", "End"], LaneState.CLOSED, F),
         "peer_abort": (["CountFailure", "SendReject", "End"], LaneState.CLOSED, F),
         "peer_lost": (["CountFailure", "SendReject", "End"], LaneState.CLOSED, F),
+        "peer_bye": (["CountFailure", "SendReject", "End"], LaneState.CLOSED, F),
         "timeout": (["CountFailure", "SendReject", "End"], LaneState.CLOSED, F),
     },
     LaneState.SENT_LAST: {
@@ -149,7 +154,10 @@ SEND_TABLE: dict[LaneState, dict[str, tuple[list[str], LaneState, TransferStatus
         # the last chunk is on the wire: its completion decides, whoever aborts
         "abort": ([], LaneState.SENT_LAST, T),
         "peer_abort": ([], LaneState.SENT_LAST, T),
-        "peer_lost": ([], LaneState.SENT_LAST, T),  # its send's completion decides
+        # declared dead: the room ends now (a frozen peer that wakes learns
+        # PAIR_DOWN); after a clean goodbye the send's completion decides
+        "peer_lost": (["CountFailure", "SendReject", "End"], LaneState.CLOSED, F),
+        "peer_bye": ([], LaneState.SENT_LAST, T),
         "timeout": ([], LaneState.SENT_LAST, T),
     },
     LaneState.DONE: {
@@ -157,7 +165,8 @@ SEND_TABLE: dict[LaneState, dict[str, tuple[list[str], LaneState, TransferStatus
         "resume": (["SendAbortFrame"], LaneState.DONE, S),  # refused: the room ended
         "frame_done": _, "send_failed": _,
         "abort": ([], LaneState.DONE, S), "peer_abort": ([], LaneState.DONE, S),
-        "peer_lost": ([], LaneState.DONE, S), "timeout": ([], LaneState.DONE, S),
+        "peer_lost": ([], LaneState.DONE, S), "peer_bye": ([], LaneState.DONE, S),
+        "timeout": ([], LaneState.DONE, S),
     },
     LaneState.ABORTING: {
         "data": _,
@@ -165,13 +174,15 @@ SEND_TABLE: dict[LaneState, dict[str, tuple[list[str], LaneState, TransferStatus
         "frame_done": (["End"], LaneState.CLOSED, F),
         "send_failed": _,
         "abort": ([], LaneState.ABORTING, W), "peer_abort": ([], LaneState.ABORTING, W),
-        "peer_lost": ([], LaneState.ABORTING, W), "timeout": ([], LaneState.ABORTING, W),
+        "peer_lost": (["End"], LaneState.CLOSED, F), "peer_bye": ([], LaneState.ABORTING, W),
+        "timeout": ([], LaneState.ABORTING, W),
     },
     LaneState.CLOSED: {
         "data": _, "frame_done": _, "send_failed": _,
         "resume": (["SendAbortFrame"], LaneState.CLOSED, F),
         "abort": ([], LaneState.CLOSED, F), "peer_abort": ([], LaneState.CLOSED, F),
-        "peer_lost": ([], LaneState.CLOSED, F), "timeout": ([], LaneState.CLOSED, F),
+        "peer_lost": ([], LaneState.CLOSED, F), "peer_bye": ([], LaneState.CLOSED, F),
+        "timeout": ([], LaneState.CLOSED, F),
     },
 }
 
@@ -310,7 +321,8 @@ RECV_TABLE: dict[Phase, dict[str, tuple[list[str], Phase, TransferStatus] | str 
         "abort_frame": SB,
         "reject": (["CountFailure", "Publish"], Phase.DRAINING, F),
         "abort": (["CountFailure", "Publish", "Post"], Phase.DRAINING, F),
-        "peer_lost": ([], Phase.LANDING, W),  # the receiver thread's landing decides
+        # fails now; the blocks under the landing payload stay held until its recv ends
+        "peer_lost": (["CountFailure", "Publish"], Phase.DRAINING, F),
         "timeout": ([], Phase.LANDING, W),
     },
     Phase.PARTIAL: {

@@ -146,7 +146,7 @@ def plausible_messages(draw):
     the deep checks that random bytes almost never get past the magic for."""
     head = HEADER.pack(
         draw(st.sampled_from([MAGIC, MAGIC, MAGIC, 0, 0x5AD1])),
-        draw(st.sampled_from([VERSION, VERSION, VERSION, 0, 2, 255])),
+        draw(st.sampled_from([VERSION, VERSION, VERSION, 0, 1, VERSION + 1, 255])),
         draw(st.integers(0, 255) | st.sampled_from(list(MsgKind))),
         draw(st.sampled_from([0, FLAG_DIRECT, 2, 0xFFFFFFFF]) | st.integers(0, 2**32 - 1)),
         draw(I64), draw(I32), draw(I32), draw(I64), draw(I64),
@@ -211,7 +211,7 @@ def test_wrong_magic():
         decode(data)
 
 
-@pytest.mark.parametrize("version", [0, 2, 255])
+@pytest.mark.parametrize("version", [0, 1, VERSION + 1, 255])
 def test_wrong_version(version):
     with pytest.raises(ProtocolError, match=f"unsupported protocol version {version} "
                                             f"\\(this side speaks {VERSION}\\)"):
@@ -245,6 +245,19 @@ def test_preposted_flag_roundtrips_and_an_alloc_needs_a_declared_length():
         decode(encode(dataclasses.replace(a, seq_len=0)))
     with pytest.raises(ProtocolError, match="unknown flags 0x8"):
         decode(header(kind=MsgKind.ABORT, flags=8))
+
+
+def test_a_preposted_resume_carries_the_tokens_its_recvs_expect():
+    """What sizes every answer to it, a refusal after the room ended or its id
+    was reused included: in range of the allocation, and only when pre-posted."""
+    r = Resume(7, 1, 16, (2, 3), 32, False, preposted=True, posted_tokens=20)
+    assert decode(encode(r)).posted_tokens == 20
+    # past its allocation: decoded, so that it can be refused padded to that count
+    assert decode(encode(dataclasses.replace(r, posted_tokens=33))).posted_tokens == 33
+    with pytest.raises(ProtocolError, match="expect -1 tokens"):
+        decode(encode(dataclasses.replace(r, posted_tokens=-1)))
+    with pytest.raises(ProtocolError, match=r"pre-posted: False\) says its recvs expect 5"):
+        decode(encode(dataclasses.replace(r, preposted=False, posted_tokens=5)))
 
 
 def test_goodbye_counts_the_frames_sent():

@@ -47,6 +47,9 @@ class Admission:
         if why is not None:
             return [self.machine.refuse(lang, room, f"bad ALLOC from language rank {lang}: "
                                                     f"{why}", grant)]
+        aborted = self.lobby.aborted(room, lang, now)
+        if aborted is not None:
+            return [self.machine.refuse(lang, room, aborted, grant)]
         refusal = self.lobby.add_alloc(lang, room, m.instance_size, grant, self.other_instance)
         if refusal is None:  # kept until sender(room), or bootstrap_timeout
             return [Preposted(room, lang, grant)] if grant.preposted else []
@@ -54,27 +57,29 @@ class Admission:
 
     def resume(self, r: SendRoom | None, m: Resume, now: float) -> list[Action]:
         lang, room = m.lang_rank, m.room
+        # A pre-posted RESUME says how many tokens its posted recvs expect, so
+        # every answer, a refusal in any state included, is sized from it.
+        grant = Grant(m.sent_tokens, m.block_ids, m.allocated_tokens, m.direct, now,
+                      preposted=m.preposted, expect=m.posted_tokens if m.preposted else -1)
+        # A Language rank's resume credit always lands straight in the room's
+        # output: the recvs it posts are one contiguous run, whatever the rest
+        # of the message says, and so is every padded answer to it.
+        grant.direct = grant.direct or m.preposted
+        pool = self.peer_num_blocks[lang] * self.geometry.block_size
+        if m.preposted and m.posted_tokens > pool:
+            # no answer of a size it could have posted: give the pair up rather
+            # than send a size its recvs do not expect
+            return [DropPair(lang, f"pre-posted RESUME for room {room} expects "
+                                   f"{m.posted_tokens} tokens, more than its pool of {pool}")]
         if r is None:
             ended = self.lobby.ended(room)
             gone = ("RESUME for a room that is unknown here" if ended is None
                     else f"RESUME for a room that already ended: {ended}")
-            grant = Grant(m.sent_tokens, m.block_ids, m.allocated_tokens, m.direct, now,
-                          preposted=m.preposted)
-            if m.preposted:
-                # The rank posted recvs sized from its span of the room, which it
-                # learnt from a DATA meta: the room ended here after that, and
-                # its tombstone says the span. Forgotten, no answer can match
-                # them: the pair is given up rather than sent a wrong size.
-                span = self.lobby.span(room, lang)
-                if span is None or not 0 <= m.sent_tokens <= span or m.allocated_tokens < 1:
-                    return [DropPair(lang, f"pre-posted {gone} (room {room}), of a size "
-                                           f"this rank cannot know")]
-                grant.expect = prepost_tokens(span, m.sent_tokens, m.allocated_tokens)
             return [self.machine.refuse(lang, room, gone, grant)]
         why = self.check_grant(lang, m.block_ids, m.allocated_tokens, m.direct,
                                allow_empty=True)
-        grant = Grant(m.sent_tokens, m.block_ids, m.allocated_tokens, m.direct, now,
-                      preposted=m.preposted)
+        if why is None and m.preposted and not m.direct:
+            why = "a pre-posted RESUME must be direct (its recvs are one run into the output)"
         return self.machine.resume(r, lang, grant, why)
 
     def abort(self, r: SendRoom | None, m: Abort, now: float) -> list[Action]:

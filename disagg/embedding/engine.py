@@ -45,7 +45,7 @@ from .actions import (
 from .admission import Admission
 from .lobby import Lobby, Refusal
 from .machine import SendMachine
-from .room import Grant, Lane, SendRoom, lane_total, set_status
+from .room import Grant, Lane, SendRoom, set_status
 from .sender import Sender
 from .stream import Frame, SendStreams, abort_frame, data_frame, defer_frame, filler
 
@@ -69,7 +69,7 @@ class EmbeddingEngine(EngineShell):
         # yet answered; any other frame for that pair DEFERs it first (`_submit`)
         self._preposted: dict[int, tuple[int, Grant]] = {}
         self._rooms: dict[int, SendRoom] = {}
-        self.lobby = Lobby(cfg.bootstrap_timeout)
+        self.lobby = Lobby(cfg.bootstrap_timeout, topology.instance_of)
         self.admission = Admission(self.machine, self.lobby, geometry, topology, peer_num_blocks)
         stats.add_source(self._live_by_peer)
 
@@ -90,12 +90,14 @@ class EmbeddingEngine(EngineShell):
                 r.failure, r.ended = claimed.early_abort, True
                 set_status(r, TransferStatus.FAILED)
                 self.stats.failure(FailureCause.ABORT)
-                return Sender(self, r)
-            self._rooms[room] = r
-            r.instance_size = claimed.instance_size
-            for lang, grant in claimed.grants.items():
-                r.lanes[lang] = self.machine.new_lane(lang, grant)
-            self.stats.set_gauge("rooms_live", len(self._rooms))
+                self._refuse(claimed.refused)  # ALLOCs that raced the abort: answered
+            else:
+                self._rooms[room] = r
+                r.instance_size = claimed.instance_size
+                for lang, grant in claimed.grants.items():
+                    r.lanes[lang] = self.machine.new_lane(lang, grant)
+                self.stats.set_gauge("rooms_live", len(self._rooms))
+        self.flush()
         return Sender(self, r)
 
     # ------------------------------------------------------------ control thread
@@ -216,18 +218,16 @@ class EmbeddingEngine(EngineShell):
             self.execute(self.machine.frame_done(
                 r, lane, data=data, nbytes=nbytes, err=err,
                 lane_down=self.liveness.dead.get(lane.lang_rank), now=self.clock()))
+            if r.ended:  # a frame to a peer declared dead, back after the room ended
+                self._return_budget(r)
 
     def _end(self, a: End) -> None:
         r = a.room
-        if r.budget:
-            self.budget.free(r.budget, owner=r.room)
-            r.budget = []
-        r.sources, r.parts = None, []  # drop the caller's tensors
+        self._return_budget(r)
+        r.sources, r.parts = None, []  # drop the caller's tensors (frames keep their own)
         if self._rooms.get(r.room) is r:
             del self._rooms[r.room]
-            self.lobby.bury(r.room, a.outcome, set(r.lanes),
-                            {lang: lane_total(r, lane) for lang, lane in r.lanes.items()}
-                            if r.seq_len else None)
+            self.lobby.bury(r.room, a.outcome, set(r.lanes))
         self.stats.set_gauge("rooms_live", len(self._rooms))
         self.stats.set_gauge("pool_free_blocks", self.budget.num_free)
         if a.send_total_s is not None:
@@ -236,6 +236,14 @@ class EmbeddingEngine(EngineShell):
             self.stats.observe_bytes("sent", r.bytes_sent)  # fanout="copy", 1 x for "scatter"
         set_status(r, a.status)  # last: the id and the budget are free
         self.cond.notify_all()
+
+    def _return_budget(self, r: SendRoom) -> None:
+        """An ended room's budget, once no frame of it is in flight (a lane given
+        up for a dead peer may still have one until the transport returns it)."""
+        if r.budget and not any(lane.in_flight for lane in r.lanes.values()):
+            self.budget.free(r.budget, owner=r.room)
+            r.budget = []
+            self.stats.set_gauge("pool_free_blocks", self.budget.num_free)
 
     def _refuse(self, refusals: list[Refusal]) -> None:
         self.execute(self.admission.refusals(refusals))
@@ -260,7 +268,7 @@ class EmbeddingEngine(EngineShell):
                 self._post(lang, PairDown(self.rank, str(err)))
         why = f"embedding rank {self.rank}: language rank {lang} is down: {err}"
         for r in list(self._rooms.values()):
-            self.execute(self.machine.peer_lost(r, lang, why))
+            self.execute(self.machine.peer_lost(r, lang, why, clean=clean))
         instance = self.topology.instance_of(lang)
         self.lobby.drop(lambda room, lr, g: lr == lang)
         self._refuse(self.lobby.drop(

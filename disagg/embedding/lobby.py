@@ -4,10 +4,15 @@ first, and tombstones of rooms that ended. Every table is bounded: a flood of
 ALLOCs for rooms that never come is refused, not stored.
 
 A room id may be reused once its room has ended on every rank, in either order
-of ALLOC and `sender()`. A tombstone therefore remembers which Language ranks
-know the room ended (its lanes got their last chunk, an ABORT frame or a
-REJECT; a late ALLOC was refused): a message from such a rank is about a new
-room of the same id; from any other rank it is a late one for the old room.
+of ALLOC and `sender()`, by the same Language instance or another one (a
+router retries a dead instance's rooms elsewhere under the same ids). A
+tombstone therefore remembers the instance the room was received by and which
+of its ranks know the room ended (its lanes got their last chunk, an ABORT
+frame or a REJECT; a late ALLOC was refused): a message from such a rank, or
+from another instance, is about a new room of the same id; from any other
+rank it is a late one for the old room. An ABORT that came before the room's
+`sender()` is kept with its instance the same way: it refuses that instance's
+ALLOCs, whichever comes first, and no other instance's.
 
 Pure bookkeeping: decisions come back as refusals `(lang_rank, room, reason)`
 that the engine answers with ABORT frames.
@@ -17,7 +22,7 @@ from __future__ import annotations
 
 import collections
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .machine import Grant
 
@@ -37,9 +42,15 @@ class Refusal:
 class Tombstone:
     outcome: str
     ended_on: set[int]  # Language ranks that know the room ended
-    # tokens each Language rank receives of the room (its span): what a late
-    # pre-posted RESUME's padded answer is sized from
-    spans: dict[int, int] = field(default_factory=dict)
+    instance: int | None  # the instance that received it (None: no rank asked)
+
+
+@dataclass(frozen=True)
+class EarlyAbort:
+    reason: str
+    at: float
+    lang: int  # the aborting rank
+    instance: int | None  # its instance
 
 
 @dataclass(frozen=True)
@@ -48,17 +59,20 @@ class Claimed:
 
     early_abort: str | None  # the room was aborted before it existed here
     instance_size: int | None
-    grants: dict[int, Grant]
+    grants: dict[int, Grant]  # early ALLOCs the room takes over (none if aborted)
+    refused: list[Refusal]  # early ALLOCs of an aborted room: each is answered
 
 
 class Lobby:
-    def __init__(self, bootstrap_timeout: float) -> None:
+    def __init__(self, bootstrap_timeout: float,
+                 instance_of: Callable[[int], int | None]) -> None:
         self._timeout = bootstrap_timeout
+        self._instance_of = instance_of
         self._early: dict[int, dict[int, Grant]] = {}  # room -> lang rank -> ALLOC
         self._early_instance: dict[int, int] = {}
         self._early_total = 0
         self._tombstones: collections.OrderedDict[int, Tombstone] = collections.OrderedDict()
-        self._early_aborts: collections.OrderedDict[int, tuple[str, float]] = (
+        self._early_aborts: collections.OrderedDict[int, EarlyAbort] = (
             collections.OrderedDict())
 
     def __len__(self) -> int:
@@ -79,7 +93,8 @@ class Lobby:
         to it (`lang` did not know it ended; it will learn from the answer), or
         None: no such room, or `lang` speaks of a new room of the same id."""
         t = self._tombstones.get(room)
-        if t is None or lang in t.ended_on:
+        if t is None or lang in t.ended_on or (
+                t.instance is not None and self._instance_of(lang) != t.instance):
             return None
         t.ended_on.add(lang)
         return t.outcome
@@ -89,10 +104,29 @@ class Lobby:
         every way it can end answers them."""
         self._tombstones.pop(room, None)
         abort = self._early_aborts.pop(room, None)
-        early_abort = abort[0] if abort is not None and now - abort[1] < self._timeout else None
         grants = self._early.pop(room, {})
         self._early_total -= len(grants)
-        return Claimed(early_abort, self._early_instance.pop(room, None), grants)
+        instance = self._early_instance.pop(room, None)
+        if abort is None or now - abort.at >= self._timeout or (
+                grants and self._instance_of(next(iter(grants))) != abort.instance):
+            # no abort, or one for an earlier room of this id received by another
+            # instance: the room is the asking instance's
+            return Claimed(None, instance, grants, [])
+        # the room starts FAILED: it ended for the aborting rank and for every
+        # rank whose ALLOC is answered now; a later ALLOC of its instance is late
+        self.bury(room, abort.reason, {abort.lang, *grants})
+        return Claimed(abort.reason, None, {}, [Refusal(lang, room, abort.reason, g)
+                                                for lang, g in grants.items()])
+
+    def aborted(self, room: int, lang: int, now: float) -> str | None:
+        """Why an ALLOC from `lang` for a room without a sender is refused at once:
+        a rank of its instance aborted the room first (so its blocks are not held
+        until a timeout, nor dropped unanswered when `sender()` comes), or None."""
+        abort = self._early_aborts.get(room)
+        if (abort is None or now - abort.at >= self._timeout
+                or abort.instance != self._instance_of(lang)):
+            return None
+        return abort.reason
 
     def add_alloc(self, lang: int, room: int, instance_size: int, grant: Grant,
                   other_instance: Callable[[int, int], str | None]) -> Refusal | None:
@@ -150,20 +184,16 @@ class Lobby:
                             f"aborted by language rank {lang}: {reason}")
         elif self.late(room, lang) is not None:
             return out
-        self._early_aborts[room] = (f"aborted by language rank {lang} before this rank had "
-                                    f"the room's data: {reason}", now)
+        self._early_aborts[room] = EarlyAbort(
+            f"aborted by language rank {lang} before this rank had the room's data: {reason}",
+            now, lang, self._instance_of(lang))
         while len(self._early_aborts) > MAX_TOMBSTONES:
             self._early_aborts.popitem(last=False)
         return out
 
-    def span(self, room: int, lang: int) -> int | None:
-        """Tokens `lang` receives of a room that ended here, while remembered."""
-        t = self._tombstones.get(room)
-        return None if t is None else t.spans.get(lang)
-
-    def bury(self, room: int, outcome: str, ended_on: set[int],
-             spans: dict[int, int] | None = None) -> None:
-        self._tombstones[room] = Tombstone(outcome, ended_on, spans or {})
+    def bury(self, room: int, outcome: str, ended_on: set[int]) -> None:
+        instance = self._instance_of(next(iter(ended_on))) if ended_on else None
+        self._tombstones[room] = Tombstone(outcome, ended_on, instance)
         while len(self._tombstones) > MAX_TOMBSTONES:
             self._tombstones.popitem(last=False)
 

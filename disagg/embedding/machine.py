@@ -34,22 +34,29 @@ checks every cell and that this table is the one it checks. In words: a grant
 waits for data, or is answered by an ABORT frame if the room fails first; a
 chunk on the wire decides its lane (a failure meanwhile only tells the
 Language rank by REJECT); when the last chunk of every lane is on the wire,
-aborts, timeouts and a lost peer change nothing: the sends' completion
-decides, so both sides agree.
+aborts, timeouts and a clean goodbye (`peer_bye`) change nothing: the sends'
+completion decides, so both sides agree. A peer declared dead (`peer_lost`:
+silent for peer_timeout, its stream broken, or it tore the pair down) ends
+the room at once, frame on the wire or not: its lane is given up, the frame
+is the transport's business, and the budget waits for it (the engine).
 
-| state | data | resume | frame_done | send_failed | abort | peer_abort | peer_lost | timeout |
-|---|---|---|---|---|---|---|---|---|
-| GRANTED | SENDING: SendData (TRANSFERRING) | GRANTED (WAITING_FOR_INPUT) | - | - | ABORTING: CountFailure, SendAbortFrame (WAITING_FOR_INPUT) | ABORTING: CountFailure, SendAbortFrame (WAITING_FOR_INPUT) | CLOSED: CountFailure, SendReject, End (FAILED) | ABORTING: CountFailure, SendAbortFrame (WAITING_FOR_INPUT) |
-| SENDING | - | SENDING: Count, SendData (TRANSFERRING) | WAIT_RESUME: Count (TRANSFERRING) | CLOSED: CountFailure, SendReject, End (FAILED) | SENDING: CountFailure, SendReject (TRANSFERRING) | SENDING: CountFailure, SendReject (TRANSFERRING) | SENDING: CountFailure, SendReject (TRANSFERRING) | SENDING (TRANSFERRING) |
-| WAIT_RESUME | - | SENDING: Count, SendData (TRANSFERRING) | - | - | CLOSED: CountFailure, SendReject, End (FAILED) | CLOSED: CountFailure, SendReject, End (FAILED) | CLOSED: CountFailure, SendReject, End (FAILED) | CLOSED: CountFailure, SendReject, End (FAILED) |
-| SENT_LAST | - | SENT_LAST: SendAbortFrame, CountFailure, SendReject (TRANSFERRING) | DONE: Count, End (SUCCESS) | CLOSED: CountFailure, SendReject, End (FAILED) | SENT_LAST (TRANSFERRING) | SENT_LAST (TRANSFERRING) | SENT_LAST (TRANSFERRING) | SENT_LAST (TRANSFERRING) |
-| DONE | - | DONE: SendAbortFrame (SUCCESS) | - | - | DONE (SUCCESS) | DONE (SUCCESS) | DONE (SUCCESS) | DONE (SUCCESS) |
-| ABORTING | - | ABORTING: SendAbortFrame (WAITING_FOR_INPUT) | CLOSED: End (FAILED) | - | ABORTING (WAITING_FOR_INPUT) | ABORTING (WAITING_FOR_INPUT) | ABORTING (WAITING_FOR_INPUT) | ABORTING (WAITING_FOR_INPUT) |
-| CLOSED | - | CLOSED: SendAbortFrame (FAILED) | - | - | CLOSED (FAILED) | CLOSED (FAILED) | CLOSED (FAILED) | CLOSED (FAILED) |
+| state | data | resume | frame_done | send_failed | abort | peer_abort | peer_lost | peer_bye | timeout |
+|---|---|---|---|---|---|---|---|---|---|
+| GRANTED | SENDING: SendData (TRANSFERRING) | GRANTED (WAITING_FOR_INPUT) | - | - | ABORTING: CountFailure, SendAbortFrame (WAITING_FOR_INPUT) | ABORTING: CountFailure, SendAbortFrame (WAITING_FOR_INPUT) | CLOSED: CountFailure, SendReject, End (FAILED) | CLOSED: CountFailure, SendReject, End (FAILED) | ABORTING: CountFailure, SendAbortFrame (WAITING_FOR_INPUT) |
+| SENDING | - | SENDING: Count, SendData (TRANSFERRING) | WAIT_RESUME: Count (TRANSFERRING) | CLOSED: CountFailure, SendReject, End (FAILED) | SENDING: CountFailure, SendReject (TRANSFERRING) | SENDING: CountFailure, SendReject (TRANSFERRING) | CLOSED: CountFailure, SendReject, End (FAILED) | SENDING: CountFailure, SendReject (TRANSFERRING) | SENDING (TRANSFERRING) |
+| WAIT_RESUME | - | SENDING: Count, SendData (TRANSFERRING) | - | - | CLOSED: CountFailure, SendReject, End (FAILED) | CLOSED: CountFailure, SendReject, End (FAILED) | CLOSED: CountFailure, SendReject, End (FAILED) | CLOSED: CountFailure, SendReject, End (FAILED) | CLOSED: CountFailure, SendReject, End (FAILED) |
+| SENT_LAST | - | SENT_LAST: SendAbortFrame, CountFailure, SendReject (TRANSFERRING) | DONE: Count, End (SUCCESS) | CLOSED: CountFailure, SendReject, End (FAILED) | SENT_LAST (TRANSFERRING) | SENT_LAST (TRANSFERRING) | CLOSED: CountFailure, SendReject, End (FAILED) | SENT_LAST (TRANSFERRING) | SENT_LAST (TRANSFERRING) |
+| DONE | - | DONE: SendAbortFrame (SUCCESS) | - | - | DONE (SUCCESS) | DONE (SUCCESS) | DONE (SUCCESS) | DONE (SUCCESS) | DONE (SUCCESS) |
+| ABORTING | - | ABORTING: SendAbortFrame (WAITING_FOR_INPUT) | CLOSED: End (FAILED) | - | ABORTING (WAITING_FOR_INPUT) | ABORTING (WAITING_FOR_INPUT) | CLOSED: End (FAILED) | ABORTING (WAITING_FOR_INPUT) | ABORTING (WAITING_FOR_INPUT) |
+| CLOSED | - | CLOSED: SendAbortFrame (FAILED) | - | - | CLOSED (FAILED) | CLOSED (FAILED) | CLOSED (FAILED) | CLOSED (FAILED) | CLOSED (FAILED) |
 
 Resume is keyed by `sent_tokens`, which only grows: a RESUME at a key already
 served is a repeat and is ignored; any other key than what was really sent on
-the pair fails the room.
+the pair fails the room. A RESUME from a rank with no lane is a late one of an
+earlier room of the same id (a rank's ALLOC comes first on its channel): it is
+answered and the room is untouched. A pre-posted RESUME says how many tokens
+its posted recvs expect (`Resume.posted_tokens`), so each of its answers, a
+refusal in any state included, is padded to exactly that.
 """
 
 from __future__ import annotations
@@ -183,31 +190,35 @@ class SendMachine:
             return [self.refuse(lang, r.room, f"RESUME for a room that already ended: "
                                               f"{r.failure}", grant)]
         lane = r.lanes.get(lang)
-        if why is None and lane is None:
-            why = "RESUME before ALLOC"
-        elif why is None and lane is not None:
+        if lane is None:
+            # A rank's ALLOC comes before its RESUMEs on the ordered channel, so
+            # this one is a late message of an earlier room of this id, whose id
+            # was reused here before it arrived: answered, this room untouched.
+            return [self.refuse(lang, r.room, "RESUME for an earlier room of this id, which "
+                                              "already ended", grant)]
+        if why is None:
             if grant.key in lane.keys:
                 return []  # a repeat of a grant already accepted: resume is idempotent
+            total = lane_total(r, lane)
             if lane.pending is not None:
                 why = "RESUME while the previous allocation is still unanswered"
             elif grant.key != lane.sent_tokens:
                 why = (f"RESUME sent_tokens={grant.key} but {lane.sent_tokens} tokens "
                        f"were sent on this pair")
-            elif lane.sent_tokens >= lane_total(r, lane):
-                why = f"RESUME after all {lane_total(r, lane)} tokens were sent"
+            elif lane.sent_tokens >= total:
+                why = f"RESUME after all {total} tokens were sent"
+            elif grant.preposted and grant.expect != prepost_tokens(
+                    total, grant.key, grant.allocated_tokens):
+                why = (f"its posted recvs expect {grant.expect} tokens, but "
+                       f"{prepost_tokens(total, grant.key, grant.allocated_tokens)} are due")
         if why is not None:
             why = f"bad RESUME from language rank {lang}: {why}"
-            if grant.preposted:  # its recvs are sized by the rank's own count
-                grant.expect = self._resume_expect(r, lane, grant)
             return [self.refuse(lang, r.room, why, grant),
                     *self.fail(r, f"embedding rank {self.rank}: {why}",
                                FailureCause.BAD_MESSAGE)]
-        assert lane is not None
         lane.pending = grant
         lane.keys.add(grant.key)
         r.last_progress = grant.arrived
-        if grant.preposted:
-            grant.expect = self._resume_expect(r, lane, grant)
         return [Count(resumes=1), *self._preposted(r.room, lang, grant),
                 *self._schedule(r, lane)]
 
@@ -253,16 +264,22 @@ class SendMachine:
                                  FailureCause.PEER_LOST)
         return out + self._maybe_end(r)
 
-    def peer_lost(self, r: SendRoom, lang: int, why: str) -> list[Action]:
+    def peer_lost(self, r: SendRoom, lang: int, why: str, *, clean: bool = False) -> list[Action]:
         """Language rank `lang` is gone: a room it was part of, or whose instance
-        it belongs to, can never reach SUCCESS, unless its last chunk to `lang`
-        is already on the wire (that send's own completion decides)."""
+        it belongs to, can never reach SUCCESS. Declared dead (silent, its
+        stream broke, or it tore the pair down), its lane is given up at once:
+        the room fails now even with a frame on the wire, whose completion is
+        the transport's business (the budget stays held until then). After a
+        clean goodbye the frames it owed were read first, so a last chunk
+        already on the wire still decides its lane."""
         lane = r.lanes.get(lang)
         if lane is not None:
             lane.pending = None  # owed, but it can no longer be answered
-            if lane.done or (lane.in_flight and lane.sent_tokens == lane_total(r, lane)):
+            if lane.done or (clean and lane.in_flight
+                             and lane.sent_tokens == lane_total(r, lane)):
                 return []
-            return self.fail(r, why, FailureCause.PEER_LOST)
+            lane.lost = not clean
+            return self.fail(r, why, FailureCause.PEER_LOST) + self._maybe_end(r)
         if r.lanes and self.topology.instance_of(next(iter(r.lanes))) == \
                 self.topology.instance_of(lang):
             return self.fail(r, why, FailureCause.PEER_LOST)
@@ -301,13 +318,6 @@ class SendMachine:
     @staticmethod
     def _preposted(room: int, lang: int, grant: Grant) -> list[Action]:
         return [Preposted(room, lang, grant)] if grant.preposted else []
-
-    @staticmethod
-    def _resume_expect(r: SendRoom, lane: Lane | None, grant: Grant) -> int:
-        """The chunk a pre-posted RESUME's rank sized its recvs for: what is left
-        of its span after `key` tokens, as far as the allocation goes."""
-        total = lane_total(r, lane) if lane is not None else r.seq_len
-        return prepost_tokens(total, min(grant.key, total), grant.allocated_tokens)
 
     # -------------------------------------------------------- internals
 
@@ -398,7 +408,7 @@ class SendMachine:
 
     def _maybe_end(self, r: SendRoom) -> list[Action]:
         if r.failure is not None and not r.ended and all(
-                p.in_flight == 0 for p in r.lanes.values()):
+                p.in_flight == 0 or p.lost for p in r.lanes.values()):
             return self._end(r, TransferStatus.FAILED, r.failure)
         return []
 

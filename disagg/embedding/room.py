@@ -57,6 +57,9 @@ class Lane:
     in_flight: int = 0  # frames posted, not yet completed
     aborting: bool = False  # one of them is an ABORT frame
     done: bool = False  # the last chunk completed
+    # its Language rank was declared dead: frames still in flight on it hold
+    # the budget until the transport gives them back, but not the room's end
+    lost: bool = False
     keys: set[int] = field(default_factory=set)  # sent_tokens of every grant accepted
 
 
@@ -103,6 +106,8 @@ def lane_total(room: SendRoom, lane: Lane) -> int:
 def lane_state(room: SendRoom, lane: Lane) -> LaneState:
     if lane.done:
         return LaneState.DONE
+    if lane.lost:
+        return LaneState.CLOSED
     if lane.aborting:
         return LaneState.ABORTING
     if lane.pending is not None:

@@ -23,7 +23,7 @@ failed while a frame is still owed (its blocks held until it comes).
 |---|---|---|---|---|---|---|---|
 | NEW | StreamBroken | - | StreamBroken | FAILED: CountFailure, Untrack, Publish (FAILED) | FAILED: CountFailure, Untrack, Publish, Post (FAILED) | FAILED: CountFailure, Untrack, Publish (FAILED) | FAILED: CountFailure, Untrack, Publish (FAILED) |
 | ASKED | LANDING (WAITING_FOR_INPUT) | - | FAILED: Release, CountFailure, Untrack, Publish (FAILED) | DRAINING: CountFailure, Publish (FAILED) | DRAINING: CountFailure, Publish, Post (FAILED) | FAILED: Release, CountFailure, Untrack, Publish (FAILED) | DRAINING: CountFailure, Publish, Post (FAILED) |
-| LANDING | StreamBroken | PARTIAL: Release (TRANSFERRING) | StreamBroken | DRAINING: CountFailure, Publish (FAILED) | DRAINING: CountFailure, Publish, Post (FAILED) | LANDING (WAITING_FOR_INPUT) | LANDING (WAITING_FOR_INPUT) |
+| LANDING | StreamBroken | PARTIAL: Release (TRANSFERRING) | StreamBroken | DRAINING: CountFailure, Publish (FAILED) | DRAINING: CountFailure, Publish, Post (FAILED) | DRAINING: CountFailure, Publish (FAILED) | LANDING (WAITING_FOR_INPUT) |
 | PARTIAL | StreamBroken | - | StreamBroken | FAILED: CountFailure, Untrack, Publish (FAILED) | FAILED: CountFailure, Untrack, Publish, Post (FAILED) | FAILED: CountFailure, Untrack, Publish (FAILED) | FAILED: CountFailure, Untrack, Publish, Post (FAILED) |
 | RESUMED | LANDING (TRANSFERRING) | - | FAILED: Release, CountFailure, Untrack, Publish (FAILED) | DRAINING: CountFailure, Publish (FAILED) | DRAINING: CountFailure, Publish, Post (FAILED) | FAILED: Release, CountFailure, Untrack, Publish (FAILED) | DRAINING: CountFailure, Publish, Post (FAILED) |
 | DRAINING | DRAINING (FAILED) | - | FAILED: Release, Untrack (FAILED) | DRAINING (FAILED) | DRAINING (FAILED) | FAILED: Release, Untrack (FAILED) | DRAINING (FAILED) |
@@ -126,15 +126,17 @@ class RecvMachine:
         whole room the chunk is min(rest, allocated) and its recvs are posted now."""
         r.outstanding = c
         r.num_resumes += 1
-        prepost = prepost and r.given_all and r.span is not None
-        # direct: the Embedding rank needs no block ids, only how many tokens fit
+        total = r.total
+        prepost = prepost and r.given_all and total is not None
+        n = prepost_tokens(total, c.key, c.allocated_tokens) if prepost and total else 0
+        # direct: the Embedding rank needs no block ids, only how many tokens fit;
+        # pre-posted: it sizes every answer, a refusal included, from `n`
         out: list[Action] = [Owe(), Post(Resume(r.room, self.rank, c.key,
                                                 () if c.direct else tuple(c.block_ids),
-                                                c.allocated_tokens, c.direct, prepost))]
+                                                c.allocated_tokens, c.direct, prepost, n))]
         if prepost:
-            assert r.span is not None and r.total is not None
-            out.append(Prepost(c, prepost_tokens(r.total, c.key, c.allocated_tokens),
-                               r.span[0] + c.key))
+            assert r.span is not None
+            out.append(Prepost(c, n, r.span[0] + c.key))
         return out
 
     # -------------------------------------------------------- frames
@@ -270,10 +272,11 @@ class RecvMachine:
         return out
 
     def peer_lost(self, r: RecvRoom, why: str, *, release_landing: bool) -> list[Action]:
-        """The stream from the room's Embedding rank is unusable. Outstanding blocks
-        are free at once (before a meta frame arrives nothing is posted into
-        them); blocks a payload recv is landing in are freed when that recv ends
-        (`release_landing`: this is the thread that waited for it)."""
+        """The stream from the room's Embedding rank is unusable: the room fails
+        now, whatever lands. Outstanding blocks are free at once (before a meta
+        frame arrives nothing is posted into them); blocks a recv is posted into
+        are freed when that recv ends (`release_landing`: this is the thread
+        that waited for it)."""
         out: list[Action] = []
         if r.outstanding is not None:
             if r.outstanding.posted and not release_landing:
@@ -285,7 +288,10 @@ class RecvMachine:
             r.outstanding = None
         if r.landing is not None:
             if not release_landing:
-                return out  # its payload recv is posted: the receiver thread decides
+                # its payload recv is posted: its blocks stay held until the receiver
+                # thread's wait ends, but the room fails now (draining)
+                return [*out, *self.fail(r, f"language rank {self.rank}: {why}",
+                                         FailureCause.PEER_LOST)]
             out.append(Release(r.landing))
             r.landing = None
         return [*out, *self.fail(r, f"language rank {self.rank}: {why}", FailureCause.PEER_LOST),

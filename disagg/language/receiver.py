@@ -173,6 +173,21 @@ class Receiver:
                                     e.device)
         return self.result()
 
+    def agreed_prefix(self, num_tokens: int) -> EmbeddingResult:
+        """`RoomQueue.prefix`: views of the first `num_tokens` tokens, which every
+        TP rank of the instance agreed it holds. They landed, so nothing writes
+        them again, and a room that failed on this rank since (a REJECT, an
+        abort) keeps its output until the queue returns it: every rank gives
+        the same answer until the next `step()`."""
+        e, r = self._engine, self._r
+        with e.cond:
+            if r.handed_back:
+                raise DisaggError(f"room {r.room}: its result was handed back (recycle())",
+                                  rank=e.rank, room=r.room)
+            assert num_tokens <= r.received or num_tokens == 0
+            return prefix_views(e.geometry, r.outputs, num_tokens, r.aux if num_tokens else (),
+                                e.device)
+
     def gather(self, group: ProcessGroup | None) -> None:
         """fanout="scatter", from `RoomQueue.step()` only, on every rank of the
         instance in the same order, once every rank holds its slice: all-gather
