@@ -14,10 +14,14 @@ process may die (Gloo aborts the Language process on a size mismatch).
    first: the new room is B's, byte-exact.
 4. `q.prefix()` after a room failed on the Embedding side mid-stream: the
    same answer on both TP ranks until the next `step()`.
+6. (a world of two) the Embedding rank frozen by SIGSTOP with a chunk landing:
+   the room fails at peer_timeout, not at the pair's transport timeout.
 """
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -25,6 +29,7 @@ from typing import Any
 
 import pytest
 import torch
+import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -192,3 +197,82 @@ def test_late_messages_on_real_ranks() -> None:
     for out in (e, l1, l2, l3, l4):
         assert out["whole"]["rooms_live"] == 0
         assert "timeout" not in out["causes"], out["causes"]
+
+
+# ---------------------------------------------------------------------------
+# 6. a frozen Embedding rank, with a chunk landing
+# ---------------------------------------------------------------------------
+
+FROZEN, FROZEN_PEER_TIMEOUT = 5000, 2.0
+
+
+def frozen_cfg() -> disagg.DisaggConfig:
+    return disagg.DisaggConfig(hidden_size=HIDDEN, block_size=BS, num_blocks=64,
+                               default_alloc_tokens=8 * BS, recv_into="pool",
+                               auto_resume=False, backend="gloo", bootstrap_timeout=BOOT,
+                               peer_timeout=FROZEN_PEER_TIMEOUT)
+
+
+def run_frozen(rank: int, world: int, init_method: str) -> dict[str, Any]:
+    """The Embedding rank stops itself (SIGSTOP) right after it put room FROZEN's
+    meta on the wire, before the payload: the Language rank has read the meta
+    and posted the payload recvs, which cannot complete. The Language rank
+    wakes it (SIGCONT) once it has judged, so both shut down cleanly."""
+    ctx = disagg.init(frozen_cfg(), rank=rank, world_size=world, init_method=init_method)
+    sync = Sync("frozen")
+    out: dict[str, Any] = {}
+    try:
+        if rank == 0:
+            t = ctx.embedding._transports[1]
+            post = t.post_frame
+
+            def freeze_after_meta(meta: Any, payload: list[torch.Tensor],
+                                  ready: Any = None) -> Any:
+                if meta.room != FROZEN or not payload:
+                    return post(meta, payload, ready)
+                head = post(meta, [], ready)
+                os.kill(os.getpid(), signal.SIGSTOP)
+                return type(head)(head.works + t._post(dist.isend, payload),
+                                  head.tensors + payload)
+
+            t.post_frame = freeze_after_meta
+            sync.put("pid", os.getpid())
+            sync.get("alloc")
+            s = ctx.embedding.sender(FROZEN)
+            s.send(*make_data(FROZEN, 8 * BS, HIDDEN), aux=aux_of(FROZEN))
+            out["sender"] = (ended(s), s.failure)
+            sync.put("done/0")
+            sync.get("done/1", 60.0)
+        else:
+            r = ctx.language.receiver(FROZEN, src_rank=0)
+            assert r.init()
+            sync.put("alloc")
+            wait_for(lambda: r.progress[1] is not None, "the meta read", 20.0)
+            t0 = time.monotonic()
+            wait_for(lambda: r.poll() is TransferStatus.FAILED, "the room failed",
+                     BOOT + 3 * FROZEN_PEER_TIMEOUT)
+            out["failed_after_s"] = round(time.monotonic() - t0, 3)
+            out["failure"] = r.failure
+            out["held"] = ctx.stats()["pool_free_blocks"] < ctx.stats()["pool_total_blocks"]
+            out["health"] = {k: v for k, v in ctx.health()[0].items()
+                             if k in ("alive", "pair")}
+            os.kill(sync.get("pid"), signal.SIGCONT)
+            sync.put("done/1")
+            sync.get("done/0", 60.0)
+        out["whole"] = settle_whole(ctx, "at the end", 20.0)
+        out["causes"] = causes(ctx)
+        return out
+    finally:
+        ctx.shutdown()
+
+
+def test_a_frozen_embedding_rank_ends_the_landing_room_at_peer_timeout() -> None:
+    e, lang = spawn(2, run_frozen, timeout=120.0)
+    # declared dead after peer_timeout: the room ends then, not at the pair's
+    # transport timeout (bootstrap_timeout + 2 x peer_timeout = 34 s here)
+    assert lang["failed_after_s"] < 3 * FROZEN_PEER_TIMEOUT, lang
+    assert "embedding rank 0" in lang["failure"] and lang["causes"] == {"peer_lost": 1}, lang
+    assert lang["held"], "the blocks under the landing payload were let go early"
+    assert lang["health"]["alive"] is False and str(lang["health"]["pair"]).startswith("lost")
+    assert e["sender"][0] == "FAILED", e
+    assert e["whole"]["rooms_live"] == 0 and lang["whole"]["rooms_live"] == 0
