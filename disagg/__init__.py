@@ -15,6 +15,7 @@ from .errors import (
     ProtocolError,
     TransferTimeout,
 )
+from .join import join
 from .language import Receiver
 from .queue import RoomQueue
 from .types import EmbeddingResult, TransferStatus
@@ -35,5 +36,6 @@ __all__ = [
     "TransferStatus",
     "TransferTimeout",
     "init",
+    "join",
 ]
 __version__ = "0.1.0"

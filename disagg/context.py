@@ -251,6 +251,16 @@ class Context:
     def stats(self) -> dict[str, object]:
         return self._stats.snapshot()
 
+    def peers(self) -> dict[int, str]:
+        """The Embedding ranks usable now, rank -> name: in world mode the fixed
+        Embedding ranks whose pair is not lost (on an Embedding rank: the
+        Language ranks it serves)."""
+        eng = self._embedding or (self._language.engine if self._language else None)
+        if eng is None:
+            return {}
+        with eng.cond:
+            return {p: f"rank {p}" for p in eng.liveness.alive()}
+
     def health(self) -> dict[int, dict[str, object]]:
         """Per peer rank: `alive`, `last_heard_s`, `rooms_live`, `pair` ("ok" or
         "lost: why"); a serving loop's readiness probe reads it. On a Language

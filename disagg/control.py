@@ -148,11 +148,26 @@ class ControlChannel:
 
     def connect_dealers(self, my_rank: int, addresses: dict[int, str]) -> None:
         for peer, addr in addresses.items():
-            s = self._zctx.socket(zmq.DEALER)
-            self._configure(s)
-            s.setsockopt(zmq.IDENTITY, identity_of(my_rank))
-            s.connect(addr)
+            self.add_dealer(my_rank, peer, addr)
+
+    def add_dealer(self, my_rank: int, peer: int, address: str) -> None:
+        """Language side, any thread: connect to an Embedding rank that joined
+        (jobs mode), or at start-up. The control thread polls it from its next pass."""
+        s = self._zctx.socket(zmq.DEALER)
+        self._configure(s)
+        s.setsockopt(zmq.IDENTITY, identity_of(my_rank))
+        s.connect(address)
+        with self._dealer_lock:
+            if self._closed:
+                s.close(linger=0)
+                return
             self._dealers[peer] = s
+        self._wake()
+
+    def allow(self, peer: int) -> None:
+        """Embedding side, any thread: accept messages from a Language rank that
+        joined (jobs mode). A new set each time: the control thread reads it unlocked."""
+        self._peers = self._peers | {peer}
 
     def start(self, handler: ControlHandler) -> None:
         """Run the thread: `handler.on_message` for every inbound message,
@@ -221,10 +236,15 @@ class ControlChannel:
         poller = zmq.Poller()
         if self._router is not None:
             poller.register(self._router, zmq.POLLIN)
-        for dealer in self._dealers.values():
-            poller.register(dealer.getsockopt(zmq.FD), zmq.POLLIN)
+        polled: set[int] = set()  # dealers whose descriptor the poller watches
         poller.register(self._wake_r, zmq.POLLIN)
         while True:
+            if len(polled) < len(self._dealers):  # new ones (jobs mode: a peer joined)
+                with self._dealer_lock:
+                    fresh = [(p, d) for p, d in self._dealers.items() if p not in polled]
+                    for peer, dealer in fresh:
+                        poller.register(dealer.getsockopt(zmq.FD), zmq.POLLIN)
+                        polled.add(peer)
             events = dict(poller.poll(int(POLL_INTERVAL_S * 1000)))
             if self._wake_r.fileno() in events:
                 try:
@@ -256,7 +276,9 @@ class ControlChannel:
             self._inbound_router(frames[0], frames[1])
 
     def _drain_dealers(self) -> None:
-        for peer, s in self._dealers.items():
+        with self._dealer_lock:
+            dealers = list(self._dealers.items())
+        for peer, s in dealers:
             inbox = []
             with self._dealer_lock:
                 if self._closed:

@@ -21,6 +21,11 @@ class Liveness:
         self.heartbeat_interval = min(1.0, peer_timeout / 4)
         self._next_heartbeat = now
 
+    def add(self, peer: int, now: float) -> None:
+        """A peer that joined (jobs mode): heard now, alive."""
+        if peer not in self._heard:
+            self._heard[peer] = now
+
     def heard(self, peer: int, now: float) -> None:
         if peer in self._heard:
             self._heard[peer] = now
@@ -51,6 +56,11 @@ class Liveness:
     @property
     def peers(self) -> list[int]:
         return list(self._heard)
+
+    @property
+    def known(self) -> dict[int, float]:
+        """Every peer ever known (alive or not), for membership checks."""
+        return self._heard
 
     def alive(self) -> list[int]:
         return [p for p in self._heard if p not in self.dead]

@@ -106,15 +106,20 @@ class TorchPairTransport:
     """
 
     def __init__(self, group: dist.ProcessGroup, peer: int, device: torch.device,
-                 timeout_s: float) -> None:
+                 timeout_s: float, *, group_peer: int | None = None) -> None:
         self.group = group
         self.peer = peer
         self.device = device
         self.timeout_s = timeout_s
         self._cuda = device.type == "cuda"
+        # A group made by the backend's own constructor (jobs mode: a two-rank
+        # group over a prefix of the rendezvous store) is not registered with
+        # the default world, so its ops go through the group object, addressed
+        # by the peer's rank in the group (`group_peer`), one op per tensor.
+        self._group_peer = group_peer
         # NCCL wants a pair's ops in one group launch; on Gloo a batch only adds
         # Python overhead (~10 us per op) to what are independent posts anyway
-        self._batched = self._cuda
+        self._batched = self._cuda and group_peer is None
         self._post_lock = device_lock(device) if self._cuda else threading.Lock()
 
     def post_frame(self, meta: Meta, payload: list[torch.Tensor],
@@ -158,6 +163,10 @@ class TorchPairTransport:
               tensors: list[torch.Tensor]) -> list[dist.Work]:
         try:
             with self._post_lock:  # NCCL: one thread at a time issues to the device
+                if self._group_peer is not None:
+                    p, g = self._group_peer, self.group
+                    return [g.send([t], p, 0) if op is dist.isend else g.recv([t], p, 0)
+                            for t in tensors]
                 if self._batched:
                     return dist.batch_isend_irecv(
                         [dist.P2POp(op, t, self.peer, group=self.group) for t in tensors])

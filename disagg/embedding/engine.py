@@ -15,7 +15,7 @@ import collections
 import functools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -58,9 +58,11 @@ class EmbeddingEngine(EngineShell):
     def __init__(self, cfg: DisaggConfig, rank: int, topology: Topology, geometry: Geometry,
                  peer_num_blocks: dict[int, int], transports: dict[int, PairTransport],
                  device: torch.device, stats: Stats, control: ControlPort | None = None,
-                 *, clock: Callable[[], float] = time.monotonic) -> None:
+                 *, clock: Callable[[], float] = time.monotonic,
+                 peers: Iterable[int] | None = None) -> None:
+        # peers: the Language ranks known at start (jobs mode: none; they join)
         super().__init__(cfg, rank, topology, geometry, device, stats, control, clock,
-                         topology.language_ranks, log)
+                         topology.language_ranks if peers is None else peers, log)
         self.budget = BlockAllocator(geometry.num_blocks)
         self.machine = SendMachine(rank, geometry, topology, cfg.bootstrap_timeout)
         self._transports = transports
@@ -99,6 +101,20 @@ class EmbeddingEngine(EngineShell):
                 self.stats.set_gauge("rooms_live", len(self._rooms))
         self.flush()
         return Sender(self, r)
+
+    def add_peer(self, lang: int, transport: PairTransport, num_blocks: int) -> None:
+        """Jobs mode: Language rank `lang` joined and its pair is made (its
+        control messages must be allowed on the channel before it sends)."""
+        with self._lock:
+            self._transports[lang] = transport
+            self.admission.peer_num_blocks[lang] = num_blocks
+            self.liveness.add(lang, self.clock())
+
+    def peer_gone(self, lang: int, why: str) -> None:
+        """Jobs mode: Language rank `lang` left (its membership ended): as a lost peer."""
+        with self._lock:
+            self._pair_lost(lang, PeerLost(why, peer=lang))
+        self.flush()
 
     # ------------------------------------------------------------ control thread
 
@@ -307,7 +323,7 @@ class EmbeddingEngine(EngineShell):
             self._refuse(self.lobby.drop(lambda room, lang, g: True, "shut down"))
             self._closing = True
         self._streams.stop(timeout_s)
-        for lang in self.topology.language_ranks:  # after the last frames: a clean goodbye
+        for lang in self.liveness.peers:  # after the last frames: a clean goodbye
             self._post(lang, Heartbeat(self.rank, bye=True,
                                        frames=self._streams.frames_posted(lang)))
 

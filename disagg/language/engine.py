@@ -16,7 +16,7 @@ import collections
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -60,9 +60,11 @@ class LanguageEngine(EngineShell):
     def __init__(self, cfg: DisaggConfig, rank: int, topology: Topology, geometry: Geometry,
                  transports: dict[int, PairTransport], device: torch.device,
                  stats: Stats, control: ControlPort | None = None, *,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 peers: Iterable[int] | None = None) -> None:
+        # peers: the Embedding ranks known at start (jobs mode: none; they join)
         super().__init__(cfg, rank, topology, geometry, device, stats, control, clock,
-                         topology.embedding_ranks, log)
+                         topology.embedding_ranks if peers is None else peers, log)
         self.pool = BlockPool(geometry, device, with_buffers=cfg.recv_into == "pool")
         self.credits = Credits(self.pool, stats, direct=cfg.recv_into == "output",
                                default_alloc_tokens=cfg.default_alloc_tokens)
@@ -86,9 +88,10 @@ class LanguageEngine(EngineShell):
 
     def receiver(self, room: int, src_rank: int) -> Receiver:
         check_room_id(room)
-        if src_rank not in self.topology.embedding_ranks:
-            raise ValueError(f"src_rank={src_rank!r} is not an embedding rank (embedding "
-                             f"ranks are {list(self.topology.embedding_ranks)})")
+        if src_rank not in self.liveness.known:
+            alive = self.liveness.alive()
+            raise ValueError(f"src_rank={src_rank!r} is not an embedding rank this rank knows "
+                             f"(usable now: {alive[:16]}{' ...' if len(alive) > 16 else ''})")
         with self._lock:
             if self._closing:
                 raise DisaggError("context is shut down", rank=self.rank)
@@ -218,6 +221,18 @@ class LanguageEngine(EngineShell):
                 return
         self._peer_dead(src, "it shut down", clean=True)
 
+    def add_peer(self, src: int, transport: PairTransport) -> None:
+        """Jobs mode: Embedding rank `src` joined and its pair is made (its
+        DEALER must be connected before a room names it)."""
+        with self._lock:
+            self._transports[src] = transport
+            self.liveness.add(src, self.clock())
+
+    def peer_gone(self, src: int, why: str) -> None:
+        """Jobs mode: Embedding rank `src` left (its membership ended): its rooms
+        fail (PEER_LOST), and so does any room addressed to it from now on."""
+        self._peer_dead(src, why)
+
     # ------------------------------------------------------------ control thread
 
     def on_message(self, src: int, msg: ControlMessage) -> None:
@@ -317,7 +332,7 @@ class LanguageEngine(EngineShell):
         frozen peer) is reported; it ends at the pair's transport timeout."""
         with self._lock:
             live = self._rooms_by_peer()
-            lost = {e: why for e in self.topology.embedding_ranks
+            lost = {e: why for e in self.liveness.peers
                     if (why := self.liveness.dead.get(e)
                         or getattr(self._pairs.get(e), "dead", None)) is not None}
             out = self.health_report(live, lost)
@@ -362,5 +377,5 @@ class LanguageEngine(EngineShell):
         # let go of the transports and so of their process groups (a thread still
         # blocked in a recv keeps its own until the pair's timeout ends it)
         self._transports.clear()
-        for e in self.topology.embedding_ranks:  # after the owed frames: a clean goodbye
+        for e in self.liveness.peers:  # after the owed frames: a clean goodbye
             self._post(e, Heartbeat(self.rank, bye=True))

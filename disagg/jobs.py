@@ -1,0 +1,316 @@
+"""`disagg.join`: separate jobs that meet through a rendezvous store (DESIGN 0.3,
+"Deployments"). This process's job is its own torchrun world, or it has no
+world at all; ranks of other jobs are met through one c10d `TCPStore`.
+
+Each (Embedding, Language) pair gets a two-rank Gloo or NCCL group made with
+the backend's own constructor on a prefix of the rendezvous store, when both
+ends have seen each other in the store. That constructor needs no default
+world (an encoder process without torchrun), never touches the host
+framework's default world or its collectives, fixes each end's rank in the
+group (Embedding 0, Language 1: nothing to exchange afterwards) and lets one
+pair be dropped alone; `new_group(...).merge_remote_group` needs a default
+world on both sides and assigns ranks through the store. vLLM builds its
+stateless NCCL groups the same way.
+
+Threads: the roster thread (membership: lease, rescans, collection) and one
+short-lived thread per forming pair (a pair's rendezvous blocks until both
+ends construct it; a handshake in the store first makes that a matter of
+milliseconds, and a peer lost meanwhile holds only its own thread).
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+
+from .errors import DisaggError, GeometryMismatch
+from .geometry import Geometry
+from .roster import EMBEDDING_IDS, MAX_ID, POLL_S, Member, Seen, key, language_id, scan
+from .transport import TorchPairTransport
+
+log = logging.getLogger(__name__)
+
+HANDSHAKE_S = 5.0  # how long a forming pair waits for its peer's hello before retrying
+
+
+def connect_store(rendezvous: str, timeout_s: float) -> dist.TCPStore:
+    """A client of the rendezvous store at "tcp://host:port"."""
+    if not rendezvous.startswith("tcp://") or ":" not in rendezvous[6:]:
+        raise ValueError(f"rendezvous={rendezvous!r}: expected 'tcp://host:port'")
+    host, port = rendezvous[6:].rsplit(":", 1)
+    try:
+        return dist.TCPStore(host, int(port), is_master=False, wait_for_workers=False,
+                             timeout=datetime.timedelta(seconds=timeout_s))
+    except (RuntimeError, ValueError) as e:
+        raise DisaggError(f"cannot reach the rendezvous store at {rendezvous}: {e}") from e
+
+
+def host_store(port: int, host: str = "0.0.0.0", timeout_s: float = 30.0) -> dist.TCPStore:
+    """Host the rendezvous store in this process (`python -m launch.rendezvous`
+    does it for a deployment; any job may instead)."""
+    return dist.TCPStore(host, port, is_master=True, wait_for_workers=False,
+                         timeout=datetime.timedelta(seconds=timeout_s), use_libuv=True)
+
+
+class Roster:
+    """This rank's view of the deployment: registers itself, keeps its lease,
+    forms a pair with every member of the other role as it appears, and
+    reports departures. `on_pair(member, transport)` and `on_gone(id, why)`
+    are the context's."""
+
+    def __init__(self, store: dist.Store, me: Member, geometry: Geometry, tp: int,
+                 device: torch.device, pair_timeout_s: float, peer_timeout: float,
+                 on_pair: Callable[[Member, TorchPairTransport], None],
+                 on_gone: Callable[[int, str], None]) -> None:
+        self.store = store
+        self.me = me
+        self.geometry = geometry
+        self.tp = tp
+        self.device = device
+        self.pair_timeout_s = pair_timeout_s
+        self.peer_timeout = peer_timeout
+        self._on_pair, self._on_gone = on_pair, on_gone
+        self.embedding = me.role == "embedding"
+        self._lock = threading.Lock()
+        self.known: dict[int, Seen] = {}  # members of the other role: forming, formed or refused
+        self.names: dict[int, str] = {}  # usable now: id -> name
+        self.refused: dict[int, str] = {}  # id -> why its pair was refused (geometry)
+        self.store_error: str | None = None  # the store is unreachable (live pairs go on)
+        # members whose pair is to be formed, by the one pair thread, lowest id
+        # first (one at a time, in one order everywhere: no two ranks wait for
+        # each other's constructor in a cycle)
+        self._pending: dict[int, Member] = {}
+        self._retry_at: dict[int, float] = {}
+        self._wake = threading.Condition(self._lock)
+        self._pair_thread = threading.Thread(target=self._form_pairs, daemon=True,
+                                             name=f"disagg-pairs-{me.id}")
+        self._epoch = -1
+        self._lease = 0
+        self._stop = threading.Event()
+        self._first_pass = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True,
+                                        name=f"disagg-roster-{me.id}")
+
+    # ---------------------------------------------------------------- life
+
+    def start(self, settle_s: float) -> None:
+        """Register, then start; return once the members present now have been
+        seen and their pairs formed (or `settle_s` passed)."""
+        self.store.set(key("m", self.me.id), self.me.encode().decode())
+        self.store.add(key("lease", self.me.id), 1)
+        self.store.add(key("epoch"), 1)
+        self._thread.start()
+        self._pair_thread.start()
+        self._first_pass.wait(settle_s)
+        deadline = time.monotonic() + settle_s
+        with self._lock:
+            self._wake.wait_for(lambda: not self._pending, max(0.0, deadline - time.monotonic()))
+
+    def halt(self, timeout_s: float) -> None:
+        """Stop the thread: nobody joins or leaves this rank's view any more."""
+        self._stop.set()
+        with self._lock:
+            self._wake.notify_all()
+        for t in (self._thread, self._pair_thread):
+            if t.is_alive():
+                t.join(timeout_s)
+            if t.is_alive():  # a pair's constructor waiting for a peer lost meanwhile
+                log.error("rank id %d: %s still running after %.1fs (it ends at the pair's "
+                          "timeout)", self.me.id, t.name, timeout_s)
+
+    def leave(self) -> None:
+        """Delete this rank's entries (a clean shutdown leaves nothing of its own
+        in the store); the peers see it gone at their next rescan."""
+        try:
+            for k in (key("m", self.me.id), key("lease", self.me.id)):
+                self.store.delete_key(k)
+            self.store.add(key("epoch"), 1)
+        except (RuntimeError, dist.DistError) as e:
+            log.warning("rank id %d: could not deregister from the rendezvous store: %s",
+                        self.me.id, e)
+
+    def peers(self) -> dict[int, str]:
+        with self._lock:
+            return dict(self.names)
+
+    def forget(self, member_id: int, why: str) -> None:
+        """The context saw `member_id` die (its pair broke, or heartbeats stopped)."""
+        with self._lock:
+            self.names.pop(member_id, None)
+
+    # ---------------------------------------------------------------- thread
+
+    def _run(self) -> None:
+        next_rescan = 0.0
+        while not self._stop.is_set():
+            now = time.monotonic()
+            try:
+                self._lease = self.store.add(key("lease", self.me.id), 1)
+                epoch = self.store.add(key("epoch"), 0)
+                if epoch != self._epoch or now >= next_rescan:
+                    self._epoch = epoch
+                    self._rescan(now)
+                    next_rescan = now + max(POLL_S, self.peer_timeout / 4)
+                if self.store_error is not None:
+                    log.warning("rank id %d: the rendezvous store is back", self.me.id)
+                self.store_error = None
+            except (RuntimeError, dist.DistError) as e:
+                if self.store_error is None:
+                    log.warning("rank id %d: rendezvous store unreachable (live pairs keep "
+                                "moving data; no one joins or is collected meanwhile): %s",
+                                self.me.id, e)
+                self.store_error = str(e)
+            self._first_pass.set()
+            self._stop.wait(POLL_S)
+
+    def _rescan(self, now: float) -> None:
+        ids = self._candidate_ids()
+        present = [i for i in ids if self.store.check([key("m", i)])]
+        records: dict[int, Member] = {}
+        for i in present:
+            try:
+                m = Member.decode(self.store.get(key("m", i)))
+            except (RuntimeError, dist.DistError):
+                continue  # deleted meanwhile
+            if m is not None and m.id == i and m.role != self.me.role:
+                records[i] = m
+        leases = {i: self.store.add(key("lease", i), 0) for i in records}
+        with self._lock:
+            known = dict(self.known)
+        result = scan(known, records, leases, now, self.peer_timeout)
+        for i in result.collect:
+            for k in (key("m", i), key("lease", i)):
+                self.store.delete_key(k)
+        if result.collect:
+            self.store.add(key("epoch"), 1)
+        for i, why in result.left:
+            with self._lock:
+                self.known.pop(i, None)
+                self.names.pop(i, None)
+                self.refused.pop(i, None)
+                self._pending.pop(i, None)
+            self._on_gone(i, why)
+        for m in result.joined:
+            self._join(m, now)
+
+    def _candidate_ids(self) -> list[int]:
+        """Ids of the other role allocated so far (a member may not have written
+        its record yet: then it is seen at a later rescan)."""
+        if self.embedding:
+            instances = self.store.add(key("inst", "next"), 0)
+            return [language_id(k, i, self.tp) for k in range(instances)
+                    for i in range(self.tp)
+                    if language_id(k, i, self.tp) <= MAX_ID]
+        return list(range(min(self.store.add(key("emb", "next"), 0), EMBEDDING_IDS)))
+
+    def _join(self, m: Member, now: float) -> None:
+        try:
+            theirs = Geometry.from_dict(m.geometry)
+            self.geometry.check_compatible(theirs, rank=self.me.id, peer=m.id)
+            if m.backend != self.me.backend:
+                raise GeometryMismatch(f"backend differs: rank {self.me.id} uses "
+                                       f"{self.me.backend}, rank {m.id} uses {m.backend}",
+                                       rank=self.me.id, peer=m.id)
+        except (GeometryMismatch, ValueError, KeyError, TypeError) as e:
+            why = f"pair with rank {m.id} ({m.name!r}) refused: {e}"
+            log.error("rank id %d: %s", self.me.id, why)
+            with self._lock:
+                self.known[m.id] = Seen(m, -1, now)
+                self.refused[m.id] = why
+            return
+        with self._lock:
+            self.known[m.id] = Seen(m, -1, now)
+            self._pending[m.id] = m
+            self._wake.notify_all()
+
+    def _form_pairs(self) -> None:
+        """The pair thread: form pending pairs one at a time, lowest id first."""
+        while True:
+            with self._lock:
+                now = time.monotonic()
+                ready = [i for i in self._pending if self._retry_at.get(i, 0.0) <= now]
+                if self._stop.is_set():
+                    return
+                if not ready:
+                    self._wake.wait(POLL_S)
+                    continue
+                m = self._pending[min(ready)]
+            formed = self._form(m)
+            with self._lock:
+                if formed:
+                    self._pending.pop(m.id, None)
+                    if m.id in self.known:
+                        self.names[m.id] = m.name
+                else:
+                    self._retry_at[m.id] = time.monotonic() + HANDSHAKE_S
+                self._wake.notify_all()
+
+    def _form(self, m: Member) -> bool:
+        """Make the pair's group: a handshake (both ends are here), then the
+        backend's constructor on the pair's prefix of the store."""
+        e, lang = (self.me.id, m.id) if self.embedding else (m.id, self.me.id)
+        base = key("pair", e, lang)
+        mine, theirs = ("e", "l") if self.embedding else ("l", "e")
+        added = False
+        try:
+            self.store.set(f"{base}/hello/{mine}", "1")
+            try:
+                self.store.wait([f"{base}/hello/{theirs}"],
+                                datetime.timedelta(seconds=HANDSHAKE_S))
+            except BaseException:
+                self.store.delete_key(f"{base}/hello/{mine}")  # not here now: no stale hello
+                raise
+            timeout = datetime.timedelta(seconds=self.pair_timeout_s)
+            prefix = dist.PrefixStore(f"{base}/pg", self.store)
+            if self.device.type == "cuda":
+                opts = dist.ProcessGroupNCCL.Options()
+                opts._timeout = timeout
+                pg: dist.ProcessGroup = dist.ProcessGroupNCCL(  # type: ignore[assignment]
+                    prefix, 0 if self.embedding else 1, 2, opts)
+            else:
+                pg = dist.ProcessGroupGloo(  # type: ignore[assignment]
+                    prefix, 0 if self.embedding else 1, 2, timeout)
+            t = TorchPairTransport(pg, m.id, self.device, self.pair_timeout_s,
+                                   group_peer=1 if self.embedding else 0)
+            if self.embedding:
+                # ready for the Language rank's messages before it can send any: it
+                # sends only once the first frame below has reached it
+                self._on_pair(m, t)
+                added = True
+            t.connect(sending=self.embedding)
+            if not self.embedding:
+                self._on_pair(m, t)
+            self.store.delete_key(f"{base}/hello/{mine}")
+        except Exception as err:  # the peer is not (yet) there: try again later
+            if added:  # the pair was made but broke at once: a peer lost, not retried
+                self._on_gone(m.id, f"its pair broke as it formed: {err}")
+                return True
+            log.info("rank id %d: pair with %d not formed yet: %s", self.me.id, m.id, err)
+            return False
+        return True
+
+
+def new_member(store: dist.Store, *, role: str, name: str | None, member_id: int,
+               geometry: Geometry, backend: str, fanout: str,
+               address: str | None) -> Member:
+    """This rank's record, with a fresh generation of its name."""
+    name = name or f"{role}-{socket.gethostname()}-{os.getpid()}"
+    generation = store.add(key("name", name), 1)
+    return Member(member_id, role, name, generation, geometry.to_dict(), backend, fanout,
+                  address, socket.gethostname(), os.getpid())
+
+
+def embedding_id(store: dist.Store) -> int:
+    i = store.add(key("emb", "next"), 1) - 1
+    if i >= EMBEDDING_IDS:
+        raise DisaggError(f"the rendezvous store has handed out all {EMBEDDING_IDS} "
+                          f"embedding ids; start a fresh rendezvous")
+    return i

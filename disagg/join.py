@@ -1,0 +1,237 @@
+"""`disagg.join(cfg, rendezvous=..., role=..., name=None)`: this process's side
+in a deployment of separate jobs (DESIGN 0.3). Returns a `Context` with the
+same API as `init()`'s; `ctx.rank` is this rank's id in the rendezvous store
+(an Embedding rank's id is what Language callers pass as `src_rank`), and
+`ctx.peers()` lists the Embedding ranks usable now.
+
+A Language job's ranks are its default world (torchrun), split into TP
+instances of `language_tp_size` consecutive ranks as in world mode, or the
+ranks of `instance_group=` (inside another framework's worker); a
+single-process Language job with TP 1 needs no world. Every process of an
+Embedding job is one Embedding rank, world or not. `join()` never initialises
+or destroys the default world, and the only collectives it issues on it are
+its own instance group's creation at start-up.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import socket
+
+import torch
+import torch.distributed as dist
+import zmq
+
+from .backend import backend_choice, destroy_group, local_rank, new_group
+from .config import DisaggConfig
+from .context import Context, LanguageSide
+from .control import ControlChannel
+from .embedding import EmbeddingEngine
+from .errors import DisaggError
+from .geometry import Geometry, Topology
+from .jobs import Roster, connect_store, embedding_id, new_member
+from .language import LanguageEngine
+from .roster import EMBEDDING_IDS, MAX_ID, Member, key, language_id
+from .stats import Stats
+from .transport import PairTransport, TorchPairTransport
+
+log = logging.getLogger(__name__)
+
+SETTLE_S = 5.0  # join() returns once the members present have been met, or after this
+
+
+def join(cfg: DisaggConfig | None = None, rendezvous: str = "tcp://127.0.0.1:29600", *,
+         role: str, name: str | None = None,
+         instance_group: dist.ProcessGroup | None = None) -> Context:
+    """Join a deployment of separate jobs through the rendezvous store at
+    `rendezvous` ("tcp://host:port", hosted by `python -m launch.rendezvous` or by
+    any job with `disagg.jobs.host_store`). `role`: "embedding" or "language".
+    `name` (default: role, host and pid): a rank that joins under a name already
+    live supersedes it (a restarted job), which every peer then drops."""
+    cfg = cfg or DisaggConfig()
+    if role not in ("embedding", "language"):
+        raise ValueError(f"role={role!r}: expected 'embedding' or 'language'")
+    return JobsContext(cfg, rendezvous, role, name, instance_group)
+
+
+class JobsContext(Context):
+    """A `Context` whose peers are met through the rendezvous store."""
+
+    def __init__(self, cfg: DisaggConfig, rendezvous: str, role: str, name: str | None,
+                 instance_group: dist.ProcessGroup | None) -> None:
+        self.cfg = cfg
+        self.backend, why = backend_choice(cfg)
+        log.info("disagg backend: %s (%s)", self.backend, why)
+        self._owns_world = False
+        self.role = role
+        tp = cfg.language_tp_size
+        self.topology = Topology(EMBEDDING_IDS + ((MAX_ID + 1 - EMBEDDING_IDS) // tp) * tp,
+                                 EMBEDDING_IDS, tp)
+        self.world_size = self.topology.world_size
+        index, _ = local_rank()
+        self.device = (torch.device("cuda", index) if self.backend == "nccl"
+                       else torch.device("cpu"))
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.geometry = Geometry.from_config(cfg)
+        self._closed = False
+        self._closers = []
+        self._groups: list[dist.ProcessGroup] = []
+        self._zctx = zmq.Context()
+        self._control: ControlChannel | None = None
+        self._embedding: EmbeddingEngine | None = None
+        self._language: LanguageSide | None = None
+        self._roster: Roster | None = None
+        self.control_address: str | None = None
+        self.rendezvous = rendezvous
+        try:
+            self._store = connect_store(rendezvous, cfg.bootstrap_timeout)
+            self.rank = (embedding_id(self._store) if role == "embedding"
+                         else self._language_id(instance_group))
+            self.instance = self.topology.instance_of(self.rank)
+            self._start_jobs(name, instance_group)
+        except BaseException:
+            self._close_partial()
+            raise
+
+    # ---------------------------------------------------------------- start-up
+
+    def _language_id(self, instance_group: dist.ProcessGroup | None) -> int:
+        """This rank's id: its job's instances take consecutive instance numbers
+        from the store (its world's rank 0 takes them, the others read them)."""
+        tp = self.cfg.language_tp_size
+        group = instance_group
+        if group is None and not dist.is_initialized():
+            if tp != 1:
+                raise DisaggError(f"join(role='language') with language_tp_size={tp} needs "
+                                  f"the instance's ranks: run under torchrun (one world per "
+                                  f"Language job) or pass instance_group=")
+            base = self._store.add(key("inst", "next"), 1) - 1
+            return language_id(base, 0, 1)
+        ranks = (dist.get_process_group_ranks(group) if group is not None
+                 else list(range(dist.get_world_size())))
+        me = dist.get_rank()
+        if len(ranks) % tp:
+            raise DisaggError(f"join(role='language'): {len(ranks)} ranks in the job, not a "
+                              f"multiple of language_tp_size={tp}")
+        local = ranks.index(me)
+        job_store = dist.distributed_c10d._get_default_store()
+        gen = job_store.add(f"disagg/jobs/joins/{me}", 1)
+        k = f"disagg/jobs/instance_base/{ranks[0]}/{gen}"
+        if local == 0:
+            n = len(ranks) // tp
+            job_store.set(k, str(self._store.add(key("inst", "next"), n) - n))
+        base = int(job_store.get(k).decode())
+        self._job_ranks = ranks
+        return language_id(base + local // tp, local % tp, tp)
+
+    def _start_jobs(self, name: str | None, instance_group: dist.ProcessGroup | None) -> None:
+        cfg = self.cfg
+        stats = Stats(pool_total_blocks=self.geometry.num_blocks,
+                      pool_free_blocks=self.geometry.num_blocks, rooms_live=0)
+        self._stats = stats
+        control = self._control = ControlChannel(self._zctx, name=f"disagg-control-{self.rank}")
+        transports: dict[int, PairTransport] = {}
+        if self.role == "embedding":
+            self.control_address = control.bind_router(cfg.host or _host(self.rendezvous), ())
+            engine = EmbeddingEngine(cfg, self.rank, self.topology, self.geometry, {},
+                                     transports, self.device, stats, control, peers=())
+            control.start(engine)
+            self._embedding = engine
+        else:
+            lang_engine = LanguageEngine(cfg, self.rank, self.topology, self.geometry,
+                                         transports, self.device, stats, control, peers=())
+            control.start(lang_engine)
+            group = self._instance_group(instance_group)
+            self._language = LanguageSide(lang_engine, group, group)
+        me = new_member(self._store, role=self.role, name=name, member_id=self.rank,
+                        geometry=self.geometry, backend=self.backend, fanout=cfg.fanout,
+                        address=self.control_address)
+        self.name = me.name
+        self._roster = Roster(self._store, me, self.geometry, cfg.language_tp_size,
+                              self.device, cfg.bootstrap_timeout + 2 * cfg.peer_timeout,
+                              cfg.peer_timeout, self._on_pair, self._on_gone)
+        self._roster.start(SETTLE_S)
+
+    def _instance_group(self, given: dist.ProcessGroup | None) -> dist.ProcessGroup | None:
+        """The Gloo group of this rank's TP instance (None for TP 1): made on the
+        job's world, the only collective join() issues there."""
+        tp = self.cfg.language_tp_size
+        if tp == 1:
+            return None
+        ranks = self._job_ranks
+        local = ranks.index(dist.get_rank())
+        mine = None
+        for i in range(len(ranks) // tp):  # every rank of the job makes every instance's
+            g = new_group(ranks[i * tp:(i + 1) * tp], backend="gloo",
+                          timeout=datetime.timedelta(seconds=self.cfg.peer_timeout),
+                          device=self.device)
+            if i == local // tp:
+                mine = g
+                self._groups.append(g)
+        del given
+        return mine
+
+    # ---------------------------------------------------------------- roster events
+
+    def _on_pair(self, m: Member, transport: TorchPairTransport) -> None:
+        """A pair with member `m` is formed (roster's pair thread)."""
+        assert self._control is not None
+        if self._embedding is not None:
+            self._control.allow(m.id)
+            self._embedding.add_peer(m.id, transport, int(str(m.geometry["num_blocks"])))
+        elif self._language is not None:
+            assert m.address is not None
+            self._control.add_dealer(self.rank, m.id, m.address)
+            self._language.engine.add_peer(m.id, transport)
+
+    def _on_gone(self, member_id: int, why: str) -> None:
+        if self._embedding is not None:
+            self._embedding.peer_gone(member_id, why)
+        elif self._language is not None:
+            self._language.engine.peer_gone(member_id, why)
+
+    # ---------------------------------------------------------------- public
+
+    def peers(self) -> dict[int, str]:
+        """The Embedding ranks usable now: id -> name (on an Embedding rank: the
+        Language ranks it serves). A rank whose pair is lost is not listed."""
+        if self._roster is None:
+            return {}
+        eng = self._embedding or (self._language.engine if self._language else None)
+        dead = set(eng.liveness.dead) if eng is not None else set()
+        return {i: n for i, n in self._roster.peers().items() if i not in dead}
+
+    def shutdown(self, timeout_s: float | None = None) -> None:
+        """As `Context.shutdown`, and this rank leaves the rendezvous store: first
+        no one new is met, then the rooms end and the peers get their goodbyes,
+        then the rank's entries are deleted."""
+        if self._closed:
+            return
+        bound = self.cfg.peer_timeout if timeout_s is None else timeout_s
+        if self._roster is not None:
+            self._roster.halt(bound)
+        super().shutdown(timeout_s)
+        if self._roster is not None:
+            self._roster.leave()
+
+    def _close_partial(self) -> None:
+        for g in self._groups:
+            destroy_group(g, self.device)
+        self._groups.clear()
+        if self._control is not None:
+            self._control.close()
+        self._zctx.destroy(linger=0)
+
+
+def _host(rendezvous: str) -> str:
+    """The address Language ranks reach this rank's ROUTER at: loopback when the
+    deployment meets on loopback (one box), else this host's routable address."""
+    if rendezvous[6:].rsplit(":", 1)[0] in ("127.0.0.1", "localhost"):
+        return "127.0.0.1"
+    for info in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET):
+        ip = str(info[4][0])
+        if not ip.startswith("127.") and ip != "0.0.0.0":
+            return ip
+    return "127.0.0.1"
