@@ -256,10 +256,10 @@ class Context:
         Embedding ranks whose pair is not lost (on an Embedding rank: the
         Language ranks it serves)."""
         eng = self._embedding or (self._language.engine if self._language else None)
-        if eng is None:
+        if eng is None or self._closed:
             return {}
-        with eng.cond:
-            return {p: f"rank {p}" for p in eng.liveness.alive()}
+        lost = eng.lost_peers()
+        return {p: f"rank {p}" for p in eng.liveness.peers if p not in lost}
 
     def health(self) -> dict[int, dict[str, object]]:
         """Per peer rank: `alive`, `last_heard_s`, `rooms_live`, `pair` ("ok" or

@@ -197,11 +197,11 @@ class JobsContext(Context):
     def peers(self) -> dict[int, str]:
         """The Embedding ranks usable now: id -> name (on an Embedding rank: the
         Language ranks it serves). A rank whose pair is lost is not listed."""
-        if self._roster is None:
-            return {}
         eng = self._embedding or (self._language.engine if self._language else None)
-        dead = set(eng.liveness.dead) if eng is not None else set()
-        return {i: n for i, n in self._roster.peers().items() if i not in dead}
+        if self._roster is None or eng is None or self._closed:
+            return {}
+        lost = eng.lost_peers()
+        return {i: n for i, n in self._roster.peers().items() if i not in lost}
 
     def shutdown(self, timeout_s: float | None = None) -> None:
         """As `Context.shutdown`, and this rank leaves the rendezvous store: first

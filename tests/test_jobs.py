@@ -358,3 +358,114 @@ def test_jobs_join_leave_die_restart_while_the_llm_serves() -> None:
         print("jobs timings:", json.dumps(timings))
     finally:
         d.close()
+
+
+# ---------------------------------------------------------------------------
+# geometry per pair, and the rendezvous store going away
+# ---------------------------------------------------------------------------
+
+def lone_cfg(hidden: int = HIDDEN) -> disagg.DisaggConfig:
+    return cfg().replace(language_tp_size=1, hidden_size=hidden)
+
+
+def lone_encoder(port: int, name: str, hidden: int, go: Any, out: Any) -> None:
+    try:
+        ctx = disagg.join(lone_cfg(hidden), f"tcp://127.0.0.1:{port}", role="embedding",
+                          name=name)
+        out.put((f"{name}/joined", "ok", ctx.rank))
+        assert go.wait(60)
+        res: dict[str, Any] = {"refused": dict(ctx._roster.refused)}
+        if name == "good":
+            for room in range(10, 15):
+                s = ctx.embedding.sender(room)
+                s.send(*make_data(room, 40 + room, HIDDEN), aux=aux_of(room))
+                res[str(room)] = s.wait(30.0).name
+        out.put((f"{name}/done", "ok", res))
+        assert go.wait(60)
+        ctx.shutdown()
+        out.put((name, "ok", ctx.stats()["rooms_live"]))
+    except BaseException:
+        out.put((name, "error", traceback.format_exc()))
+
+
+def lone_language(port: int, ids: dict[str, int], go: Any, out: Any) -> None:
+    try:
+        ctx = disagg.join(lone_cfg(), f"tcp://127.0.0.1:{port}", role="language", name="llm")
+        deadline = time.monotonic() + 30
+        while set(ctx.peers()) != {ids["good"]} or ids["bad"] not in ctx._roster.refused:
+            assert time.monotonic() < deadline, (ctx.peers(), ctx._roster.refused)
+            time.sleep(0.01)
+        out.put(("llm/met", "ok", {"peers": ctx.peers(), "refused": ctx._roster.refused}))
+        assert go.wait(60)  # the store is gone now
+        res = {}
+        for room in range(10, 15):
+            r = ctx.language.receiver(room, src_rank=ids["good"])
+            assert r.init()
+            deadline = time.monotonic() + 30
+            while r.poll() not in TERMINAL:
+                assert time.monotonic() < deadline
+                time.sleep(0.002)
+            res[str(room)] = (r.poll().name, mismatches(r.result(), room, 40 + room, HIDDEN)
+                              if r.poll() is TransferStatus.SUCCESS else r.failure)
+        res["peers"] = {str(k): v for k, v in ctx.peers().items()}
+        out.put(("llm/done", "ok", res))
+        t0 = time.monotonic()
+        ctx.shutdown()
+        out.put(("llm", "ok", {"shutdown_s": time.monotonic() - t0,
+                               "rooms_live": ctx.stats()["rooms_live"]}))
+    except BaseException:
+        out.put(("llm", "error", traceback.format_exc()))
+
+
+def test_geometry_is_checked_per_pair_and_live_pairs_outlive_the_rendezvous() -> None:
+    import subprocess
+    port = free_port()
+    rdv = subprocess.Popen([sys.executable, "-m", "launch.rendezvous", "--port", str(port),
+                            "--host", "127.0.0.1"], stdout=subprocess.PIPE, text=True)
+    ctx = mp.get_context("spawn")
+    out, go = ctx.Queue(), ctx.Event()
+    procs = []
+    got: dict[str, Any] = {}
+
+    def wait(*names: str) -> None:
+        deadline = time.monotonic() + 90
+        while not all(n in got for n in names):
+            assert time.monotonic() < deadline, f"waiting for {names}: {got}"
+            try:
+                who, kind, value = out.get(timeout=0.5)
+            except Exception:
+                continue
+            assert kind == "ok", f"{who}:\n{value}"
+            got[who] = value
+
+    try:
+        assert rdv.stdout is not None and "rendezvous store" in rdv.stdout.readline()
+        for name, hidden in (("good", HIDDEN), ("bad", HIDDEN // 2)):
+            procs.append(ctx.Process(target=lone_encoder, args=(port, name, hidden, go, out),
+                                     daemon=True))
+            procs[-1].start()
+        wait("good/joined", "bad/joined")
+        ids = {"good": got["good/joined"], "bad": got["bad/joined"]}
+        procs.append(ctx.Process(target=lone_language, args=(port, ids, go, out), daemon=True))
+        procs[-1].start()
+        wait("llm/met")
+        why = got["llm/met"]["refused"][ids["bad"]]
+        assert "pool buffers differ" in why and "[64]" in why and "[32]" in why, why
+        rdv.kill()  # the rendezvous goes away; the formed pair must keep moving data
+        rdv.wait(10)
+        go.set()
+        wait("good/done", "bad/done", "llm/done", "llm", "good", "bad")
+        assert list(got["bad/done"]["refused"]) != [] and "pool buffers differ" in \
+            next(iter(got["bad/done"]["refused"].values()))
+        for room in range(10, 15):
+            assert got["llm/done"][str(room)] == ("SUCCESS", []), room
+            assert got["good/done"][str(room)] == "SUCCESS"
+        assert got["llm"]["rooms_live"] == 0 and got["llm"]["shutdown_s"] < 10.0, got["llm"]
+        print("shutdown with the rendezvous gone (s):", round(got["llm"]["shutdown_s"], 3))
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+                p.join(5)
+        if rdv.poll() is None:
+            rdv.kill()

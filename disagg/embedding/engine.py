@@ -102,6 +102,11 @@ class EmbeddingEngine(EngineShell):
         self.flush()
         return Sender(self, r)
 
+    def lost_peers(self) -> set[int]:
+        """Language ranks not usable now (their pair is lost)."""
+        with self._lock:
+            return set(self.liveness.dead)
+
     def add_peer(self, lang: int, transport: PairTransport, num_blocks: int) -> None:
         """Jobs mode: Language rank `lang` joined and its pair is made (its
         control messages must be allowed on the channel before it sends)."""

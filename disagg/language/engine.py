@@ -221,6 +221,12 @@ class LanguageEngine(EngineShell):
                 return
         self._peer_dead(src, "it shut down", clean=True)
 
+    def lost_peers(self) -> set[int]:
+        """Embedding ranks not usable now: declared dead, or their stream lost."""
+        with self._lock:
+            return set(self.liveness.dead) | {e for e, p in self._pairs.items()
+                                              if p.dead is not None}
+
     def add_peer(self, src: int, transport: PairTransport) -> None:
         """Jobs mode: Embedding rank `src` joined and its pair is made (its
         DEALER must be connected before a room names it)."""

@@ -1,0 +1,104 @@
+"""Jobs mode's membership rules, in one process: the ids, the records as read
+back from the store (hostile ones included), the pure scan that says who
+joined and who left, and what an engine does with a departed peer."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from disagg.config import DisaggConfig
+from disagg.errors import FailureCause
+from disagg.geometry import Geometry
+from disagg.roster import EMBEDDING_IDS, MAX_ID, Member, Seen, language_id, scan
+from disagg.topology import Topology
+from disagg.types import TransferStatus
+
+from inproc.fakes import World
+
+GEOM = Geometry.from_config(DisaggConfig(hidden_size=32, block_size=8)).to_dict()
+
+
+def member(i: int, name: str, gen: int = 1, role: str = "embedding") -> Member:
+    return Member(i, role, name, gen, GEOM, "gloo", "copy",
+                  "tcp://127.0.0.1:1" if role == "embedding" else None)
+
+
+def test_language_ids_keep_the_topology_arithmetic() -> None:
+    tp = 4
+    topo = Topology(EMBEDDING_IDS + ((MAX_ID + 1 - EMBEDDING_IDS) // tp) * tp, EMBEDDING_IDS, tp)
+    for k, i in ((0, 0), (0, 3), (7, 2), (123_456, 1)):
+        lid = language_id(k, i, tp)
+        assert topo.role(lid) == "language"
+        assert topo.instance_of(lid) == k and topo.index_in_instance(lid) == i
+        assert topo.instance_ranks(k)[i] == lid
+    assert topo.role(EMBEDDING_IDS - 1) == "embedding"
+    with pytest.raises(ValueError, match="past the id space"):
+        language_id((MAX_ID - EMBEDDING_IDS) // tp + 1, 0, tp)
+
+
+def test_records_round_trip_and_hostile_ones_are_refused() -> None:
+    m = member(3, "enc-a", 2)
+    assert Member.decode(m.encode()) == m
+    good = json.loads(m.encode())
+    bad: list[Any] = [b"", b"\xff\xfe", b"[]", b"null", b"{}", b'{"id": 1}',
+                      json.dumps({**good, "extra": 1}).encode(),
+                      json.dumps({**good, "role": "root"}).encode(),
+                      json.dumps({**good, "id": -1}).encode(),
+                      json.dumps({**good, "id": MAX_ID + 1}).encode(),
+                      json.dumps({**good, "id": "3"}).encode(),
+                      json.dumps({**good, "geometry": []}).encode(),
+                      json.dumps({**good, "address": None}).encode()]  # an encoder needs one
+    for raw in bad:
+        assert Member.decode(raw) is None, raw
+
+
+def test_scan_joins_new_members_and_leaves_none_that_lives() -> None:
+    known: dict[int, Seen] = {}
+    out = scan(known, {0: member(0, "a"), 1: member(1, "b")}, {0: 1, 1: 1}, 10.0, 2.0)
+    assert [m.id for m in out.joined] == [0, 1] and not out.left and not out.collect
+    known = {0: Seen(member(0, "a"), 1, 10.0), 1: Seen(member(1, "b"), 1, 10.0)}
+    out = scan(known, {0: member(0, "a"), 1: member(1, "b")}, {0: 5, 1: 7}, 11.9, 2.0)
+    assert not out.joined and not out.left and known[0].lease == 5
+
+
+def test_scan_a_record_gone_is_a_member_that_left() -> None:
+    known = {0: Seen(member(0, "a"), 1, 10.0)}
+    out = scan(known, {}, {}, 10.5, 2.0)
+    assert out.left == [(0, "it left the deployment")] and not out.collect
+
+
+def test_scan_a_lease_standing_still_past_peer_timeout_is_collected() -> None:
+    known = {0: Seen(member(0, "a"), 4, 10.0)}
+    assert not scan(known, {0: member(0, "a")}, {0: 4}, 11.9, 2.0).left
+    out = scan(known, {0: member(0, "a")}, {0: 4}, 12.1, 2.0)
+    assert [i for i, _ in out.left] == [0] and "lease stood still" in out.left[0][1]
+    assert out.collect == [0]
+
+
+def test_scan_a_restart_under_the_same_name_supersedes_the_old_id() -> None:
+    known = {0: Seen(member(0, "enc", 1), 3, 10.0)}
+    records = {0: member(0, "enc", 1), 5: member(5, "enc", 2)}
+    out = scan(known, records, {0: 4, 5: 1}, 10.2, 2.0)
+    assert [m.id for m in out.joined] == [5]
+    assert out.left == [(0, "superseded by 'enc' generation 2 (id 5)")] and out.collect == [0]
+    # an old generation this rank never knew is only collected
+    out = scan({}, records, {0: 4, 5: 1}, 10.2, 2.0)
+    assert [m.id for m in out.joined] == [5] and not out.left and out.collect == [0]
+
+
+def test_a_room_addressed_to_a_departed_rank_fails_at_once_and_an_unknown_one_raises() -> None:
+    """DESIGN 0.3: in jobs mode a departed id fails its rooms at once with
+    PEER_LOST, not after bootstrap_timeout; an id never known is a caller's bug."""
+    with World(DisaggConfig(hidden_size=32, block_size=8, num_blocks=8)) as w:
+        eng = w.lang()
+        eng.peer_gone(0, "it left the deployment")
+        r = eng.receiver(5, src_rank=0)
+        assert r.init() is False
+        assert r.poll() is TransferStatus.FAILED and "it left the deployment" in (r.failure or "")
+        assert w.causes(1) == {FailureCause.PEER_LOST.value: 1}
+        with pytest.raises(ValueError, match="not an embedding rank this rank knows"):
+            eng.receiver(6, src_rank=77)
+        w.close(check=False)
