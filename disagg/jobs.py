@@ -289,6 +289,8 @@ class Roster:
             if not self.embedding:
                 self._on_pair(m, t)
             self.store.delete_key(f"{base}/hello/{mine}")
+            if self.device.type != "cuda":  # Gloo's rendezvous key of the peer: read, done
+                self.store.delete_key(f"{base}/pg/0/{1 if self.embedding else 0}")
         except Exception as err:  # the peer is not (yet) there: try again later
             if added:  # the pair was made but broke at once: a peer lost, not retried
                 self._on_gone(m.id, f"its pair broke as it formed: {err}")

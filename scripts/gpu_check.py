@@ -26,7 +26,9 @@ Sections (docs/nccl.md says what each proves, and what only several GPUs can):
             and the NCCL world torn down), a world of one built as init builds it:
             group creation under the device lock, the first op (which creates the
             communicator), a batched send/recv to itself, teardown; the lock's
-            uncontended cost. On the CPU dry-run the same with Gloo.
+            uncontended cost; jobs mode's pair group (the backend's constructor on a
+            PrefixStore, no default world) built and torn down on one rank. On the
+            CPU dry-run the same with Gloo.
   model     OPTIONAL: examples/qwen_vl.py (a real model), when the file exists and
             CUDA is there; skipped otherwise.
 
@@ -555,6 +557,52 @@ def check_world_of_one(env: Env) -> Outcome:
         f"{t['destroy_0_ms']:.0f}/{t['destroy_1_ms']:.0f} ms{p2p}", t)
 
 
+def check_jobs_group(env: Env) -> Outcome:
+    """Jobs mode's pair group (disagg/jobs.py): the backend's own constructor on a
+    PrefixStore of a TCPStore, with no default world, as `disagg.join` makes it,
+    on a world of one (NCCL refuses two ranks of a communicator on one GPU, so a
+    real pair needs two GPUs): construct, first op, teardown, twice."""
+    from disagg.jobs import host_store
+    assert not dist.is_initialized()
+    import socket
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        port = sk.getsockname()[1]
+    store = host_store(port, "127.0.0.1")
+    timeout = datetime.timedelta(seconds=60)
+    t: dict[str, float] = {}
+    for attempt in range(2):
+        prefix = dist.PrefixStore(f"disagg/jobs/v1/pair/{attempt}/pg", store)
+        t0 = time.perf_counter()
+        if env.cuda:
+            opts = dist.ProcessGroupNCCL.Options()
+            opts._timeout = timeout
+            pg: Any = dist.ProcessGroupNCCL(prefix, 0, 1, opts)
+        else:
+            pg = dist.ProcessGroupGloo(prefix, 0, 1, timeout)
+        t[f"construct_{attempt}_ms"] = (time.perf_counter() - t0) * 1e3
+        x = torch.ones(4, device=env.device)
+        t0 = time.perf_counter()
+        with device_lock(env.device):
+            work = pg.allreduce([x])
+        if not wait_until(work.is_completed, time.monotonic() + 60):
+            raise AssertionError("first op on the jobs-mode group not done in 60 s")
+        work.wait()
+        t[f"first_op_{attempt}_ms"] = (time.perf_counter() - t0) * 1e3
+        assert x.tolist() == [1.0] * 4
+        t0 = time.perf_counter()
+        if hasattr(pg, "shutdown"):
+            pg.shutdown()
+        del pg
+        t[f"teardown_{attempt}_ms"] = (time.perf_counter() - t0) * 1e3
+    assert not dist.is_initialized(), "a default world was made"
+    kind = "ProcessGroupNCCL" if env.cuda else "ProcessGroupGloo"
+    return Outcome(f"{kind}: ok x2",
+                   f"construct {t['construct_0_ms']:.0f}/{t['construct_1_ms']:.0f} ms; first op "
+                   f"{t['first_op_0_ms']:.0f}/{t['first_op_1_ms']:.0f} ms; teardown "
+                   f"{t['teardown_0_ms']:.0f}/{t['teardown_1_ms']:.0f} ms (no default world)", t)
+
+
 def check_lock_cost(env: Env) -> Outcome:
     """What the lock costs a post: 100k uncontended acquire+release of the
     device's lock (TorchPairTransport holds it for each post)."""
@@ -617,6 +665,7 @@ CHECKS: list[tuple[str, str, Callable[[Env], Outcome]]] = [
     ("nccl", "cycle guard (E>=2, L>=2)", check_cycle_guard),
     ("nccl", "disagg.init, world of one", check_init_one_rank),
     ("nccl", "world of one: groups, first op", check_world_of_one),
+    ("nccl", "jobs-mode pair group, no world", check_jobs_group),
     ("nccl", "device lock, uncontended", check_lock_cost),
     ("model", "examples/qwen_vl.py", check_model),
 ]

@@ -373,6 +373,12 @@ def lone_encoder(port: int, name: str, hidden: int, go: Any, out: Any) -> None:
         ctx = disagg.join(lone_cfg(hidden), f"tcp://127.0.0.1:{port}", role="embedding",
                           name=name)
         out.put((f"{name}/joined", "ok", ctx.rank))
+        if name == "bad":  # it refuses the Language rank too, on its own
+            deadline = time.monotonic() + 30
+            while not ctx._roster.refused:
+                assert time.monotonic() < deadline, "the bad encoder never met the LLM"
+                time.sleep(0.01)
+            out.put(("bad/refused", "ok", dict(ctx._roster.refused)))
         assert go.wait(60)
         res: dict[str, Any] = {"refused": dict(ctx._roster.refused)}
         if name == "good":
@@ -448,7 +454,7 @@ def test_geometry_is_checked_per_pair_and_live_pairs_outlive_the_rendezvous() ->
         ids = {"good": got["good/joined"], "bad": got["bad/joined"]}
         procs.append(ctx.Process(target=lone_language, args=(port, ids, go, out), daemon=True))
         procs[-1].start()
-        wait("llm/met")
+        wait("llm/met", "bad/refused")
         why = got["llm/met"]["refused"][ids["bad"]]
         assert "pool buffers differ" in why and "[64]" in why and "[32]" in why, why
         rdv.kill()  # the rendezvous goes away; the formed pair must keep moving data
