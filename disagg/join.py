@@ -160,6 +160,11 @@ class JobsContext(Context):
         tp = self.cfg.language_tp_size
         if tp == 1:
             return None
+        if given is not None:  # the host framework's TP group: used, never destroyed here
+            if dist.get_world_size(given) != tp:
+                raise DisaggError(f"instance_group has {dist.get_world_size(given)} ranks, "
+                                  f"language_tp_size is {tp}")
+            return given
         ranks = self._job_ranks
         local = ranks.index(dist.get_rank())
         mine = None
@@ -170,7 +175,6 @@ class JobsContext(Context):
             if i == local // tp:
                 mine = g
                 self._groups.append(g)
-        del given
         return mine
 
     # ---------------------------------------------------------------- roster events

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -88,6 +89,7 @@ def encoder(port: int, name: str, with_world: bool, out: Any) -> None:
         board.put(f"joined/{name}/{ctx.rank}", {"pid": os.getpid(), "join_s": time.monotonic()
                                                 - t0, "started": time.time()})
         outcome: dict[str, Any] = {}
+        held: dict[int, Any] = {}
         i = 0
         while True:
             job = board.get(f"serve/{name}/{ctx.rank}/{i}", 120.0)
@@ -102,13 +104,15 @@ def encoder(port: int, name: str, with_world: bool, out: Any) -> None:
                 while len(lanes) < 2 and time.monotonic() < deadline:
                     time.sleep(0.005)
                 board.put(f"held/{room}", len(lanes))
+                held[room] = s
                 continue
             s.send(*make_data(room, seq, HIDDEN), aux=aux_of(room))
             outcome[str(room)] = (s.wait(60.0).name, s.failure)
             board.put(f"sent/{room}", outcome[str(room)])
         st = ctx.stats()
         res = {"outcome": outcome, "rooms_live": st["rooms_live"],
-               "whole": st["pool_free_blocks"] == st["pool_total_blocks"]}
+               "whole": st["pool_free_blocks"] == st["pool_total_blocks"],
+               "held": {str(r): (s.poll().name, s.failure) for r, s in held.items()}}
         ctx.shutdown()
         if with_world:
             dist.destroy_process_group()
@@ -117,14 +121,15 @@ def encoder(port: int, name: str, with_world: bool, out: Any) -> None:
         out.put((name, "error", traceback.format_exc()))
 
 
-def language(port: int, job: str, rank: int, init_method: str, out: Any) -> None:
+def language(port: int, job: str, rank: int, init_method: str, name: str, out: Any) -> None:
     """One TP rank of a Language job: add the rooms the board lists, in order,
-    step in lockstep, report each room's outcome; "stop" ends it."""
+    step in lockstep, report each room's outcome; "stop" ends it. `name`: its
+    name in the deployment (a restarted job's ranks reuse their names)."""
     who = f"{job}/{rank}"
     try:
         board = Board(port)
         dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=2)
-        ctx = disagg.join(cfg(), f"tcp://127.0.0.1:{port}", role="language", name=who)
+        ctx = disagg.join(cfg(), f"tcp://127.0.0.1:{port}", role="language", name=name)
         board.put(f"lang_joined/{job}/{rank}", ctx.rank)
         q = ctx.language.queue()
         results: dict[str, Any] = {}
@@ -133,7 +138,14 @@ def language(port: int, job: str, rank: int, init_method: str, out: Any) -> None
         i = 0
         stop = False
         while not stop or len(q):
-            while not stop and board.has(f"add/{job}/{i}"):
+            # admission is a rank-agreed decision: TP rank 0 counts what arrived and
+            # tells rank 1 (the queue wants the same rooms, in the same order, per step)
+            n = torch.tensor([0])
+            if rank == 0:
+                while board.has(f"add/{job}/{i + int(n)}") and n < 16:
+                    n += 1
+            dist.broadcast(n, src=0)
+            for _ in range(int(n)):
                 item = board.get(f"add/{job}/{i}")
                 i += 1
                 if item == "stop":
@@ -198,13 +210,14 @@ class Deployment:
             assert time.monotonic() < deadline, f"{name} did not join"
             time.sleep(0.01)
 
-    def start_language(self, job: str) -> None:
+    def start_language(self, job: str, names: str | None = None) -> None:
         fd, path = tempfile.mkstemp()
         os.close(fd)
         os.unlink(path)
         for rank in (0, 1):
+            name = f"{names or job}/{rank}"
             p = self.mp.Process(target=language, args=(self.port, job, rank, f"file://{path}",
-                                                       self.out), daemon=True)
+                                                       name, self.out), daemon=True)
             p.start()
             self.procs[f"{job}/{rank}"] = p
         self.add_index = getattr(self, "add_index", {})
@@ -329,26 +342,33 @@ def test_jobs_join_leave_die_restart_while_the_llm_serves() -> None:
         for room in d.rooms("llm", "enc-c", 3):
             assert d.outcome("llm", room) == (["SUCCESS", []], ["SUCCESS", []]), room
 
-        # the Language job stops; a new one is served by the same encoders
-        d.stop_language("llm")
-        d.collect(["llm/0", "llm/1"])
-        d.start_language("llm2")
+        # the Language job is SIGKILLed with rooms live on enc-a, and restarted
+        # under the same names: only its rooms end; the restart is served
+        held = d.rooms("llm", "enc-a", 2, hold=True)
+        assert [d.board.get(f"held/{room}") for room in held] == [2, 2]
+        for r in (0, 1):
+            os.kill(d.procs[f"llm/{r}"].pid, signal.SIGKILL)
+        d.start_language("llm-r", names="llm")
         for name in ("enc-a", "enc-b", "enc-c"):
-            d.usable("llm2", name)
-        for room in (d.rooms("llm2", "enc-a", 2) + d.rooms("llm2", "enc-b", 2)
-                     + d.rooms("llm2", "enc-c", 2)):
-            assert d.outcome("llm2", room) == (["SUCCESS", []], ["SUCCESS", []]), room
-        d.stop_language("llm2")
+            d.usable("llm-r", name)
+        for room in (d.rooms("llm-r", "enc-a", 2) + d.rooms("llm-r", "enc-b", 2)
+                     + d.rooms("llm-r", "enc-c", 2)):
+            assert d.outcome("llm-r", room) == (["SUCCESS", []], ["SUCCESS", []]), room
+        d.stop_language("llm-r")
         for name in ("enc-a", "enc-b", "enc-c"):
             d.stop_encoder(name)
-        d.collect(["llm2/0", "llm2/1", "enc-a", "enc-b", "enc-c"])
+        d.collect(["llm-r/0", "llm-r/1", "enc-a", "enc-b", "enc-c"])
         for who, (_, res) in d.results.items():
             assert res["rooms_live"] == 0 and res["whole"], (who, res)
+        for room in held:  # the killed job's rooms, on the encoder: FAILED, its peer lost
+            status, why = d.results["enc-a"][1]["held"][str(room)]
+            assert status == "FAILED" and "language rank" in why, (room, status, why)
         for name in ("enc-a", "enc-b", "enc-c"):  # every sent room: SUCCESS
             assert all(o[0] == "SUCCESS" for o in d.results[name][1]["outcome"].values())
         for n, p in d.procs.items():  # the killed enc-c was replaced by its restart
             p.join(20)
-            assert p.exitcode == 0, (n, p.exitcode)
+            assert p.exitcode == (-signal.SIGKILL if n in ("llm/0", "llm/1") else 0), \
+                (n, p.exitcode)
         # nothing of any rank's own left in the store: records and leases deleted
         ids = [*range(int(d.store.add(key("emb", "next"), 0))),
                *(language_id(k, i, 2) for k in range(int(d.store.add(key("inst", "next"), 0)))
