@@ -164,6 +164,10 @@ class ControlChannel:
             self._dealers[peer] = s
         self._wake()
 
+    def disallow(self, peer: int) -> None:
+        """Embedding side: a Language rank that left; its messages are dropped."""
+        self._peers = self._peers - {peer}
+
     def allow(self, peer: int) -> None:
         """Embedding side, any thread: accept messages from a Language rank that
         joined (jobs mode). A new set each time: the control thread reads it unlocked."""

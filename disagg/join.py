@@ -193,6 +193,8 @@ class JobsContext(Context):
     def _on_gone(self, member_id: int, why: str) -> None:
         if self._embedding is not None:
             self._embedding.peer_gone(member_id, why)
+            if self._control is not None:
+                self._control.disallow(member_id)
         elif self._language is not None:
             self._language.engine.peer_gone(member_id, why)
 
@@ -219,6 +221,8 @@ class JobsContext(Context):
         super().shutdown(timeout_s)
         if self._roster is not None:
             self._roster.leave()
+        self._roster = None
+        self.__dict__.pop("_store", None)  # its socket closes with the last reference
 
     def _close_partial(self) -> None:
         for g in self._groups:

@@ -119,6 +119,7 @@ class EmbeddingEngine(EngineShell):
         """Jobs mode: Language rank `lang` left (its membership ended): as a lost peer."""
         with self._lock:
             self._pair_lost(lang, PeerLost(why, peer=lang))
+            self._streams.retire(lang)  # ids are never reused: its thread and group go
         self.flush()
 
     # ------------------------------------------------------------ control thread

@@ -195,6 +195,7 @@ class SendStreams:
         self._rank = rank
         self._transports = transports
         self._senders: dict[int, PairSender] = {}
+        self._retired: list[PairSender] = []  # departed peers' threads, ending
         self._posted_before: dict[int, int] = {}  # frames of streams stopped already
 
     def submit(self, lang_rank: int, frame: Frame) -> None:
@@ -209,6 +210,18 @@ class SendStreams:
         for s in list(self._senders.values()):
             s.flush()
 
+    def retire(self, lang_rank: int) -> None:
+        """A departed peer (jobs mode): its thread ends once its frames are done
+        (a frame in flight is the transport's business), and its transport goes."""
+        s = self._senders.pop(lang_rank, None)
+        if s is not None:
+            with s._cv:
+                s._stop = True
+                s._cv.notify()
+            self._retired.append(s)
+        self._retired = [r for r in self._retired if r._thread.is_alive()]
+        self._transports.pop(lang_rank, None)
+
     def frames_posted(self, lang_rank: int) -> int:
         """Frames put on the stream to `lang_rank` so far."""
         s = self._senders.get(lang_rank)
@@ -219,6 +232,8 @@ class SendStreams:
         transports (and so of their process groups: nothing but garbage
         collection would free them otherwise)."""
         deadline = time.monotonic() + timeout_s
+        for r in self._retired:
+            r.stop(max(0.0, deadline - time.monotonic()))
         for lang, s in list(self._senders.items()):
             if s.stop(max(0.0, deadline - time.monotonic())):
                 self._posted_before[lang] = s.frames_posted

@@ -238,6 +238,8 @@ class LanguageEngine(EngineShell):
         """Jobs mode: Embedding rank `src` left (its membership ended): its rooms
         fail (PEER_LOST), and so does any room addressed to it from now on."""
         self._peer_dead(src, why)
+        with self._lock:  # ids are never reused: its group goes once its thread is done
+            self._transports.pop(src, None)
 
     # ------------------------------------------------------------ control thread
 
