@@ -20,9 +20,9 @@ class SendData:
     meta: Meta
     plan: list[Segment]
     nbytes: int
-    # the parts whose tensors the chunk is sliced from: one, unless a chunk that
-    # answers a pre-posted allocation spans parts (then each segment is copied
-    # into one tensor: the receiver posted one recv per segment)
+    # the parts whose tensors the chunk is sliced from: one, or several when
+    # parts given already coalesce into one chunk (a segment across parts is
+    # then copied into one tensor: the receiver posts one recv per segment)
     parts: list[Part]
 
 

@@ -9,9 +9,10 @@ ABORT frame. REJECT messages only carry the reason a room failed.
 
 A room's data may come in parts (progressive send: `data`, then `part`): a
 grant waits while the tokens it would carry are not given yet, and a chunk
-never spans parts (one slice of the caller's tensors per segment, no copy),
-so a chunk may be shorter than its allocation and the Language rank resumes
-for the rest.
+carries what was given and fits, spanning parts given already (a segment
+across two parts is joined, the only copy the Embedding side makes), so a
+chunk may be shorter than its allocation only while the room is incomplete,
+and the Language rank resumes for the rest.
 
 Room status (monotone; `set_status` is the only writer):
 
@@ -377,11 +378,12 @@ class SendMachine:
         elif hi > lo and offset >= r.given:
             return []  # its data is not given yet: the grant waits for the next part
         else:
-            # A chunk never spans parts (one slice per segment, no copy); nor,
-            # while the room is incomplete, goes past what was given.
-            part = next(p for p in reversed(r.parts) if p.start <= offset)
+            # Whatever was given and fits: parts given already coalesce into one
+            # chunk (a segment that spans two of them is joined, `stream.data_frame`,
+            # which costs a copy of it but saves a resume round each); while the
+            # room is incomplete, never past what was given.
             n = (0 if hi == lo else min(chunk_tokens(hi, offset, grant.allocated_tokens),
-                                        part.start + part.num_tokens - offset))
+                                        r.given - offset))
         lane.pending = None
         # an empty span (scatter, a room shorter than its instance) is answered
         # by a meta frame alone, which carries seq_len

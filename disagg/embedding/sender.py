@@ -50,7 +50,7 @@ class Sender:
         time as the encoder produces it). `aux` and `seq_len` only on the first
         call. The budget for seq_len is taken at the first call, so later parts
         never raise PoolFull; whatever waiting allocations can take of a part
-        leaves at once (a chunk never spans parts).
+        leaves at once (parts given already coalesce into one chunk).
 
         Raises `PoolFull` when the budget cannot take the room now (retry
         later), `ValueError` for bad input (the room untouched: wrong shapes or

@@ -47,9 +47,9 @@ def data_frame(meta: Meta, parts: list[Part], plan: list[Segment], done: Done) -
     tensor per segment, in wire order; then, on a first chunk whose room has
     more aux values than the meta holds, all of them as one int64 tensor.
 
-    A segment spans parts only when the chunk answers a pre-posted allocation
-    (the receiver posted one recv per segment): those pieces are copied into
-    one tensor, on the device after every part's producer-stream event."""
+    A segment that spans parts of a progressive send (parts given already
+    coalesce into one chunk) has its pieces copied into one tensor, on the
+    device after every part's producer-stream event."""
     ready = parts[-1].ready  # recorded after every earlier part's, on the same stream
     payload: list[torch.Tensor] = []
     joined = False

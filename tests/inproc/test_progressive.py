@@ -1,8 +1,8 @@
 """In-process layer: progressive send (DESIGN 0.2). The first `send()` gives the
 room's first part and declares its length (`seq_len=`), later calls the next
 parts in order, e.g. one image at a time as the encoder produces it. What
-waiting allocations can take of a part leaves at once; a chunk never spans
-parts; the Language side's prefix grows part by part. Bit-exact, pool and
+waiting allocations can take of a part leaves at once; parts given already
+coalesce into one chunk; the Language side's prefix grows part by part. Bit-exact, pool and
 output modes, many part shapes, with misuse, aborts and timeouts between
 parts."""
 
@@ -77,6 +77,26 @@ def test_parts_arrive_bit_exact(recv_into: str, shape: str, first: int) -> None:
             assert r.progress[0] <= b
         assert w.finish(r, "the room") is SUCCESS, r.failure
         assert mismatches(r.result(), d) == []
+        assert w.ended(s, "the sender") is SUCCESS
+        w.settle_whole()
+
+
+@pytest.mark.parametrize("recv_into", ["output", "pool"])
+def test_parts_given_already_coalesce_into_one_chunk(recv_into: str) -> None:
+    """Three parts given before the allocation comes: one chunk carries all of
+    them (a segment across parts is joined), not one chunk and a resume per
+    part (issue 25 item 4: about two resumes saved per three-part room)."""
+    with World(cfg(recv_into, first=8 * BS)) as w:
+        d = room_data(w.cfg, 3, 100)
+        s = w.emb().sender(3)
+        for i, (a, b) in enumerate(cuts(100, [30, 40, 30])):
+            give(s, d, a, b, **({"seq_len": 100, "aux": d.aux} if i == 0 else {}))
+        r = w.lang().receiver(3, src_rank=EMB)
+        assert r.init()
+        assert w.finish(r, "the room") is SUCCESS, r.failure
+        assert mismatches(r.result(), d) == []
+        assert w.counter(EMB, "chunks") == 1 and w.counter(1, "resumes") == 0
+        assert [m.num_tokens for m in w.link().metas()] == [100]
         assert w.ended(s, "the sender") is SUCCESS
         w.settle_whole()
 
