@@ -141,10 +141,16 @@ class Roster:
         with self._lock:
             return dict(self.names)
 
-    def forget(self, member_id: int, why: str) -> None:
-        """The context saw `member_id` die (its pair broke, or heartbeats stopped)."""
+    def is_member(self, member_id: int) -> bool:
+        """Whether `member_id` is in the deployment now (its pair with this rank
+        may still be forming): this rank's view, else the store's word."""
         with self._lock:
-            self.names.pop(member_id, None)
+            if member_id in self.known:
+                return member_id not in self.refused
+        try:
+            return bool(self.store.check([key("m", member_id)]))
+        except (RuntimeError, dist.DistError):
+            return False
 
     # ---------------------------------------------------------------- thread
 

@@ -152,6 +152,8 @@ class JobsContext(Context):
         self._roster = Roster(self._store, me, self.geometry, cfg.language_tp_size,
                               self.device, cfg.bootstrap_timeout + 2 * cfg.peer_timeout,
                               cfg.peer_timeout, self._on_pair, self._on_gone)
+        if self._language is not None:
+            self._language.engine.membership = self._roster.is_member
         self._roster.start(SETTLE_S)
 
     def _instance_group(self, given: dist.ProcessGroup | None) -> dist.ProcessGroup | None:

@@ -22,7 +22,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--port", type=int, default=29600, help="TCP port of the store")
     p.add_argument("--host", default="0.0.0.0",
-                   help="address to listen on (127.0.0.1 for a one-box deployment)")
+                   help="this host's address as the ranks reach it (torch's TCPStore "
+                        "listens on every interface whatever this says)")
     args = p.parse_args(argv)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

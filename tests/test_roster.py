@@ -8,6 +8,7 @@ import json
 from typing import Any
 
 import pytest
+from inproc.fakes import World
 
 from disagg.config import DisaggConfig
 from disagg.errors import FailureCause
@@ -15,8 +16,6 @@ from disagg.geometry import Geometry
 from disagg.roster import EMBEDDING_IDS, MAX_ID, Member, Seen, language_id, scan
 from disagg.topology import Topology
 from disagg.types import TransferStatus
-
-from inproc.fakes import World
 
 GEOM = Geometry.from_config(DisaggConfig(hidden_size=32, block_size=8)).to_dict()
 
@@ -101,4 +100,21 @@ def test_a_room_addressed_to_a_departed_rank_fails_at_once_and_an_unknown_one_ra
         assert w.causes(1) == {FailureCause.PEER_LOST.value: 1}
         with pytest.raises(ValueError, match="not an embedding rank this rank knows"):
             eng.receiver(6, src_rank=77)
+        w.close(check=False)
+
+
+def test_an_id_met_by_another_tp_rank_first_waits_for_its_pair_here() -> None:
+    """Jobs mode: each rank forms its own pair with a new encoder, so one TP rank
+    may list it in peers() before the other has met it. A room addressed to a
+    member not met yet here waits (init() is False, call again, as the queue
+    does); one addressed to an id that is no member fails at once."""
+    with World(DisaggConfig(hidden_size=32, block_size=8, num_blocks=8)) as w:
+        eng = w.lang()
+        eng.membership = lambda i: i == 7
+        forming = eng.receiver(5, src_rank=7)
+        assert forming.init() is False and forming.poll() is TransferStatus.BOOTSTRAPPING
+        gone = eng.receiver(6, src_rank=8)
+        assert gone.init() is False and gone.poll() is TransferStatus.FAILED
+        assert "no member of the deployment" in (gone.failure or "")
+        forming.abort("test over")
         w.close(check=False)

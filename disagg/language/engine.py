@@ -77,6 +77,9 @@ class LanguageEngine(EngineShell):
                                    slice_index=(rank - topology.instance_ranks(instance)[0]
                                                 if self.scatter else None))
         self._transports = transports
+        # jobs mode: whether an Embedding id this rank has not met yet is a member
+        # of the deployment (its pair with this rank is then still forming)
+        self.membership: Callable[[int], bool] | None = None
         self.rooms: dict[int, RecvRoom] = {}
         self._pairs: dict[int, PairReceiver] = {}
         self.recycler = Recycler(geometry, device)
@@ -88,7 +91,7 @@ class LanguageEngine(EngineShell):
 
     def receiver(self, room: int, src_rank: int) -> Receiver:
         check_room_id(room)
-        if src_rank not in self.liveness.known:
+        if src_rank not in self.liveness.known and (self.membership is None or src_rank < 0):
             alive = self.liveness.alive()
             raise ValueError(f"src_rank={src_rank!r} is not an embedding rank this rank knows "
                              f"(usable now: {alive[:16]}{' ...' if len(alive) > 16 else ''})")

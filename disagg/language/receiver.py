@@ -56,12 +56,24 @@ class Receiver:
             want = max(1, hi - lo)
         else:
             want = e.first_alloc_tokens()
+        joining = None
+        if e.membership is not None and r.src_rank not in e.liveness.known:
+            # jobs mode: a member whose pair with this rank is still forming (another
+            # TP rank may have met it first) waits; one that is no member fails
+            joining = e.membership(r.src_rank)
         with e.cond:
             if r.failure is not None:
                 return False
             if r.alloc_sent:
                 return True
             r.declared_seq_len = seq_len or 0
+            if r.src_rank not in e.liveness.known:
+                if joining:
+                    return False  # its pair is forming: call again
+                e.execute(r, e.machine.fail(
+                    r, f"language rank {e.rank}: embedding rank {r.src_rank} is no member of "
+                       f"the deployment (it left, or never joined)", FailureCause.PEER_LOST))
+                return False
             down = e.liveness.dead.get(r.src_rank) or e.pair(r.src_rank).dead
             if down is not None:
                 e.execute(r, e.machine.fail(
