@@ -147,8 +147,9 @@ SEND_TABLE: dict[LaneState, dict[str, tuple[list[str], LaneState, TransferStatus
     },
     LaneState.SENT_LAST: {
         "data": _,
-        # a RESUME after every token was sent is refused and fails the room
-        "resume": (["SendAbortFrame", "CountFailure", "SendReject"], LaneState.SENT_LAST, T),
+        # a RESUME after every token was sent is refused; the last chunk on the
+        # wire still decides the room (DESIGN, "Outcomes agree")
+        "resume": (["SendAbortFrame"], LaneState.SENT_LAST, T),
         "frame_done": (["Count", "End"], LaneState.DONE, S),
         "send_failed": (["CountFailure", "SendReject", "End"], LaneState.CLOSED, F),
         # the last chunk is on the wire: its completion decides, whoever aborts

@@ -46,7 +46,7 @@ is the transport's business, and the budget waits for it (the engine).
 | GRANTED | SENDING: SendData (TRANSFERRING) | GRANTED (WAITING_FOR_INPUT) | - | - | ABORTING: CountFailure, SendAbortFrame (WAITING_FOR_INPUT) | ABORTING: CountFailure, SendAbortFrame (WAITING_FOR_INPUT) | CLOSED: CountFailure, SendReject, End (FAILED) | CLOSED: CountFailure, SendReject, End (FAILED) | ABORTING: CountFailure, SendAbortFrame (WAITING_FOR_INPUT) |
 | SENDING | - | SENDING: Count, SendData (TRANSFERRING) | WAIT_RESUME: Count (TRANSFERRING) | CLOSED: CountFailure, SendReject, End (FAILED) | SENDING: CountFailure, SendReject (TRANSFERRING) | SENDING: CountFailure, SendReject (TRANSFERRING) | CLOSED: CountFailure, SendReject, End (FAILED) | SENDING: CountFailure, SendReject (TRANSFERRING) | SENDING (TRANSFERRING) |
 | WAIT_RESUME | - | SENDING: Count, SendData (TRANSFERRING) | - | - | CLOSED: CountFailure, SendReject, End (FAILED) | CLOSED: CountFailure, SendReject, End (FAILED) | CLOSED: CountFailure, SendReject, End (FAILED) | CLOSED: CountFailure, SendReject, End (FAILED) | CLOSED: CountFailure, SendReject, End (FAILED) |
-| SENT_LAST | - | SENT_LAST: SendAbortFrame, CountFailure, SendReject (TRANSFERRING) | DONE: Count, End (SUCCESS) | CLOSED: CountFailure, SendReject, End (FAILED) | SENT_LAST (TRANSFERRING) | SENT_LAST (TRANSFERRING) | CLOSED: CountFailure, SendReject, End (FAILED) | SENT_LAST (TRANSFERRING) | SENT_LAST (TRANSFERRING) |
+| SENT_LAST | - | SENT_LAST: SendAbortFrame (TRANSFERRING) | DONE: Count, End (SUCCESS) | CLOSED: CountFailure, SendReject, End (FAILED) | SENT_LAST (TRANSFERRING) | SENT_LAST (TRANSFERRING) | CLOSED: CountFailure, SendReject, End (FAILED) | SENT_LAST (TRANSFERRING) | SENT_LAST (TRANSFERRING) |
 | DONE | - | DONE: SendAbortFrame (SUCCESS) | - | - | DONE (SUCCESS) | DONE (SUCCESS) | DONE (SUCCESS) | DONE (SUCCESS) | DONE (SUCCESS) |
 | ABORTING | - | ABORTING: SendAbortFrame (WAITING_FOR_INPUT) | CLOSED: End (FAILED) | - | ABORTING (WAITING_FOR_INPUT) | ABORTING (WAITING_FOR_INPUT) | CLOSED: End (FAILED) | ABORTING (WAITING_FOR_INPUT) | ABORTING (WAITING_FOR_INPUT) |
 | CLOSED | - | CLOSED: SendAbortFrame (FAILED) | - | - | CLOSED (FAILED) | CLOSED (FAILED) | CLOSED (FAILED) | CLOSED (FAILED) | CLOSED (FAILED) |
@@ -137,8 +137,6 @@ class SendMachine:
         return out
 
     def abort(self, r: SendRoom, reason: str) -> list[Action]:
-        if r.ended or r.failure is not None or self.decided_on_the_wire(r):
-            return []
         return self.fail(r, f"aborted on embedding rank {self.rank}: {reason}",
                          FailureCause.ABORT)
 
@@ -146,8 +144,7 @@ class SendMachine:
         if r.sources is None and not r.lanes:  # nothing given, nobody asked: no count
             r.failure = "shutdown"
             return self._end(r, TransferStatus.FAILED, "shutdown")
-        if self.decided_on_the_wire(r):
-            return []  # the streams finish their frames before they stop
+        # decided on the wire: the streams finish their frames before they stop
         return self.fail(r, f"embedding rank {self.rank} shut down", FailureCause.SHUTDOWN)
 
     # -------------------------------------------------------- control events
@@ -224,8 +221,6 @@ class SendMachine:
                 *self._schedule(r, lane)]
 
     def peer_abort(self, r: SendRoom, lang: int, reason: str) -> list[Action]:
-        if self.decided_on_the_wire(r):
-            return []
         return self.fail(r, f"aborted by language rank {lang}: {reason}", FailureCause.ABORT)
 
     def bad_message(self, r: SendRoom, lang: int, reason: str) -> list[Action]:
@@ -280,7 +275,7 @@ class SendMachine:
                              and lane.sent_tokens == lane_total(r, lane)):
                 return []
             lane.lost = not clean
-            return self.fail(r, why, FailureCause.PEER_LOST) + self._maybe_end(r)
+            return self.fail(r, why, FailureCause.PEER_LOST, force=True) + self._maybe_end(r)
         if r.lanes and self.topology.instance_of(next(iter(r.lanes))) == \
                 self.topology.instance_of(lang):
             return self.fail(r, why, FailureCause.PEER_LOST)
@@ -333,10 +328,16 @@ class SendMachine:
                                       and lane.sent_tokens == lane_total(r, lane)
                                       and not lane.aborting) for lane in r.lanes.values()))
 
-    def fail(self, r: SendRoom, reason: str, cause: FailureCause) -> list[Action]:
+    def fail(self, r: SendRoom, reason: str, cause: FailureCause, *,
+             force: bool = False) -> list[Action]:
         """Fail a live room: answer pending grants with ABORT frames, tell every
-        other Language rank of the room why, end it once nothing is in flight."""
+        other Language rank of the room why, end it once nothing is in flight.
+        A room decided on the wire (every rank's last chunk sent) is left to its
+        sends' completion, whoever asks (DESIGN, "Outcomes agree"), unless
+        `force`: a peer declared dead ends its rooms at once (DESIGN 0.3)."""
         if r.failure is not None or r.ended:
+            return []
+        if not force and self.decided_on_the_wire(r):
             return []
         r.failure = reason
         out: list[Action] = [CountFailure(cause)]

@@ -95,9 +95,9 @@ def test_parts_given_already_coalesce_into_one_chunk(recv_into: str) -> None:
         assert r.init()
         assert w.finish(r, "the room") is SUCCESS, r.failure
         assert mismatches(r.result(), d) == []
+        assert w.ended(s, "the sender") is SUCCESS  # then its counters are final
         assert w.counter(EMB, "chunks") == 1 and w.counter(1, "resumes") == 0
         assert [m.num_tokens for m in w.link().metas()] == [100]
-        assert w.ended(s, "the sender") is SUCCESS
         w.settle_whole()
 
 
