@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from .plan import scatter_stride
 from .transport import device_lock
 
 # torch 2.13 renamed all_gather_into_tensor (same arguments); older torch has only that
@@ -28,7 +29,7 @@ def gather_slices(outputs: dict[str, torch.Tensor], seq_len: int, instance_size:
                   index: int, group: dist.ProcessGroup) -> int:
     """All-gather every buffer's slices in place; return the bytes this rank
     received from the others (its own slice excluded, padding included)."""
-    stride = -(-seq_len // instance_size)
+    stride = scatter_stride(seq_len, instance_size)
     received = 0
     for out in outputs.values():
         # as bytes: every backend gathers uint8, whatever the buffer's dtype

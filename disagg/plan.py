@@ -82,6 +82,12 @@ def alloc_blocks_for(request: int, block_size: int, remaining: int | None,
     return max(1, min(num_blocks_for(want, block_size), max_blocks))
 
 
+def scatter_stride(seq_len: int, instance_size: int) -> int:
+    """Tokens of each rank's slice with fanout="scatter": ceil(seq_len / T).
+    The slices, the result's rows (T x stride) and the all-gather all use it."""
+    return -(-seq_len // instance_size)
+
+
 def scatter_slice(seq_len: int, instance_size: int, index: int) -> tuple[int, int]:
     """Tokens [lo, hi) of a `seq_len`-token room that rank `index` of a TP
     instance of `instance_size` receives with fanout="scatter": contiguous
@@ -91,7 +97,7 @@ def scatter_slice(seq_len: int, instance_size: int, index: int) -> tuple[int, in
     that completes the room reads slices of exactly that stride."""
     if seq_len < 0 or instance_size < 1 or not 0 <= index < instance_size:
         raise ValueError(f"seq_len={seq_len}, instance_size={instance_size}, index={index}")
-    stride = -(-seq_len // instance_size)
+    stride = scatter_stride(seq_len, instance_size)
     lo = min(index * stride, seq_len)
     return lo, min(lo + stride, seq_len)
 

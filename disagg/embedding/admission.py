@@ -50,10 +50,10 @@ class Admission:
         aborted = self.lobby.aborted(room, lang, now)
         if aborted is not None:
             return [self.machine.refuse(lang, room, aborted, grant)]
-        refusal = self.lobby.add_alloc(lang, room, m.instance_size, grant, self.other_instance)
-        if refusal is None:  # kept until sender(room), or bootstrap_timeout
+        refused = self.lobby.add_alloc(lang, room, m.instance_size, grant, self.other_instance)
+        if not refused:  # kept until sender(room), or bootstrap_timeout
             return [Preposted(room, lang, grant)] if grant.preposted else []
-        return [CountFailure(FailureCause.BAD_MESSAGE), *self.refusals([refusal])]
+        return [CountFailure(FailureCause.BAD_MESSAGE), *self.refusals(refused)]
 
     def resume(self, r: SendRoom | None, m: Resume, now: float) -> list[Action]:
         lang, room = m.lang_rank, m.room

@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .machine import Grant
+from .rules import alloc_conflict
 
 MAX_EARLY_ALLOCS = 1 << 14
 MAX_TOMBSTONES = 1 << 14
@@ -129,24 +130,30 @@ class Lobby:
         return abort.reason
 
     def add_alloc(self, lang: int, room: int, instance_size: int, grant: Grant,
-                  other_instance: Callable[[int, int], str | None]) -> Refusal | None:
-        """An ALLOC before its room: kept, or refused with the reason."""
+                  other_instance: Callable[[int, int], str | None]) -> list[Refusal]:
+        """An ALLOC before its room: kept (no refusal), or refused. It meets the
+        room's other early ALLOCs by the same rule as after `sender()`
+        (`rules.alloc_conflict`): where that fails the room, every early ALLOC
+        of it is answered and a later `sender()` starts FAILED."""
         pending = self._early.get(room, {})
-        inst = self._early_instance.get(room, instance_size)
-        other = other_instance(lang, next(iter(pending))) if pending else None
-        why = ("duplicate ALLOC" if lang in pending else
-               "instance_size disagrees" if inst != instance_size else
-               "fanout disagrees with the instance's other ranks"
-               if pending and next(iter(pending.values())).scatter != grant.scatter else
-               other if other else
-               f"too many ALLOCs waiting for data ({self._early_total})"
-               if self._early_total >= MAX_EARLY_ALLOCS else None)
-        if why is not None:
-            return Refusal(lang, room, f"bad ALLOC from language rank {lang}: {why}", grant)
+        conflict = alloc_conflict({rank: g.scatter for rank, g in pending.items()},
+                                  self._early_instance.get(room), lang, grant.scatter,
+                                  instance_size, other_instance)
+        if conflict is not None:
+            reason = f"bad ALLOC from language rank {lang}: {conflict[0]}"
+            out = [Refusal(lang, room, reason, grant)]
+            if conflict[1]:  # the room fails, as it would with its sender
+                out += self.drop(lambda rm, _lang, _g: rm == room, reason)
+                self._early_aborts[room] = EarlyAbort(reason, grant.arrived, lang,
+                                                      self._instance_of(lang))
+            return out
+        if self._early_total >= MAX_EARLY_ALLOCS:
+            return [Refusal(lang, room, f"bad ALLOC from language rank {lang}: too many "
+                                        f"ALLOCs waiting for data ({self._early_total})", grant)]
         self._early.setdefault(room, {})[lang] = grant
         self._early_instance[room] = instance_size
         self._early_total += 1
-        return None
+        return []
 
     def drop(self, match: Callable[[int, int, Grant], bool],
              reason: str = "") -> list[Refusal]:

@@ -94,6 +94,7 @@ from .room import (
     lane_total,
     set_status,
 )
+from .rules import alloc_conflict
 
 __all__ = ["Grant", "Lane", "LaneState", "SendMachine", "SendRoom", "lane_state", "set_status"]
 
@@ -156,20 +157,15 @@ class SendMachine:
         if r.failure is not None or r.ended:
             return [self.refuse(lang, r.room, f"ALLOC for a room that already failed: "
                                               f"{r.failure}", grant)]
-        if why is None and lang in r.lanes:
-            why = "duplicate ALLOC from this language rank"
-        if why is None and r.lanes:
-            intruder = other_instance(lang, next(iter(r.lanes)))
-            if intruder is not None:  # the room is another instance's: refuse only this ALLOC
+        if why is None:
+            conflict = alloc_conflict(
+                {rank: lane.slice_index is not None for rank, lane in r.lanes.items()},
+                r.instance_size, lang, grant.scatter, instance_size, other_instance)
+            if conflict is not None and not conflict[1]:  # another instance's room
                 return [self.refuse(lang, r.room, f"bad ALLOC from language rank {lang}: "
-                                                  f"{intruder}", grant),
+                                                  f"{conflict[0]}", grant),
                         CountFailure(FailureCause.BAD_MESSAGE)]
-        if why is None and r.instance_size not in (None, instance_size):
-            why = f"instance_size={instance_size} disagrees with {r.instance_size}"
-        if why is None and r.lanes and (
-                next(iter(r.lanes.values())).slice_index is not None) != grant.scatter:
-            why = (f"fanout={'scatter' if grant.scatter else 'copy'} disagrees with the "
-                   f"instance's other ranks")
+            why = None if conflict is None else conflict[0]
         if why is not None:
             why = f"bad ALLOC from language rank {lang}: {why}"
             return [self.refuse(lang, r.room, why, grant),

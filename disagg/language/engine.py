@@ -24,6 +24,7 @@ from ..config import DisaggConfig
 from ..control import ControlPort
 from ..errors import DisaggError, FailureCause, PeerLost
 from ..geometry import Geometry
+from ..plan import scatter_stride
 from ..pool import BlockPool
 from ..recycle import Recycler
 from ..shell import EngineShell
@@ -112,7 +113,7 @@ class LanguageEngine(EngineShell):
         lands every slice in place; the result is a view of the first seq_len."""
         if not self.scatter:
             return seq_len
-        return -(-seq_len // self.instance_size) * self.instance_size
+        return scatter_stride(seq_len, self.instance_size) * self.instance_size
 
     def land_in(self, r: RecvRoom, rows: int) -> None:
         """Give room `r` its result tensors of `rows` rows (lock held): carved

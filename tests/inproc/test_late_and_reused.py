@@ -273,3 +273,36 @@ def one_room(w: World, room: int, seq: int, *, lang: int = LANG) -> None:
     assert w.finish(r, f"room {room}") is SUCCESS, r.failure
     assert w.ended(s, f"sender {room}") is SUCCESS, s.failure
     assert mismatches(r.result(), d) == []
+
+
+@pytest.mark.parametrize("sender_first", [False, True], ids=["alloc_first", "sender_first"])
+def test_an_alloc_contradicting_its_instance_fails_the_room_whichever_came_first(
+        sender_first: bool) -> None:
+    """Issue 25 item 6, one rule for ALLOC admission: TP rank 2's ALLOC says
+    instance_size=1 where rank 1's said 2. The instance's view of the room is
+    inconsistent, so the room fails and both ranks are answered, whether the
+    Embedding caller's sender() came first or not (before, an ALLOC ahead of
+    sender() refused only itself, and rank 1 went on to SUCCESS alone)."""
+    with World(cfg(language_tp_size=2)) as w:
+        d = room_data(w.cfg, 21, 40)
+        s = w.emb().sender(21) if sender_first else None
+        r1 = w.lang(1).receiver(21, src_rank=EMB)
+        r2 = w.lang(2).receiver(21, src_rank=EMB)
+        assert r1.init()
+        w.deliver_all()
+        assert r2.init()
+        (env,) = w.control.drop(lambda e: isinstance(e.msg, wire.Alloc))
+        a = env.msg
+        assert isinstance(a, wire.Alloc)
+        w.control.inject(2, EMB, wire.encode(wire.Alloc(
+            a.room, a.lang_rank, 1, a.block_ids, a.allocated_tokens, a.direct)))
+        w.deliver_all()
+        if s is None:
+            s = w.emb().sender(21)
+        send(s, d)
+        assert w.ended(r1, "rank 1's room") is FAILED, r1.failure
+        assert w.ended(r2, "rank 2's room") is FAILED
+        assert w.ended(s, "the sender") is FAILED
+        assert "instance_size=1 disagrees with 2" in (s.failure or ""), s.failure
+        assert "instance_size=1 disagrees with 2" in (r1.failure or ""), r1.failure
+        w.settle_whole()
