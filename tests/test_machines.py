@@ -253,7 +253,6 @@ def deliver_meta(m: RecvMachine, r: RecvRoom) -> list:
                                                                   SEQ, SEQ, 3, ())
     a = m.owed(r, 0, meta)
     chunk = m.check_meta(r, a, meta)
-    r._chunk = chunk  # type: ignore[attr-defined]  # the payload's landing needs it
     return m.landing(r, a, meta, chunk)
 
 
@@ -272,7 +271,7 @@ def recv_state(ph: Phase) -> tuple[RecvMachine, RecvRoom]:
     if ph in (Phase.LANDING, Phase.PARTIAL, Phase.RESUMED, Phase.DONE):
         apply_recv(r, deliver_meta(m, r))
     if ph in (Phase.PARTIAL, Phase.RESUMED, Phase.DONE):
-        apply_recv(r, m.landed(r, r._chunk, None, 1.0))  # type: ignore[attr-defined]
+        apply_recv(r, m.landed(r, None, 1.0))
     if ph is Phase.RESUMED:
         apply_recv(r, m.resumed(r, Credit(r.received, [], SEQ - r.received, True)))
     assert phase(r) is ph
@@ -282,7 +281,7 @@ def recv_state(ph: Phase) -> tuple[RecvMachine, RecvRoom]:
 def _landed(m: RecvMachine, r: RecvRoom) -> list:
     if r.landing is None:
         raise LookupError("nothing landing")
-    return m.landed(r, r._chunk, None, 2.0)  # type: ignore[attr-defined]
+    return m.landed(r, None, 2.0)
 
 
 def _abort_frame(m: RecvMachine, r: RecvRoom) -> list:

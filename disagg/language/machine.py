@@ -40,7 +40,7 @@ free. `needs_resume` is exactly PARTIAL.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
 
 from ..errors import FailureCause, StreamBroken
 from ..plan import prepost_tokens, span
@@ -59,20 +59,10 @@ from .actions import (
     Untrack,
 )
 from .credit import Credit
-from .room import Phase, RecvRoom, needs_resume, phase, set_status
+from .room import Chunk, Phase, RecvRoom, needs_resume, phase, set_status
 
 __all__ = ["Chunk", "Phase", "Publish", "RecvMachine", "RecvRoom", "needs_resume", "phase",
            "set_status"]
-
-
-@dataclass(frozen=True)
-class Chunk:
-    """A DATA meta checked against the allocation it answers."""
-
-    num_tokens: int
-    token_offset: int
-    last: bool
-    corrupt: str | None  # why the room is corrupt (the stream is fine), or None
 
 
 # ---------------------------------------------------------------- transitions
@@ -206,6 +196,7 @@ class RecvMachine:
         blocks gives whole."""
         r.outstanding = None
         r.landing = a
+        r.landing_chunk = chunk
         r.given_all = bool(meta.flags & FLAG_GIVEN)
         if meta.first:  # aux that follow the payload replace these once landed
             r.seq_len, r.aux, r.span = meta.seq_len, meta.aux, self.span(meta.seq_len)
@@ -214,12 +205,49 @@ class RecvMachine:
             return [AskResume(r.received + chunk.num_tokens, at_least=len(a.block_ids))]
         return []
 
-    def landed(self, r: RecvRoom, chunk: Chunk, pair_down: str | None,
-               now: float) -> list[Action]:
+    @staticmethod
+    def spoiled(chunk: Chunk, why: str) -> Chunk:
+        """A chunk that cannot be the room's data (no output to land in, aux values
+        that disagree): it still lands, for the stream's sake, and the room
+        fails once it has (`landed`). The first reason stands."""
+        return chunk if chunk.corrupt is not None else dataclasses.replace(chunk, corrupt=why)
+
+    def output_failed(self, r: RecvRoom, chunk: Chunk, err: BaseException) -> Chunk:
+        """The room's result tensors could not be made for its first chunk."""
+        return self.spoiled(chunk, f"language rank {self.rank}: cannot allocate room "
+                                   f"{r.room}'s output: {err}")
+
+    def prepost_matches(self, r: RecvRoom, a: Credit, chunk: Chunk, room: RecvRoom,
+                        credit: Credit, num_tokens: int, token_offset: int,
+                        scratch: bool) -> Chunk:
+        """A DATA meta arrived where a pre-posted frame's recvs wait: it must be
+        exactly that frame (else the stream cannot be trusted); one posted into
+        scratch (no output could be made when it was asked for) is no data."""
+        if (r is not room or a is not credit or chunk.num_tokens != num_tokens
+                or chunk.token_offset != token_offset):
+            raise StreamBroken(f"language rank {self.rank}: room {r.room}'s chunk of "
+                               f"{chunk.num_tokens} tokens at {chunk.token_offset} is not "
+                               f"the pre-posted one ({num_tokens} at {token_offset} of "
+                               f"room {room.room})", room=r.room)
+        if not scratch:
+            return chunk
+        return self.spoiled(chunk, f"language rank {self.rank}: could not allocate room "
+                                   f"{r.room}'s output when its first chunk was asked for")
+
+    def aux_landed(self, r: RecvRoom, values: tuple[int, ...]) -> None:
+        """A first chunk's aux values (more than the meta holds) landed after its
+        payload: the meta's inline ones must be their head."""
+        if values[:len(r.aux)] != r.aux and r.landing_chunk is not None:
+            r.landing_chunk = self.spoiled(r.landing_chunk, f"language rank {self.rank}: "
+                                           f"room {r.room}'s aux values disagree with its "
+                                           f"meta frame")
+        r.aux = values
+
+    def landed(self, r: RecvRoom, pair_down: str | None, now: float) -> list[Action]:
         """The payload completed (host-observed): the allocation is answered."""
-        a = r.landing
-        assert a is not None
-        r.landing = None
+        a, chunk = r.landing, r.landing_chunk
+        assert a is not None and chunk is not None
+        r.landing = r.landing_chunk = None
         out: list[Action] = [Release(a)]
         r.received += chunk.num_tokens
         r.chunk_index += 1
@@ -293,7 +321,7 @@ class RecvMachine:
                 return [*out, *self.fail(r, f"language rank {self.rank}: {why}",
                                          FailureCause.PEER_LOST)]
             out.append(Release(r.landing))
-            r.landing = None
+            r.landing = r.landing_chunk = None
         return [*out, *self.fail(r, f"language rank {self.rank}: {why}", FailureCause.PEER_LOST),
                 *self._maybe_untrack(r)]
 

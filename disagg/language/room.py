@@ -25,6 +25,16 @@ class Phase(enum.Enum):
     FAILED = "failed"
 
 
+@dataclass(frozen=True)
+class Chunk:
+    """A DATA meta checked against the allocation it answers."""
+
+    num_tokens: int
+    token_offset: int
+    last: bool
+    corrupt: str | None  # why the room is corrupt (the stream is fine), or None
+
+
 @dataclass
 class RecvRoom:
     room: int
@@ -44,6 +54,9 @@ class RecvRoom:
     chunk_index: int = 0
     outstanding: Credit | None = None  # sent, not yet answered by a frame
     landing: Credit | None = None  # answered by a DATA meta, payload landing
+    # the chunk landing there, as the machine ruled on it (`RecvMachine.landing`;
+    # a ruling while it lands, e.g. its aux values, may mark it corrupt)
+    landing_chunk: Chunk | None = None
     outputs: dict[str, torch.Tensor] | None = None  # views of `buffers`' first rows
     buffers: BufferSet | None = None  # what outputs are carved from (`recycle.py`)
     alloc_sent: bool = False

@@ -14,7 +14,6 @@ is owed, so the next frame is never waiting for a late post.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 import time
@@ -324,13 +323,9 @@ class PairReceiver:
         with self.cv:
             r, a = self._owed_room(meta)
             chunk = e.machine.check_meta(r, a, meta)
-            if job is not None and (r is not job.room or a is not job.credit
-                                    or chunk.num_tokens != job.num_tokens
-                                    or chunk.token_offset != job.token_offset):
-                raise StreamBroken(f"language rank {e.rank}: room {r.room}'s chunk of "
-                                   f"{chunk.num_tokens} tokens at {chunk.token_offset} is not "
-                                   f"the pre-posted one ({job.num_tokens} at "
-                                   f"{job.token_offset} of room {job.room.room})", room=r.room)
+            if job is not None:
+                chunk = e.machine.prepost_matches(r, a, chunk, job.room, job.credit,
+                                                  job.num_tokens, job.token_offset, job.scratch)
             self.owed -= 1
             now = r.last_progress = e.clock()
             lo, hi = e.machine.span(meta.seq_len)
@@ -342,19 +337,13 @@ class PairReceiver:
                     try:
                         e.land_in(r, rows)
                     except (RuntimeError, MemoryError) as err:
-                        chunk = dataclasses.replace(
-                            chunk, corrupt=f"language rank {e.rank}: cannot allocate output: "
-                                           f"{err}")
+                        chunk = e.machine.output_failed(r, chunk, err)
             timing.chunk_arrived(e.stats, e.credits, r, hi - lo, now)
             aux = None
             if meta.aux_follows:  # one more tensor, after the payload
                 aux = torch.empty(meta.num_aux, dtype=torch.int64, device=e.device)
             if job is not None:
                 plan, dsts = job.plan, job.dsts
-                if job.scratch and chunk.corrupt is None:
-                    chunk = dataclasses.replace(
-                        chunk, corrupt=f"language rank {e.rank}: could not allocate room "
-                                       f"{r.room}'s output when its first chunk was asked for")
             else:
                 plan, dsts = destinations(e.geometry, e.pool, r, a, chunk.num_tokens,
                                           chunk.token_offset, e.device)
@@ -368,13 +357,8 @@ class PairReceiver:
             e.stats.observe("chunk_transfer_s", seconds)
             e.stats.add(bytes_received=landing.chunk.num_tokens * e.geometry.token_nbytes,
                         chunks=1)
-            r, chunk = landing.room, landing.chunk
+            r = landing.room
             if landing.aux is not None:
-                values = tuple(landing.aux.tolist())
-                if values[:len(r.aux)] != r.aux and chunk.corrupt is None:
-                    chunk = dataclasses.replace(
-                        chunk, corrupt=f"language rank {e.rank}: room {r.room}'s aux values "
-                                       f"disagree with its meta frame")
-                r.aux = values
-            e.execute(r, e.machine.landed(r, chunk, self.dead, e.clock()))
+                e.machine.aux_landed(r, tuple(landing.aux.tolist()))
+            e.execute(r, e.machine.landed(r, self.dead, e.clock()))
             self.cv.notify_all()
