@@ -462,3 +462,32 @@ def test_module_docstring_shows_the_tested_table(module: str, table: dict,
     doc = importlib.import_module(module).__doc__ or ""
     missing = [row for row in render(table, events) if row not in doc]
     assert not missing, "docstring out of date; these rows are missing:\n" + "\n".join(missing)
+
+
+# ---------------------------------------------------------------- the Embedding side's pair
+
+def test_send_pair_defers_a_waiting_preposted_answer_only_for_another_rooms_frame() -> None:
+    """`embedding.pair.SendPair`, every case: nothing waits; the waiting answer's
+    own room (its frame is the answer, or follows it); another room's frame
+    (the waiting one is deferred, once); a grant deferred already (a partial
+    progressive part did it); the pair lost."""
+    from disagg.embedding.pair import SendPair
+
+    def pre(key: int = 0) -> Grant:
+        return Grant(key, (0,), BS, False, 0.0, preposted=True, expect=BS)
+
+    p = SendPair()
+    assert p.before_frame(7) is None
+    g = pre()
+    p.posted(7, g)
+    assert p.before_frame(7) is None and g.preposted  # its own room: no DEFER
+    p.posted(7, g)
+    assert p.before_frame(8) == (7, g) and not g.preposted  # deferred
+    assert p.before_frame(8) is None  # once
+    g2 = pre()
+    p.posted(7, g2)
+    g2.preposted = False  # deferred meanwhile by a partial part
+    assert p.before_frame(8) is None
+    p.posted(7, pre())
+    p.lost()
+    assert p.before_frame(8) is None

@@ -45,7 +45,8 @@ from .actions import (
 from .admission import Admission
 from .lobby import Lobby, Refusal
 from .machine import SendMachine
-from .room import Grant, Lane, SendRoom, set_status
+from .pair import SendPair
+from .room import Lane, SendRoom, set_status
 from .sender import Sender
 from .stream import Frame, SendStreams, abort_frame, data_frame, defer_frame, filler
 
@@ -67,9 +68,9 @@ class EmbeddingEngine(EngineShell):
         self.machine = SendMachine(rank, geometry, topology, cfg.bootstrap_timeout)
         self._transports = transports
         self._streams = SendStreams(rank, transports)
-        # per Language rank: the (room, grant) whose answer's recvs it posted, not
-        # yet answered; any other frame for that pair DEFERs it first (`_submit`)
-        self._preposted: dict[int, tuple[int, Grant]] = {}
+        # per Language rank: its stream's state beyond the lanes (`pair.SendPair`:
+        # the pre-posted answer that waits; any other room's frame DEFERs it first)
+        self._pairs: dict[int, SendPair] = collections.defaultdict(SendPair)
         self._rooms: dict[int, SendRoom] = {}
         self.lobby = Lobby(cfg.bootstrap_timeout, topology.instance_of)
         self.admission = Admission(self.machine, self.lobby, geometry, topology, peer_num_blocks)
@@ -199,7 +200,7 @@ class EmbeddingEngine(EngineShell):
                 self._submit(a.lang_rank, defer_frame(
                     a.room, filler(self.geometry, a.grant, self.device), _ignore))
             elif isinstance(a, Preposted):
-                self._preposted[a.lang_rank] = (a.room, a.grant)
+                self._pairs[a.lang_rank].posted(a.room, a.grant)
             elif isinstance(a, DropPair):
                 self._pair_lost(a.lang_rank, PeerLost(a.reason, peer=a.lang_rank))
             elif isinstance(a, SendReject):
@@ -212,12 +213,11 @@ class EmbeddingEngine(EngineShell):
                 self._end(a)
 
     def _submit(self, lang: int, frame: Frame) -> None:
-        waiting = self._preposted.pop(lang, None)
-        if waiting is not None and waiting[0] != frame.meta.room and waiting[1].preposted:
+        waiting = self._pairs[lang].before_frame(frame.meta.room)
+        if waiting is not None:
             # `lang` posted the recvs of another room's answer, which is not ready:
             # fill them, so this frame goes now; that answer comes later, ordinary
             room, grant = waiting
-            grant.preposted = False
             self.stats.add(deferred=1)
             self._submit(lang, defer_frame(room, filler(self.geometry, grant, self.device),
                                            _ignore))
@@ -282,7 +282,7 @@ class EmbeddingEngine(EngineShell):
         agree the pair is gone. Idempotent."""
         if not self.liveness.mark_dead(lang, str(err)):
             return
-        self._preposted.pop(lang, None)
+        self._pairs[lang].lost()
         if not self._closing:
             log.log(logging.INFO if clean else logging.WARNING,
                     "embedding rank %d: language rank %d is down: %s", self.rank, lang, err)

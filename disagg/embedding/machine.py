@@ -83,6 +83,7 @@ from .actions import (
     SendDefer,
     SendReject,
 )
+from .pair import defer
 from .room import (
     Grant,
     Lane,
@@ -370,7 +371,7 @@ class SendMachine:
             if n and offset + n > r.given:
                 # a progressive send gave only some of it (whether the part or the
                 # grant came first): DEFER, and an ordinary chunk leaves at once
-                grant.preposted = False
+                defer(grant)
                 return [SendDefer(r.room, lane.lang_rank, grant), *self._schedule(r, lane)]
         elif hi > lo and offset >= r.given:
             return []  # its data is not given yet: the grant waits for the next part
