@@ -4,7 +4,8 @@ that names it, and leaves the room untouched)."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import threading
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -16,9 +17,32 @@ from ..wire import MAX_AUX
 from .admission import budget_blocks
 
 if TYPE_CHECKING:
+    from ..pool import BlockAllocator
+    from ..stats import Stats
     from .actions import Action
-    from .engine import EmbeddingEngine
-    from .machine import SendRoom
+    from .machine import SendMachine, SendRoom
+
+
+class SenderHost(Protocol):
+    """What a `Sender` needs of its engine (`EmbeddingEngine` is one): the handle
+    depends on this, not on the engine."""
+
+    cfg: DisaggConfig
+    geometry: Geometry
+    device: torch.device
+    rank: int
+    cond: threading.Condition
+    machine: SendMachine
+    budget: BlockAllocator
+    stats: Stats
+
+    def clock(self) -> float: ...
+
+    def execute(self, actions: list[Action]) -> None: ...
+
+    def flush(self) -> None: ...
+
+    def poll(self, room: SendRoom) -> TransferStatus: ...
 
 
 class Sender:
@@ -28,7 +52,7 @@ class Sender:
     machine, has the engine execute what it returns, and posts the frames it
     scheduled once the lock is released."""
 
-    def __init__(self, engine: EmbeddingEngine, state: SendRoom) -> None:
+    def __init__(self, engine: SenderHost, state: SendRoom) -> None:
         self._engine = engine
         self._r = state
         self.room = state.room

@@ -18,7 +18,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
@@ -33,7 +33,35 @@ from .credit import Credit
 from .machine import Chunk, RecvRoom
 
 if TYPE_CHECKING:
-    from .engine import LanguageEngine
+    from ..stats import Stats
+    from .actions import Action
+    from .credit import Credits
+    from .machine import RecvMachine
+
+
+class StreamHost(Protocol):
+    """What a pair's receive thread needs of its engine (`LanguageEngine` is one):
+    the stream depends on this, not on the engine."""
+
+    rank: int
+    geometry: Geometry
+    pool: BlockPool
+    device: torch.device
+    stats: Stats
+    credits: Credits
+    rooms: dict[int, RecvRoom]
+    machine: RecvMachine
+
+    def clock(self) -> float: ...
+
+    def execute(self, r: RecvRoom, actions: list[Action]) -> None: ...
+
+    def output_rows(self, seq_len: int) -> int: ...
+
+    def land_in(self, r: RecvRoom, rows: int) -> None: ...
+
+    def pair_lost(self, pair: PairReceiver, err: BaseException, *,
+                  from_thread: bool = True, clean: bool = False, tell: bool = True) -> None: ...
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +136,7 @@ class PairReceiver:
     """The one thread that reads a pair's stream (from Embedding rank `src`).
     `owed`, `dead` and `stopping` are guarded by the engine lock (`cv`)."""
 
-    def __init__(self, engine: LanguageEngine, src: int, transport: PairTransport,
+    def __init__(self, engine: StreamHost, src: int, transport: PairTransport,
                  cv: threading.Condition) -> None:
         self.engine = engine
         self.src = src
