@@ -144,8 +144,8 @@ class Lobby:
             out = [Refusal(lang, room, reason, grant)]
             if conflict[1]:  # the room fails, as it would with its sender
                 out += self.drop(lambda rm, _lang, _g: rm == room, reason)
-                self._early_aborts[room] = EarlyAbort(reason, grant.arrived, lang,
-                                                      self._instance_of(lang))
+                self._note_abort(room, EarlyAbort(reason, grant.arrived, lang,
+                                                  self._instance_of(lang)))
             return out
         if self._early_total >= MAX_EARLY_ALLOCS:
             return [Refusal(lang, room, f"bad ALLOC from language rank {lang}: too many "
@@ -191,12 +191,15 @@ class Lobby:
                             f"aborted by language rank {lang}: {reason}")
         elif self.late(room, lang) is not None:
             return out
-        self._early_aborts[room] = EarlyAbort(
+        self._note_abort(room, EarlyAbort(
             f"aborted by language rank {lang} before this rank had the room's data: {reason}",
-            now, lang, self._instance_of(lang))
-        while len(self._early_aborts) > MAX_TOMBSTONES:
-            self._early_aborts.popitem(last=False)
+            now, lang, self._instance_of(lang)))
         return out
+
+    def _note_abort(self, room: int, abort: EarlyAbort) -> None:
+        self._early_aborts[room] = abort
+        while len(self._early_aborts) > MAX_TOMBSTONES:  # bounded, like the tombstones
+            self._early_aborts.popitem(last=False)
 
     def bury(self, room: int, outcome: str, ended_on: set[int]) -> None:
         instance = self._instance_of(next(iter(ended_on))) if ended_on else None
