@@ -20,6 +20,7 @@ milliseconds, and a peer lost meanwhile holds only its own thread).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
@@ -38,7 +39,7 @@ from .transport import TorchPairTransport
 
 log = logging.getLogger(__name__)
 
-HANDSHAKE_S = 5.0  # how long a forming pair waits for its peer's hello before retrying
+HELLO_POLL_S = (0.002, 0.05)  # a forming pair looks for its peer's hello this often (first, at most)
 
 
 def connect_store(rendezvous: str, timeout_s: float) -> dist.TCPStore:
@@ -84,14 +85,9 @@ class Roster:
         self.names: dict[int, str] = {}  # usable now: id -> name
         self.refused: dict[int, str] = {}  # id -> why its pair was refused (geometry)
         self.store_error: str | None = None  # the store is unreachable (live pairs go on)
-        # members whose pair is to be formed, by the one pair thread, lowest id
-        # first (one at a time, in one order everywhere: no two ranks wait for
-        # each other's constructor in a cycle)
-        self._pending: dict[int, Member] = {}
-        self._retry_at: dict[int, float] = {}
-        self._wake = threading.Condition(self._lock)
-        self._pair_thread = threading.Thread(target=self._form_pairs, daemon=True,
-                                             name=f"disagg-pairs-{me.id}")
+        # one thread per pair being formed: each waits for its own peer's hello,
+        # and a constructor releases the GIL, so pairs never wait on each other
+        self._forming: dict[int, threading.Thread] = {}
         self._epoch = -1
         self._lease = 0
         self._stop = threading.Event()
@@ -108,23 +104,25 @@ class Roster:
         self.store.add(key("lease", self.me.id), 1)
         self.store.add(key("epoch"), 1)
         self._thread.start()
-        self._pair_thread.start()
         self._first_pass.wait(settle_s)
         deadline = time.monotonic() + settle_s
-        with self._lock:
-            self._wake.wait_for(lambda: not self._pending, max(0.0, deadline - time.monotonic()))
+        for t in self._threads_forming():
+            t.join(max(0.0, deadline - time.monotonic()))
 
     def halt(self, timeout_s: float) -> None:
         """Stop the thread: nobody joins or leaves this rank's view any more."""
         self._stop.set()
-        with self._lock:
-            self._wake.notify_all()
-        for t in (self._thread, self._pair_thread):
+        deadline = time.monotonic() + timeout_s
+        for t in [self._thread, *self._threads_forming()]:
             if t.is_alive():
-                t.join(timeout_s)
+                t.join(max(0.0, deadline - time.monotonic()))
             if t.is_alive():  # a pair's constructor waiting for a peer lost meanwhile
                 log.error("rank id %d: %s still running after %.1fs (it ends at the pair's "
                           "timeout)", self.me.id, t.name, timeout_s)
+
+    def _threads_forming(self) -> list[threading.Thread]:
+        with self._lock:
+            return list(self._forming.values())
 
     def leave(self) -> None:
         """Delete this rank's entries (a clean shutdown leaves nothing of its own
@@ -202,7 +200,6 @@ class Roster:
                 self.known.pop(i, None)
                 self.names.pop(i, None)
                 self.refused.pop(i, None)
-                self._pending.pop(i, None)
             self._on_gone(i, why)
         for m in result.joined:
             self._join(m, now)
@@ -232,48 +229,57 @@ class Roster:
                 self.known[m.id] = Seen(m, -1, now)
                 self.refused[m.id] = why
             return
+        t = threading.Thread(target=self._form, args=(m,), daemon=True,
+                             name=f"disagg-pair-{self.me.id}-{m.id}")
         with self._lock:
             self.known[m.id] = Seen(m, -1, now)
-            self._pending[m.id] = m
-            self._wake.notify_all()
+            self._forming[m.id] = t
+        t.start()
 
-    def _form_pairs(self) -> None:
-        """The pair thread: form pending pairs one at a time, lowest id first."""
-        while True:
+    def _hello(self, base: str, mine: str, theirs: str, m: Member) -> bool:
+        """Say this rank is ready to construct the pair, and wait for the peer to
+        say so, for as long as it is a member and this rank runs. A hello stands
+        only while its rank waits for this very pair in a thread of its own, so
+        both constructors meet: there is no stale hello, and no two pairs
+        wait on each other."""
+        self.store.set(f"{base}/hello/{mine}", "1")
+        delay = HELLO_POLL_S[0]
+        while not self._stop.is_set():
             with self._lock:
-                now = time.monotonic()
-                ready = [i for i in self._pending if self._retry_at.get(i, 0.0) <= now]
-                if self._stop.is_set():
-                    return
-                if not ready:
-                    self._wake.wait(POLL_S)
-                    continue
-                m = self._pending[min(ready)]
-            formed = self._form(m)
-            with self._lock:
-                if formed:
-                    self._pending.pop(m.id, None)
+                member = m.id in self.known
+            if not member:
+                break
+            try:  # check, not wait: a store wait that times out logs a warning each time
+                if self.store.check([f"{base}/hello/{theirs}"]):
+                    return True
+            except (RuntimeError, dist.DistError):
+                pass  # the store is away: look again
+            self._stop.wait(delay)
+            delay = min(delay * 2, HELLO_POLL_S[1])
+        with contextlib.suppress(RuntimeError, dist.DistError):
+            self.store.delete_key(f"{base}/hello/{mine}")
+        return False
+
+    def _form(self, m: Member) -> None:
+        """The pair's thread: a handshake (both ends are here), then the backend's
+        constructor on the pair's prefix of the store."""
+        try:
+            if self._make(m):
+                with self._lock:
                     if m.id in self.known:
                         self.names[m.id] = m.name
-                else:
-                    self._retry_at[m.id] = time.monotonic() + HANDSHAKE_S
-                self._wake.notify_all()
+        finally:
+            with self._lock:
+                self._forming.pop(m.id, None)
 
-    def _form(self, m: Member) -> bool:
-        """Make the pair's group: a handshake (both ends are here), then the
-        backend's constructor on the pair's prefix of the store."""
+    def _make(self, m: Member) -> bool:
         e, lang = (self.me.id, m.id) if self.embedding else (m.id, self.me.id)
         base = key("pair", e, lang)
         mine, theirs = ("e", "l") if self.embedding else ("l", "e")
         added = False
         try:
-            self.store.set(f"{base}/hello/{mine}", "1")
-            try:
-                self.store.wait([f"{base}/hello/{theirs}"],
-                                datetime.timedelta(seconds=HANDSHAKE_S))
-            except BaseException:
-                self.store.delete_key(f"{base}/hello/{mine}")  # not here now: no stale hello
-                raise
+            if not self._hello(base, mine, theirs, m):
+                return False
             timeout = datetime.timedelta(seconds=self.pair_timeout_s)
             prefix = dist.PrefixStore(f"{base}/pg", self.store)
             if self.device.type == "cuda":
@@ -297,11 +303,12 @@ class Roster:
             self.store.delete_key(f"{base}/hello/{mine}")
             if self.device.type != "cuda":  # Gloo's rendezvous key of the peer: read, done
                 self.store.delete_key(f"{base}/pg/0/{1 if self.embedding else 0}")
-        except Exception as err:  # the peer is not (yet) there: try again later
-            if added:  # the pair was made but broke at once: a peer lost, not retried
+        except Exception as err:  # the peer went away as the pair formed
+            log.warning("rank id %d: pair with %d not formed: %s", self.me.id, m.id, err)
+            if added:
                 self._on_gone(m.id, f"its pair broke as it formed: {err}")
-                return True
-            log.info("rank id %d: pair with %d not formed yet: %s", self.me.id, m.id, err)
+            with self._lock:  # seen again at a later rescan, if it is still a member
+                self.known.pop(m.id, None)
             return False
         return True
 
