@@ -177,14 +177,10 @@ class LanguageEngine(EngineShell):
         is told why, so it tears the pair down too."""
         why = f"stream from embedding rank {pair.src} lost: {err}"
         with self._lock:
-            if pair.dead is None:
-                pair.dead = str(err)
-                if not self._closing and not clean:
-                    log.error("language rank %d: %s", self.rank, why)
-                    if tell:
-                        self._post(pair.src, PairDown(self.rank, why))
-            pair.owed = 0
-            pair.cv.notify_all()
+            if pair.lose(str(err)) and not self._closing and not clean:
+                log.error("language rank %d: %s", self.rank, why)
+                if tell:
+                    self._post(pair.src, PairDown(self.rank, why))
             self._fail_rooms_from(pair.src, why, release_landing=from_thread)
 
     def _fail_rooms_from(self, src: int, why: str, *, release_landing: bool) -> None:
@@ -295,7 +291,7 @@ class LanguageEngine(EngineShell):
                 if r.outstanding is a.credit:  # else its ALLOC/RESUME could not be sent
                     self._prepost(r, a)
             elif isinstance(a, Disown):
-                self.pair(r.src_rank).owed -= 1
+                self.pair(r.src_rank).disown()
             elif isinstance(a, Release):
                 self.credits.release(r.room, a.credit)
             elif isinstance(a, AskResume):

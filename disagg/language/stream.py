@@ -160,10 +160,31 @@ class PairReceiver:
                                        name=f"disagg-recv-{src}->{engine.rank}")
         self.thread.start()
 
+    # `owed` changes here only (engine lock held): one more frame is owed, an
+    # allocation that could not be announced owes none, a frame arrived, or
+    # the pair is lost and nothing more will come.
+
     def expect(self) -> None:
-        """One more frame is owed (engine lock held)."""
+        """One more frame is owed: an ALLOC or RESUME was sent."""
         self.owed += 1
         self.cv.notify_all()
+
+    def disown(self) -> None:
+        """The ALLOC or RESUME counted by `expect` could not be sent: no frame comes."""
+        self.owed -= 1
+
+    def answered(self) -> None:
+        """A frame arrived: it answers one owed allocation."""
+        self.owed -= 1
+
+    def lose(self, why: str) -> bool:
+        """The stream is unusable: nothing more is read from it. True the first time."""
+        first = self.dead is None
+        if first:
+            self.dead = why
+        self.owed = 0
+        self.cv.notify_all()
+        return first
 
     def prepost(self, job: Job) -> None:
         """Post `job`'s recvs as the next ones on the stream (engine lock held;
@@ -340,7 +361,7 @@ class PairReceiver:
         e = self.engine
         with self.cv:
             r, _ = self._owed_room(meta)
-            self.owed -= 1
+            self.answered()
             e.execute(r, e.machine.abort_frame(r, reason, self.src))
 
     def _data_arrived(self, meta: Meta, job: Job | None = None) -> Landing:
@@ -354,7 +375,7 @@ class PairReceiver:
             if job is not None:
                 chunk = e.machine.prepost_matches(r, a, chunk, job.room, job.credit,
                                                   job.num_tokens, job.token_offset, job.scratch)
-            self.owed -= 1
+            self.answered()
             now = r.last_progress = e.clock()
             lo, hi = e.machine.span(meta.seq_len)
             if meta.first:
