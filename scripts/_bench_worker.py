@@ -138,8 +138,11 @@ class _Rank:
             self.room += 1
             s.send(self.emb, self.ids, self.pos)
             senders.append(s)
-        for s in senders:
-            _expect(_settle(s, caller), s)
+        if caller == "serving":
+            _serve(senders)
+        else:
+            for s in senders:
+                _expect(_settle(s, caller), s)
         return []
 
     def _disagg_init(self, k: int, known: bool) -> list[disagg.Receiver]:
@@ -156,10 +159,13 @@ class _Rank:
     def _disagg_recv(self, k: int, check: bool, caller: str, known: bool) -> list[float]:
         more = self.sc.alloc_tokens if self.sc.manual_resume else None
         recvs, self.ready = self.ready or self._disagg_init(k, known), []
-        done = []
-        for r in recvs:  # in start order: a room's end is seen once those before it ended
-            _finish(r, more, caller)
-            done.append(time.monotonic())
+        if caller == "serving":  # every live room looked at once per loop iteration
+            done = _serve(recvs, more)
+        else:
+            done = []
+            for r in recvs:  # in start order: a room's end is seen once those before it ended
+                _finish(r, more, caller)
+                done.append(time.monotonic())
         if check:
             for r in recvs:
                 res = r.result()
@@ -246,6 +252,30 @@ def _settle(room: disagg.Sender | disagg.Receiver, caller: str) -> TransferStatu
             return st
         if caller == "serving":
             _busy(SERVING_WORK_S)
+
+
+def _serve(rooms: list[disagg.Sender] | list[disagg.Receiver], resume_tokens: int | None = None) -> list[float]:
+    """A serving loop: each iteration does SERVING_WORK_S of Python, then looks
+    at every live room once (a receiver that asks is resumed there), as an
+    engine's scheduler does. Returns when each room was first seen ended, in
+    the rooms' order."""
+    ends: dict[int, float] = {}
+    live = list(rooms)
+    deadline = time.monotonic() + WAIT_S
+    while True:
+        for room in list(live):
+            st = room.poll()
+            if st in TERMINAL:
+                _expect(st, room)
+                ends[id(room)] = time.monotonic()
+                live.remove(room)
+            elif isinstance(room, disagg.Receiver) and room.needs_resume:
+                room.resume(resume_tokens)
+        if not live:
+            return [ends[id(room)] for room in rooms]
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{len(live)} room(s) not ended in {WAIT_S:.0f}s")
+        _busy(SERVING_WORK_S)
 
 
 def _finish(r: disagg.Receiver, resume_tokens: int | None, caller: str = "wait") -> None:
