@@ -90,6 +90,7 @@ class Roster:
         self._forming: dict[int, threading.Thread] = {}
         self._epoch = -1
         self._lease = 0
+        self._collected = False  # a peer collected this rank's record (see `_rescan`)
         self._stop = threading.Event()
         self._first_pass = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True,
@@ -165,6 +166,7 @@ class Roster:
                     next_rescan = now + max(POLL_S, self.peer_timeout / 4)
                 if self.store_error is not None:
                     log.warning("rank id %d: the rendezvous store is back", self.me.id)
+                    self._grace(time.monotonic())
                 self.store_error = None
             except (RuntimeError, dist.DistError) as e:
                 if self.store_error is None:
@@ -175,7 +177,22 @@ class Roster:
             self._first_pass.set()
             self._stop.wait(POLL_S)
 
+    def _grace(self, now: float) -> None:
+        """The store was away: nobody could bump a lease meanwhile, so every
+        member's lease counts as moved now (none is collected for the outage)."""
+        with self._lock:
+            for seen in self.known.values():
+                seen.lease_moved_at = now
+
     def _rescan(self, now: float) -> None:
+        if not self._collected and not self.store.check([key("m", self.me.id)]):
+            # a peer collected this rank (its lease stood still, e.g. a stall longer
+            # than peer_timeout): the others have dropped it, and it cannot be met
+            # again under this id; the job must join again (restart)
+            self._collected = True
+            log.error("rank id %d: this rank was collected from the rendezvous store (its "
+                      "lease stood still for peer_timeout): peers no longer use it; restart "
+                      "this job to join again", self.me.id)
         ids = self._candidate_ids()
         present = [i for i in ids if self.store.check([key("m", i)])]
         records: dict[int, Member] = {}

@@ -118,3 +118,22 @@ def test_an_id_met_by_another_tp_rank_first_waits_for_its_pair_here() -> None:
         assert "no member of the deployment" in (gone.failure or "")
         forming.abort("test over")
         w.close(check=False)
+
+
+def test_a_store_outage_collects_nobody_for_it() -> None:
+    """Nobody can bump a lease while the rendezvous store is away: when it is
+    back, every member's lease counts as moved then (`Roster._grace`), so one
+    whose first bump after the outage comes a little after this rank's first
+    rescan is not collected for the outage."""
+    import torch
+
+    from disagg.jobs import Roster
+    me = member(EMBEDDING_IDS, "llm/0", role="language")
+    roster = Roster(None, me, Geometry.from_config(DisaggConfig(hidden_size=32, block_size=8)),
+                    1, torch.device("cpu"), 10.0, 2.0, lambda m, t: None, lambda i, w: None)
+    roster.known = {0: Seen(member(0, "a"), 4, 10.0)}
+    stale = scan(dict(roster.known), {0: member(0, "a")}, {0: 4}, 20.0, 2.0)
+    assert stale.collect == [0]  # without the grace: collected for the outage
+    roster.known = {0: Seen(member(0, "a"), 4, 10.0)}
+    roster._grace(20.0)
+    assert not scan(roster.known, {0: member(0, "a")}, {0: 4}, 21.0, 2.0).left
