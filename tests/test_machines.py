@@ -55,7 +55,10 @@ def send_machine() -> SendMachine:
 
 
 def names(actions: list) -> list[str]:
-    return [type(a).__name__ for a in actions]
+    """Each action's kind; an ABORT frame padded to a pre-posted allocation's
+    sizes (DESIGN 0.2) shows as such."""
+    return [type(a).__name__ + ("(padded)" if getattr(a, "pad", None) is not None else "")
+            for a in actions]
 
 
 def grant(key: int, blocks: int) -> Grant:
@@ -94,9 +97,19 @@ def send_state(state: LaneState) -> tuple[SendMachine, SendRoom]:
     return m, r
 
 
+def preposted_resume(m: SendMachine, r: SendRoom) -> list:
+    """A RESUME whose answer's recvs are posted (wire FLAG_PREPOSTED): direct, and
+    saying the tokens they expect (what is due, or one block where nothing is)."""
+    key = r.lanes[LANG].sent_tokens
+    expect = min(SEQ - key, BS) if key < SEQ else BS
+    return m.resume(r, LANG, Grant(key, (0,), BS, True, 0.0, preposted=True, expect=expect),
+                    None)
+
+
 SEND_EVENTS: dict[str, Callable[[SendMachine, SendRoom], list]] = {
     "data": lambda m, r: data(m, r),
     "resume": lambda m, r: m.resume(r, LANG, grant(r.lanes[LANG].sent_tokens, 1), None),
+    "resume_preposted": preposted_resume,
     "frame_done": lambda m, r: m.frame_done(r, r.lanes[LANG], data=not r.lanes[LANG].aborting,
                                             nbytes=1, err=None, lane_down=None, now=1.0),
     "send_failed": lambda m, r: m.frame_done(r, r.lanes[LANG], data=True, nbytes=1,
@@ -115,6 +128,8 @@ SEND_TABLE: dict[LaneState, dict[str, tuple[list[str], LaneState, TransferStatus
     LaneState.GRANTED: {
         "data": (["SendData"], LaneState.SENDING, T),
         "resume": ([], LaneState.GRANTED, W),  # key 0 again: a repeat
+        # key 0 again: a repeat, ignored (a genuine rank never repeats one)
+        "resume_preposted": ([], LaneState.GRANTED, W),
         "frame_done": _, "send_failed": _,
         "abort": (["CountFailure", "SendAbortFrame"], LaneState.ABORTING, W),
         "peer_abort": (["CountFailure", "SendAbortFrame"], LaneState.ABORTING, W),
@@ -126,6 +141,8 @@ SEND_TABLE: dict[LaneState, dict[str, tuple[list[str], LaneState, TransferStatus
     LaneState.SENDING: {
         "data": _,
         "resume": (["Count", "SendData"], LaneState.SENDING, T),  # eager: next chunk queued
+        # an eager resume whose recvs are posted: its chunk is the exact size posted
+        "resume_preposted": (["Count", "Preposted", "SendData"], LaneState.SENDING, T),
         "frame_done": (["Count"], LaneState.WAIT_RESUME, T),
         "send_failed": (["CountFailure", "SendReject", "End"], LaneState.CLOSED, F),
         # the chunk on the wire decides when the room ends; the reason goes by REJECT
@@ -139,6 +156,7 @@ SEND_TABLE: dict[LaneState, dict[str, tuple[list[str], LaneState, TransferStatus
     LaneState.WAIT_RESUME: {
         "data": _,
         "resume": (["Count", "SendData"], LaneState.SENDING, T),
+        "resume_preposted": (["Count", "Preposted", "SendData"], LaneState.SENDING, T),
         "frame_done": _, "send_failed": _,
         "abort": (["CountFailure", "SendReject", "End"], LaneState.CLOSED, F),
         "peer_abort": (["CountFailure", "SendReject", "End"], LaneState.CLOSED, F),
@@ -151,6 +169,8 @@ SEND_TABLE: dict[LaneState, dict[str, tuple[list[str], LaneState, TransferStatus
         # a RESUME after every token was sent is refused; the last chunk on the
         # wire still decides the room (DESIGN, "Outcomes agree")
         "resume": (["SendAbortFrame"], LaneState.SENT_LAST, T),
+        # refused, padded to the sizes the rank says it posted (issue 23)
+        "resume_preposted": (["SendAbortFrame(padded)"], LaneState.SENT_LAST, T),
         "frame_done": (["Count", "End"], LaneState.DONE, S),
         "send_failed": (["CountFailure", "SendReject", "End"], LaneState.CLOSED, F),
         # the last chunk is on the wire: its completion decides, whoever aborts
@@ -165,6 +185,7 @@ SEND_TABLE: dict[LaneState, dict[str, tuple[list[str], LaneState, TransferStatus
     LaneState.DONE: {
         "data": _,
         "resume": (["SendAbortFrame"], LaneState.DONE, S),  # refused: the room ended
+        "resume_preposted": (["SendAbortFrame(padded)"], LaneState.DONE, S),
         "frame_done": _, "send_failed": _,
         "abort": ([], LaneState.DONE, S), "peer_abort": ([], LaneState.DONE, S),
         "peer_lost": ([], LaneState.DONE, S), "peer_bye": ([], LaneState.DONE, S),
@@ -173,6 +194,7 @@ SEND_TABLE: dict[LaneState, dict[str, tuple[list[str], LaneState, TransferStatus
     LaneState.ABORTING: {
         "data": _,
         "resume": (["SendAbortFrame"], LaneState.ABORTING, W),  # refused: the room failed
+        "resume_preposted": (["SendAbortFrame(padded)"], LaneState.ABORTING, W),
         "frame_done": (["End"], LaneState.CLOSED, F),
         "send_failed": _,
         "abort": ([], LaneState.ABORTING, W), "peer_abort": ([], LaneState.ABORTING, W),
@@ -182,6 +204,7 @@ SEND_TABLE: dict[LaneState, dict[str, tuple[list[str], LaneState, TransferStatus
     LaneState.CLOSED: {
         "data": _, "frame_done": _, "send_failed": _,
         "resume": (["SendAbortFrame"], LaneState.CLOSED, F),
+        "resume_preposted": (["SendAbortFrame(padded)"], LaneState.CLOSED, F),
         "abort": ([], LaneState.CLOSED, F), "peer_abort": ([], LaneState.CLOSED, F),
         "peer_lost": ([], LaneState.CLOSED, F), "peer_bye": ([], LaneState.CLOSED, F),
         "timeout": ([], LaneState.CLOSED, F),

@@ -41,15 +41,15 @@ silent for peer_timeout, its stream broken, or it tore the pair down) ends
 the room at once, frame on the wire or not: its lane is given up, the frame
 is the transport's business, and the budget waits for it (the engine).
 
-| state | data | resume | frame_done | send_failed | abort | peer_abort | peer_lost | peer_bye | timeout |
-|---|---|---|---|---|---|---|---|---|---|
-| GRANTED | SENDING: SendData (TRANSFERRING) | GRANTED (WAITING_FOR_INPUT) | - | - | ABORTING: CountFailure, SendAbortFrame (WAITING_FOR_INPUT) | ABORTING: CountFailure, SendAbortFrame (WAITING_FOR_INPUT) | CLOSED: CountFailure, SendReject, End (FAILED) | CLOSED: CountFailure, SendReject, End (FAILED) | ABORTING: CountFailure, SendAbortFrame (WAITING_FOR_INPUT) |
-| SENDING | - | SENDING: Count, SendData (TRANSFERRING) | WAIT_RESUME: Count (TRANSFERRING) | CLOSED: CountFailure, SendReject, End (FAILED) | SENDING: CountFailure, SendReject (TRANSFERRING) | SENDING: CountFailure, SendReject (TRANSFERRING) | CLOSED: CountFailure, SendReject, End (FAILED) | SENDING: CountFailure, SendReject (TRANSFERRING) | SENDING (TRANSFERRING) |
-| WAIT_RESUME | - | SENDING: Count, SendData (TRANSFERRING) | - | - | CLOSED: CountFailure, SendReject, End (FAILED) | CLOSED: CountFailure, SendReject, End (FAILED) | CLOSED: CountFailure, SendReject, End (FAILED) | CLOSED: CountFailure, SendReject, End (FAILED) | CLOSED: CountFailure, SendReject, End (FAILED) |
-| SENT_LAST | - | SENT_LAST: SendAbortFrame (TRANSFERRING) | DONE: Count, End (SUCCESS) | CLOSED: CountFailure, SendReject, End (FAILED) | SENT_LAST (TRANSFERRING) | SENT_LAST (TRANSFERRING) | CLOSED: CountFailure, SendReject, End (FAILED) | SENT_LAST (TRANSFERRING) | SENT_LAST (TRANSFERRING) |
-| DONE | - | DONE: SendAbortFrame (SUCCESS) | - | - | DONE (SUCCESS) | DONE (SUCCESS) | DONE (SUCCESS) | DONE (SUCCESS) | DONE (SUCCESS) |
-| ABORTING | - | ABORTING: SendAbortFrame (WAITING_FOR_INPUT) | CLOSED: End (FAILED) | - | ABORTING (WAITING_FOR_INPUT) | ABORTING (WAITING_FOR_INPUT) | CLOSED: End (FAILED) | ABORTING (WAITING_FOR_INPUT) | ABORTING (WAITING_FOR_INPUT) |
-| CLOSED | - | CLOSED: SendAbortFrame (FAILED) | - | - | CLOSED (FAILED) | CLOSED (FAILED) | CLOSED (FAILED) | CLOSED (FAILED) | CLOSED (FAILED) |
+| state | data | resume | resume_preposted | frame_done | send_failed | abort | peer_abort | peer_lost | peer_bye | timeout |
+|---|---|---|---|---|---|---|---|---|---|---|
+| GRANTED | SENDING: SendData (TRANSFERRING) | GRANTED (WAITING_FOR_INPUT) | GRANTED (WAITING_FOR_INPUT) | - | - | ABORTING: CountFailure, SendAbortFrame (WAITING_FOR_INPUT) | ABORTING: CountFailure, SendAbortFrame (WAITING_FOR_INPUT) | CLOSED: CountFailure, SendReject, End (FAILED) | CLOSED: CountFailure, SendReject, End (FAILED) | ABORTING: CountFailure, SendAbortFrame (WAITING_FOR_INPUT) |
+| SENDING | - | SENDING: Count, SendData (TRANSFERRING) | SENDING: Count, Preposted, SendData (TRANSFERRING) | WAIT_RESUME: Count (TRANSFERRING) | CLOSED: CountFailure, SendReject, End (FAILED) | SENDING: CountFailure, SendReject (TRANSFERRING) | SENDING: CountFailure, SendReject (TRANSFERRING) | CLOSED: CountFailure, SendReject, End (FAILED) | SENDING: CountFailure, SendReject (TRANSFERRING) | SENDING (TRANSFERRING) |
+| WAIT_RESUME | - | SENDING: Count, SendData (TRANSFERRING) | SENDING: Count, Preposted, SendData (TRANSFERRING) | - | - | CLOSED: CountFailure, SendReject, End (FAILED) | CLOSED: CountFailure, SendReject, End (FAILED) | CLOSED: CountFailure, SendReject, End (FAILED) | CLOSED: CountFailure, SendReject, End (FAILED) | CLOSED: CountFailure, SendReject, End (FAILED) |
+| SENT_LAST | - | SENT_LAST: SendAbortFrame (TRANSFERRING) | SENT_LAST: SendAbortFrame(padded) (TRANSFERRING) | DONE: Count, End (SUCCESS) | CLOSED: CountFailure, SendReject, End (FAILED) | SENT_LAST (TRANSFERRING) | SENT_LAST (TRANSFERRING) | CLOSED: CountFailure, SendReject, End (FAILED) | SENT_LAST (TRANSFERRING) | SENT_LAST (TRANSFERRING) |
+| DONE | - | DONE: SendAbortFrame (SUCCESS) | DONE: SendAbortFrame(padded) (SUCCESS) | - | - | DONE (SUCCESS) | DONE (SUCCESS) | DONE (SUCCESS) | DONE (SUCCESS) | DONE (SUCCESS) |
+| ABORTING | - | ABORTING: SendAbortFrame (WAITING_FOR_INPUT) | ABORTING: SendAbortFrame(padded) (WAITING_FOR_INPUT) | CLOSED: End (FAILED) | - | ABORTING (WAITING_FOR_INPUT) | ABORTING (WAITING_FOR_INPUT) | CLOSED: End (FAILED) | ABORTING (WAITING_FOR_INPUT) | ABORTING (WAITING_FOR_INPUT) |
+| CLOSED | - | CLOSED: SendAbortFrame (FAILED) | CLOSED: SendAbortFrame(padded) (FAILED) | - | - | CLOSED (FAILED) | CLOSED (FAILED) | CLOSED (FAILED) | CLOSED (FAILED) | CLOSED (FAILED) |
 
 Resume is keyed by `sent_tokens`, which only grows: a RESUME at a key already
 served is a repeat and is ignored; any other key than what was really sent on
@@ -57,7 +57,8 @@ the pair fails the room. A RESUME from a rank with no lane is a late one of an
 earlier room of the same id (a rank's ALLOC comes first on its channel): it is
 answered and the room is untouched. A pre-posted RESUME says how many tokens
 its posted recvs expect (`Resume.posted_tokens`), so each of its answers, a
-refusal in any state included, is padded to exactly that.
+refusal in any state included, is padded to exactly that (the table's
+`resume_preposted` column; `(padded)` marks such an ABORT frame).
 """
 
 from __future__ import annotations
