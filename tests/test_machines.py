@@ -319,6 +319,7 @@ RECV_EVENTS: dict[str, Callable[[RecvMachine, RecvRoom], list]] = {
     "reject": lambda m, r: m.reject(r, 0, "no"),
     "abort": lambda m, r: m.abort(r, "test"),
     "peer_lost": lambda m, r: m.peer_lost(r, "gone", release_landing=False),
+    "peer_bye": lambda m, r: m.peer_lost(r, "it shut down", release_landing=False, clean=True),
     "timeout": lambda m, r: m.tick(r, 1000.0),
 }
 
@@ -329,6 +330,7 @@ RECV_TABLE: dict[Phase, dict[str, tuple[list[str], Phase, TransferStatus] | str 
         "reject": (["CountFailure", "Untrack", "Publish"], Phase.FAILED, F),
         "abort": (["CountFailure", "Untrack", "Publish", "Post"], Phase.FAILED, F),
         "peer_lost": (["CountFailure", "Untrack", "Publish"], Phase.FAILED, F),
+        "peer_bye": (["CountFailure", "Untrack", "Publish"], Phase.FAILED, F),
         "timeout": (["CountFailure", "Untrack", "Publish"], Phase.FAILED, F),
     },
     Phase.ASKED: {
@@ -337,6 +339,7 @@ RECV_TABLE: dict[Phase, dict[str, tuple[list[str], Phase, TransferStatus] | str 
         "reject": (["CountFailure", "Publish"], Phase.DRAINING, F),
         "abort": (["CountFailure", "Publish", "Post"], Phase.DRAINING, F),
         "peer_lost": (["Release", "CountFailure", "Untrack", "Publish"], Phase.FAILED, F),
+        "peer_bye": (["Release", "CountFailure", "Untrack", "Publish"], Phase.FAILED, F),
         "timeout": (["CountFailure", "Publish", "Post"], Phase.DRAINING, F),
     },
     Phase.LANDING: {
@@ -347,6 +350,8 @@ RECV_TABLE: dict[Phase, dict[str, tuple[list[str], Phase, TransferStatus] | str 
         "abort": (["CountFailure", "Publish", "Post"], Phase.DRAINING, F),
         # fails now; the blocks under the landing payload stay held until its recv ends
         "peer_lost": (["CountFailure", "Publish"], Phase.DRAINING, F),
+        # a goodbye after this chunk was sent: its landing decides
+        "peer_bye": ([], Phase.LANDING, W),
         "timeout": ([], Phase.LANDING, W),
     },
     Phase.PARTIAL: {
@@ -354,6 +359,7 @@ RECV_TABLE: dict[Phase, dict[str, tuple[list[str], Phase, TransferStatus] | str 
         "reject": (["CountFailure", "Untrack", "Publish"], Phase.FAILED, F),
         "abort": (["CountFailure", "Untrack", "Publish", "Post"], Phase.FAILED, F),
         "peer_lost": (["CountFailure", "Untrack", "Publish"], Phase.FAILED, F),
+        "peer_bye": (["CountFailure", "Untrack", "Publish"], Phase.FAILED, F),
         "timeout": (["CountFailure", "Untrack", "Publish", "Post"], Phase.FAILED, F),
     },
     Phase.RESUMED: {
@@ -362,6 +368,7 @@ RECV_TABLE: dict[Phase, dict[str, tuple[list[str], Phase, TransferStatus] | str 
         "reject": (["CountFailure", "Publish"], Phase.DRAINING, F),
         "abort": (["CountFailure", "Publish", "Post"], Phase.DRAINING, F),
         "peer_lost": (["Release", "CountFailure", "Untrack", "Publish"], Phase.FAILED, F),
+        "peer_bye": (["Release", "CountFailure", "Untrack", "Publish"], Phase.FAILED, F),
         "timeout": (["CountFailure", "Publish", "Post"], Phase.DRAINING, F),
     },
     Phase.DRAINING: {
@@ -369,17 +376,20 @@ RECV_TABLE: dict[Phase, dict[str, tuple[list[str], Phase, TransferStatus] | str 
         "abort_frame": (["Release", "Untrack"], Phase.FAILED, F),
         "reject": ([], Phase.DRAINING, F), "abort": ([], Phase.DRAINING, F),
         "peer_lost": (["Release", "Untrack"], Phase.FAILED, F),
+        "peer_bye": (["Release", "Untrack"], Phase.FAILED, F),
         "timeout": ([], Phase.DRAINING, F),
     },
     Phase.DONE: {
         "meta": SB, "landed": _, "abort_frame": SB,
         "reject": ([], Phase.DONE, S), "abort": ([], Phase.DONE, S),
         "peer_lost": ([], Phase.DONE, S), "timeout": ([], Phase.DONE, S),
+        "peer_bye": ([], Phase.DONE, S),
     },
     Phase.FAILED: {
         "meta": SB, "landed": _, "abort_frame": SB,
         "reject": ([], Phase.FAILED, F), "abort": ([], Phase.FAILED, F),
         "peer_lost": ([], Phase.FAILED, F), "timeout": ([], Phase.FAILED, F),
+        "peer_bye": ([], Phase.FAILED, F),
     },
 }
 
@@ -430,7 +440,7 @@ def test_blocks_are_released_only_by_a_frame_or_a_lost_pair(ph: Phase) -> None:
             continue  # the event cannot happen here (the table's "-" or StreamBroken)
         released = [a.credit for a in actions if isinstance(a, Release)]
         if released:
-            assert event in ("landed", "abort_frame", "peer_lost",
+            assert event in ("landed", "abort_frame", "peer_lost", "peer_bye",
                              "peer_lost_seen_by_its_thread"), (ph, event)
         for c in released:
             assert c is not r.outstanding and c is not r.landing, (ph, event)

@@ -703,13 +703,14 @@ def sc_alloc_before_data(env: Env) -> dict[str, Any]:
     rooms = [room for room, _, _ in specs]
     if env.embedding:
         env.handshake("allocs_posted")
-        engine = env.ctx.embedding
+        lobby = env.ctx.embedding.lobby
         dl = Deadline(CASE_TIMEOUT_S, "ALLOCs arriving")
-        # White-box: the engine's table of ALLOCs that wait for data. Without it,
-        # the handshake alone still orders init() before send().
-        early = getattr(engine, "_early", None)
-        while early is not None and not all(room in early for room in rooms):
-            dl.check(lambda: f"early ALLOCs {sorted(early)}")
+        # White-box: the lobby's table of ALLOCs that wait for data (the handshake
+        # orders init() before send(), not the ALLOC's arrival). It used to look
+        # for an engine attribute that had moved, so it never waited: now and
+        # then a room's status was read before its ALLOC came.
+        while not all(lobby.holds(room) for room in rooms):
+            dl.check(lambda: f"early ALLOCs {[r for r in rooms if lobby.holds(r)]}")
             time.sleep(POLL_S)
         senders = send_rooms(env, specs)
         after = {room: s.poll().name for room, (s, _) in senders.items()}

@@ -181,12 +181,14 @@ class LanguageEngine(EngineShell):
                 log.error("language rank %d: %s", self.rank, why)
                 if tell:
                     self._post(pair.src, PairDown(self.rank, why))
-            self._fail_rooms_from(pair.src, why, release_landing=from_thread)
+            self._fail_rooms_from(pair.src, why, release_landing=from_thread, clean=clean)
 
-    def _fail_rooms_from(self, src: int, why: str, *, release_landing: bool) -> None:
+    def _fail_rooms_from(self, src: int, why: str, *, release_landing: bool,
+                         clean: bool = False) -> None:
         for r in list(self.rooms.values()):
             if r.src_rank == src:
-                self.execute(r, self.machine.peer_lost(r, why, release_landing=release_landing))
+                self.execute(r, self.machine.peer_lost(r, why, release_landing=release_landing,
+                                                       clean=clean))
 
     def _peer_dead(self, src: int, why: str, *, clean: bool = False,
                    told: bool = False) -> None:
@@ -206,7 +208,7 @@ class LanguageEngine(EngineShell):
             if not clean and not told and not self._closing:
                 self._post(src, PairDown(self.rank, why))
             self._fail_rooms_from(src, f"embedding rank {src} is down: {why}",
-                                  release_landing=False)
+                                  release_landing=False, clean=clean)
 
     def _peer_bye(self, src: int, frames: int) -> None:
         """Embedding rank `src` shut down cleanly after putting `frames` frames on

@@ -19,16 +19,16 @@ checks. ASKED is an ALLOC outstanding, RESUMED a RESUME; LANDING a DATA
 meta answered it and its payload lands; PARTIAL is `needs_resume`; DRAINING
 failed while a frame is still owed (its blocks held until it comes).
 
-| state | meta | landed | abort_frame | reject | abort | peer_lost | timeout |
-|---|---|---|---|---|---|---|---|
-| NEW | StreamBroken | - | StreamBroken | FAILED: CountFailure, Untrack, Publish (FAILED) | FAILED: CountFailure, Untrack, Publish, Post (FAILED) | FAILED: CountFailure, Untrack, Publish (FAILED) | FAILED: CountFailure, Untrack, Publish (FAILED) |
-| ASKED | LANDING (WAITING_FOR_INPUT) | - | FAILED: Release, CountFailure, Untrack, Publish (FAILED) | DRAINING: CountFailure, Publish (FAILED) | DRAINING: CountFailure, Publish, Post (FAILED) | FAILED: Release, CountFailure, Untrack, Publish (FAILED) | DRAINING: CountFailure, Publish, Post (FAILED) |
-| LANDING | StreamBroken | PARTIAL: Release (TRANSFERRING) | StreamBroken | DRAINING: CountFailure, Publish (FAILED) | DRAINING: CountFailure, Publish, Post (FAILED) | DRAINING: CountFailure, Publish (FAILED) | LANDING (WAITING_FOR_INPUT) |
-| PARTIAL | StreamBroken | - | StreamBroken | FAILED: CountFailure, Untrack, Publish (FAILED) | FAILED: CountFailure, Untrack, Publish, Post (FAILED) | FAILED: CountFailure, Untrack, Publish (FAILED) | FAILED: CountFailure, Untrack, Publish, Post (FAILED) |
-| RESUMED | LANDING (TRANSFERRING) | - | FAILED: Release, CountFailure, Untrack, Publish (FAILED) | DRAINING: CountFailure, Publish (FAILED) | DRAINING: CountFailure, Publish, Post (FAILED) | FAILED: Release, CountFailure, Untrack, Publish (FAILED) | DRAINING: CountFailure, Publish, Post (FAILED) |
-| DRAINING | DRAINING (FAILED) | - | FAILED: Release, Untrack (FAILED) | DRAINING (FAILED) | DRAINING (FAILED) | FAILED: Release, Untrack (FAILED) | DRAINING (FAILED) |
-| DONE | StreamBroken | - | StreamBroken | DONE (SUCCESS) | DONE (SUCCESS) | DONE (SUCCESS) | DONE (SUCCESS) |
-| FAILED | StreamBroken | - | StreamBroken | FAILED (FAILED) | FAILED (FAILED) | FAILED (FAILED) | FAILED (FAILED) |
+| state | meta | landed | abort_frame | reject | abort | peer_lost | peer_bye | timeout |
+|---|---|---|---|---|---|---|---|---|
+| NEW | StreamBroken | - | StreamBroken | FAILED: CountFailure, Untrack, Publish (FAILED) | FAILED: CountFailure, Untrack, Publish, Post (FAILED) | FAILED: CountFailure, Untrack, Publish (FAILED) | FAILED: CountFailure, Untrack, Publish (FAILED) | FAILED: CountFailure, Untrack, Publish (FAILED) |
+| ASKED | LANDING (WAITING_FOR_INPUT) | - | FAILED: Release, CountFailure, Untrack, Publish (FAILED) | DRAINING: CountFailure, Publish (FAILED) | DRAINING: CountFailure, Publish, Post (FAILED) | FAILED: Release, CountFailure, Untrack, Publish (FAILED) | FAILED: Release, CountFailure, Untrack, Publish (FAILED) | DRAINING: CountFailure, Publish, Post (FAILED) |
+| LANDING | StreamBroken | PARTIAL: Release (TRANSFERRING) | StreamBroken | DRAINING: CountFailure, Publish (FAILED) | DRAINING: CountFailure, Publish, Post (FAILED) | DRAINING: CountFailure, Publish (FAILED) | LANDING (WAITING_FOR_INPUT) | LANDING (WAITING_FOR_INPUT) |
+| PARTIAL | StreamBroken | - | StreamBroken | FAILED: CountFailure, Untrack, Publish (FAILED) | FAILED: CountFailure, Untrack, Publish, Post (FAILED) | FAILED: CountFailure, Untrack, Publish (FAILED) | FAILED: CountFailure, Untrack, Publish (FAILED) | FAILED: CountFailure, Untrack, Publish, Post (FAILED) |
+| RESUMED | LANDING (TRANSFERRING) | - | FAILED: Release, CountFailure, Untrack, Publish (FAILED) | DRAINING: CountFailure, Publish (FAILED) | DRAINING: CountFailure, Publish, Post (FAILED) | FAILED: Release, CountFailure, Untrack, Publish (FAILED) | FAILED: Release, CountFailure, Untrack, Publish (FAILED) | DRAINING: CountFailure, Publish, Post (FAILED) |
+| DRAINING | DRAINING (FAILED) | - | FAILED: Release, Untrack (FAILED) | DRAINING (FAILED) | DRAINING (FAILED) | FAILED: Release, Untrack (FAILED) | FAILED: Release, Untrack (FAILED) | DRAINING (FAILED) |
+| DONE | StreamBroken | - | StreamBroken | DONE (SUCCESS) | DONE (SUCCESS) | DONE (SUCCESS) | DONE (SUCCESS) | DONE (SUCCESS) |
+| FAILED | StreamBroken | - | StreamBroken | FAILED (FAILED) | FAILED (FAILED) | FAILED (FAILED) | FAILED (FAILED) | FAILED (FAILED) |
 
 Status: NEW is BOOTSTRAPPING; ASKED is WAITING_FOR_INPUT; a landed partial
 chunk (or an eager resume) makes it TRANSFERRING; DONE is SUCCESS; FAILED is
@@ -299,12 +299,14 @@ class RecvMachine:
             out.append(Post(Abort(r.room, self.rank, "shutdown")))
         return out
 
-    def peer_lost(self, r: RecvRoom, why: str, *, release_landing: bool) -> list[Action]:
+    def peer_lost(self, r: RecvRoom, why: str, *, release_landing: bool,
+                  clean: bool = False) -> list[Action]:
         """The stream from the room's Embedding rank is unusable: the room fails
-        now, whatever lands. Outstanding blocks are free at once (before a meta
-        frame arrives nothing is posted into them); blocks a recv is posted into
-        are freed when that recv ends (`release_landing`: this is the thread
-        that waited for it)."""
+        now, whatever lands, unless the peer said goodbye (`clean`) after the
+        chunk now landing, which then decides. Outstanding blocks are free at
+        once (before a meta frame arrives nothing is posted into them); blocks a
+        recv is posted into are freed when that recv ends (`release_landing`:
+        this is the thread that waited for it)."""
         out: list[Action] = []
         if r.outstanding is not None:
             if r.outstanding.posted and not release_landing:
@@ -316,8 +318,10 @@ class RecvMachine:
             r.outstanding = None
         if r.landing is not None:
             if not release_landing:
-                # its payload recv is posted: its blocks stay held until the receiver
-                # thread's wait ends, but the room fails now (draining)
+                if clean:  # a goodbye after this chunk was sent: its landing decides
+                    return out
+                # declared dead: its payload recv is posted, so its blocks stay held
+                # until the receiver thread's wait ends, but the room fails now
                 return [*out, *self.fail(r, f"language rank {self.rank}: {why}",
                                          FailureCause.PEER_LOST)]
             out.append(Release(r.landing))
