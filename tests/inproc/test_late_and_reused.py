@@ -116,6 +116,9 @@ def test_a_late_preposted_resume_meeting_a_reused_id_leaves_the_new_room_alone()
         w.deliver_all()  # the old RESUME, then the REJECT to the Language rank
         w.link().open()
         assert w.ended(r, "the old room") is FAILED
+        # FAILED is published while it drains; its id is free once the padded
+        # ABORT frame answered its pre-posted RESUME
+        w.run_until(lambda: w.lang().rooms.get(5) is None, "the old room's answer")
         assert new.poll() is not FAILED, new.failure
         retry = w.lang().receiver(5, src_rank=EMB)
         assert retry.init()
