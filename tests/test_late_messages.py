@@ -274,5 +274,8 @@ def test_a_frozen_embedding_rank_ends_the_landing_room_at_peer_timeout() -> None
     assert "embedding rank 0" in lang["failure"] and lang["causes"] == {"peer_lost": 1}, lang
     assert lang["held"], "the blocks under the landing payload were let go early"
     assert lang["health"]["alive"] is False and str(lang["health"]["pair"]).startswith("lost")
-    assert e["sender"][0] == "FAILED", e
+    # the frozen rank wakes up (SIGCONT) and finishes the chunk its peer still had
+    # a recv posted for: SUCCESS there before it learns of the PAIR_DOWN is
+    # DESIGN 0.3's second permitted difference; FAILED if the PAIR_DOWN came first
+    assert e["sender"][0] in ("SUCCESS", "FAILED"), e
     assert e["whole"]["rooms_live"] == 0 and lang["whole"]["rooms_live"] == 0
