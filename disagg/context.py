@@ -251,11 +251,15 @@ class Context:
     def stats(self) -> dict[str, object]:
         return self._stats.snapshot()
 
+    def _engine(self) -> EmbeddingEngine | LanguageEngine | None:
+        """This rank's engine, whichever side it is."""
+        return self._embedding or (self._language.engine if self._language else None)
+
     def peers(self) -> dict[int, str]:
         """The Embedding ranks usable now, rank -> name: in world mode the fixed
         Embedding ranks whose pair is not lost (on an Embedding rank: the
         Language ranks it serves)."""
-        eng = self._embedding or (self._language.engine if self._language else None)
+        eng = self._engine()
         if eng is None or self._closed:
             return {}
         lost = eng.lost_peers()
@@ -266,10 +270,9 @@ class Context:
         "lost: why"); a serving loop's readiness probe reads it. On a Language
         rank after shutdown, a peer whose receiver thread is still blocked in a
         recv (a frozen peer) also has `receiver`."""
-        if self._embedding is not None:
-            return self._embedding.health()
-        assert self._language is not None
-        return self._language.engine.health()
+        eng = self._engine()
+        assert eng is not None
+        return eng.health()
 
     def on_shutdown(self, fn: Callable[[], None]) -> None:
         """Run `fn` first thing in `shutdown()` (e.g. stop a metrics exporter)."""

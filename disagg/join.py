@@ -205,7 +205,7 @@ class JobsContext(Context):
     def peers(self) -> dict[int, str]:
         """The Embedding ranks usable now: id -> name (on an Embedding rank: the
         Language ranks it serves). A rank whose pair is lost is not listed."""
-        eng = self._embedding or (self._language.engine if self._language else None)
+        eng = self._engine()
         if self._roster is None or eng is None or self._closed:
             return {}
         lost = eng.lost_peers()

@@ -203,10 +203,9 @@ class SendMachine:
                        f"were sent on this pair")
             elif lane.sent_tokens >= total:
                 why = f"RESUME after all {total} tokens were sent"
-            elif grant.preposted and grant.expect != prepost_tokens(
-                    total, grant.key, grant.allocated_tokens):
-                why = (f"its posted recvs expect {grant.expect} tokens, but "
-                       f"{prepost_tokens(total, grant.key, grant.allocated_tokens)} are due")
+            elif grant.preposted and grant.expect != (
+                    due := prepost_tokens(total, grant.key, grant.allocated_tokens)):
+                why = f"its posted recvs expect {grant.expect} tokens, but {due} are due"
         if why is not None:
             why = f"bad RESUME from language rank {lang}: {why}"
             return [self.refuse(lang, r.room, why, grant),

@@ -179,11 +179,19 @@ class PairSender:
                 frame.posted = None  # the tensors may go
             frame.done(err)
 
-    def stop(self, timeout_s: float) -> bool:
-        """Finish queued frames, then exit. True if the thread ended in time."""
+    def request_stop(self) -> None:
+        """Finish queued frames, then exit; do not wait for it."""
         with self._cv:
             self._stop = True
             self._cv.notify()
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    def stop(self, timeout_s: float) -> bool:
+        """Finish queued frames, then exit. True if the thread ended in time."""
+        self.request_stop()
         self._thread.join(timeout_s)
         return not self._thread.is_alive()
 
@@ -215,11 +223,9 @@ class SendStreams:
         (a frame in flight is the transport's business), and its transport goes."""
         s = self._senders.pop(lang_rank, None)
         if s is not None:
-            with s._cv:
-                s._stop = True
-                s._cv.notify()
+            s.request_stop()
             self._retired.append(s)
-        self._retired = [r for r in self._retired if r._thread.is_alive()]
+        self._retired = [r for r in self._retired if r.running]
         self._transports.pop(lang_rank, None)
 
     def frames_posted(self, lang_rank: int) -> int:

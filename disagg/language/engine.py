@@ -226,8 +226,13 @@ class LanguageEngine(EngineShell):
     def lost_peers(self) -> set[int]:
         """Embedding ranks not usable now: declared dead, or their stream lost."""
         with self._lock:
-            return set(self.liveness.dead) | {e for e, p in self._pairs.items()
-                                              if p.dead is not None}
+            return set(self._lost())
+
+    def _lost(self) -> dict[int, str]:
+        """Embedding rank -> why it is not usable (lock held)."""
+        return {e: why for e in self.liveness.peers
+                if (why := self.liveness.dead.get(e)
+                    or getattr(self._pairs.get(e), "dead", None)) is not None}
 
     def add_peer(self, src: int, transport: PairTransport) -> None:
         """Jobs mode: Embedding rank `src` joined and its pair is made (its
@@ -341,11 +346,7 @@ class LanguageEngine(EngineShell):
         receiver thread still blocked in a recv that cannot be cancelled (a
         frozen peer) is reported; it ends at the pair's transport timeout."""
         with self._lock:
-            live = self._rooms_by_peer()
-            lost = {e: why for e in self.liveness.peers
-                    if (why := self.liveness.dead.get(e)
-                        or getattr(self._pairs.get(e), "dead", None)) is not None}
-            out = self.health_report(live, lost)
+            out = self.health_report(self._rooms_by_peer(), self._lost())
             for e, pair in self._pairs.items():
                 if self._closing and pair.thread.is_alive():
                     out[e]["receiver"] = ("blocked in a recv until the pair's transport "
