@@ -39,6 +39,7 @@ from .transport import TorchPairTransport
 
 log = logging.getLogger(__name__)
 
+READ_TIMEOUT_S = 0.2  # a read of a key that vanished fails this fast (see `Roster._reader`)
 HELLO_POLL_S = (0.002, 0.05)  # a forming pair looks for its peer's hello this often (first, at most)
 
 
@@ -91,6 +92,7 @@ class Roster:
         self._epoch = -1
         self._lease = 0
         self._collected = False  # a peer collected this rank's record (see `_rescan`)
+        self._read_store: dist.Store | None = None  # `_reader`
         self._stop = threading.Event()
         self._first_pass = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True,
@@ -128,6 +130,7 @@ class Roster:
     def leave(self) -> None:
         """Delete this rank's entries (a clean shutdown leaves nothing of its own
         in the store); the peers see it gone at their next rescan."""
+        self._read_store = None  # its client's socket closes with it
         try:
             for k in (key("m", self.me.id), key("lease", self.me.id)):
                 self.store.delete_key(k)
@@ -197,8 +200,8 @@ class Roster:
         present = [i for i in ids if self.store.check([key("m", i)])]
         records: dict[int, Member] = {}
         for i in present:
-            try:
-                m = Member.decode(self.store.get(key("m", i)))
+            try:  # a record deleted since the check: a store get would wait for it
+                m = Member.decode(self._reader().get(key("m", i)))
             except (RuntimeError, dist.DistError):
                 continue  # deleted meanwhile
             if m is not None and m.id == i and m.role != self.me.role:
@@ -220,6 +223,19 @@ class Roster:
             self._on_gone(i, why)
         for m in result.joined:
             self._join(m, now)
+
+    def _reader(self) -> dist.Store:
+        """A client of the store for reads of keys that may vanish (a member
+        leaving or collected between a check and a get): a get waits for a
+        missing key up to the client's timeout, and this thread also keeps
+        this rank's lease, so it must not wait long: peers would collect it."""
+        if self._read_store is None:
+            clone = getattr(self.store, "clone", None)
+            if clone is None:  # not a TCPStore: its own timeout stands
+                return self.store
+            self._read_store = clone()
+            self._read_store.set_timeout(datetime.timedelta(seconds=READ_TIMEOUT_S))
+        return self._read_store
 
     def _candidate_ids(self) -> list[int]:
         """Ids of the other role allocated so far (a member may not have written
