@@ -26,6 +26,7 @@ from _bench_scenarios import BASELINES, SERVING_WORK_S, Scenario, parse_mode
 
 import disagg
 from disagg import TransferStatus
+from disagg.shell import PAUSE_S
 
 WAIT_S = 60.0  # a room that takes longer than this is a bug, not a measurement
 
@@ -195,6 +196,25 @@ class _Rank:
             _check_equal(landed[0], self.srcs, "raw")
         return done
 
+    def _rawloop_send(self, k: int, check: bool) -> list[float]:
+        """raw's sends, every room posted at once, then looked at once per
+        serving-loop iteration (SERVING_WORK_S of Python between looks): what
+        such a loop costs a transfer with no library at all."""
+        works = [dist.isend(t, lang, group=self.raw)
+                 for _ in range(k) for lang in self.langs for t in self.srcs]
+        _loop_until([works])
+        return []
+
+    def _rawloop_recv(self, k: int, check: bool) -> list[float]:
+        """raw's recvs, every room posted at once, each room's end seen by the
+        serving loop's next look."""
+        landed = [self._landing(j) for j in range(k)]
+        works = [[dist.irecv(d, 0, group=self.raw) for d in dsts] for dsts in landed]
+        done = _loop_until(works)
+        if check:
+            _check_equal(landed[0], self.srcs, "rawloop")
+        return done
+
     def _zmq_send(self, k: int, check: bool) -> list[float]:
         for _ in range(k):
             for lang in self.langs:
@@ -275,6 +295,46 @@ def _serve(rooms: list[disagg.Sender] | list[disagg.Receiver], resume_tokens: in
             return [ends[id(room)] for room in rooms]
         if time.monotonic() > deadline:
             raise RuntimeError(f"{len(live)} room(s) not ended in {WAIT_S:.0f}s")
+        _busy(SERVING_WORK_S)
+
+
+def _loop_until(rooms: list[list[dist.Work]]) -> list[float]:
+    """A serving loop over raw works: each iteration looks at every room once,
+    then does SERVING_WORK_S of Python. Gloo's p2p works report completion only
+    through a blocking wait() (is_completed() stays False until then), so one
+    thread waits for them, in order, and marks each room: the least any
+    Python-driven transfer on Gloo pays. Each look first leaves the GIL for
+    PAUSE_S, as disagg's poll() does, or the thread would wait out CPython's
+    switch interval (5 ms) for it. When each room was first seen complete by
+    the loop, in order."""
+    done = [False] * len(rooms)
+    errors: list[BaseException] = []
+
+    def waiter() -> None:
+        try:
+            for j, works in enumerate(rooms):
+                for w in works:
+                    w.wait()
+                done[j] = True
+        except BaseException as e:  # reported by the loop
+            errors.append(e)
+
+    t = threading.Thread(target=waiter, name="rawloop-waiter", daemon=True)
+    t.start()
+    ends: list[float | None] = [None] * len(rooms)
+    deadline = time.monotonic() + WAIT_S
+    while True:
+        if errors:
+            raise errors[0]
+        time.sleep(PAUSE_S)
+        for j in range(len(rooms)):
+            if ends[j] is None and done[j]:
+                ends[j] = time.monotonic()
+        if all(e is not None for e in ends):
+            t.join()
+            return [e for e in ends if e is not None]
+        if time.monotonic() > deadline:
+            raise RuntimeError("raw works not complete in time")
         _busy(SERVING_WORK_S)
 
 

@@ -33,7 +33,7 @@ Per scenario and disagg mode: the throughput ratio to raw and to zmq (baseline
 time / disagg time, the median of the per-round ratios, with their min-max:
 the machine is shared), per-room latency p50/p99 and what it adds to raw's,
 and for spin and serving the throughput lost against the blocking caller. A
-summary then lists every issue-15 target with its figure and verdict.
+summary then lists every target with its figure and verdict.
 --repeat N runs everything N times in fresh processes: figures pool every
 run's rounds, and the min-max of the runs' own medians is shown.
 
@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scenarios", default=",".join(GROUPS), metavar="GROUPS",
                    help="comma-separated groups (or scenario names, see --list) to run "
                         f"(default: every group; {TARGETS_SET}: only the scenarios the "
-                        "issue-15 summary reads, though 'spin loses at most 15 %% in every "
+                        "targets summary reads, though 'spin loses at most 15 %% in every "
                         "scenario' wants them all)")
     p.add_argument("--quick", action="store_true",
                    help="fewer sizes, rooms and rounds: a short check of every group, "
@@ -119,7 +119,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = sorted(set(groups) - known)
     if unknown or not groups:
         p.error(f"--scenarios: unknown {unknown}; groups are {', '.join(GROUPS)}, or "
-                f"{TARGETS_SET} (what the issue-15 summary needs) "
+                f"{TARGETS_SET} (what the targets summary needs) "
                 f"(--list names each scenario)")
     args.groups = groups
     callers = [c.strip() for c in args.caller.split(",") if c.strip()]

@@ -76,7 +76,7 @@ def test_quick_run_measures_every_caller_in_one_run(tmp_path: Path) -> None:
     assert by_key["14mib-1ch"]["status"] == "not run"
     for name in names:
         assert name in p.stdout  # the table
-    assert "issue 15 targets" in p.stdout and "seq_len known too in latency-64tok" in p.stdout
+    assert "\ntargets (" in p.stdout and "seq_len known too in latency-64tok" in p.stdout
 
 
 def test_fresh_destinations_land_and_check_new_tensors(tmp_path: Path) -> None:
@@ -149,7 +149,7 @@ def test_unknown_caller_is_a_clear_error(bad: str) -> None:
 def test_targets_verdicts() -> None:
     """The summary's verdicts from synthetic records: spin's worst loss against
     the 15 % bar, ratios against theirs (blocking and spinning callers only),
-    a ratio without a bar, the serving loop's latency in poll intervals,
+    a ratio without a bar, the serving loop's latency in loop iterations,
     scenarios that did not run."""
     _load()  # puts scripts/ on sys.path
     from _bench_report import targets
@@ -159,7 +159,8 @@ def test_targets_verdicts() -> None:
                 "range_zmq": [1.0, 1.2], "p50_ms": 10.0}
         return {"name": name, "modes": {"wait": dict(mode), "spin": {**mode,
                                                                     "vs_wait_loss_pct": loss},
-                                        "serving": {**mode, "p50_ms": 13.0}}}
+                                        "serving": {**mode, "p50_ms": 12.0}},
+                "rawloop": {"p50_ms": 11.0}}
 
     by_key = {t["key"]: t for t in targets([rec("sweep-2000", 4.0), rec("conc-64x256", 14.9)])}
     assert by_key["spin-loss"]["status"] == "met"
@@ -169,8 +170,12 @@ def test_targets_verdicts() -> None:
     assert by_key["64x1.75-zmq"]["status"] == "met"  # 1.1 >= 0.95
     assert "wait 0.80 (0.70-0.90)" in by_key["14mib-1ch"]["figure"]
     assert by_key["14mib-1ch-len"]["status"] == "not run"  # no +len modes in these records
-    assert by_key["serving-p50"]["values"]["diff_poll_intervals"] == pytest.approx(1.5)
-    assert by_key["serving-p50"]["status"] == "met"  # 1.5 <= 3
+    serving = by_key["serving-14mib"]["values"]
+    assert serving["diff_iterations"] == pytest.approx(1.0)  # 2 ms over wait's, 2 ms a loop
+    assert serving["over_rawloop_iterations"] == pytest.approx(0.5)
+    assert by_key["serving-14mib"]["status"] == "met"  # 1.0 <= 1.25
+    assert by_key["serving-14mib-len"]["status"] == "not run"
+    assert by_key["64x1.75-serving"]["status"] == "met"  # 0.80 >= 0.75
     assert by_key["rss"]["status"] == "not run"
     by_key = {t["key"]: t for t in targets([rec("sweep-2000", 15.1)])}
     assert by_key["spin-loss"]["status"] == "MISSED"
