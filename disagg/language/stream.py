@@ -282,6 +282,14 @@ class PairReceiver:
         job = self._post_next()
         if job is not None:
             assert job.meta is not None
+            if job.payload is not None:
+                # Whatever answers a pre-posted frame fills its payload recvs (a DATA
+                # payload, or a padded ABORT's or DEFER's filler), and a frame's
+                # sends complete in order: waiting for the last recv first makes one
+                # wake-up of this thread per frame instead of two (meta, then payload).
+                # A work is waited once: a second Gloo wait() waits for another recv.
+                t.wait(job.payload, "pre-posted payload recv")
+                job.payload = None
             meta: Meta = t.wait_meta(job.meta)
             with self.cv:
                 self.job = None
@@ -300,7 +308,7 @@ class PairReceiver:
                 self._abort_arrived(meta, self._reason())
                 return
         landing = self._data_arrived(meta, job)
-        t0 = time.monotonic()
+        t0 = time.monotonic()  # to the payload landed (pre-posted: landed already)
         if job is None:  # the payload (and aux) recvs, now that the sizes are known
             posted = t.post_recv(landing.dsts) if landing.dsts else None
             aux = None

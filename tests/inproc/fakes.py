@@ -152,7 +152,7 @@ class FrameRecord:
 class _Message:
     """One posted tensor, send or recv; it is its own `Work` in `Posted.works`."""
 
-    __slots__ = ("done", "event", "failure", "index", "tensor")
+    __slots__ = ("done", "event", "failure", "index", "tensor", "waited")
 
     def __init__(self, index: int, tensor: torch.Tensor) -> None:
         self.index = index
@@ -163,6 +163,8 @@ class _Message:
         self.event: torch.cuda.Event | None = None
         # (error type, why): set when the message can no longer complete
         self.failure: tuple[type[DisaggError], str] | None = None
+        # Gloo's p2p Work may be waited once: a second wait() waits for another message
+        self.waited = False
 
 
 def _describe_tensor(t: torch.Tensor) -> str:
@@ -317,6 +319,12 @@ class FakeLink:
         (which, as on Gloo, also closes the pair, and is reported as a hang).
         On CUDA, complete means the copy's event is host-observed."""
         deadline = time.monotonic() + self.timeout_s
+        twice = [m.index for m in msgs if m.waited]
+        if twice:
+            raise self.misuse(f"{what} with rank {peer}: messages {twice} waited twice (a "
+                              f"second Gloo wait() waits for another message)")
+        for m in msgs:
+            m.waited = True
         with self._cv:
             while True:
                 failure = next((m.failure for m in msgs if m.failure is not None), None)
