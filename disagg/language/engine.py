@@ -338,7 +338,8 @@ class LanguageEngine(EngineShell):
     def pair(self, src: int) -> PairReceiver:
         p = self._pairs.get(src)
         if p is None:
-            p = self._pairs[src] = PairReceiver(self, src, self._transports[src], self.cond)
+            p = self._pairs[src] = PairReceiver(self, src, self._transports[src], self.cond,
+                                                 self._lock)
         return p
 
     def health(self) -> dict[int, dict[str, object]]:
@@ -372,8 +373,7 @@ class LanguageEngine(EngineShell):
                 self.execute(r, self.machine.shutdown(r))
             pairs = list(self._pairs.values())
             for p in pairs:
-                p.stopping = True
-                p.cv.notify_all()
+                p.stop()
         deadline = time.monotonic() + timeout_s
         for p in pairs:
             p.thread.join(max(0.0, deadline - time.monotonic()))

@@ -137,7 +137,7 @@ class PairReceiver:
     `owed`, `dead` and `stopping` are guarded by the engine lock (`cv`)."""
 
     def __init__(self, engine: StreamHost, src: int, transport: PairTransport,
-                 cv: threading.Condition) -> None:
+                 cv: threading.Condition, lock: threading.RLock) -> None:
         self.engine = engine
         self.src = src
         self.transport = transport
@@ -155,7 +155,12 @@ class PairReceiver:
         self.final_frames: int | None = None  # the peer said goodbye after this many
         self.dead: str | None = None
         self.stopping = False
+        # `cv` is the engine's: callers wait on it for rooms. This thread waits on
+        # `wake`, a condition of the same lock, so what only concerns the pair (a
+        # frame owed, a job handed over or posted) wakes this thread alone, and a
+        # room's change wakes the callers alone.
         self.cv = cv
+        self.wake = threading.Condition(lock)
         self.thread = threading.Thread(target=self._run, daemon=True,
                                        name=f"disagg-recv-{src}->{engine.rank}")
         self.thread.start()
@@ -167,7 +172,7 @@ class PairReceiver:
     def expect(self) -> None:
         """One more frame is owed: an ALLOC or RESUME was sent."""
         self.owed += 1
-        self.cv.notify_all()
+        self.wake.notify()
 
     def disown(self) -> None:
         """The ALLOC or RESUME counted by `expect` could not be sent: no frame comes."""
@@ -183,8 +188,14 @@ class PairReceiver:
         if first:
             self.dead = why
         self.owed = 0
+        self.wake.notify()
         self.cv.notify_all()
         return first
+
+    def stop(self) -> None:
+        """Read what is still owed, then end (engine lock held)."""
+        self.stopping = True
+        self.wake.notify()
 
     def prepost(self, job: Job) -> None:
         """Post `job`'s recvs as the next ones on the stream (engine lock held;
@@ -196,7 +207,8 @@ class PairReceiver:
         if self.parked:
             job.caller_posts = True
             job.credit.posted = True  # only this thread frees its blocks now
-        self.cv.notify_all()
+            return  # the caller's post_claimed wakes this thread, once posted
+        self.wake.notify()
 
     def post_claimed(self) -> None:
         """The caller's side of `prepost`: post the recvs of a job handed to it
@@ -220,14 +232,25 @@ class PairReceiver:
                 job.meta, job.payload = meta, payload
                 job.caller_posts = meta is not None
                 self._claimed = False
-                self.cv.notify_all()
+                self.wake.notify()
+
+    def _caller_posting(self) -> bool:
+        """A job handed to its caller is not posted yet (engine lock held)."""
+        job = self.job
+        return job is not None and job.caller_posts and job.meta is None
 
     def _run(self) -> None:
         while True:
             with self.cv:
                 self.parked = True
-                while self.owed == 0 and not self.stopping and self.dead is None:
-                    self.cv.wait(0.5)
+                # asleep while nothing is owed, or while the one frame owed is a job
+                # its caller is still posting (it wakes this thread once posted)
+                while ((self.owed == 0 or self._caller_posting()) and not self.stopping
+                       and self.dead is None):
+                    if (not self.wake.wait(0.5) and self._caller_posting()
+                            and not self._claimed):
+                        assert self.job is not None  # a caller that never came: post it here
+                        self.job.caller_posts = False
                 self.parked = False
                 if self.owed == 0 or self.dead is not None:
                     return
@@ -259,8 +282,8 @@ class PairReceiver:
             if job is not None and job.caller_posts:
                 # its caller posts it: wait until it has (bounded: it posts right
                 # after letting go of the lock; a failed post clears caller_posts)
-                self.cv.wait_for(lambda: job.meta is not None or not job.caller_posts
-                                 or self.dead is not None, timeout=10.0)
+                self.wake.wait_for(lambda: job.meta is not None or not job.caller_posts
+                                   or self.dead is not None, timeout=10.0)
                 if job.meta is None:
                     raise StreamBroken(f"language rank {self.engine.rank}: the recvs of room "
                                        f"{job.room.room}'s pre-posted frame were not posted")
