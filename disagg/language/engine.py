@@ -47,10 +47,11 @@ from .actions import (
     Untrack,
 )
 from .credit import Credits
+from .landing import Job, destinations
 from .machine import RecvMachine
 from .receiver import Receiver
 from .room import RecvRoom, set_status
-from .stream import Job, PairReceiver, destinations
+from .stream import PairReceiver
 
 log = logging.getLogger(__name__)
 

@@ -1,8 +1,9 @@
 """Language side: the per-pair receive streams. The only module of this side
 that calls the `PairTransport`, and (with `results.py`) the only place a
-received byte is copied: out of the pool into the room's output, in pool mode.
-Each frame read is handed to the room's machine under the engine lock: which
-allocation it answers, whether its sizes agree, where its payload lands.
+received byte is copied: out of the pool into the room's output, in pool mode
+(`landing.copy_out`). It posts and completes; what each frame means (which
+allocation it answers, whether its sizes agree, where its payload lands) is
+asked of the room's machine under the engine lock, in `frames.py`.
 
 One thread per Embedding rank reads that pair's stream in order. It keeps a
 meta recv posted only while frames are owed (a Gloo recv cannot be cancelled,
@@ -17,119 +18,16 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from ..errors import PeerLost, ProtocolError, StreamBroken, TransferTimeout
-from ..geometry import Geometry
-from ..plan import Segment, segment_plan
-from ..pool import BlockPool
 from ..transport import PairTransport, Posted
 from ..wire import ABORT_REASON_BYTES, FLAG_PADDED, FrameKind, Meta, reason_from_tensor
-from . import timing
-from .credit import Credit
-from .machine import Chunk, RecvRoom
-
-if TYPE_CHECKING:
-    from ..stats import Stats
-    from .actions import Action
-    from .credit import Credits
-    from .machine import RecvMachine
-
-
-class StreamHost(Protocol):
-    """What a pair's receive thread needs of its engine (`LanguageEngine` is one):
-    the stream depends on this, not on the engine."""
-
-    rank: int
-    geometry: Geometry
-    pool: BlockPool
-    device: torch.device
-    stats: Stats
-    credits: Credits
-    rooms: dict[int, RecvRoom]
-    machine: RecvMachine
-
-    def clock(self) -> float: ...
-
-    def execute(self, r: RecvRoom, actions: list[Action]) -> None: ...
-
-    def output_rows(self, seq_len: int) -> int: ...
-
-    def land_in(self, r: RecvRoom, rows: int) -> None: ...
-
-    def pair_lost(self, pair: PairReceiver, err: BaseException, *,
-                  from_thread: bool = True, clean: bool = False, tell: bool = True) -> None: ...
+from . import frames
+from .landing import Job, StreamHost, copy_out
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Job:
-    """A pre-posted frame: the recvs of the frame that will answer `credit` (its
-    meta, then `dsts`), posted by the pair's thread as soon as it is free, in
-    stream order, before anything arrives."""
-
-    room: RecvRoom
-    credit: Credit
-    num_tokens: int
-    token_offset: int
-    plan: list[Segment]
-    dsts: list[torch.Tensor]
-    scratch: bool = False  # no result could be made for it: it lands in scratch
-    # Who posts it: the pair's thread, or (the thread idle when it was handed
-    # over) the caller that asked for it, right after letting go of the lock,
-    # which saves the thread's wake-up before the recvs are up. Decided under
-    # the lock, so exactly one of them posts.
-    caller_posts: bool = False
-    meta: Posted | None = None  # set once posted
-    payload: Posted | None = None
-
-
-@dataclass(frozen=True)
-class Landing:
-    """What the engine decided for a DATA frame: where its payload lands."""
-
-    room: RecvRoom
-    chunk: Chunk
-    plan: list[Segment]
-    dsts: list[torch.Tensor]
-    copy_out: bool  # it lands in pool blocks: copy into the output once landed
-    more: bool  # another frame is owed after this one
-    aux: torch.Tensor | None = None  # the room's aux values, after a first chunk's payload
-
-
-def destinations(geometry: Geometry, pool: BlockPool, r: RecvRoom, a: Credit, n: int,
-                 offset: int, device: torch.device) -> tuple[list[Segment], list[torch.Tensor]]:
-    """Recv targets in wire order: for each buffer, one tensor per segment."""
-    if n == 0:  # an empty scatter slice: the meta frame was all of it
-        return [], []
-    plan = segment_plan(a.block_ids, geometry.block_size, n, direct=a.direct, dst_offset=offset)
-    bufs = geometry.wire_buffers
-    if a.direct and r.outputs is not None:
-        return plan, [r.outputs[b.name][s.dst_token:s.dst_token + s.num_tokens]
-                      for b in bufs for s in plan]
-    if not a.direct:
-        return plan, [pool.token_view(b.name, s.dst_token, s.num_tokens)
-                      for b in bufs for s in plan]
-    # no output to land in (allocation failed): drain into scratch to keep the stream
-    return plan, [torch.empty((s.num_tokens, *b.per_token_shape), dtype=b.dtype, device=device)
-                  for b in bufs for s in plan]
-
-
-def copy_out(geometry: Geometry, pool: BlockPool, outputs: dict[str, torch.Tensor],
-             plan: list[Segment], offset: int, device: torch.device) -> None:
-    """Pool mode: a chunk that landed in pool blocks, into the room's output."""
-    for b in geometry.wire_buffers:
-        out = outputs[b.name]
-        for s in plan:
-            start = offset + s.chunk_start
-            out[start:start + s.num_tokens].copy_(pool.token_view(b.name, s.dst_token,
-                                                                  s.num_tokens))
-    if device.type == "cuda":
-        torch.cuda.current_stream(device).synchronize()  # before blocks are reused
 
 
 class PairReceiver:
@@ -328,9 +226,9 @@ class PairReceiver:
                 self.next_meta, self.meta_ahead = None, False
                 self.frames_read += 1
             if meta.kind is FrameKind.ABORT:  # its reason follows, fixed size
-                self._abort_arrived(meta, self._reason())
+                frames.abort_arrived(self, meta, self._reason())
                 return
-        landing = self._data_arrived(meta, job)
+        landing = frames.data_arrived(self, meta, job)
         t0 = time.monotonic()  # to the payload landed (pre-posted: landed already)
         if job is None:  # the payload (and aux) recvs, now that the sizes are known
             posted = t.post_recv(landing.dsts) if landing.dsts else None
@@ -350,7 +248,7 @@ class PairReceiver:
             e = self.engine
             copy_out(e.geometry, e.pool, r.outputs, landing.plan, landing.chunk.token_offset,
                      e.device)
-        self._landed(landing, time.monotonic() - t0)
+        frames.landed(self, landing, time.monotonic() - t0)
 
     def _reason(self) -> str:
         """An ABORT frame's reason: its last tensor, fixed size."""
@@ -371,74 +269,8 @@ class PairReceiver:
         if job.payload is not None:
             self.transport.wait(job.payload, "filler recv")
         if meta.kind is FrameKind.ABORT:
-            self._abort_arrived(meta, self._reason())
+            frames.abort_arrived(self, meta, self._reason())
             return
         with self.cv:
             job.credit.posted = False  # nothing is posted into it any more
             self.engine.stats.add(deferred=1)
-
-    # -------------------------------------------------------- what a frame means (locked)
-
-    def _owed_room(self, meta: Meta) -> tuple[RecvRoom, Credit]:
-        """The room a frame answers, and the allocation it answers."""
-        if self.dead is not None:  # declared dead meanwhile: read nothing more from it
-            raise StreamBroken(f"stream from embedding rank {self.src} already torn down")
-        r = self.engine.rooms.get(meta.room)
-        credit = self.engine.machine.owed(r, self.src, meta)
-        assert r is not None
-        return r, credit
-
-    def _abort_arrived(self, meta: Meta, reason: str) -> None:
-        e = self.engine
-        with self.cv:
-            r, _ = self._owed_room(meta)
-            self.answered()
-            e.execute(r, e.machine.abort_frame(r, reason, self.src))
-
-    def _data_arrived(self, meta: Meta, job: Job | None = None) -> Landing:
-        """A DATA meta: check it (a bad one raises `StreamBroken` before anything
-        changes, so the room still holds its blocks), then say where it lands:
-        where its pre-posted recvs (`job`) already wait, or where to post them."""
-        e = self.engine
-        with self.cv:
-            r, a = self._owed_room(meta)
-            chunk = e.machine.check_meta(r, a, meta)
-            if job is not None:
-                chunk = e.machine.prepost_matches(r, a, chunk, job.room, job.credit,
-                                                  job.num_tokens, job.token_offset, job.scratch)
-            self.answered()
-            now = r.last_progress = e.clock()
-            lo, hi = e.machine.span(meta.seq_len)
-            if meta.first:
-                e.credits.learn(hi - lo)  # what this rank allocates for: its span
-                rows = e.output_rows(meta.seq_len)
-                # (made already when a declared length sized a pre-posted first chunk)
-                if r.outputs is None or r.outputs["embeddings"].shape[0] != rows:
-                    try:
-                        e.land_in(r, rows)
-                    except (RuntimeError, MemoryError) as err:
-                        chunk = e.machine.output_failed(r, chunk, err)
-            timing.chunk_arrived(e.stats, e.credits, r, hi - lo, now)
-            aux = None
-            if meta.aux_follows:  # one more tensor, after the payload
-                aux = torch.empty(meta.num_aux, dtype=torch.int64, device=e.device)
-            if job is not None:
-                plan, dsts = job.plan, job.dsts
-            else:
-                plan, dsts = destinations(e.geometry, e.pool, r, a, chunk.num_tokens,
-                                          chunk.token_offset, e.device)
-                dsts = dsts if aux is None else [*dsts, aux]
-            e.execute(r, e.machine.landing(r, a, meta, chunk))
-            return Landing(r, chunk, plan, dsts, not a.direct, self.owed > 0, aux)
-
-    def _landed(self, landing: Landing, seconds: float) -> None:
-        e = self.engine
-        with self.cv:
-            e.stats.observe("chunk_transfer_s", seconds)
-            e.stats.add(bytes_received=landing.chunk.num_tokens * e.geometry.token_nbytes,
-                        chunks=1)
-            r = landing.room
-            if landing.aux is not None:
-                e.machine.aux_landed(r, tuple(landing.aux.tolist()))
-            e.execute(r, e.machine.landed(r, self.dead, e.clock()))
-            self.cv.notify_all()
