@@ -7,12 +7,12 @@ Threads that call in: the caller (`receiver`, `init`, `resume`, `abort`,
 `result`), the control thread (`on_message`, `on_tick`) and one receiver
 thread per Embedding rank (`stream.PairReceiver`, which asks the machine what
 each frame means under this engine's lock and calls `execute`, or
-`pair_lost` when its stream breaks).
+`pair_lost` when its stream breaks). What peers' losses and arrivals do to
+rooms is the base class's, in `peers.py`.
 """
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import logging
 import time
@@ -22,12 +22,11 @@ import torch
 
 from ..config import DisaggConfig
 from ..control import ControlPort
-from ..errors import DisaggError, FailureCause, PeerLost
+from ..errors import DisaggError, FailureCause
 from ..geometry import Geometry
 from ..plan import scatter_stride
 from ..pool import BlockPool
 from ..recycle import Recycler
-from ..shell import EngineShell
 from ..stats import Stats
 from ..topology import Topology
 from ..transport import PairTransport
@@ -49,6 +48,7 @@ from .actions import (
 from .credit import Credits
 from .landing import Job, destinations
 from .machine import RecvMachine
+from .peers import LanguagePeers
 from .receiver import Receiver
 from .room import RecvRoom, set_status
 from .stream import PairReceiver
@@ -56,7 +56,7 @@ from .stream import PairReceiver
 log = logging.getLogger(__name__)
 
 
-class LanguageEngine(EngineShell):
+class LanguageEngine(LanguagePeers):
     """All rooms of one Language rank. Built by `disagg.init`; use `receiver()`."""
 
     def __init__(self, cfg: DisaggConfig, rank: int, topology: Topology, geometry: Geometry,
@@ -169,86 +169,6 @@ class LanguageEngine(EngineShell):
         return (pair.dead is None and pair.owed == 0 and pair.job is None
                 and not pair.meta_ahead and not self._closing)
 
-    # ------------------------------------------------------------ receiver threads
-
-    def pair_lost(self, pair: PairReceiver, err: BaseException, *, from_thread: bool = True,
-                  clean: bool = False, tell: bool = True) -> None:
-        """The stream from `pair.src` is unusable: no recv is posted on it again,
-        its rooms fail (`RecvMachine.peer_lost`), and (`tell`) the Embedding rank
-        is told why, so it tears the pair down too."""
-        why = f"stream from embedding rank {pair.src} lost: {err}"
-        with self._lock:
-            if pair.lose(str(err)) and not self._closing and not clean:
-                log.error("language rank %d: %s", self.rank, why)
-                if tell:
-                    self._post(pair.src, PairDown(self.rank, why))
-            self._fail_rooms_from(pair.src, why, release_landing=from_thread, clean=clean)
-
-    def _fail_rooms_from(self, src: int, why: str, *, release_landing: bool,
-                         clean: bool = False) -> None:
-        for r in list(self.rooms.values()):
-            if r.src_rank == src:
-                self.execute(r, self.machine.peer_lost(r, why, release_landing=release_landing,
-                                                       clean=clean))
-
-    def _peer_dead(self, src: int, why: str, *, clean: bool = False,
-                   told: bool = False) -> None:
-        """Embedding rank `src` is gone: heartbeats stopped, it said BYE (`clean`),
-        or it tore the pair down itself (`told`). Unless told, it is told."""
-        with self._lock:
-            if not self.liveness.mark_dead(src, why):
-                return
-            if not self._closing:
-                log.log(logging.INFO if clean else logging.WARNING,
-                        "language rank %d: embedding rank %d is down: %s", self.rank, src, why)
-            pair = self._pairs.get(src)
-            if pair is not None:
-                self.pair_lost(pair, PeerLost(why, peer=src), from_thread=False, clean=clean,
-                               tell=not told)
-                return
-            if not clean and not told and not self._closing:
-                self._post(src, PairDown(self.rank, why))
-            self._fail_rooms_from(src, f"embedding rank {src} is down: {why}",
-                                  release_landing=False, clean=clean)
-
-    def _peer_bye(self, src: int, frames: int) -> None:
-        """Embedding rank `src` shut down cleanly after putting `frames` frames on
-        the pair's stream. Those already sent are read first (a room whose last
-        chunk is among them succeeded on both sides); the pair's thread gives
-        the pair up after the last of them."""
-        with self._lock:
-            pair = self._pairs.get(src)
-            if (pair is not None and pair.dead is None and frames > pair.frames_read
-                    and self.liveness.mark_dead(src, "it shut down")):
-                pair.final_frames = frames
-                return
-        self._peer_dead(src, "it shut down", clean=True)
-
-    def lost_peers(self) -> set[int]:
-        """Embedding ranks not usable now: declared dead, or their stream lost."""
-        with self._lock:
-            return set(self._lost())
-
-    def _lost(self) -> dict[int, str]:
-        """Embedding rank -> why it is not usable (lock held)."""
-        return {e: why for e in self.liveness.peers
-                if (why := self.liveness.dead.get(e)
-                    or getattr(self._pairs.get(e), "dead", None)) is not None}
-
-    def add_peer(self, src: int, transport: PairTransport) -> None:
-        """Jobs mode: Embedding rank `src` joined and its pair is made (its
-        DEALER must be connected before a room names it)."""
-        with self._lock:
-            self._transports[src] = transport
-            self.liveness.add(src, self.clock())
-
-    def peer_gone(self, src: int, why: str) -> None:
-        """Jobs mode: Embedding rank `src` left (its membership ended): its rooms
-        fail (PEER_LOST), and so does any room addressed to it from now on."""
-        self._peer_dead(src, why)
-        with self._lock:  # ids are never reused: its group goes once its thread is done
-            self._transports.pop(src, None)
-
     # ------------------------------------------------------------ control thread
 
     def on_message(self, src: int, msg: ControlMessage) -> None:
@@ -342,28 +262,6 @@ class LanguageEngine(EngineShell):
             p = self._pairs[src] = PairReceiver(self, src, self._transports[src], self.cond,
                                                  self._lock)
         return p
-
-    def health(self) -> dict[int, dict[str, object]]:
-        """Per Embedding rank: see `EngineShell.health_report`. After shutdown, a
-        receiver thread still blocked in a recv that cannot be cancelled (a
-        frozen peer) is reported; it ends at the pair's transport timeout."""
-        with self._lock:
-            out = self.health_report(self._rooms_by_peer(), self._lost())
-            for e, pair in self._pairs.items():
-                if self._closing and pair.thread.is_alive():
-                    out[e]["receiver"] = ("blocked in a recv until the pair's transport "
-                                          "timeout (a daemon thread)")
-            return out
-
-    def _rooms_by_peer(self) -> collections.Counter[int]:
-        """Live rooms per Embedding rank (lock held)."""
-        return collections.Counter(r.src_rank for r in self.rooms.values())
-
-    def _live_by_peer(self) -> dict[str, object]:
-        with self._lock:
-            return {"rooms_live_by_peer": dict(self._rooms_by_peer())}
-
-    # ------------------------------------------------------------ shutdown
 
     def close(self, timeout_s: float) -> None:
         """Abort every live room ("shutdown"), wait (bounded) for the answers owed

@@ -1,0 +1,134 @@
+"""Language side: the Embedding ranks this rank hears from, and what their
+comings and goings do to rooms. A stream that breaks, a peer declared dead
+(heartbeats stopped, a PAIR_DOWN, a membership that ended), a clean goodbye
+(the frames already sent are read first), a peer that joins (jobs mode), and
+the health report. Every room it touches is asked of `RecvMachine.peer_lost`
+and the actions executed by the engine (`LanguageEngine`, which is one)."""
+
+from __future__ import annotations
+
+import collections
+import logging
+
+from ..errors import PeerLost
+from ..shell import EngineShell
+from ..transport import PairTransport
+from ..wire import PairDown
+from .actions import Action
+from .machine import RecvMachine
+from .room import RecvRoom
+from .stream import PairReceiver
+
+log = logging.getLogger("disagg.language.engine")
+
+
+class LanguagePeers(EngineShell):
+    """The peer half of `LanguageEngine`: its pairs' losses and arrivals."""
+
+    rooms: dict[int, RecvRoom]
+    machine: RecvMachine
+    _pairs: dict[int, PairReceiver]
+    _transports: dict[int, PairTransport]
+
+    def execute(self, r: RecvRoom, actions: list[Action]) -> None:
+        raise NotImplementedError  # the engine's
+
+    def pair_lost(self, pair: PairReceiver, err: BaseException, *, from_thread: bool = True,
+                  clean: bool = False, tell: bool = True) -> None:
+        """The stream from `pair.src` is unusable: no recv is posted on it again,
+        its rooms fail (`RecvMachine.peer_lost`), and (`tell`) the Embedding rank
+        is told why, so it tears the pair down too."""
+        why = f"stream from embedding rank {pair.src} lost: {err}"
+        with self._lock:
+            if pair.lose(str(err)) and not self._closing and not clean:
+                log.error("language rank %d: %s", self.rank, why)
+                if tell:
+                    self._post(pair.src, PairDown(self.rank, why))
+            self._fail_rooms_from(pair.src, why, release_landing=from_thread, clean=clean)
+
+    def _fail_rooms_from(self, src: int, why: str, *, release_landing: bool,
+                         clean: bool = False) -> None:
+        for r in list(self.rooms.values()):
+            if r.src_rank == src:
+                self.execute(r, self.machine.peer_lost(r, why, release_landing=release_landing,
+                                                       clean=clean))
+
+    def _peer_dead(self, src: int, why: str, *, clean: bool = False,
+                   told: bool = False) -> None:
+        """Embedding rank `src` is gone: heartbeats stopped, it said BYE (`clean`),
+        or it tore the pair down itself (`told`). Unless told, it is told."""
+        with self._lock:
+            if not self.liveness.mark_dead(src, why):
+                return
+            if not self._closing:
+                log.log(logging.INFO if clean else logging.WARNING,
+                        "language rank %d: embedding rank %d is down: %s", self.rank, src, why)
+            pair = self._pairs.get(src)
+            if pair is not None:
+                self.pair_lost(pair, PeerLost(why, peer=src), from_thread=False, clean=clean,
+                               tell=not told)
+                return
+            if not clean and not told and not self._closing:
+                self._post(src, PairDown(self.rank, why))
+            self._fail_rooms_from(src, f"embedding rank {src} is down: {why}",
+                                  release_landing=False, clean=clean)
+
+    def _peer_bye(self, src: int, frames: int) -> None:
+        """Embedding rank `src` shut down cleanly after putting `frames` frames on
+        the pair's stream. Those already sent are read first (a room whose last
+        chunk is among them succeeded on both sides); the pair's thread gives
+        the pair up after the last of them."""
+        with self._lock:
+            pair = self._pairs.get(src)
+            if (pair is not None and pair.dead is None and frames > pair.frames_read
+                    and self.liveness.mark_dead(src, "it shut down")):
+                pair.final_frames = frames
+                return
+        self._peer_dead(src, "it shut down", clean=True)
+
+    def lost_peers(self) -> set[int]:
+        """Embedding ranks not usable now: declared dead, or their stream lost."""
+        with self._lock:
+            return set(self._lost())
+
+    def _lost(self) -> dict[int, str]:
+        """Embedding rank -> why it is not usable (lock held)."""
+        return {e: why for e in self.liveness.peers
+                if (why := self.liveness.dead.get(e)
+                    or getattr(self._pairs.get(e), "dead", None)) is not None}
+
+    def add_peer(self, src: int, transport: PairTransport) -> None:
+        """Jobs mode: Embedding rank `src` joined and its pair is made (its
+        DEALER must be connected before a room names it)."""
+        with self._lock:
+            self._transports[src] = transport
+            self.liveness.add(src, self.clock())
+
+    def peer_gone(self, src: int, why: str) -> None:
+        """Jobs mode: Embedding rank `src` left (its membership ended): its rooms
+        fail (PEER_LOST), and so does any room addressed to it from now on."""
+        self._peer_dead(src, why)
+        with self._lock:  # ids are never reused: its group goes once its thread is done
+            self._transports.pop(src, None)
+
+    def health(self) -> dict[int, dict[str, object]]:
+        """Per Embedding rank: see `EngineShell.health_report`. After shutdown, a
+        receiver thread still blocked in a recv that cannot be cancelled (a
+        frozen peer) is reported; it ends at the pair's transport timeout."""
+        with self._lock:
+            out = self.health_report(self._rooms_by_peer(), self._lost())
+            for e, pair in self._pairs.items():
+                if self._closing and pair.thread.is_alive():
+                    out[e]["receiver"] = ("blocked in a recv until the pair's transport "
+                                          "timeout (a daemon thread)")
+            return out
+
+    def _rooms_by_peer(self) -> collections.Counter[int]:
+        """Live rooms per Embedding rank (lock held)."""
+        return collections.Counter(r.src_rank for r in self.rooms.values())
+
+    def _live_by_peer(self) -> dict[str, object]:
+        with self._lock:
+            return {"rooms_live_by_peer": dict(self._rooms_by_peer())}
+
+    # ------------------------------------------------------------ shutdown
