@@ -69,34 +69,29 @@ import torch
 
 from ..errors import FailureCause
 from ..geometry import Geometry
-from ..plan import chunk_tokens, prepost_tokens, segment_plan
+from ..plan import prepost_tokens
 from ..topology import Topology
 from ..types import TransferStatus
-from ..wire import FLAG_FIRST, FLAG_GIVEN, FLAG_LAST, FrameKind, Meta
 from .actions import (
     Action,
     Count,
     CountFailure,
     End,
-    Preposted,
     SendAbortFrame,
-    SendData,
-    SendDefer,
     SendReject,
 )
-from .pair import defer
 from .room import (
     Grant,
     Lane,
     LaneState,
     Part,
     SendRoom,
-    lane_span,
     lane_state,
     lane_total,
     set_status,
 )
 from .rules import alloc_conflict
+from .schedule import Scheduler
 
 __all__ = ["Grant", "Lane", "LaneState", "SendMachine", "SendRoom", "lane_state", "set_status"]
 
@@ -104,7 +99,7 @@ __all__ = ["Grant", "Lane", "LaneState", "SendMachine", "SendRoom", "lane_state"
 # ---------------------------------------------------------------- transitions
 
 
-class SendMachine:
+class SendMachine(Scheduler):
     """Transitions of every room of one Embedding rank. Holds only constants."""
 
     def __init__(self, rank: int, geometry: Geometry, topology: Topology,
@@ -297,21 +292,6 @@ class SendMachine:
         return self.fail(r, f"embedding rank {self.rank}: timed out after {limit:g}s waiting "
                             f"for {waiting}", FailureCause.TIMEOUT)
 
-    def new_lane(self, lang: int, grant: Grant) -> Lane:
-        """The lane an accepted ALLOC opens (now, or when `sender()` claims it)."""
-        index = self.topology.index_in_instance(lang) if grant.scatter else None
-        return Lane(lang, slice_index=index, pending=grant, keys={0})
-
-    def refuse(self, lang: int, room: int, why: str, grant: Grant | None = None) -> SendAbortFrame:
-        """Refuse an allocation: its answer is an ABORT frame that says why
-        (padded to the allocation's sizes when its recvs are posted)."""
-        return SendAbortFrame(room, lang, f"embedding rank {self.rank}: {why}",
-                              pad=grant if grant is not None and grant.preposted else None)
-
-    @staticmethod
-    def _preposted(room: int, lang: int, grant: Grant) -> list[Action]:
-        return [Preposted(room, lang, grant)] if grant.preposted else []
-
     # -------------------------------------------------------- internals
 
     @staticmethod
@@ -348,56 +328,6 @@ class SendMachine:
             elif not lane.done:  # no frame owed to it: the reason goes by REJECT
                 out.append(SendReject(r.room, lane.lang_rank, reason))
         return out + self._maybe_end(r)
-
-    def _schedule(self, r: SendRoom, lane: Lane) -> list[Action]:
-        grant = lane.pending
-        if grant is None or r.sources is None or r.failure is not None:
-            return []
-        if grant.seq_len and grant.seq_len != r.seq_len:
-            # The Language rank sized (and may have posted) its receives for the
-            # length its caller declared: answer with an ABORT frame instead,
-            # so the stream stays aligned, and fail the room on both sides.
-            return self.fail(r, f"embedding rank {self.rank}: language rank {lane.lang_rank} "
-                                f"declared seq_len={grant.seq_len} for room {r.room}, but it "
-                                f"has {r.seq_len} tokens", FailureCause.LENGTH_MISMATCH)
-        lo, hi = lane_span(r, lane)
-        offset = lo + lane.sent_tokens  # in the room's tokens
-        if grant.preposted:
-            # exactly what the rank's posted recvs expect, whatever the parts
-            n = grant.expect
-            assert n == (min(hi - offset, grant.allocated_tokens) if hi > lo else 0)
-            if n and offset >= r.given:
-                return []  # none of it given yet: waits (or a DEFER, for another room)
-            if n and offset + n > r.given:
-                # a progressive send gave only some of it (whether the part or the
-                # grant came first): DEFER, and an ordinary chunk leaves at once
-                defer(grant)
-                return [SendDefer(r.room, lane.lang_rank, grant), *self._schedule(r, lane)]
-        elif hi > lo and offset >= r.given:
-            return []  # its data is not given yet: the grant waits for the next part
-        else:
-            # Whatever was given and fits: parts given already coalesce into one
-            # chunk (a segment that spans two of them is joined, `stream.data_frame`,
-            # which costs a copy of it but saves a resume round each); while the
-            # room is incomplete, never past what was given.
-            n = (0 if hi == lo else min(chunk_tokens(hi, offset, grant.allocated_tokens),
-                                        r.given - offset))
-        lane.pending = None
-        # an empty span (scatter, a room shorter than its instance) is answered
-        # by a meta frame alone, which carries seq_len
-        plan = (segment_plan(grant.block_ids, self.geometry.block_size, n, direct=grant.direct)
-                if n else [])
-        parts = [p for p in r.parts if p.start < offset + n and offset < p.start + p.num_tokens]
-        flags = ((FLAG_FIRST if lane.sent_tokens == 0 else 0)
-                 | (FLAG_LAST if offset + n == hi else 0)
-                 | (FLAG_GIVEN if r.given == r.seq_len else 0))
-        meta = Meta(FrameKind.DATA, r.room, lane.chunk_index, offset, n, r.seq_len, flags,
-                    r.aux)
-        lane.sent_tokens += n
-        lane.chunk_index += 1
-        lane.in_flight += 1
-        return [SendData(r, lane, meta, plan, n * self.geometry.token_nbytes,
-                         parts or r.parts[:1])]
 
     def _maybe_succeed(self, r: SendRoom, now: float) -> list[Action]:
         done = sum(p.done for p in r.lanes.values())
