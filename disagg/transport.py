@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 
 from .errors import PeerLost, TransferTimeout
-from .wire import META_LEN, Meta
+from .meta import META_LEN, Meta
 
 _device_locks: dict[tuple[str, int], threading.Lock] = {}
 _device_locks_guard = threading.Lock()

@@ -35,9 +35,9 @@ from disagg.language.actions import Release
 from disagg.language.credit import Credit
 from disagg.language.machine import Phase, Publish, RecvMachine, RecvRoom, needs_resume, phase
 from disagg.language.machine import set_status as set_recv_status
+from disagg.meta import FLAG_FIRST, FLAG_LAST, FrameKind, Meta
 from disagg.topology import Topology
 from disagg.types import TransferStatus
-from disagg.wire import FLAG_FIRST, FLAG_LAST, FrameKind, Meta
 
 BS, SEQ, LANG, ROOM = 4, 10, 1, 7
 CFG = DisaggConfig(hidden_size=8, block_size=BS, num_blocks=16, mrope=False)

@@ -18,8 +18,8 @@ from disagg import transport
 from disagg.config import DisaggConfig
 from disagg.errors import PeerLost, TransferTimeout
 from disagg.geometry import Topology
+from disagg.meta import FrameKind, Meta
 from disagg.transport import TorchPairTransport, device_lock
-from disagg.wire import FrameKind, Meta
 
 CUDA0 = torch.device("cuda", 0)  # a name only: nothing below touches a GPU
 CPU = torch.device("cpu")

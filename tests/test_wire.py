@@ -16,10 +16,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from disagg.errors import ProtocolError
+from disagg.meta import FLAG_FIRST, FLAG_LAST, META_LEN, META_MAGIC, FrameKind, Meta, _check
 from disagg.wire import (
     FLAG_DIRECT,
-    FLAG_FIRST,
-    FLAG_LAST,
     HEADER_SIZE,
     MAGIC,
     MAX_AUX,
@@ -27,19 +26,14 @@ from disagg.wire import (
     MAX_INLINE_AUX,
     MAX_REASON_BYTES,
     MAX_ROOM,
-    META_LEN,
-    META_MAGIC,
     VERSION,
     Abort,
     Alloc,
-    FrameKind,
     Heartbeat,
-    Meta,
     MsgKind,
     PairDown,
     Reject,
     Resume,
-    _check,
     decode,
     encode,
     peek_room,

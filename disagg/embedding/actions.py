@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..errors import FailureCause
+from ..meta import Meta
 from ..plan import Segment
 from ..types import TransferStatus
-from ..wire import Meta
 from .room import Grant, Lane, Part, SendRoom
 
 

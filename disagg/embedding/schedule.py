@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from ..errors import FailureCause
 from ..geometry import Geometry
+from ..meta import FLAG_FIRST, FLAG_GIVEN, FLAG_LAST, FrameKind, Meta
 from ..plan import chunk_tokens, segment_plan
 from ..topology import Topology
-from ..wire import FLAG_FIRST, FLAG_GIVEN, FLAG_LAST, FrameKind, Meta
 from .actions import Action, Preposted, SendAbortFrame, SendData, SendDefer
 from .pair import defer
 from .room import Grant, Lane, SendRoom, lane_span

@@ -21,9 +21,9 @@ import torch
 
 from ..errors import DisaggError
 from ..geometry import Geometry
+from ..meta import FLAG_PADDED, FrameKind, Meta, reason_tensor
 from ..plan import Segment, segment_plan
 from ..transport import PairTransport, Posted
-from ..wire import FLAG_PADDED, FrameKind, Meta, reason_tensor
 from .room import Grant, Part
 
 log = logging.getLogger(__name__)

@@ -12,8 +12,9 @@ from __future__ import annotations
 import dataclasses
 
 from ..errors import StreamBroken
+from ..meta import FrameKind, Meta
 from ..plan import span
-from ..wire import MAX_INLINE_AUX, FrameKind, Meta
+from ..wire import MAX_INLINE_AUX
 from .credit import Credit
 from .room import Chunk, RecvRoom
 

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from ..errors import StreamBroken
-from ..wire import Meta
+from ..meta import Meta
 from . import timing
 from .credit import Credit
 from .landing import Job, Landing, destinations

@@ -41,9 +41,10 @@ free. `needs_resume` is exactly PARTIAL.
 from __future__ import annotations
 
 from ..errors import FailureCause
+from ..meta import FLAG_GIVEN, Meta
 from ..plan import prepost_tokens
 from ..types import TERMINAL, TransferStatus
-from ..wire import FLAG_GIVEN, Abort, Alloc, Meta, Resume
+from ..wire import Abort, Alloc, Resume
 from .actions import (
     Action,
     AskResume,

@@ -22,8 +22,8 @@ import time
 import torch
 
 from ..errors import PeerLost, ProtocolError, StreamBroken, TransferTimeout
+from ..meta import ABORT_REASON_BYTES, FLAG_PADDED, FrameKind, Meta, reason_from_tensor
 from ..transport import PairTransport, Posted
-from ..wire import ABORT_REASON_BYTES, FLAG_PADDED, FrameKind, Meta, reason_from_tensor
 from . import frames
 from .landing import Job, StreamHost, copy_out
 

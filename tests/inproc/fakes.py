@@ -61,10 +61,11 @@ from disagg.embedding import EmbeddingEngine, Sender
 from disagg.errors import DisaggError, PeerLost, ProtocolError, TransferTimeout
 from disagg.geometry import Geometry, Topology
 from disagg.language import LanguageEngine, Receiver
+from disagg.meta import META_LEN, FrameKind, Meta
 from disagg.stats import Stats
 from disagg.transport import Posted, wait_until
 from disagg.types import TransferStatus
-from disagg.wire import META_LEN, ControlMessage, FrameKind, Meta
+from disagg.wire import ControlMessage
 
 CPU = torch.device("cpu")
 LINK_TIMEOUT_S = 5.0  # a transport wait that runs this long is a hang: the link reports it

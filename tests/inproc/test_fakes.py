@@ -17,7 +17,8 @@ import torch
 from disagg import wire
 from disagg.config import DisaggConfig
 from disagg.errors import PeerLost, TransferTimeout
-from disagg.wire import ControlMessage, FrameKind, Meta
+from disagg.meta import FrameKind, Meta
+from disagg.wire import ControlMessage
 
 from .fakes import Activity, FakeControl, FakeLink, WireMismatch, World, disagg_threads
 

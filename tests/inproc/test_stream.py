@@ -26,9 +26,9 @@ from disagg.config import DisaggConfig
 from disagg.embedding import Sender
 from disagg.errors import PoolFull
 from disagg.language import Receiver
+from disagg.meta import FrameKind
 from disagg.queue import RoomQueue
 from disagg.types import TransferStatus
-from disagg.wire import FrameKind
 
 from .fakes import TERMINAL, Envelope, RecvInto, Where, World
 from .rooms import RoomData, mismatches, room_data, send
