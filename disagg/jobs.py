@@ -20,11 +20,8 @@ milliseconds, and a peer lost meanwhile holds only its own thread).
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import logging
-import os
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -32,34 +29,16 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from .errors import DisaggError, GeometryMismatch
+from .errors import GeometryMismatch
 from .geometry import Geometry
-from .roster import EMBEDDING_IDS, MAX_ID, POLL_S, Member, Seen, key, language_id, scan
+from .pairing import hello, pair_group
+from .roster import POLL_S, Member, Seen, key, scan
+from .store import candidate_ids
 from .transport import TorchPairTransport
 
 log = logging.getLogger(__name__)
 
 READ_TIMEOUT_S = 0.2  # a read of a key that vanished fails this fast (see `Roster._reader`)
-HELLO_POLL_S = (0.002, 0.05)  # a forming pair looks for its peer's hello this often (first, at most)
-
-
-def connect_store(rendezvous: str, timeout_s: float) -> dist.TCPStore:
-    """A client of the rendezvous store at "tcp://host:port"."""
-    if not rendezvous.startswith("tcp://") or ":" not in rendezvous[6:]:
-        raise ValueError(f"rendezvous={rendezvous!r}: expected 'tcp://host:port'")
-    host, port = rendezvous[6:].rsplit(":", 1)
-    try:
-        return dist.TCPStore(host, int(port), is_master=False, wait_for_workers=False,
-                             timeout=datetime.timedelta(seconds=timeout_s))
-    except (RuntimeError, ValueError) as e:
-        raise DisaggError(f"cannot reach the rendezvous store at {rendezvous}: {e}") from e
-
-
-def host_store(port: int, host: str = "0.0.0.0", timeout_s: float = 30.0) -> dist.TCPStore:
-    """Host the rendezvous store in this process (`python -m launch.rendezvous`
-    does it for a deployment; any job may instead)."""
-    return dist.TCPStore(host, port, is_master=True, wait_for_workers=False,
-                         timeout=datetime.timedelta(seconds=timeout_s), use_libuv=True)
 
 
 class Roster:
@@ -196,7 +175,7 @@ class Roster:
             log.error("rank id %d: this rank was collected from the rendezvous store (its "
                       "lease stood still for peer_timeout): peers no longer use it; restart "
                       "this job to join again", self.me.id)
-        ids = self._candidate_ids()
+        ids = candidate_ids(self.store, self.embedding, self.tp)
         present = [i for i in ids if self.store.check([key("m", i)])]
         records: dict[int, Member] = {}
         for i in present:
@@ -237,16 +216,6 @@ class Roster:
             self._read_store.set_timeout(datetime.timedelta(seconds=READ_TIMEOUT_S))
         return self._read_store
 
-    def _candidate_ids(self) -> list[int]:
-        """Ids of the other role allocated so far (a member may not have written
-        its record yet: then it is seen at a later rescan)."""
-        if self.embedding:
-            instances = self.store.add(key("inst", "next"), 0)
-            return [language_id(k, i, self.tp) for k in range(instances)
-                    for i in range(self.tp)
-                    if language_id(k, i, self.tp) <= MAX_ID]
-        return list(range(min(self.store.add(key("emb", "next"), 0), EMBEDDING_IDS)))
-
     def _join(self, m: Member, now: float) -> None:
         try:
             theirs = Geometry.from_dict(m.geometry)
@@ -269,29 +238,10 @@ class Roster:
             self._forming[m.id] = t
         t.start()
 
-    def _hello(self, base: str, mine: str, theirs: str, m: Member) -> bool:
-        """Say this rank is ready to construct the pair, and wait for the peer to
-        say so, for as long as it is a member and this rank runs. A hello stands
-        only while its rank waits for this very pair in a thread of its own, so
-        both constructors meet: there is no stale hello, and no two pairs
-        wait on each other."""
-        self.store.set(f"{base}/hello/{mine}", "1")
-        delay = HELLO_POLL_S[0]
-        while not self._stop.is_set():
-            with self._lock:
-                member = m.id in self.known
-            if not member:
-                break
-            try:  # check, not wait: a store wait that times out logs a warning each time
-                if self.store.check([f"{base}/hello/{theirs}"]):
-                    return True
-            except (RuntimeError, dist.DistError):
-                pass  # the store is away: look again
-            self._stop.wait(delay)
-            delay = min(delay * 2, HELLO_POLL_S[1])
-        with contextlib.suppress(RuntimeError, dist.DistError):
-            self.store.delete_key(f"{base}/hello/{mine}")
-        return False
+    def _knows(self, member_id: int) -> bool:
+        """Whether `member_id` is still a member this rank pairs with."""
+        with self._lock:
+            return member_id in self.known
 
     def _form(self, m: Member) -> None:
         """The pair's thread: a handshake (both ends are here), then the backend's
@@ -311,18 +261,9 @@ class Roster:
         mine, theirs = ("e", "l") if self.embedding else ("l", "e")
         added = False
         try:
-            if not self._hello(base, mine, theirs, m):
+            if not hello(self.store, base, mine, theirs, lambda: self._knows(m.id), self._stop):
                 return False
-            timeout = datetime.timedelta(seconds=self.pair_timeout_s)
-            prefix = dist.PrefixStore(f"{base}/pg", self.store)
-            if self.device.type == "cuda":
-                opts = dist.ProcessGroupNCCL.Options()
-                opts._timeout = timeout
-                pg: dist.ProcessGroup = dist.ProcessGroupNCCL(  # type: ignore[assignment]
-                    prefix, 0 if self.embedding else 1, 2, opts)
-            else:
-                pg = dist.ProcessGroupGloo(  # type: ignore[assignment]
-                    prefix, 0 if self.embedding else 1, 2, timeout)
+            pg = pair_group(self.store, base, self.embedding, self.device, self.pair_timeout_s)
             t = TorchPairTransport(pg, m.id, self.device, self.pair_timeout_s,
                                    group_peer=1 if self.embedding else 0)
             if self.embedding:
@@ -346,19 +287,3 @@ class Roster:
         return True
 
 
-def new_member(store: dist.Store, *, role: str, name: str | None, member_id: int,
-               geometry: Geometry, backend: str, fanout: str,
-               address: str | None) -> Member:
-    """This rank's record, with a fresh generation of its name."""
-    name = name or f"{role}-{socket.gethostname()}-{os.getpid()}"
-    generation = store.add(key("name", name), 1)
-    return Member(member_id, role, name, generation, geometry.to_dict(), backend, fanout,
-                  address, socket.gethostname(), os.getpid())
-
-
-def embedding_id(store: dist.Store) -> int:
-    i = store.add(key("emb", "next"), 1) - 1
-    if i >= EMBEDDING_IDS:
-        raise DisaggError(f"the rendezvous store has handed out all {EMBEDDING_IDS} "
-                          f"embedding ids; start a fresh rendezvous")
-    return i

@@ -25,15 +25,17 @@ import zmq
 
 from .backend import backend_choice, destroy_group, local_rank, new_group
 from .config import DisaggConfig
-from .context import Context, LanguageSide
+from .context import Context
 from .control import ControlChannel
 from .embedding import EmbeddingEngine
 from .errors import DisaggError
 from .geometry import Geometry, Topology
-from .jobs import Roster, connect_store, embedding_id, new_member
+from .jobs import Roster
 from .language import LanguageEngine
+from .language_side import LanguageSide
 from .roster import EMBEDDING_IDS, MAX_ID, Member, key, language_id
 from .stats import Stats
+from .store import connect_store, embedding_id, new_member
 from .transport import PairTransport, TorchPairTransport
 
 log = logging.getLogger(__name__)
@@ -46,7 +48,7 @@ def join(cfg: DisaggConfig | None = None, rendezvous: str = "tcp://127.0.0.1:296
          instance_group: dist.ProcessGroup | None = None) -> Context:
     """Join a deployment of separate jobs through the rendezvous store at
     `rendezvous` ("tcp://host:port", hosted by `python -m launch.rendezvous` or by
-    any job with `disagg.jobs.host_store`). `role`: "embedding" or "language".
+    any job with `disagg.store.host_store`). `role`: "embedding" or "language".
     `name` (default: role, host and pid): a rank that joins under a name already
     live supersedes it (a restarted job), which every peer then drops."""
     cfg = cfg or DisaggConfig()

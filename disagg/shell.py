@@ -14,10 +14,11 @@ from typing import Protocol
 import torch
 
 from .config import DisaggConfig
-from .control import ControlPort, RateLimitedLog
+from .control import ControlPort
 from .errors import DisaggError
 from .geometry import Geometry
 from .liveness import Liveness
+from .logs import RateLimitedLog
 from .stats import Stats
 from .topology import Topology
 from .types import TERMINAL, TransferStatus

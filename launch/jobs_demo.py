@@ -36,7 +36,7 @@ import torch.distributed as dist
 
 import disagg
 from disagg import DisaggConfig, PoolFull, TransferStatus
-from disagg.jobs import connect_store
+from disagg.store import connect_store
 from launch.transfer import room_tensors
 
 NS = "jobs_demo"  # the demo's own keys in the rendezvous store

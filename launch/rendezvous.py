@@ -15,7 +15,7 @@ import argparse
 import signal
 import threading
 
-from disagg.jobs import host_store
+from disagg.store import host_store
 
 
 def main(argv: list[str] | None = None) -> int:

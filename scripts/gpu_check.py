@@ -562,7 +562,7 @@ def check_jobs_group(env: Env) -> Outcome:
     PrefixStore of a TCPStore, with no default world, as `disagg.join` makes it,
     on a world of one (NCCL refuses two ranks of a communicator on one GPU, so a
     real pair needs two GPUs): construct, first op, teardown, twice."""
-    from disagg.jobs import host_store
+    from disagg.store import host_store
     assert not dist.is_initialized()
     import socket
     with socket.socket() as sk:

@@ -37,8 +37,8 @@ from test_faults import aux_of, make_data, mismatches
 
 import disagg
 from disagg import TransferStatus
-from disagg.jobs import host_store
 from disagg.roster import key, language_id
+from disagg.store import host_store
 
 pytestmark = pytest.mark.timeout(240)
 

@@ -6,7 +6,8 @@ channel, the budget back to its allocator, statuses to the caller.
 Threads that call in: the caller (`sender`, `send`, `abort`), the control
 thread (`on_message`, `on_bad_message`, `on_tick`) and each pair's send thread
 (frame completions). Every frame scheduled under the lock is posted right after
-the lock is released, by the thread that scheduled it (`flush`).
+the lock is released, by the thread that scheduled it (`flush`). What peers'
+losses and arrivals do to rooms is the base class's, in `peers.py`.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from ..control import ControlPort
 from ..errors import DisaggError, FailureCause, PeerLost
 from ..geometry import Geometry
 from ..pool import BlockAllocator
-from ..shell import EngineShell
 from ..stats import Stats
 from ..topology import Topology
 from ..transport import PairTransport
@@ -46,6 +46,7 @@ from .admission import Admission
 from .lobby import Lobby, Refusal
 from .machine import SendMachine
 from .pair import SendPair
+from .peers import EmbeddingPeers
 from .room import Lane, SendRoom, set_status
 from .sender import Sender
 from .stream import Frame, SendStreams, abort_frame, data_frame, defer_frame, filler
@@ -53,7 +54,7 @@ from .stream import Frame, SendStreams, abort_frame, data_frame, defer_frame, fi
 log = logging.getLogger(__name__)
 
 
-class EmbeddingEngine(EngineShell):
+class EmbeddingEngine(EmbeddingPeers):
     """All rooms of one Embedding rank. Built by `disagg.init`; use `sender(room)`."""
 
     def __init__(self, cfg: DisaggConfig, rank: int, topology: Topology, geometry: Geometry,
@@ -102,26 +103,6 @@ class EmbeddingEngine(EngineShell):
                 self.stats.set_gauge("rooms_live", len(self._rooms))
         self.flush()
         return Sender(self, r)
-
-    def lost_peers(self) -> set[int]:
-        """Language ranks not usable now (their pair is lost)."""
-        with self._lock:
-            return set(self.liveness.dead)
-
-    def add_peer(self, lang: int, transport: PairTransport, num_blocks: int) -> None:
-        """Jobs mode: Language rank `lang` joined and its pair is made (its
-        control messages must be allowed on the channel before it sends)."""
-        with self._lock:
-            self._transports[lang] = transport
-            self.admission.peer_num_blocks[lang] = num_blocks
-            self.liveness.add(lang, self.clock())
-
-    def peer_gone(self, lang: int, why: str) -> None:
-        """Jobs mode: Language rank `lang` left (its membership ended): as a lost peer."""
-        with self._lock:
-            self._pair_lost(lang, PeerLost(why, peer=lang))
-            self._streams.retire(lang)  # ids are never reused: its thread and group go
-        self.flush()
 
     # ------------------------------------------------------------ control thread
 
@@ -274,50 +255,9 @@ class EmbeddingEngine(EngineShell):
         if not self._closing:
             self._post(lang_rank, Reject(room, -1, reason))
 
-    def _pair_lost(self, lang: int, err: BaseException, *, clean: bool = False,
-                   told: bool = False) -> None:
-        """`lang` is gone or its stream broke: nothing is sent to it again, and every
-        room it was part of, or whose instance it belongs to, fails. Unless it
-        said goodbye (`clean`) or told us (`told`), it is told why, so both sides
-        agree the pair is gone. Idempotent."""
-        if not self.liveness.mark_dead(lang, str(err)):
-            return
-        self._pairs[lang].lost()
-        if not self._closing:
-            log.log(logging.INFO if clean else logging.WARNING,
-                    "embedding rank %d: language rank %d is down: %s", self.rank, lang, err)
-            if not clean and not told:
-                self._post(lang, PairDown(self.rank, str(err)))
-        why = f"embedding rank {self.rank}: language rank {lang} is down: {err}"
-        for r in list(self._rooms.values()):
-            self.execute(self.machine.peer_lost(r, lang, why, clean=clean))
-        instance = self.topology.instance_of(lang)
-        self.lobby.drop(lambda room, lr, g: lr == lang)
-        self._refuse(self.lobby.drop(
-            lambda room, lr, g: self.topology.instance_of(lr) == instance,
-            f"language rank {lang} of this room's instance is down: {err}"))
-
     def flush(self) -> None:
         """Post the frames scheduled so far, without the engine lock."""
         self._streams.flush()
-
-    def health(self) -> dict[int, dict[str, object]]:
-        """Per Language rank: see `EngineShell.health_report`; its live rooms are
-        those it asked for and has not received whole."""
-        with self._lock:
-            return self.health_report(self._rooms_by_peer(), dict(self.liveness.dead))
-
-    def _rooms_by_peer(self) -> collections.Counter[int]:
-        """Live rooms per Language rank that asked for them and has not received
-        them whole (-1: rooms no rank asked for yet). Lock held."""
-        counts: collections.Counter[int] = collections.Counter()
-        for r in self._rooms.values():
-            counts.update([lang for lang, p in r.lanes.items() if not p.done] or [-1])
-        return counts
-
-    def _live_by_peer(self) -> dict[str, object]:
-        with self._lock:
-            return {"rooms_live_by_peer": dict(self._rooms_by_peer())}
 
     # ------------------------------------------------------------ shutdown
 

@@ -18,9 +18,9 @@ import pytest
 import torch
 
 from disagg.config import DisaggConfig
-from disagg.context import LanguageSide
 from disagg.errors import DisaggError
 from disagg.language import LanguageEngine, Receiver
+from disagg.language_side import LanguageSide
 from disagg.queue import RoomQueue
 from disagg.recycle import MAX_IDLE_BYTES, MAX_SLACK, bucket
 from disagg.types import EmbeddingResult, TransferStatus
