@@ -35,7 +35,8 @@ from disagg.language.actions import Release
 from disagg.language.credit import Credit
 from disagg.language.machine import Phase, Publish, RecvMachine, RecvRoom, needs_resume, phase
 from disagg.language.machine import set_status as set_recv_status
-from disagg.meta import FLAG_FIRST, FLAG_LAST, FrameKind, Meta
+from disagg.language.pair import Next, PairState, RecvPair
+from disagg.meta import FLAG_FIRST, FLAG_LAST, FLAG_PADDED, FrameKind, Meta
 from disagg.topology import Topology
 from disagg.types import TransferStatus
 
@@ -524,3 +525,183 @@ def test_send_pair_defers_a_waiting_preposted_answer_only_for_another_rooms_fram
     p.posted(7, pre())
     p.lost()
     assert p.before_frame(8) is None
+
+
+# ---------------------------------------------------------------- the Language side's pair
+
+
+def _pair(state: PairState) -> RecvPair:
+    """A Language pair machine in `state`, reached by its own events."""
+    p = RecvPair()
+    credit = Credit(0, [0], BS, False)
+    if state is PairState.LOST:
+        p.lose("the peer died")
+    elif state is PairState.OWED:
+        p.expect()
+    elif state is PairState.META_AHEAD:
+        p.expect()
+        p.expect()
+        assert p.next_post(meta_if_owed=True) is Next.META
+    elif state in (PairState.HANDED, PairState.PREPOSTED):
+        assert p.can_prepost(closing=False)
+        p.parked = state is PairState.HANDED  # a parked thread: its caller posts
+        p.expect()
+        p.handed(credit)
+    elif state is PairState.DRAINING:
+        p.expect()
+        assert p.bye(1)
+    assert p.state is state, (p.state, state)
+    return p
+
+
+def _frame(p: RecvPair) -> str:
+    """A frame's meta was read and answered one owed allocation."""
+    p.frame_read(preposted=p.credit is not None)
+    p.answered()
+    return "last" if p.last_read() else ""
+
+
+def _caller_posted(p: RecvPair) -> str:
+    assert p.claim() and not p.claim()  # one poster
+    p.caller_posted(True)
+    return "wake"
+
+
+PAIR_EVENTS: dict[str, Callable[[RecvPair], str]] = {
+    "expect": lambda p: "wake" if p.expect() else "",
+    "disown": lambda p: p.disown() or "",
+    "handed(parked)": lambda p: (setattr(p, "parked", True),
+                                 "caller posts" if p.handed(Credit(0, [0], BS, False))
+                                 else "wake")[1],
+    "handed(busy)": lambda p: "caller posts" if p.handed(Credit(0, [0], BS, False)) else "wake",
+    "caller_posted": _caller_posted,
+    "caller_gone": lambda p: p.caller_gone() or "",
+    "frame": _frame,
+    "bye": lambda p: "drain" if p.bye(p.frames_read + p.owed) else "lost now",
+    "lose": lambda p: "first" if p.lose("gone") else "",
+    "next_post": lambda p: p.next_post(meta_if_owed=True).value,
+}
+
+# the next state and what the event's caller must do; None: cannot happen there
+# (`handed` comes only right after the `expect` that owes its frame, on a pair
+# with nothing else owed, and a `disown` only before it; a frame is read only
+# while one is owed)
+IDLE_, OWED_, AHEAD_, HANDED_, PRE_, DRAIN_, LOST_ = PairState
+PAIR_TABLE: dict[PairState, dict[str, tuple[str, PairState] | None]] = {
+    IDLE_: {"expect": ("wake", OWED_), "disown": None, "handed(parked)": None,
+            "handed(busy)": None, "caller_posted": None, "caller_gone": None, "frame": None,
+            "bye": ("lost now", IDLE_), "lose": ("first", LOST_),
+            "next_post": ("nothing", IDLE_)},
+    OWED_: {"expect": ("wake", OWED_), "disown": ("", IDLE_),
+            "handed(parked)": ("caller posts", HANDED_), "handed(busy)": ("wake", PRE_),
+            "caller_posted": None, "caller_gone": None, "frame": ("", IDLE_),
+            "bye": ("drain", DRAIN_), "lose": ("first", LOST_),
+            "next_post": ("post meta", AHEAD_)},
+    AHEAD_: {"expect": ("wake", AHEAD_), "disown": ("", AHEAD_), "handed(parked)": None,
+             "handed(busy)": None, "caller_posted": None, "caller_gone": None,
+             "frame": ("", OWED_), "bye": ("drain", DRAIN_), "lose": ("first", LOST_),
+             "next_post": ("post meta", AHEAD_)},
+    HANDED_: {"expect": ("", HANDED_), "disown": None, "handed(parked)": None,
+              "handed(busy)": None, "caller_posted": ("wake", PRE_),
+              "caller_gone": ("", PRE_), "frame": None, "bye": ("drain", DRAIN_),
+              "lose": ("first", LOST_), "next_post": ("wait for the caller", HANDED_)},
+    PRE_: {"expect": ("wake", PRE_), "disown": None, "handed(parked)": None,
+           "handed(busy)": None, "caller_posted": None, "caller_gone": ("", PRE_),
+           "frame": ("", IDLE_), "bye": ("drain", DRAIN_), "lose": ("first", LOST_),
+           "next_post": ("post job", PRE_)},
+    DRAIN_: {"expect": ("wake", DRAIN_), "disown": ("", DRAIN_), "handed(parked)": None,
+             "handed(busy)": None, "caller_posted": None, "caller_gone": None,
+             "frame": ("last", DRAIN_), "bye": ("drain", DRAIN_), "lose": ("first", LOST_),
+             "next_post": ("post meta", DRAIN_)},
+    LOST_: {"expect": None, "disown": None, "handed(parked)": None, "handed(busy)": None,
+            "caller_posted": None, "caller_gone": None, "frame": None,
+            "bye": ("lost now", LOST_), "lose": ("", LOST_), "next_post": ("nothing", LOST_)},
+}
+PAIR_CELLS = [(s, e) for s, row in PAIR_TABLE.items() for e, cell in row.items()
+              if cell is not None]
+
+
+def test_pair_table_covers_every_cell() -> None:
+    assert set(PAIR_TABLE) == set(PairState)
+    assert all(list(row) == list(PAIR_EVENTS) for row in PAIR_TABLE.values())
+
+
+@pytest.mark.parametrize(("state", "event"), PAIR_CELLS,
+                         ids=[f"{s.name}-{e}" for s, e in PAIR_CELLS])
+def test_pair_cell(state: PairState, event: str) -> None:
+    p = _pair(state)
+    said = PAIR_EVENTS[event](p)
+    assert (said, p.state) == PAIR_TABLE[state][event]
+
+
+def render_pair() -> list[str]:
+    """The pair table as the rows `disagg/language/pair.py`'s docstring shows:
+    `NEXT: what to do` per cell, `-` where the event cannot happen."""
+    rows = ["| state | " + " | ".join(PAIR_EVENTS) + " |", "|---" * (len(PAIR_EVENTS) + 1) + "|"]
+    for state, row in PAIR_TABLE.items():
+        cells = ["-" if c is None else f"{c[1].name}{': ' + c[0] if c[0] else ''}"
+                 for c in row.values()]
+        rows.append(f"| {state.name} | " + " | ".join(cells) + " |")
+    return rows
+
+
+def test_pair_docstring_shows_the_tested_table() -> None:
+    import disagg.language.pair as pair
+    missing = [row for row in render_pair() if row not in (pair.__doc__ or "")]
+    assert not missing, "docstring out of date; these rows are missing:\n" + "\n".join(missing)
+
+
+def test_pair_owed_counts_every_frame_once_and_a_job_is_posted_once() -> None:
+    """Owed frames: one per ALLOC/RESUME sent, none for one not sent, one less
+    per frame read; a handed-over frame's recvs are posted by exactly one of
+    the caller and the thread, and only the poster's side marks its credit."""
+    p = RecvPair()
+    p.expect()
+    p.expect()
+    p.disown()
+    assert p.owed == 1
+    _frame(p)
+    assert p.owed == 0 and p.state is PairState.IDLE
+    p.parked = True
+    c = Credit(0, [0], BS, False)
+    assert p.can_prepost(closing=False) and not p.can_prepost(closing=True)
+    p.expect()
+    assert p.handed(c) and c.posted  # the caller posts: the thread frees its blocks
+    assert not p.can_prepost(closing=False)
+    assert p.claim() and not p.claim()
+    p.caller_posted(False)  # its post failed: the thread tries, and finds the pair broken
+    assert p.next_post() is Next.JOB and p.next_post() is Next.POSTED
+    busy = RecvPair()
+    busy.expect()
+    c2 = Credit(0, [0], BS, False)
+    assert not busy.handed(c2) and not c2.posted  # nothing posted into it yet
+    assert busy.next_post() is Next.JOB and c2.posted
+    assert not busy.claim()  # never the caller's
+
+
+def test_pair_goodbye_reads_what_was_sent_then_ends() -> None:
+    p = RecvPair()
+    p.expect()
+    p.expect()
+    assert p.bye(2) and not p.last_read()
+    _frame(p)
+    assert not p.last_read() and p.next_post(meta_if_owed=True) is Next.META
+    _frame(p)
+    assert p.last_read() and p.next_post(meta_if_owed=True) is Next.NOTHING
+    assert not RecvPair().bye(0)  # nothing left to read: it ends now
+
+
+def test_pair_says_what_answered_a_preposted_frame() -> None:
+    """DATA; a padded ABORT; a padded DEFER (nothing posted into its blocks any
+    more); anything else, or another room's frame, breaks the stream."""
+    c = Credit(0, [0], BS, False, posted=True)
+    assert RecvPair.answer_ahead(Meta(FrameKind.DATA, ROOM), ROOM, c, 1) is FrameKind.DATA
+    padded = FLAG_PADDED
+    assert RecvPair.answer_ahead(Meta(FrameKind.ABORT, ROOM, flags=padded), ROOM, c,
+                                 1) is FrameKind.ABORT and c.posted
+    assert RecvPair.answer_ahead(Meta(FrameKind.DEFER, ROOM, flags=padded), ROOM, c,
+                                 1) is FrameKind.DEFER and not c.posted
+    for bad in (Meta(FrameKind.ABORT, ROOM), Meta(FrameKind.DEFER, ROOM + 1, flags=padded),
+                Meta(FrameKind.CLOSE, ROOM, flags=padded)):
+        with pytest.raises(StreamBroken):
+            RecvPair.answer_ahead(bad, ROOM, c, 1)

@@ -166,8 +166,7 @@ class LanguageEngine(LanguagePeers):
         """The next frame on `r`'s pair is sure to answer an allocation asked for
         now: nothing else is owed on it (lock held)."""
         pair = self.pair(r.src_rank)
-        return (pair.dead is None and pair.owed == 0 and pair.job is None
-                and not pair.meta_ahead and not self._closing)
+        return pair.m.can_prepost(self._closing)
 
     # ------------------------------------------------------------ control thread
 
@@ -278,7 +277,7 @@ class LanguageEngine(LanguagePeers):
             p.thread.join(max(0.0, deadline - time.monotonic()))
             if p.thread.is_alive():  # blocked in a recv that cannot be cancelled
                 log.error("language rank %d: receiver thread for embedding rank %d still "
-                          "waits for %d frame(s) after %.1fs", self.rank, p.src, p.owed,
+                          "waits for %d frame(s) after %.1fs", self.rank, p.src, p.m.owed,
                           timeout_s)
             else:
                 del self._pairs[p.src]

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 
 def owed_room(pair: PairReceiver, meta: Meta) -> tuple[RecvRoom, Credit]:
     """The room a frame answers, and the allocation it answers."""
-    if pair.dead is not None:  # declared dead meanwhile: read nothing more from it
+    if pair.m.dead is not None:  # declared dead meanwhile: read nothing more from it
         raise StreamBroken(f"stream from embedding rank {pair.src} already torn down")
     r = pair.engine.rooms.get(meta.room)
     credit = pair.engine.machine.owed(r, pair.src, meta)
@@ -37,7 +37,7 @@ def abort_arrived(pair: PairReceiver, meta: Meta, reason: str) -> None:
     e = pair.engine
     with pair.cv:
         r, _ = owed_room(pair, meta)
-        pair.answered()
+        pair.m.answered()
         e.execute(r, e.machine.abort_frame(r, reason, pair.src))
 
 def data_arrived(pair: PairReceiver, meta: Meta, job: Job | None = None) -> Landing:
@@ -51,7 +51,7 @@ def data_arrived(pair: PairReceiver, meta: Meta, job: Job | None = None) -> Land
         if job is not None:
             chunk = e.machine.prepost_matches(r, a, chunk, job.room, job.credit,
                                               job.num_tokens, job.token_offset, job.scratch)
-        pair.answered()
+        pair.m.answered()
         now = r.last_progress = e.clock()
         lo, hi = e.machine.span(meta.seq_len)
         if meta.first:
@@ -74,7 +74,7 @@ def data_arrived(pair: PairReceiver, meta: Meta, job: Job | None = None) -> Land
                                       chunk.token_offset, e.device)
             dsts = dsts if aux is None else [*dsts, aux]
         e.execute(r, e.machine.landing(r, a, meta, chunk))
-        return Landing(r, chunk, plan, dsts, not a.direct, pair.owed > 0, aux)
+        return Landing(r, chunk, plan, dsts, not a.direct, pair.m.owed > 0, aux)
 
 def landed(pair: PairReceiver, landing: Landing, seconds: float) -> None:
     e = pair.engine
@@ -85,5 +85,5 @@ def landed(pair: PairReceiver, landing: Landing, seconds: float) -> None:
         r = landing.room
         if landing.aux is not None:
             e.machine.aux_landed(r, tuple(landing.aux.tolist()))
-        e.execute(r, e.machine.landed(r, pair.dead, e.clock()))
+        e.execute(r, e.machine.landed(r, pair.m.dead, e.clock()))
         pair.cv.notify_all()

@@ -80,9 +80,8 @@ class LanguagePeers(EngineShell):
         the pair up after the last of them."""
         with self._lock:
             pair = self._pairs.get(src)
-            if (pair is not None and pair.dead is None and frames > pair.frames_read
+            if (pair is not None and pair.m.bye(frames)
                     and self.liveness.mark_dead(src, "it shut down")):
-                pair.final_frames = frames
                 return
         self._peer_dead(src, "it shut down", clean=True)
 
@@ -93,9 +92,12 @@ class LanguagePeers(EngineShell):
 
     def _lost(self) -> dict[int, str]:
         """Embedding rank -> why it is not usable (lock held)."""
+        def stream_lost(e: int) -> str | None:
+            pair = self._pairs.get(e)
+            return None if pair is None else pair.m.dead
+
         return {e: why for e in self.liveness.peers
-                if (why := self.liveness.dead.get(e)
-                    or getattr(self._pairs.get(e), "dead", None)) is not None}
+                if (why := self.liveness.dead.get(e) or stream_lost(e)) is not None}
 
     def add_peer(self, src: int, transport: PairTransport) -> None:
         """Jobs mode: Embedding rank `src` joined and its pair is made (its

@@ -74,7 +74,7 @@ class Receiver:
                     r, f"language rank {e.rank}: embedding rank {r.src_rank} is no member of "
                        f"the deployment (it left, or never joined)", FailureCause.PEER_LOST))
                 return False
-            down = e.liveness.dead.get(r.src_rank) or e.pair(r.src_rank).dead
+            down = e.liveness.dead.get(r.src_rank) or e.pair(r.src_rank).m.dead
             if down is not None:
                 e.execute(r, e.machine.fail(
                     r, f"language rank {e.rank}: embedding rank {r.src_rank} is down: {down}",

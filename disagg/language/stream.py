@@ -22,37 +22,32 @@ import time
 import torch
 
 from ..errors import PeerLost, ProtocolError, StreamBroken, TransferTimeout
-from ..meta import ABORT_REASON_BYTES, FLAG_PADDED, FrameKind, Meta, reason_from_tensor
+from ..meta import ABORT_REASON_BYTES, FrameKind, Meta, reason_from_tensor
 from ..transport import PairTransport, Posted
 from . import frames
 from .landing import Job, StreamHost, copy_out
+from .pair import Next, RecvPair
 
 log = logging.getLogger(__name__)
 
 
 class PairReceiver:
-    """The one thread that reads a pair's stream (from Embedding rank `src`).
-    `owed`, `dead` and `stopping` are guarded by the engine lock (`cv`)."""
+    """The one thread that reads a pair's stream (from Embedding rank `src`),
+    doing the I/O its pair machine (`pair.RecvPair`, `self.m`, guarded by the
+    engine lock `cv`) decides."""
 
     def __init__(self, engine: StreamHost, src: int, transport: PairTransport,
                  cv: threading.Condition, lock: threading.RLock) -> None:
         self.engine = engine
         self.src = src
         self.transport = transport
-        self.owed = 0  # frames the Embedding rank owes us
+        self.m = RecvPair()
         # The next meta recv, posted while the frame before it still lands. Held
         # until it completes: Gloo must not lose a posted buffer.
         self.next_meta: Posted | None = None
-        # A frame to pre-post (`prepost`), then posted and awaited. Never beside
-        # `next_meta`: it is handed over only when nothing else is owed.
+        # The pre-posted frame (`prepost`), its recvs' tensors and, once posted,
+        # its works; the machine says who posts them.
         self.job: Job | None = None
-        self.parked = False  # this thread waits with nothing owed (it posts nothing now)
-        self._claimed = False  # a caller is posting a handed-over job's recvs
-        self.meta_ahead = False  # a next meta recv is posted, or about to be
-        self.frames_read = 0  # metas read: every frame the peer sent that arrived
-        self.final_frames: int | None = None  # the peer said goodbye after this many
-        self.dead: str | None = None
-        self.stopping = False
         # `cv` is the engine's: callers wait on it for rooms. This thread waits on
         # `wake`, a condition of the same lock, so what only concerns the pair (a
         # frame owed, a job handed over or posted) wakes this thread alone, and a
@@ -63,99 +58,81 @@ class PairReceiver:
                                        name=f"disagg-recv-{src}->{engine.rank}")
         self.thread.start()
 
-    # `owed` changes here only (engine lock held): one more frame is owed, an
-    # allocation that could not be announced owes none, a frame arrived, or
-    # the pair is lost and nothing more will come.
+    # The engine's side (engine lock held): the machine decides, this wakes.
 
     def expect(self) -> None:
         """One more frame is owed: an ALLOC or RESUME was sent."""
-        self.owed += 1
-        self.wake.notify()
+        if self.m.expect():
+            self.wake.notify()
 
     def disown(self) -> None:
         """The ALLOC or RESUME counted by `expect` could not be sent: no frame comes."""
-        self.owed -= 1
-
-    def answered(self) -> None:
-        """A frame arrived: it answers one owed allocation."""
-        self.owed -= 1
+        self.m.disown()
 
     def lose(self, why: str) -> bool:
         """The stream is unusable: nothing more is read from it. True the first time."""
-        first = self.dead is None
-        if first:
-            self.dead = why
-        self.owed = 0
+        first = self.m.lose(why)
         self.wake.notify()
         self.cv.notify_all()
         return first
 
     def stop(self) -> None:
-        """Read what is still owed, then end (engine lock held)."""
-        self.stopping = True
+        """Read what is still owed, then end."""
+        self.m.stop()
         self.wake.notify()
 
     def prepost(self, job: Job) -> None:
-        """Post `job`'s recvs as the next ones on the stream (engine lock held;
-        the frame it answers is owed already and is the only one owed). If this
-        thread is parked with nothing to read, the caller posts them itself
-        (`post_claimed`, after it lets go of the lock)."""
-        assert self.job is None and self.next_meta is None
+        """Post `job`'s recvs as the next ones on the stream (the frame it answers
+        is owed already and is the only one owed): by the caller that asked for
+        it, right after it lets go of the lock (`post_claimed`), if this thread
+        is parked; else by this thread."""
         self.job = job
-        if self.parked:
-            job.caller_posts = True
-            job.credit.posted = True  # only this thread frees its blocks now
-            return  # the caller's post_claimed wakes this thread, once posted
-        self.wake.notify()
+        if not self.m.handed(job.credit):
+            self.wake.notify()
 
     def post_claimed(self) -> None:
         """The caller's side of `prepost`: post the recvs of a job handed to it
         (engine lock not held), then let this thread wait for the frame."""
         with self.cv:
             job = self.job
-            if job is None or not job.caller_posts or job.meta is not None or self._claimed:
+            if job is None or not self.m.claim():
                 return
-            self._claimed = True
         t = self.transport
-        meta: Posted | None = None
-        payload: Posted | None = None
+        ok = False
         try:
-            meta = t.post_meta_recv()
-            payload = t.post_recv(job.dsts) if job.dsts else None
+            job.meta = t.post_meta_recv()
+            job.payload = t.post_recv(job.dsts) if job.dsts else None
+            ok = True
         except Exception as e:  # the pair is broken: its thread finds out and ends it
             log.debug("posting room %d's pre-posted recvs: %s", job.room.room, e)
-            meta = None
         finally:
             with self.cv:
-                job.meta, job.payload = meta, payload
-                job.caller_posts = meta is not None
-                self._claimed = False
+                self.m.caller_posted(ok)
                 self.wake.notify()
 
-    def _caller_posting(self) -> bool:
-        """A job handed to its caller is not posted yet (engine lock held)."""
-        job = self.job
-        return job is not None and job.caller_posts and job.meta is None
+    # The thread's side.
 
     def _run(self) -> None:
+        m = self.m
         while True:
             with self.cv:
-                self.parked = True
-                # asleep while nothing is owed, or while the one frame owed is a job
-                # its caller is still posting (it wakes this thread once posted)
-                while ((self.owed == 0 or self._caller_posting()) and not self.stopping
-                       and self.dead is None):
-                    if (not self.wake.wait(0.5) and self._caller_posting()
-                            and not self._claimed):
-                        assert self.job is not None  # a caller that never came: post it here
-                        self.job.caller_posts = False
-                self.parked = False
-                if self.owed == 0 or self.dead is not None:
+                m.parked = True
+                while m.should_sleep():
+                    if not self.wake.wait(0.5):
+                        m.caller_gone()  # a caller that never came: post it here
+                m.parked = False
+                # lost while a frame was handed to its caller: this thread will
+                # never wait for its recvs, so it gives their blocks back itself
+                orphan = m.dead is not None and self.job is not None
+                if not orphan and (m.owed == 0 or m.dead is not None):
                     return
+            if orphan:
+                self.engine.pair_lost(self, PeerLost(str(m.dead), peer=self.src))
+                return
             try:
                 self._read_frame()
                 with self.cv:
-                    last = self.final_frames is not None and self.frames_read >= self.final_frames
+                    last = m.last_read()
                 if last:  # the peer said goodbye after this frame: nothing more comes
                     self.engine.pair_lost(self, PeerLost("it shut down", peer=self.src),
                                           clean=True)
@@ -169,34 +146,32 @@ class PairReceiver:
                 return
 
     def _post_next(self, meta_if_owed: bool = False) -> Job | None:
-        """Post, in stream order, the recvs of the next frame: a handed-over job's
-        (its meta and payload), else (`meta_if_owed`) the next meta when a frame
-        is owed. Decided under the lock, so a job is never handed over while a
-        meta recv of this thread's is posted or about to be. The job, if any."""
+        """Post, in stream order, what the machine says comes next: a handed-over
+        job's recvs (waiting, bounded, for its caller to post them), or the next
+        meta recv. The job, if any."""
         with self.cv:
-            if self.final_frames is not None and self.frames_read >= self.final_frames:
-                return None  # the peer said goodbye after the frame being read
+            step = self.m.next_post(meta_if_owed)
             job = self.job
-            if job is not None and job.caller_posts:
-                # its caller posts it: wait until it has (bounded: it posts right
-                # after letting go of the lock; a failed post clears caller_posts)
-                self.wake.wait_for(lambda: job.meta is not None or not job.caller_posts
-                                   or self.dead is not None, timeout=10.0)
-                if job.meta is None:
+            if step is Next.WAIT_CALLER:
+                # bounded: it posts right after letting go of the lock; a failed
+                # post makes it the thread's (`caller_posted(False)`)
+                self.wake.wait_for(lambda: self.m.next_post() is not Next.WAIT_CALLER
+                                   or self.m.dead is not None, timeout=10.0)
+                step = self.m.next_post()
+                if step is Next.WAIT_CALLER or self.m.dead is not None:
+                    assert job is not None
                     raise StreamBroken(f"language rank {self.engine.rank}: the recvs of room "
                                        f"{job.room.room}'s pre-posted frame were not posted")
-                return job
-            if job is not None and job.meta is None:
-                job.credit.posted = True  # only this thread frees its blocks now
-            elif job is None and meta_if_owed and self.owed > 0:
-                self.meta_ahead = True
         t = self.transport
-        if job is not None and job.meta is None:
+        if step is Next.JOB:
+            assert job is not None
             job.meta = t.post_meta_recv()
             job.payload = t.post_recv(job.dsts) if job.dsts else None
-        elif job is None and self.meta_ahead and self.next_meta is None:
-            self.next_meta = t.post_meta_recv()
-        return job
+        elif step is Next.META:
+            if self.next_meta is None:
+                self.next_meta = t.post_meta_recv()
+            return None
+        return job if step in (Next.JOB, Next.POSTED) else None
 
     def _read_frame(self) -> None:
         t = self.transport
@@ -214,7 +189,7 @@ class PairReceiver:
             meta: Meta = t.wait_meta(job.meta)
             with self.cv:
                 self.job = None
-                self.frames_read += 1
+                self.m.frame_read(preposted=True)
             if meta.kind is not FrameKind.DATA:
                 self._prepost_answered(job, meta)
                 return
@@ -223,8 +198,8 @@ class PairReceiver:
                 self.next_meta = t.post_meta_recv()
             meta = t.wait_meta(self.next_meta)
             with self.cv:
-                self.next_meta, self.meta_ahead = None, False
-                self.frames_read += 1
+                self.next_meta = None
+                self.m.frame_read(preposted=False)
             if meta.kind is FrameKind.ABORT:  # its reason follows, fixed size
                 frames.abort_arrived(self, meta, self._reason())
                 return
@@ -257,20 +232,14 @@ class PairReceiver:
         return reason_from_tensor(buf)
 
     def _prepost_answered(self, job: Job, meta: Meta) -> None:
-        """A pre-posted frame's meta was not DATA: a padded ABORT (the filler
-        took the posted recvs; the reason follows) or a DEFER (filler only: the
-        allocation stays owed, and its answer comes later as an ordinary frame)."""
-        padded = bool(meta.flags & FLAG_PADDED)
-        if meta.room != job.room.room or not padded or meta.kind not in (FrameKind.ABORT,
-                                                                          FrameKind.DEFER):
-            raise StreamBroken(f"language rank {self.engine.rank}: {meta.kind.name} frame "
-                               f"for room {meta.room} (padded: {padded}) where room "
-                               f"{job.room.room}'s pre-posted frame was due", room=meta.room)
-        if job.payload is not None:
-            self.transport.wait(job.payload, "filler recv")
-        if meta.kind is FrameKind.ABORT:
+        """A pre-posted frame's meta was not DATA: a padded ABORT (its reason
+        follows) or a DEFER (`RecvPair.answer_ahead` says which, or breaks the
+        stream)."""
+        assert job.payload is None  # its filler landed: `_read_frame` waits for it first
+        with self.cv:
+            kind = self.m.answer_ahead(meta, job.room.room, job.credit, self.engine.rank)
+        if kind is FrameKind.ABORT:
             frames.abort_arrived(self, meta, self._reason())
             return
         with self.cv:
-            job.credit.posted = False  # nothing is posted into it any more
             self.engine.stats.add(deferred=1)

@@ -55,7 +55,7 @@ def test_alloc_with_declared_length_posts_its_recvs_first(recv_into: str) -> Non
         w.deliver_all()
         send(w.emb().sender(0), d0)
         assert w.ended(r0, "room 0") is SUCCESS and mismatches(r0.result(), d0) == []
-        w.run_until(lambda: w.lang().pair(0).parked, "the pair's thread idle")
+        w.run_until(lambda: w.lang().pair(0).m.parked, "the pair's thread idle")
         before, sends = len(link.posts), link.num_sends
         d = room_data(w.cfg, 1, 3 * BS)
         r = w.lang().receiver(1, src_rank=0)
