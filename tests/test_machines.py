@@ -3,8 +3,11 @@
 For every (state, event) pair of each side's machine, the next state, the
 actions (by kind, in order) and the public status, with no thread, socket or
 process group: each cell runs in microseconds. The tables below are the
-protocol; the module docstrings of `disagg/embedding/machine.py` and
-`disagg/language/machine.py` draw the same tables for readers.
+protocol; the module docstrings of `disagg/embedding/machine.py`,
+`disagg/embedding/schedule.py` (parts, DEFER, scatter slices),
+`disagg/language/machine.py` and `disagg/language/pair.py` (the pair's
+stream: owed frames, pre-posted recvs, goodbye) draw the same tables for
+readers.
 """
 
 from __future__ import annotations
@@ -215,6 +218,150 @@ SEND_TABLE: dict[LaneState, dict[str, tuple[list[str], LaneState, TransferStatus
 
 SEND_CELLS = [(s, e) for s, row in SEND_TABLE.items() for e, cell in row.items()
               if cell is not None]
+
+
+# ---------------------------------------------------------------- the Embedding side: parts
+
+# A room given in parts (progressive send), pre-posted grants meeting a part
+# (DEFER), parts that coalesce into one chunk, and a scatter lane whose slice
+# is empty. Rows are named for how the lane got there; SEQ tokens, blocks of BS.
+
+def _emb(m: SendMachine, r: SendRoom, n: int) -> list[torch.Tensor]:
+    return [torch.zeros(n, 8, dtype=torch.bfloat16)]
+
+
+def give(m: SendMachine, r: SendRoom, n: int, seq_len: int = SEQ) -> list:
+    """The caller gives the next `n` tokens (its first send(), or a later part)."""
+    if r.sources is None:
+        return m.data(r, _emb(m, r, n), n, seq_len, (), None, [0, 1, 2], 0.0)
+    return m.part(r, _emb(m, r, n), n, None, 0.0)
+
+
+def parts_state(row: str) -> tuple[SendMachine, SendRoom]:
+    m, r = send_machine(), SendRoom(ROOM, last_progress=0.0)
+    if row == "SCATTER_EMPTY_SLICE":  # TP 2, rank 1's slice of a 1-token room is empty
+        m = SendMachine(0, GEO, Topology(3, 1, 2), bootstrap_timeout=300.0)
+        for lang in (1, 2):
+            g = Grant(0, (0,), BS, False, 0.0, scatter=True)
+            apply_send(r, m.alloc(r, lang, g, 2, None, lambda lang, first: None))
+        return m, r
+    blocks = 2 if row == "FIRST_GRANT" else 1
+    apply_send(r, m.alloc(r, LANG, grant(0, blocks), 1, None, lambda lang, first: None))
+    if row == "FIRST_GRANT":
+        return m, r
+    apply_send(r, give(m, r, BS))  # the first part, one block: sent at once
+    apply_send(r, m.frame_done(r, r.lanes[LANG], data=True, nbytes=1, err=None,
+                               lane_down=None, now=1.0))
+    if row == "PARTS_GIVEN":  # two more parts, no grant: nothing leaves
+        assert apply_send(r, give(m, r, 3)) == [] and apply_send(r, give(m, r, 3)) == []
+    elif row == "WAITS_FOR_PART":  # a RESUME whose tokens are not given yet waits
+        assert names(apply_send(r, m.resume(r, LANG, grant(BS, 1), None))) == ["Count"]
+    elif row == "PREPOSTED_WAITS":
+        g = Grant(BS, (0,), BS, True, 0.0, preposted=True, expect=BS)
+        apply_send(r, m.resume(r, LANG, g, None))
+    return m, r
+
+
+def _lane(r: SendRoom) -> int:
+    return 2 if 2 in r.lanes else LANG
+
+
+def part_names(actions: list) -> list[str]:
+    """`names`, with each DATA frame's tokens and, when it spans several, its parts."""
+    out = []
+    for a in actions:
+        n = type(a).__name__
+        if n == "SendData":
+            k = len(a.parts)
+            n += f"[{a.meta.num_tokens}{f', {k} parts' if k > 1 else ''}]"
+        out.append(n)
+    return out
+
+
+def _resume(m: SendMachine, r: SendRoom, preposted: bool) -> list:
+    lane = r.lanes[_lane(r)]
+    key = lane.sent_tokens
+    if not preposted:
+        return m.resume(r, _lane(r), grant(key, 2), None)
+    return m.resume(r, _lane(r), Grant(key, (0, 1), 2 * BS, True, 0.0, preposted=True,
+                                       expect=min(SEQ - key, 2 * BS)), None)
+
+
+PARTS_EVENTS: dict[str, Callable[[SendMachine, SendRoom], list]] = {
+    "part(2)": lambda m, r: give(m, r, 2),
+    "part(rest)": lambda m, r: (give(m, r, 1, seq_len=1) if 2 in r.lanes
+                                else give(m, r, SEQ - r.given)),
+    "resume": lambda m, r: _resume(m, r, preposted=False),
+    "resume_preposted": lambda m, r: _resume(m, r, preposted=True),
+}
+PARTS_TABLE: dict[str, dict[str, tuple[list[str], LaneState, TransferStatus] | None]] = {
+    # an ALLOC of 2 blocks waits for data: a first part that is smaller leaves
+    # at once (the rest follows a resume), the whole room fills the grant
+    "FIRST_GRANT": {
+        "part(2)": (["SendData[2]"], LaneState.SENDING, T),
+        "part(rest)": (["SendData[8]"], LaneState.SENDING, T),
+        "resume": None, "resume_preposted": None,
+    },
+    # the first part was sent; a RESUME came before the next part: the grant
+    # takes what the next part gives, up to its size
+    "WAITS_FOR_PART": {
+        "part(2)": (["SendData[2]"], LaneState.SENDING, T),
+        "part(rest)": (["SendData[4]"], LaneState.SENDING, T),
+        "resume": ([], LaneState.GRANTED, T),  # a repeat of its key: ignored
+        "resume_preposted": ([], LaneState.GRANTED, T),
+    },
+    # the same RESUME, its recvs posted for a whole block: a part that gives
+    # less is DEFERred (filler), and an ordinary chunk leaves at once
+    "PREPOSTED_WAITS": {
+        "part(2)": (["SendDefer", "SendData[2]"], LaneState.SENDING, T),
+        "part(rest)": (["SendData[4]"], LaneState.SENDING, T),
+        "resume": ([], LaneState.GRANTED, T), "resume_preposted": ([], LaneState.GRANTED, T),
+    },
+    # two parts were given while no grant waited: one chunk spans both (the
+    # rest of the room, so its last)
+    "PARTS_GIVEN": {
+        "part(2)": None, "part(rest)": None,
+        "resume": (["Count", "SendData[6, 2 parts]"], LaneState.SENT_LAST, T),
+        "resume_preposted": (["Count", "Preposted", "SendData[6, 2 parts]"],
+                             LaneState.SENT_LAST, T),
+    },
+    # fanout="scatter", a 1-token room to a TP-2 instance: TP rank 0 gets its
+    # token, TP rank 1 (the lane shown) a meta frame alone (it carries seq_len),
+    # the last of its lane
+    "SCATTER_EMPTY_SLICE": {
+        "part(2)": None,
+        "part(rest)": (["SendData[1]", "SendData[0]"], LaneState.SENT_LAST, T),
+        "resume": None, "resume_preposted": None,
+    },
+}
+PARTS_CELLS = [(s, e) for s, row in PARTS_TABLE.items() for e, cell in row.items()
+               if cell is not None]
+
+
+def render_parts() -> list[str]:
+    """The parts table as `disagg/embedding/schedule.py`'s docstring shows it."""
+    rows = ["| lane | " + " | ".join(PARTS_EVENTS) + " |",
+            "|---" * (len(PARTS_EVENTS) + 1) + "|"]
+    for row, cells in PARTS_TABLE.items():
+        shown = ["-" if c is None else
+                 f"{c[1].name}{': ' + ', '.join(c[0]) if c[0] else ''} ({c[2].name})"
+                 for c in cells.values()]
+        rows.append(f"| {row} | " + " | ".join(shown) + " |")
+    return rows
+
+
+def test_schedule_docstring_shows_the_tested_parts_table() -> None:
+    import disagg.embedding.schedule as schedule
+    missing = [row for row in render_parts() if row not in (schedule.__doc__ or "")]
+    assert not missing, "docstring out of date; these rows are missing:\n" + "\n".join(missing)
+
+
+@pytest.mark.parametrize(("row", "event"), PARTS_CELLS, ids=[f"{s}-{e}" for s, e in PARTS_CELLS])
+def test_parts_cell(row: str, event: str) -> None:
+    m, r = parts_state(row)
+    actions = apply_send(r, PARTS_EVENTS[event](m, r))
+    assert (part_names(actions), lane_state(r, r.lanes[_lane(r)]), r.status) == \
+        PARTS_TABLE[row][event]
 
 
 def test_send_table_covers_every_cell() -> None:

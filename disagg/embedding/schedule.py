@@ -3,7 +3,25 @@ machine. A grant (an accepted ALLOC or RESUME) is answered by exactly one
 frame: the chunk that fits it and was given already (parts given coalesce
 into one chunk), a DEFER first when a pre-posted grant's data is given only
 in part, an ABORT frame when it is refused. Pure, as the machine is: it
-returns actions, and `plan` holds the span rules."""
+returns actions, and `plan` holds the span rules.
+
+The lane table (`machine.py`) for what the lane states share; this one for
+what parts, pre-posted grants and scatter slices add. Rows: how the lane got
+there, in a room of 10 tokens (blocks of 4) given in parts. Columns: the
+caller gives 2 more tokens, or all the rest; a RESUME of 2 blocks arrives,
+plain or pre-posted (its recvs posted for what is due). Cells: the lane state
+after, the actions (a DATA frame with its tokens, and its parts when it spans
+several) and the room's status. `tests/test_machines.py` checks every cell
+and that this table is the one it checks.
+
+| lane | part(2) | part(rest) | resume | resume_preposted |
+|---|---|---|---|---|
+| FIRST_GRANT | SENDING: SendData[2] (TRANSFERRING) | SENDING: SendData[8] (TRANSFERRING) | - | - |
+| WAITS_FOR_PART | SENDING: SendData[2] (TRANSFERRING) | SENDING: SendData[4] (TRANSFERRING) | GRANTED (TRANSFERRING) | GRANTED (TRANSFERRING) |
+| PREPOSTED_WAITS | SENDING: SendDefer, SendData[2] (TRANSFERRING) | SENDING: SendData[4] (TRANSFERRING) | GRANTED (TRANSFERRING) | GRANTED (TRANSFERRING) |
+| PARTS_GIVEN | - | - | SENT_LAST: Count, SendData[6, 2 parts] (TRANSFERRING) | SENT_LAST: Count, Preposted, SendData[6, 2 parts] (TRANSFERRING) |
+| SCATTER_EMPTY_SLICE | - | SENT_LAST: SendData[1], SendData[0] (TRANSFERRING) | - | - |
+"""
 
 from __future__ import annotations
 
