@@ -15,7 +15,8 @@ Sections (docs/nccl.md says what each proves, and what only several GPUs can):
             sends (embeddings produced on a side stream behind a delay), blocks
             reused and statuses changed only after completion. Bit-exact rooms on
             2 Embedding x 2 Language ranks in both landing modes, then abort in
-            every state (tests/inproc/test_abort.py, every case).
+            every state (tests/inproc/test_device.py and test_abort.py, run
+            by pytest in a subprocess on the device).
   pools     a Language pool on the device: allocation, the pool-mode copy-out
             (one copy per segment; fragmented and contiguous) in GB/s against a
             plain device-to-device copy of the same bytes, result()'s ids split,
@@ -34,7 +35,8 @@ Sections (docs/nccl.md says what each proves, and what only several GPUs can):
 
 Without CUDA it says so, runs the dry-run on the CPU and exits 0 when every
 check passes. Needs the test extra (`pip install -e ".[test]"`): the contract
-section imports tests/inproc, as pytest does (tests/ on sys.path).
+section runs tests/inproc's device tests with pytest, in a subprocess, on the
+device (DISAGG_TEST_DEVICE); the script imports nothing of the test tree.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ import tempfile
 import threading
 import time
 import traceback
+import xml.etree.ElementTree as ET
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,13 +66,12 @@ import torch.distributed as dist
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))  # the in-process layer, as pytest imports it
 
 import disagg  # noqa: E402
 from disagg import backend as dbackend  # noqa: E402
 from disagg.config import DisaggConfig  # noqa: E402
 from disagg.geometry import Geometry, Topology  # noqa: E402
-from disagg.language.stream import copy_out  # noqa: E402
+from disagg.language.landing import copy_out  # noqa: E402
 from disagg.plan import segment_plan  # noqa: E402
 from disagg.pool import BlockPool  # noqa: E402
 from disagg.results import make_outputs, to_result  # noqa: E402
@@ -79,11 +81,6 @@ from disagg.types import TransferStatus  # noqa: E402
 PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
 SUCCESS, FAILED = TransferStatus.SUCCESS, TransferStatus.FAILED
 MODEL_EXAMPLE = ROOT / "examples" / "qwen_vl.py"
-# GPU cycles a fake link spends before each copy, and a producer before writing
-# (~50 us and ~20 ms at 1.5-2 GHz): long enough that anything reading early
-# reads garbage, short enough for hundreds of messages.
-COPY_DELAY_CYCLES = 100_000
-PRODUCER_DELAY_CYCLES = 40_000_000
 
 
 class Skip(Exception):
@@ -128,151 +125,71 @@ class Env:
 
 # ---------------------------------------------------------------- contract
 
+# The in-process layer's files this section runs (pytest, in a subprocess, on
+# the device: DISAGG_TEST_DEVICE), and the tests of each row.
+CONTRACT_FILES = ("tests/inproc/test_device.py", "tests/inproc/test_abort.py")
+CONTRACT_ROWS = {
+    "rooms": "test_device.py::test_rooms_of_two_embedding_ranks_to_tp2_bit_exact",
+    "producer": "test_device.py::test_sends_wait_for_the_producer_stream",
+    "aborts": "test_abort.py::",
+}
+_contract: dict[str, dict[str, str]] = {}  # device -> test id -> "" (passed) or why not
 
-def _inproc() -> Any:
-    from inproc import fakes, rooms, test_abort  # tests/inproc, as pytest sees it
 
-    return fakes, rooms, test_abort
+def _contract_results(env: Env) -> dict[str, str]:
+    """Run the in-process layer's device tests once on `env.device` (the script
+    runs the test tree, it does not import it): test id -> "" or what failed."""
+    key = str(env.device)
+    if key in _contract:
+        return _contract[key]
+    xml = env.tmp / "contract.xml"
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+           f"--junitxml={xml}", *CONTRACT_FILES]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "DISAGG_TEST_DEVICE": key})
+    if not xml.exists():
+        raise AssertionError(f"pytest wrote no report (exit {proc.returncode}): "
+                             f"{(proc.stdout + proc.stderr)[-600:]}")
+    out: dict[str, str] = {}
+    for case in ET.parse(xml).getroot().iter("testcase"):
+        test_id = f"{case.get('classname', '').rsplit('.', 1)[-1]}.py::{case.get('name')}"
+        bad = next((c for c in case if c.tag in ("failure", "error", "skipped")), None)
+        out[test_id] = "" if bad is None else (
+            f"{bad.tag}: {(bad.get('message') or bad.text or '').strip().splitlines()[0][:200]}")
+    _contract[key] = out
+    return out
 
 
-def _delay(env: Env) -> int:
-    return COPY_DELAY_CYCLES if env.cuda else 0
-
-
-def _rooms_cfg(recv_into: str) -> DisaggConfig:
-    return DisaggConfig(num_embedding_ranks=2, language_tp_size=2, hidden_size=96,
-                        block_size=16, num_blocks=24, default_alloc_tokens=48,
-                        recv_into=recv_into, auto_resume=True,  # type: ignore[arg-type]
-                        extra_buffers={"deepstack": ((2, 8), "bfloat16")},
-                        bootstrap_timeout=30.0, peer_timeout=5.0)
+def _contract_row(env: Env, row: str, what: str) -> Outcome:
+    results = {k: v for k, v in _contract_results(env).items()
+               if k.startswith(CONTRACT_ROWS[row])}
+    assert results, f"no test matched {CONTRACT_ROWS[row]!r}"
+    failed = [f"{k}: {v}" for k, v in results.items() if v]
+    assert not failed, f"{len(failed)}/{len(results)} failed: " + "; ".join(failed[:4])
+    return Outcome(f"{len(results)}/{len(results)} tests", what, {"tests": len(results)})
 
 
 def check_rooms(env: Env) -> Outcome:
     """Every room of two Embedding ranks to a TP-2 instance, several chunks each
     (resume rounds, a pool smaller than the rooms), bit-exact on every rank."""
-    done = chunks = frames = 0
-    for recv_into in ("output", "pool"):
-        n = _rooms_in_one_mode(env, recv_into)
-        done, chunks, frames = done + n[0], chunks + n[1], frames + n[2]
-    return Outcome(f"{done} rooms bit-exact", f"2 E x TP2, output+pool modes, {chunks} chunks "
-                   f"in {frames} frames" + (", every copy on a link stream after a delay"
-                                            if env.cuda else ""),
-                   {"rooms": done, "chunks": chunks, "frames": frames})
-
-
-def _rooms_in_one_mode(env: Env, recv_into: str) -> tuple[int, int, int]:
-    """(rooms received, chunks, frames) of one landing mode; asserts every byte."""
-    fakes, rooms, _ = _inproc()
-    cfg = _rooms_cfg(recv_into)
-    with fakes.World(cfg, auto_control=True, embedding_blocks=256, device=env.device,
-                     copy_delay_cycles=_delay(env)) as w:
-        topo = w.topology
-        seqs = [1, 15, 16, 17, 47, 48, 49, 130, 200, 333]
-        data = {(e, i): rooms.room_data(cfg, 1000 * e + i, seq)
-                for e in topo.embedding_ranks for i, seq in enumerate(seqs)}
-        senders = {}
-        for (e, i), d in data.items():
-            senders[(e, i)] = w.emb(e).sender(d.room)
-            rooms.send(senders[(e, i)], d)
-        receivers = {(e, i, lang): w.lang(lang).receiver(d.room, src_rank=e)
-                     for (e, i), d in data.items() for lang in topo.language_ranks}
-        inited: set[tuple[int, int, int]] = set()
-
-        def step() -> bool:  # init() again until the pool has blocks for the room
-            for key, r in receivers.items():
-                if key not in inited and r.init():
-                    inited.add(key)
-            return all(r.poll() in fakes.TERMINAL for r in receivers.values())
-
-        w.run_until(step, f"{recv_into}: every room ended", timeout=60.0)
-        bad = [f"{key}: {r.poll().name} {r.failure}" for key, r in receivers.items()
-               if r.poll() is not SUCCESS]
-        bad += [m for (e, i, _), r in receivers.items() if r.poll() is SUCCESS
-                for m in rooms.mismatches(r.result(), data[(e, i)])]
-        for key, s in senders.items():
-            if w.ended(s, f"sender {key}") is not SUCCESS:
-                bad.append(f"sender {key}: {s.failure}")
-        if env.cuda:
-            bad += [f"{link.name}: {len(link.frames)} frames but the sends of only "
-                    f"{link.producer_events} waited for a producer's event"
-                    for link in w.links.values()
-                    if link.producer_events != sum(
-                        1 for f in link.frames if f.meta.kind.name == "DATA")]
-        assert not bad, f"{recv_into}: " + "; ".join(bad[:6])
-        return (len(receivers), sum(w.counter(r, "chunks") for r in topo.language_ranks),
-                sum(len(link.frames) for link in w.links.values()))
+    return _contract_row(env, "rooms", "2 E x TP2, 40 rooms, output and pool modes, bit-exact"
+                         + (", every copy on a link stream after a delay, every DATA "
+                            "frame's sends after the producer's event" if env.cuda else ""))
 
 
 def check_producer_stream(env: Env) -> Outcome:
     """Embeddings written on a side stream behind a GPU delay, send() called from
     that stream at once: only the producer's event keeps the sends from reading
     them before they are written."""
-    fakes, rooms, _ = _inproc()
-    cfg = DisaggConfig(hidden_size=256, block_size=16, num_blocks=64, default_alloc_tokens=512,
-                       bootstrap_timeout=30.0, peer_timeout=5.0)
-    with fakes.World(cfg, auto_control=True, device=env.device,
-                     copy_delay_cycles=_delay(env)) as w:
-        rounds = 3
-        for room in range(rounds):
-            data = rooms.room_data(cfg, 50 + room, 500)
-            staged = rooms.on(data, env.device)
-            env.sync()
-            s = w.emb().sender(data.room)
-            if env.cuda:
-                producer = torch.cuda.Stream(env.device)
-                with torch.cuda.stream(producer):
-                    torch.cuda._sleep(PRODUCER_DELAY_CYCLES)  # an encoder still at work
-                    emb = staged.embeddings.clone()  # written only after the delay
-                    s.send(emb, staged.fill_ids, staged.mrope_positions, aux=data.aux)
-            else:
-                emb = staged.embeddings.clone()
-                s.send(emb, staged.fill_ids, staged.mrope_positions, aux=data.aux)
-            r = w.lang().receiver(data.room, src_rank=0)
-            assert r.init(), "no blocks in an idle pool"
-            assert w.finish(r, f"room {data.room}") is SUCCESS, r.failure
-            bad = rooms.mismatches(r.result(), data)
-            assert not bad, f"read before the producer wrote it: {bad}"
-            assert w.ended(s, "sender") is SUCCESS, s.failure
-            del emb
-    what = ("embeddings written on a side stream ~20 ms after send(); sends waited for "
-            "the producer's event" if env.cuda else "CPU: no streams (the same calls)")
-    return Outcome(f"{rounds} rooms bit-exact", what, {"rooms": rounds})
+    return _contract_row(env, "producer", "embeddings written on a side stream ~20 ms after "
+                         "send(); sends waited for the producer's event" if env.cuda else
+                         "CPU: no streams (the same calls)")
 
 
 def check_aborts(env: Env) -> Outcome:
     """tests/inproc/test_abort.py, every case, on this device."""
-    fakes, _, ab = _inproc()
-    cases: list[tuple[str, Callable[[Any], None]]] = []
-    for recv_into in ab.RECV_INTO:
-        for side, state in ab.CASES:
-            cases.append((f"{recv_into}/{side}/{state}",
-                          lambda w, s=side, st=state: ab.test_abort_then_fresh_room_on_the_same_blocks(
-                              w, s, st)))
-        for reject_first in (False, True):
-            cases.append((f"{recv_into}/embedding/racing_last_chunk(reject_first={reject_first})",
-                          lambda w, rf=reject_first:
-                          ab.test_embedding_abort_racing_the_last_chunk_that_completes(w, rf)))
-        cases.append((f"{recv_into}/language/racing_last_chunk",
-                      ab.test_language_abort_racing_the_last_chunk_that_completes))
-        cases.append((f"{recv_into}/language/after_last_chunk",
-                      ab.test_language_abort_after_the_last_chunk_landed_is_a_noop))
-    failed = []
-    for i, (name, run) in enumerate(cases):
-        recv_into = name.split("/", 1)[0]
-        w = fakes.World(ab.abort_cfg(recv_into), embedding_blocks=ab.BUDGET,
-                        language_blocks=ab.POOL, device=env.device,
-                        copy_delay_cycles=_delay(env) if i % 2 else 0)
-        try:
-            run(w)
-            w.close()
-        except Exception as e:
-            failed.append(f"{name}: {str(e).splitlines()[0][:200] if str(e) else repr(e)}")
-        finally:
-            w.close(check=False)
-    assert not failed, f"{len(failed)}/{len(cases)} failed: " + "; ".join(failed[:4])
-    return Outcome(f"{len(cases)}/{len(cases)} cases", "every state x both sides x both "
-                   "landing modes, then a fresh room on the same blocks, bit-exact",
-                   {"cases": len(cases)})
+    return _contract_row(env, "aborts", "every state x both sides x both landing modes, then "
+                         "a fresh room on the same blocks, bit-exact")
 
 
 # ---------------------------------------------------------------- pools

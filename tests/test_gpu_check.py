@@ -49,9 +49,10 @@ def test_cpu_dry_run_passes_and_says_so(tmp_path: Path) -> None:
             assert row["result"] == "SKIP" and CPU_SKIPS[name] in row["detail"], row
         else:
             assert row["result"] == "PASS", row
-    # the contract layer really moved rooms, and every abort case ran
-    assert rows["rooms bit-exact, 2 E x TP2"]["values"]["rooms"] == 80
-    assert rows["abort in every state"]["values"]["cases"] == 46
+    # the contract layer's tests ran, on the device, in a pytest of their own
+    assert rows["rooms bit-exact, 2 E x TP2"]["values"]["tests"] == 2  # output, pool
+    assert rows["producer stream's event"]["values"]["tests"] == 1
+    assert rows["abort in every state"]["values"]["tests"] >= 40
     assert "refuses two ranks on one GPU" in rows["backend, 2 ranks on 1 GPU"]["detail"]
     # the table, as printed
     assert "13 passed, 0 failed, 2 skipped" in proc.stdout, text
@@ -69,3 +70,22 @@ def test_a_failed_check_fails_the_run() -> None:
     skipped = g.Row("model", "absent", "SKIP")  # type: ignore[attr-defined]
     assert g.exit_code([ok, skipped]) == 0  # type: ignore[attr-defined]
     assert g.exit_code([ok, row, skipped]) == 1  # type: ignore[attr-defined]
+
+
+def test_the_kit_runs_the_test_tree_without_importing_it() -> None:
+    """The contract section runs tests/inproc with pytest in a subprocess; the
+    kit itself imports no module of the test tree (a fresh interpreter loads it
+    and looks)."""
+    code = ("import importlib.util, sys\n"
+            f"spec = importlib.util.spec_from_file_location('gpu_check', {str(SCRIPT)!r})\n"
+            "mod = importlib.util.module_from_spec(spec); sys.modules['gpu_check'] = mod\n"
+            "spec.loader.exec_module(mod)\n"
+            "tests = [m for m in sys.modules if m.split('.')[0] in "
+            "('inproc', 'roomdata', 'harness', 'tests')]\n"
+            "print(tests, [p for p in sys.path if p.rstrip('/').endswith('tests')])\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[] []", proc.stdout
+    g = _load()
+    assert all(f.startswith("tests/inproc/") for f in g.CONTRACT_FILES)  # type: ignore[attr-defined]

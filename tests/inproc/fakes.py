@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -68,6 +69,12 @@ from disagg.types import TransferStatus
 from disagg.wire import ControlMessage
 
 CPU = torch.device("cpu")
+# The device every World uses unless told otherwise: DISAGG_TEST_DEVICE ("cpu",
+# "cuda", "cuda:N"); scripts/gpu_check.py runs this layer on a GPU that way.
+# On CUDA each link waits COPY_DELAY_CYCLES of GPU time before each copy (~50
+# us at 1.5-2 GHz): long enough that anything reading early reads garbage.
+TEST_DEVICE = torch.device(os.environ.get("DISAGG_TEST_DEVICE", "cpu"))
+COPY_DELAY_CYCLES = 100_000
 LINK_TIMEOUT_S = 5.0  # a transport wait that runs this long is a hang: the link reports it
 WAIT_S = 5.0  # any one bounded wait of a test
 CLOSE_S = 5.0  # engines' close(), and the wait for their threads to end
@@ -762,9 +769,12 @@ class World:
                  embedding_blocks: int | None = None, language_blocks: int | None = None,
                  per_rank: dict[int, dict[str, Any]] | None = None,
                  gated: bool = False, auto_control: bool = False,
-                 link_timeout_s: float = LINK_TIMEOUT_S, device: torch.device = CPU,
-                 copy_delay_cycles: int = 0) -> None:
+                 link_timeout_s: float = LINK_TIMEOUT_S, device: torch.device | None = None,
+                 copy_delay_cycles: int | None = None) -> None:
         self.cfg = cfg
+        device = TEST_DEVICE if device is None else device
+        if copy_delay_cycles is None:
+            copy_delay_cycles = COPY_DELAY_CYCLES if device.type == "cuda" else 0
         if device.type == "cuda" and device.index is None:
             device = torch.device("cuda", torch.cuda.current_device())
         self.device = device  # every engine's: pools, results, and what the links move

@@ -1,0 +1,108 @@
+"""The in-process contract on whatever device the layer runs on
+(`DISAGG_TEST_DEVICE`, cpu by default; `scripts/gpu_check.py` runs this file
+and `test_abort.py` on a GPU). On CUDA each fake link moves device memory on a
+stream of its own, after a GPU-side delay, and completes only once its copy's
+event is host-observed, so the library's own stream and event logic runs for
+real.
+
+- every room of two Embedding ranks to a TP-2 instance, several chunks each
+  (resume rounds, a pool smaller than the rooms), bit-exact on every rank, in
+  both landing modes; on CUDA every DATA frame's sends waited for the
+  producer's event;
+- embeddings written on a side stream behind a GPU delay, `send()` called
+  from that stream at once: only the producer's event keeps the sends from
+  reading them before they are written.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from disagg.config import DisaggConfig
+from disagg.types import TransferStatus
+
+from .fakes import TERMINAL, TEST_DEVICE, World
+from .rooms import mismatches, on, room_data, send
+
+SUCCESS = TransferStatus.SUCCESS
+SEQS = (1, 15, 16, 17, 47, 48, 49, 130, 200, 333)
+# GPU cycles a producer spends before writing (~20 ms at 1.5-2 GHz)
+PRODUCER_DELAY_CYCLES = 40_000_000
+
+
+def rooms_cfg(recv_into: str) -> DisaggConfig:
+    return DisaggConfig(num_embedding_ranks=2, language_tp_size=2, hidden_size=96,
+                        block_size=16, num_blocks=24, default_alloc_tokens=48,
+                        recv_into=recv_into, auto_resume=True,  # type: ignore[arg-type]
+                        extra_buffers={"deepstack": ((2, 8), "bfloat16")},
+                        bootstrap_timeout=30.0, peer_timeout=5.0)
+
+
+@pytest.mark.parametrize("recv_into", ["output", "pool"])
+def test_rooms_of_two_embedding_ranks_to_tp2_bit_exact(recv_into: str) -> None:
+    cfg = rooms_cfg(recv_into)
+    with World(cfg, auto_control=True, embedding_blocks=256) as w:
+        topo = w.topology
+        data = {(e, i): room_data(cfg, 1000 * e + i, seq)
+                for e in topo.embedding_ranks for i, seq in enumerate(SEQS)}
+        senders = {}
+        for (e, i), d in data.items():
+            senders[(e, i)] = w.emb(e).sender(d.room)
+            send(senders[(e, i)], d)
+        receivers = {(e, i, lang): w.lang(lang).receiver(d.room, src_rank=e)
+                     for (e, i), d in data.items() for lang in topo.language_ranks}
+        inited: set[tuple[int, int, int]] = set()
+
+        def step() -> bool:  # init() again until the pool has blocks for the room
+            for key, r in receivers.items():
+                if key not in inited and r.init():
+                    inited.add(key)
+            return all(r.poll() in TERMINAL for r in receivers.values())
+
+        w.run_until(step, f"{recv_into}: every room ended", timeout=60.0)
+        bad = [f"{key}: {r.poll().name} {r.failure}" for key, r in receivers.items()
+               if r.poll() is not SUCCESS]
+        bad += [m for (e, i, _), r in receivers.items() if r.poll() is SUCCESS
+                for m in mismatches(r.result(), data[(e, i)])]
+        for key, s in senders.items():
+            if w.ended(s, f"sender {key}") is not SUCCESS:
+                bad.append(f"sender {key}: {s.failure}")
+        if w.device.type == "cuda":
+            bad += [f"{link.name}: {len(link.frames)} frames but the sends of only "
+                    f"{link.producer_events} waited for a producer's event"
+                    for link in w.links.values()
+                    if link.producer_events != sum(
+                        1 for f in link.frames if f.meta.kind.name == "DATA")]
+        assert not bad, f"{recv_into}: " + "; ".join(bad[:6])
+        assert len(receivers) == 2 * len(SEQS) * 2
+        assert sum(w.counter(r, "chunks") for r in topo.language_ranks) > len(receivers)
+
+
+def test_sends_wait_for_the_producer_stream() -> None:
+    cfg = DisaggConfig(hidden_size=256, block_size=16, num_blocks=64, default_alloc_tokens=512,
+                       bootstrap_timeout=30.0, peer_timeout=5.0)
+    cuda = TEST_DEVICE.type == "cuda"
+    with World(cfg, auto_control=True) as w:
+        for room in range(3):
+            data = room_data(cfg, 50 + room, 500)
+            staged = on(data, w.device)
+            if cuda:
+                torch.cuda.synchronize(w.device)
+            s = w.emb().sender(data.room)
+            if cuda:
+                producer = torch.cuda.Stream(w.device)
+                with torch.cuda.stream(producer):
+                    torch.cuda._sleep(PRODUCER_DELAY_CYCLES)  # an encoder still at work
+                    emb = staged.embeddings.clone()  # written only after the delay
+                    s.send(emb, staged.fill_ids, staged.mrope_positions, aux=data.aux)
+            else:
+                emb = staged.embeddings.clone()
+                s.send(emb, staged.fill_ids, staged.mrope_positions, aux=data.aux)
+            r = w.lang().receiver(data.room, src_rank=0)
+            assert r.init(), "no blocks in an idle pool"
+            assert w.finish(r, f"room {data.room}") is SUCCESS, r.failure
+            bad = mismatches(r.result(), data)
+            assert not bad, f"read before the producer wrote it: {bad}"
+            assert w.ended(s, "sender") is SUCCESS, s.failure
+            del emb
