@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Protocol
 
@@ -19,18 +18,11 @@ from .errors import DisaggError
 from .geometry import Geometry
 from .liveness import Liveness
 from .logs import RateLimitedLog
+from .progress import Progress
 from .stats import Stats
 from .topology import Topology
 from .types import TERMINAL, TransferStatus
 from .wire import ControlMessage
-
-# A caller that spins on a status holds the GIL, and each engine thread that
-# needs it waits up to CPython's switch interval (5 ms) per hand-off. A status
-# call that finds nothing final waits this long for a change instead (at most
-# once per window per thread, so a sweep over many rooms pays it once), giving
-# the engine's threads the GIL without changing any interpreter setting.
-PAUSE_S = 200e-6
-PAUSE_WINDOW_S = 200e-6
 
 
 class _HasStatus(Protocol):
@@ -57,7 +49,10 @@ class EngineShell:
         self.cond = threading.Condition(self._lock)
         self._warn = RateLimitedLog(logger)
         self._closing = False
-        self._paused = threading.local()  # per caller thread: when it last paused
+        self.progress = Progress(self.cond)  # the pause and the sweep (progress.py)
+
+    def sweep_due(self, now: float) -> bool:
+        return self.progress.sweep_due(now)
 
     def holds_lock(self) -> bool:
         """Whether the calling thread holds the engine lock (tests check that no
@@ -69,21 +64,11 @@ class EngineShell:
         return self._closing
 
     def poll(self, room: _HasStatus) -> TransferStatus:
-        """A room's status for `poll()`: when not final yet, after the pause below."""
+        """A room's status for `poll()`: when not final yet, after the pause
+        (`progress.Progress.pause`)."""
         if room.status not in TERMINAL:
-            self.pause_for_progress()
+            self.progress.pause()
         return room.status
-
-    def pause_for_progress(self) -> None:
-        """Called by a status call that found nothing final: wait up to PAUSE_S
-        for any room's change (notified), at most once per PAUSE_WINDOW_S per
-        thread, so the engine's threads get the GIL from a spinning caller."""
-        now = time.perf_counter()
-        if now - getattr(self._paused, "at", 0.0) < PAUSE_WINDOW_S:
-            return
-        with self.cond:
-            self.cond.wait(PAUSE_S)
-        self._paused.at = time.perf_counter()
 
     def _post(self, peer: int, msg: ControlMessage) -> str | None:
         """Send a control message, never raising: why it could not be sent (a

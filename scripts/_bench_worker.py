@@ -26,7 +26,7 @@ from _bench_scenarios import BASELINES, SERVING_WORK_S, Scenario, parse_mode
 
 import disagg
 from disagg import TransferStatus
-from disagg.shell import PAUSE_S
+from disagg.progress import PAUSE_S
 
 WAIT_S = 60.0  # a room that takes longer than this is a bug, not a measurement
 

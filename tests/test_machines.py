@@ -32,6 +32,7 @@ from disagg.embedding.machine import (
 from disagg.embedding.machine import (
     set_status as set_send_status,
 )
+from disagg.embedding.pair import SendPair
 from disagg.errors import StreamBroken
 from disagg.geometry import Geometry
 from disagg.language.actions import Release
@@ -647,31 +648,82 @@ def test_module_docstring_shows_the_tested_table(module: str, table: dict,
 
 # ---------------------------------------------------------------- the Embedding side's pair
 
-def test_send_pair_defers_a_waiting_preposted_answer_only_for_another_rooms_frame() -> None:
-    """`embedding.pair.SendPair`, every case: nothing waits; the waiting answer's
-    own room (its frame is the answer, or follows it); another room's frame
-    (the waiting one is deferred, once); a grant deferred already (a partial
-    progressive part did it); the pair lost."""
-    from disagg.embedding.pair import SendPair
+def _pre(key: int = 0) -> Grant:
+    return Grant(key, (0,), BS, False, 0.0, preposted=True, expect=BS)
 
-    def pre(key: int = 0) -> Grant:
-        return Grant(key, (0,), BS, False, 0.0, preposted=True, expect=BS)
 
-    p = SendPair()
-    assert p.before_frame(7) is None
-    g = pre()
-    p.posted(7, g)
-    assert p.before_frame(7) is None and g.preposted  # its own room: no DEFER
-    p.posted(7, g)
-    assert p.before_frame(8) == (7, g) and not g.preposted  # deferred
-    assert p.before_frame(8) is None  # once
-    g2 = pre()
-    p.posted(7, g2)
-    g2.preposted = False  # deferred meanwhile by a partial part
-    assert p.before_frame(8) is None
-    p.posted(7, pre())
-    p.lost()
-    assert p.before_frame(8) is None
+def send_pair(state: str) -> tuple[SendPair, Grant | None]:
+    """The Embedding side's pair machine in `state`, and the grant that waits."""
+    p, g = SendPair(), None
+    if state != "NOTHING_WAITS":
+        g = _pre()
+        p.posted(ROOM, g)
+        if state == "WAITS_DEFERRED":  # deferred meanwhile by a partial progressive part
+            g.preposted = False
+    return p, g
+
+
+def _pair_said(out: tuple[int, Grant] | None) -> str:
+    return "" if out is None else "DEFER it"
+
+
+SEND_PAIR_EVENTS: dict[str, Callable[[SendPair], str]] = {
+    "posted": lambda p: p.posted(ROOM + 1, _pre()) or "",
+    "frame(same room)": lambda p: _pair_said(p.before_frame(ROOM)),
+    "frame(other room)": lambda p: _pair_said(p.before_frame(ROOM + 2)),
+    "lost": lambda p: p.lost() or "",
+}
+# (what the event's caller must do, the state after); None: cannot happen (a
+# rank pre-posts only when nothing else is owed on the pair, so a second
+# pre-posted grant never arrives while one waits)
+SEND_PAIR_TABLE: dict[str, dict[str, tuple[str, str] | None]] = {
+    "NOTHING_WAITS": {"posted": ("", "WAITS"), "frame(same room)": ("", "NOTHING_WAITS"),
+                      "frame(other room)": ("", "NOTHING_WAITS"), "lost": ("", "NOTHING_WAITS")},
+    # its own room's frame is its answer (or follows it); another room's must
+    # not take its recvs: it is DEFERred first, once
+    "WAITS": {"posted": None, "frame(same room)": ("", "NOTHING_WAITS"),
+              "frame(other room)": ("DEFER it", "NOTHING_WAITS"),
+              "lost": ("", "NOTHING_WAITS")},
+    "WAITS_DEFERRED": {"posted": None, "frame(same room)": ("", "NOTHING_WAITS"),
+                       "frame(other room)": ("", "NOTHING_WAITS"),
+                       "lost": ("", "NOTHING_WAITS")},
+}
+SEND_PAIR_CELLS = [(s, e) for s, row in SEND_PAIR_TABLE.items() for e, c in row.items()
+                   if c is not None]
+
+
+def _send_pair_state(p: SendPair) -> str:
+    if p.waiting is None:
+        return "NOTHING_WAITS"
+    return "WAITS" if p.waiting[1].preposted else "WAITS_DEFERRED"
+
+
+@pytest.mark.parametrize(("state", "event"), SEND_PAIR_CELLS,
+                         ids=[f"{s}-{e}" for s, e in SEND_PAIR_CELLS])
+def test_send_pair_cell(state: str, event: str) -> None:
+    """`embedding.pair.SendPair`, every cell: a DEFER only for another room's
+    frame while a pre-posted answer that was not deferred yet waits."""
+    p, g = send_pair(state)
+    said = SEND_PAIR_EVENTS[event](p)
+    assert (said, _send_pair_state(p)) == SEND_PAIR_TABLE[state][event]
+    if said:
+        assert g is not None and not g.preposted  # the DEFER transition, once
+
+
+def render_send_pair() -> list[str]:
+    rows = ["| state | " + " | ".join(SEND_PAIR_EVENTS) + " |",
+            "|---" * (len(SEND_PAIR_EVENTS) + 1) + "|"]
+    for state, row in SEND_PAIR_TABLE.items():
+        rows.append(f"| {state} | " + " | ".join(
+            "-" if c is None else f"{c[1]}{': ' + c[0] if c[0] else ''}" for c in row.values())
+            + " |")
+    return rows
+
+
+def test_send_pair_docstring_shows_the_tested_table() -> None:
+    import disagg.embedding.pair as pair
+    missing = [row for row in render_send_pair() if row not in (pair.__doc__ or "")]
+    assert not missing, "docstring out of date; these rows are missing:\n" + "\n".join(missing)
 
 
 # ---------------------------------------------------------------- the Language side's pair

@@ -157,9 +157,10 @@ class EmbeddingEngine(EmbeddingPeers):
         with self._lock:
             for lang, why in self.liveness.expired(now):
                 self._pair_lost(lang, PeerLost(why, peer=lang))
-            self._refuse(self.lobby.expired(now))
-            for r in list(self._rooms.values()):
-                self.execute(self.machine.tick(r, now))
+            if self.sweep_due(now):
+                self._refuse(self.lobby.expired(now))
+                for r in list(self._rooms.values()):
+                    self.execute(self.machine.tick(r, now))
         self.flush()  # ABORT frames for the rooms that timed out
 
     # ------------------------------------------------------------ executing actions (locked)

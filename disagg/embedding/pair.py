@@ -4,7 +4,19 @@ lanes. Pure. A Language rank posts the recvs of an allocation's answer ahead
 one such answer waits per pair; any other room's frame must not take its
 recvs. The one DEFER rule lives here (`defer`): such an allocation whose
 answer cannot be its DATA frame now gets a DEFER frame (filler of the posted
-sizes) and is answered later by an ordinary frame."""
+sizes) and is answered later by an ordinary frame.
+
+States by event (a frame about to go on the stream, of the waiting answer's
+room or of another; the pair lost): the state after, and what the caller of
+the event must do. `-`: cannot happen. `tests/test_machines.py` checks every
+cell and that this table is the one it checks.
+
+| state | posted | frame(same room) | frame(other room) | lost |
+|---|---|---|---|---|
+| NOTHING_WAITS | WAITS | NOTHING_WAITS | NOTHING_WAITS | NOTHING_WAITS |
+| WAITS | - | NOTHING_WAITS | NOTHING_WAITS: DEFER it | NOTHING_WAITS |
+| WAITS_DEFERRED | - | NOTHING_WAITS | NOTHING_WAITS | NOTHING_WAITS |
+"""
 
 from __future__ import annotations
 

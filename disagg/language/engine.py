@@ -201,8 +201,9 @@ class LanguageEngine(LanguagePeers):
         for e, why in self.liveness.expired(now):
             self._peer_dead(e, why)
         with self._lock:
-            for r in list(self.rooms.values()):
-                self.execute(r, self.machine.tick(r, now))
+            if self.sweep_due(now):
+                for r in list(self.rooms.values()):
+                    self.execute(r, self.machine.tick(r, now))
 
     # ------------------------------------------------------------ executing actions (locked)
 

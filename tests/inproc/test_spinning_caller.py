@@ -11,7 +11,7 @@ import time
 import pytest
 
 from disagg.config import DisaggConfig
-from disagg.shell import PAUSE_S, PAUSE_WINDOW_S
+from disagg.progress import PAUSE_S, PAUSE_WINDOW_S
 from disagg.types import TransferStatus
 
 from .fakes import World
@@ -49,13 +49,13 @@ def test_poll_pauses_at_most_once_per_window(monkeypatch: pytest.MonkeyPatch) ->
     """A sweep over many live rooms pays the pause once per window, not once per
     room; a room already ended never pauses. The window's clock is held still
     here, so the count is exact."""
-    from disagg import shell
+    from disagg import progress
     cfg = DisaggConfig(hidden_size=64, block_size=16, num_blocks=64)
     with World(cfg, auto_control=True) as w:
         engine = w.lang()
         rs = [engine.receiver(room, src_rank=EMB) for room in range(64)]
         now = [1000.0]
-        monkeypatch.setattr(shell.time, "perf_counter", lambda: now[0])
+        monkeypatch.setattr(progress.time, "perf_counter", lambda: now[0])
         waits = []
         real_wait = engine.cond.wait
         monkeypatch.setattr(engine.cond, "wait",
