@@ -34,6 +34,10 @@ import zmq
 
 from .errors import DisaggError, ProtocolError
 from .wire import (
+    HEADER_SIZE,
+    ITEM_ENTRY_BYTES,
+    MAX_BLOCKS_PER_MESSAGE,
+    MAX_ITEMS_PER_MESSAGE,
     Abort,
     Alloc,
     ControlMessage,
@@ -51,7 +55,9 @@ log = logging.getLogger(__name__)
 POLL_INTERVAL_S = 0.05
 CLOSE_LINGER_MS = 200
 MAX_OUTBOX = 1 << 16
-MAX_MESSAGE_BYTES = 64 + 4 * (1 << 20)
+# the largest message: an ALLOC with every block id and a full item table
+MAX_MESSAGE_BYTES = (HEADER_SIZE + 4 * MAX_BLOCKS_PER_MESSAGE + 4
+                     + ITEM_ENTRY_BYTES * MAX_ITEMS_PER_MESSAGE)
 
 
 def identity_of(lang_rank: int) -> bytes:

@@ -24,12 +24,16 @@ import numpy as np
 from .errors import ProtocolError
 
 MAGIC = 0xD15A
-VERSION = 2  # 2: a pre-posted RESUME carries the tokens its posted recvs expect
+# 2: a pre-posted RESUME carries the tokens its posted recvs expect
+# 3: an ALLOC may carry its source's item table (FLAG_ITEMS)
+VERSION = 3
 MAX_ROOM = (1 << 63) - 1
 MAX_BLOCKS_PER_MESSAGE = 1 << 20
 MAX_REASON_BYTES = 1024
 MAX_AUX = 1024  # aux values a room may carry (they travel with its first chunk)
 MAX_INLINE_AUX = 8  # of which the meta frame itself holds this many
+MAX_ITEMS_PER_MESSAGE = 4096  # a source's items in one ALLOC (64 KiB of table)
+MAX_ITEM_TOKENS = (1 << 31) - 1  # an item table's offsets and counts are int32
 
 _HEADER = struct.Struct("<HBBIqiiqqI")
 HEADER_SIZE = _HEADER.size
@@ -51,6 +55,24 @@ FLAG_SCATTER = 4  # ALLOC: fanout="scatter", send this rank only its token slice
 # frame's recvs (meta, then the payload of exactly `plan.expected_tokens`), so the
 # answer must be that DATA, or an ABORT or DEFER frame padded to the same sizes
 FLAG_PREPOSTED = 8
+# ALLOC: the room is declared as items (DESIGN 0.3); after the block ids, a
+# u32 count and that many (index, first token, tokens, needed) int32 entries:
+# the items this Embedding rank sends, and which of them are not cache hits
+FLAG_ITEMS = 16
+_ITEM = struct.Struct("<iiii")
+ITEM_ENTRY_BYTES = _ITEM.size
+
+
+@dataclass(frozen=True)
+class AllocItem:
+    """One item of a room in its source's ALLOC: its index in the room's item
+    list, its first token and token count in the room, and whether it must be
+    sent (False: the Language instance holds it already, a cache hit)."""
+
+    index: int
+    offset: int
+    num_tokens: int
+    needed: bool
 
 
 @dataclass(frozen=True)
@@ -68,6 +90,7 @@ class Alloc:
     seq_len: int = 0
     scatter: bool = False  # this rank wants only its slice of the room (fanout="scatter")
     preposted: bool = False  # the answer's recvs are posted (FLAG_PREPOSTED); needs seq_len
+    items: tuple[AllocItem, ...] | None = None  # FLAG_ITEMS: this source's items; None: none
 
 
 @dataclass(frozen=True)
@@ -154,12 +177,16 @@ def encode(msg: ControlMessage) -> bytes:
         head = _HEADER.pack(
             MAGIC, VERSION, MsgKind.ALLOC if is_alloc else MsgKind.RESUME,
             (FLAG_DIRECT if msg.direct else 0) | (FLAG_PREPOSTED if msg.preposted else 0)
-            | (FLAG_SCATTER if isinstance(msg, Alloc) and msg.scatter else 0),
+            | (FLAG_SCATTER if isinstance(msg, Alloc) and msg.scatter else 0)
+            | (FLAG_ITEMS if isinstance(msg, Alloc) and msg.items is not None else 0),
             msg.room, msg.lang_rank,
             msg.instance_size if isinstance(msg, Alloc) else msg.posted_tokens,
             msg.seq_len if isinstance(msg, Alloc) else msg.sent_tokens,
             msg.allocated_tokens, len(msg.block_ids))
-        return head + np.asarray(msg.block_ids, dtype="<i4").tobytes()
+        out = head + np.asarray(msg.block_ids, dtype="<i4").tobytes()
+        if isinstance(msg, Alloc) and msg.items is not None:
+            out += _encode_items(msg.items)
+        return out
     if isinstance(msg, Abort):
         raw = _reason_bytes(msg.reason)
         return _HEADER.pack(MAGIC, VERSION, MsgKind.ABORT, 0, msg.room, msg.lang_rank,
@@ -176,6 +203,52 @@ def encode(msg: ControlMessage) -> bytes:
         return _HEADER.pack(MAGIC, VERSION, MsgKind.REJECT, 0, msg.room, -1,
                             0, msg.sent_tokens, 0, len(raw)) + raw
     raise TypeError(f"not a control message: {type(msg).__name__}")
+
+
+def _check_items(items: tuple[AllocItem, ...], seq_len: int) -> str | None:
+    """What is wrong with an item table, or None: 1..MAX_ITEMS_PER_MESSAGE
+    entries in room order (indices and spans increasing, spans disjoint), each
+    of at least one token, within a declared seq_len."""
+    if not 0 < len(items) <= MAX_ITEMS_PER_MESSAGE:
+        return f"{len(items)} items (1..{MAX_ITEMS_PER_MESSAGE})"
+    index, end = -1, 0
+    for it in items:
+        if it.index <= index or it.offset < end or it.num_tokens < 1:
+            return (f"item {it.index} at token {it.offset} ({it.num_tokens} tokens) out of "
+                    f"order or empty after item {index} ending at {end}")
+        index, end = it.index, it.offset + it.num_tokens
+        if end > MAX_ITEM_TOKENS:
+            return f"item {it.index} ends at token {end}, past {MAX_ITEM_TOKENS}"
+    if seq_len and end > seq_len:
+        return f"items end at token {end}, past the declared seq_len={seq_len}"
+    return None
+
+
+def _encode_items(items: tuple[AllocItem, ...]) -> bytes:
+    why = _check_items(items, 0)
+    if why is not None:
+        raise ValueError(f"item table: {why}")
+    return struct.pack("<I", len(items)) + b"".join(
+        _ITEM.pack(it.index, it.offset, it.num_tokens, int(it.needed)) for it in items)
+
+
+def _decode_items(raw: bytes, room: int, seq_len: int) -> tuple[AllocItem, ...]:
+    """An ALLOC's item table, from the bytes after its block ids (it must end
+    the message); `ProtocolError` saying what is wrong."""
+    if len(raw) < 4:
+        raise ProtocolError("ALLOC flags an item table but carries none", room=room)
+    (count,) = struct.unpack_from("<I", raw)
+    if count > MAX_ITEMS_PER_MESSAGE or len(raw) != 4 + _ITEM.size * count:
+        raise ProtocolError(f"ALLOC item table announces {count} items (limit "
+                            f"{MAX_ITEMS_PER_MESSAGE}) in {len(raw) - 4} bytes", room=room)
+    entries = [_ITEM.unpack_from(raw, 4 + _ITEM.size * i) for i in range(count)]
+    if any(needed not in (0, 1) for *_, needed in entries):
+        raise ProtocolError("ALLOC item table: a needed flag other than 0 or 1", room=room)
+    items = tuple(AllocItem(i, o, n, bool(needed)) for i, o, n, needed in entries)
+    why = _check_items(items, seq_len)
+    if why is not None:
+        raise ProtocolError(f"ALLOC item table: {why}", room=room)
+    return items
 
 
 def peek_room(data: bytes) -> int | None:
@@ -210,7 +283,7 @@ def decode(data: bytes) -> ControlMessage:
             raise ProtocolError(f"malformed HEARTBEAT (flags 0x{flags:x}, {len(body)} body "
                                 f"bytes)")
         return Heartbeat(lang_rank, bool(flags & FLAG_BYE), max(-1, sent_tokens))
-    allowed = {MsgKind.ALLOC: FLAG_DIRECT | FLAG_SCATTER | FLAG_PREPOSTED,
+    allowed = {MsgKind.ALLOC: FLAG_DIRECT | FLAG_SCATTER | FLAG_PREPOSTED | FLAG_ITEMS,
                MsgKind.RESUME: FLAG_DIRECT | FLAG_PREPOSTED}.get(kind, FLAG_DIRECT)
     if flags & ~allowed:
         raise ProtocolError(f"unknown flags 0x{flags:x}")
@@ -218,6 +291,10 @@ def decode(data: bytes) -> ControlMessage:
         if num_items > MAX_BLOCKS_PER_MESSAGE:
             raise ProtocolError(f"{num_items} blocks exceeds the limit "
                                 f"{MAX_BLOCKS_PER_MESSAGE}", room=room)
+        items = None
+        if flags & FLAG_ITEMS:  # ALLOC only (the flags check above)
+            items = _decode_items(body[4 * num_items:], room, sent_tokens)
+            body = body[:4 * num_items]
         if len(body) != 4 * num_items:
             raise ProtocolError(f"{kind.name} announces {num_items} blocks but carries "
                                 f"{len(body)} bytes", room=room)
@@ -229,7 +306,8 @@ def decode(data: bytes) -> ControlMessage:
             if flags & FLAG_PREPOSTED and not sent_tokens:
                 raise ProtocolError("ALLOC with posted recvs declares no seq_len", room=room)
             return Alloc(room, lang_rank, instance_size, blocks, allocated_tokens, direct,
-                         sent_tokens, bool(flags & FLAG_SCATTER), bool(flags & FLAG_PREPOSTED))
+                         sent_tokens, bool(flags & FLAG_SCATTER), bool(flags & FLAG_PREPOSTED),
+                         items)
         preposted = bool(flags & FLAG_PREPOSTED)
         # Any count its recvs may hold is decoded: the Embedding rank answers it,
         # padded to that count, even when the rest of the message is refused.

@@ -15,20 +15,24 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from disagg.control import MAX_MESSAGE_BYTES
 from disagg.errors import ProtocolError
 from disagg.meta import FLAG_FIRST, FLAG_LAST, META_LEN, META_MAGIC, FrameKind, Meta, _check
 from disagg.wire import (
     FLAG_DIRECT,
+    FLAG_ITEMS,
     HEADER_SIZE,
     MAGIC,
     MAX_AUX,
     MAX_BLOCKS_PER_MESSAGE,
     MAX_INLINE_AUX,
+    MAX_ITEMS_PER_MESSAGE,
     MAX_REASON_BYTES,
     MAX_ROOM,
     VERSION,
     Abort,
     Alloc,
+    AllocItem,
     Heartbeat,
     MsgKind,
     PairDown,
@@ -218,7 +222,7 @@ def test_unknown_kind(kind):
         decode(header(kind=kind))
 
 
-@pytest.mark.parametrize("flags", [2, 16, 0x80000000, 0xFFFFFFFF])
+@pytest.mark.parametrize("flags", [2, 32, 0x80000000, 0xFFFFFFFF])
 def test_unknown_flags(flags):
     with pytest.raises(ProtocolError, match=f"unknown flags 0x{flags:x}"):
         decode(header(flags=flags))
@@ -463,3 +467,70 @@ def test_pair_down_round_trips_and_alloc_carries_the_declared_length():
     struct.pack_into("<q", w, 24, -5)  # the declared length's word: negative
     with pytest.raises(ProtocolError, match="declares seq_len=-5"):
         decode(bytes(w))
+
+
+# ------------------------------------------------------------------ item tables (DESIGN 0.3)
+
+
+@st.composite
+def item_tables(draw):
+    """A valid item table: entries in room order, disjoint, at least one token each."""
+    n = draw(st.integers(1, 20))
+    index, at, out = -1, 0, []
+    for _ in range(n):
+        index += draw(st.integers(1, 3))
+        at += draw(st.integers(0, 50))
+        k = draw(st.integers(1, 300))
+        out.append(AllocItem(index, at, k, draw(st.booleans())))
+        at += k
+    return tuple(out)
+
+
+@FAST
+@given(item_tables(), st.booleans())
+def test_alloc_with_an_item_table_round_trips(items, declared):
+    end = items[-1].offset + items[-1].num_tokens
+    msg = Alloc(room=9, lang_rank=2, instance_size=1, block_ids=(1, 2), allocated_tokens=32,
+                seq_len=end + 5 if declared else 0, items=items)
+    data = encode(msg)
+    assert HEADER.unpack_from(data)[3] & FLAG_ITEMS
+    assert len(data) == HEADER_SIZE + 8 + 4 + 16 * len(items)
+    assert decode(data) == msg
+    assert len(data) <= MAX_MESSAGE_BYTES
+
+
+def test_the_largest_alloc_fits_the_control_channel():
+    items = tuple(AllocItem(i, i, 1, True) for i in range(MAX_ITEMS_PER_MESSAGE))
+    data = encode(Alloc(1, 0, 1, tuple(range(MAX_BLOCKS_PER_MESSAGE)), 0, items=items))
+    assert len(data) == MAX_MESSAGE_BYTES
+
+
+@pytest.mark.parametrize(("entries", "why"), [
+    ([], "0 items"),
+    ([(0, 0, 4, 1), (0, 4, 4, 1)], "out of order"),  # an index twice
+    ([(0, 0, 4, 1), (1, 3, 4, 1)], "out of order"),  # spans overlap
+    ([(0, 0, 0, 1)], "out of order or empty"),
+    ([(0, 0, 4, 2)], "needed flag"),
+    ([(0, 0, 4, 1), (1, 4, 100, 0)], "past the declared seq_len"),
+    ([(0, 2**31 - 2, 4, 1)], "past"),
+])
+def test_a_hostile_item_table_is_a_protocol_error(entries, why):
+    table = struct.pack("<I", len(entries)) + b"".join(struct.pack("<iiii", *e) for e in entries)
+    data = header(kind=MsgKind.ALLOC, flags=FLAG_ITEMS, sent_tokens=50, num_items=1) \
+        + struct.pack("<i", 0) + table
+    with pytest.raises(ProtocolError, match=why):
+        decode(data)
+
+
+def test_an_item_table_must_fit_its_bytes_and_only_an_alloc_may_carry_one():
+    table = struct.pack("<I", 2) + struct.pack("<iiii", 0, 0, 4, 1)  # announces 2, carries 1
+    with pytest.raises(ProtocolError, match="announces 2 items"):
+        decode(header(kind=MsgKind.ALLOC, flags=FLAG_ITEMS) + table)
+    with pytest.raises(ProtocolError, match="carries none"):
+        decode(header(kind=MsgKind.ALLOC, flags=FLAG_ITEMS))
+    with pytest.raises(ProtocolError, match="announces 5000 items"):
+        decode(header(kind=MsgKind.ALLOC, flags=FLAG_ITEMS) + struct.pack("<I", 5000))
+    with pytest.raises(ProtocolError, match="unknown flags"):
+        decode(header(kind=MsgKind.RESUME, flags=FLAG_ITEMS) + table)
+    with pytest.raises(ValueError, match="item table"):
+        encode(Alloc(1, 0, 1, (), 0, items=()))
