@@ -72,6 +72,15 @@ def wait_until(done: Callable[[], bool], deadline: float) -> bool:
     return True
 
 
+def as_bytes(t: torch.Tensor) -> torch.Tensor:
+    """`t`'s memory as a flat uint8 view. A recv into a copy would lose its
+    data, so a tensor that is not contiguous is a bug, said at once."""
+    if not t.is_contiguous():
+        raise ValueError(f"a {tuple(t.shape)} {t.dtype} tensor with strides {t.stride()} "
+                         f"is not contiguous: pair ops carry whole byte ranges")
+    return t.reshape(-1).view(torch.uint8)
+
+
 class Posted(NamedTuple):
     """A frame's posted sends, and every tensor they read (kept alive until done)."""
 
@@ -161,6 +170,11 @@ class TorchPairTransport:
 
     def _post(self, op: Callable[..., dist.Work | None],
               tensors: list[torch.Tensor]) -> list[dist.Work]:
+        # Every op carries the bytes of its tensor (a view, no copy): both ends
+        # agree on sizes in bytes already, and no dtype can then be one the
+        # backend lacks (NCCL has no int16; an exception inside a coalesced NCCL
+        # launch leaves the thread's group open).
+        tensors = [as_bytes(t) for t in tensors]
         try:
             with self._post_lock:  # NCCL: one thread at a time issues to the device
                 if self._group_peer is not None:
