@@ -26,10 +26,27 @@ def local_rank() -> tuple[int, int]:
     return int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
 
 
+def visible_devices(env: Mapping[str, str] = os.environ) -> list[str] | None:
+    """The entries of CUDA_VISIBLE_DEVICES, or None where it is not set."""
+    value = env.get("CUDA_VISIBLE_DEVICES")
+    return None if value is None else [v.strip() for v in value.split(",") if v.strip()]
+
+
+def one_gpu_each(gpus: int, local_world: int, env: Mapping[str, str] = os.environ) -> bool:
+    """Whether each process of the node was given one GPU of its own (SLURM's
+    --gpus-per-task=1, Kubernetes, a launcher that sets CUDA_VISIBLE_DEVICES per
+    rank): this process sees exactly one, named by CUDA_VISIBLE_DEVICES, while
+    the node runs several ranks. `check_distinct_gpus` confirms it at start-up."""
+    visible = visible_devices(env)
+    return gpus == 1 and local_world > 1 and visible is not None and len(visible) == 1
+
+
 def backend_choice(cfg: DisaggConfig, *, gpus: int | None = None,
-                   local_world: int | None = None) -> tuple[str, str]:
+                   local_world: int | None = None,
+                   env: Mapping[str, str] = os.environ) -> tuple[str, str]:
     """("nccl" or "gloo", why): `cfg.backend` if set (a ValueError if NCCL cannot
-    run here), else NCCL when every rank of this node has a GPU of its own.
+    run here), else NCCL when every rank of this node has a GPU of its own: the
+    node has one per rank, or each process was given one (`one_gpu_each`).
     `gpus` and `local_world` default to this node's (torchrun's LOCAL_WORLD_SIZE)."""
     if local_world is None:
         _, local_world = local_rank()
@@ -38,21 +55,52 @@ def backend_choice(cfg: DisaggConfig, *, gpus: int | None = None,
     share = (f"{local_world} ranks on this node but {gpus} GPU(s): NCCL refuses two ranks "
              f"on one GPU (a communicator cannot hold the same device twice; NCCL reports "
              f"a duplicate GPU), so ranks that would share a GPU cannot talk over NCCL")
+    own = (f"one GPU visible to this process (CUDA_VISIBLE_DEVICES="
+           f"{','.join(visible_devices(env) or [])}) of {local_world} ranks on this node: "
+           f"each was given its own (checked at start-up)")
+    each = one_gpu_each(gpus, local_world, env)
     if cfg.backend == "nccl":
         if gpus == 0:
             raise ValueError("DisaggConfig.backend='nccl' but this rank sees no CUDA GPU; "
                              "use backend='gloo' (CPU) or None to pick automatically")
-        if local_world > gpus:
+        if local_world > gpus and not each:
             raise ValueError(f"DisaggConfig.backend='nccl' needs one GPU per rank: {share}. "
-                             f"Use fewer ranks per node or backend='gloo'")
-        return "nccl", "backend='nccl' in the config"
+                             f"Use fewer ranks per node, give each process its own GPU "
+                             f"(CUDA_VISIBLE_DEVICES), or backend='gloo'")
+        return "nccl", "backend='nccl' in the config" + (f"; {own}" if each else "")
     if cfg.backend == "gloo":
         return "gloo", "backend='gloo' in the config"
     if gpus == 0:
         return "gloo", "no CUDA GPU on this rank: CPU tensors over Gloo"
+    if each:
+        return "nccl", own
     if local_world > gpus:
         return "gloo", f"{share}; Gloo through host memory instead"
     return "nccl", f"{local_world} rank(s) on this node and {gpus} GPU(s): one GPU per rank"
+
+
+def cuda_index(local: int, gpus: int) -> int:
+    """The CUDA device a rank with local rank `local` uses: the one it sees when
+    it was given one of its own, else its local rank's."""
+    if gpus == 1:
+        return 0
+    if not 0 <= local < gpus:
+        raise ValueError(f"local rank {local} has no GPU of its own: this process sees "
+                         f"{gpus} GPU(s)")
+    return local
+
+
+def check_distinct_gpus(devices: Mapping[int, tuple[str, str]]) -> None:
+    """rank -> (host, GPU uuid) of every NCCL rank: two ranks of one host on one
+    GPU cannot talk over NCCL (a duplicate GPU), so say so before any pair."""
+    seen: dict[tuple[str, str], int] = {}
+    for rank, (host, uuid) in sorted(devices.items()):
+        other = seen.setdefault((host, uuid), rank)
+        if other != rank:
+            raise ValueError(f"ranks {other} and {rank} on host {host} use the same GPU "
+                             f"({uuid}): NCCL refuses two ranks on one GPU. Give each rank "
+                             f"its own GPU (CUDA_VISIBLE_DEVICES per rank, or LOCAL_RANK), or "
+                             f"use backend='gloo'")
 
 
 def _pick_backend(cfg: DisaggConfig) -> str:

@@ -29,7 +29,9 @@ import zmq
 
 from .backend import (
     backend_choice,
+    check_distinct_gpus,
     check_nccl_topology,
+    cuda_index,
     destroy_group,
     local_rank,
     new_group,
@@ -113,8 +115,8 @@ class Context:
         self.role = self.topology.role(self.rank)
         self.instance = self.topology.instance_of(self.rank)
         index, _ = local_rank()
-        self.device = (torch.device("cuda", index) if backend == "nccl"
-                       else torch.device("cpu"))
+        self.device = (torch.device("cuda", cuda_index(index, torch.cuda.device_count()))
+                       if backend == "nccl" else torch.device("cpu"))
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.geometry = Geometry.from_config(cfg)
@@ -149,11 +151,19 @@ class Context:
         if is_embedding:
             self.control_address = control.bind_router(self.cfg.host or _routable_host(hostnames),
                                                        topo.language_ranks)
+        gpu = (str(torch.cuda.get_device_properties(self.device).uuid)
+               if self.device.type == "cuda" else None)
         store.set(f"{key}/rank/{self.rank}", json.dumps(
             {"geometry": self.geometry.to_dict(), "address": self.control_address,
-             "backend": self.backend, "fanout": self.cfg.fanout}))
+             "backend": self.backend, "fanout": self.cfg.fanout, "gpu": gpu}))
         peers = {r: json.loads(_get(store, f"{key}/rank/{r}")) for r in range(self.world_size)}
         self._check_peers(peers)
+        if self.backend == "nccl":  # every rank checks, so all of them stop here
+            try:
+                check_distinct_gpus({r: (hostnames[r], str(info["gpu"]))
+                                     for r, info in peers.items()})
+            except ValueError as why:
+                raise DisaggError(f"start-up: {why}", rank=self.rank) from None
         # Groups: the same calls in the same order on every rank.
         # A pair's transport timeout outlasts every room deadline (bootstrap_timeout,
         # answered by a frame within peer_timeout) with peer_timeout to spare: a

@@ -428,6 +428,7 @@ def test_stats_latency_window_is_bounded():
 def test_backend_choice_and_impossible_nccl(monkeypatch, backend, gpus, local_world, expect):
     from disagg import backend as dbackend
 
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     monkeypatch.setattr(dbackend.torch.cuda, "is_available", lambda: gpus > 0)
     monkeypatch.setattr(dbackend.torch.cuda, "device_count", lambda: gpus)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local_world))
@@ -439,3 +440,38 @@ def test_backend_choice_and_impossible_nccl(monkeypatch, backend, gpus, local_wo
         with pytest.raises(ValueError, match=expect) as info:
             dbackend._pick_backend(cfg)
         assert "backend='gloo'" in str(info.value)  # says what to change
+
+
+@pytest.mark.parametrize(("visible", "backend", "expect"), [
+    ("3", None, "nccl"),            # SLURM --gpus-per-task=1: each process its own GPU
+    ("3", "nccl", "nccl"),
+    ("GPU-1f2e", None, "nccl"),     # by UUID, as Kubernetes device plugins set it
+    ("0,1", None, "gloo"),          # two visible, eight ranks: they would share
+    (None, None, "gloo"),           # one GPU for the whole node, nothing says it is ours
+    ("", None, "gloo"),             # set but empty: no GPU named
+])
+def test_one_visible_gpu_per_process_means_nccl(monkeypatch, visible, backend, expect):
+    """Issue 29, finding 11: with one GPU visible to each process (the usual SLURM
+    or Kubernetes layout) the node's ranks each have a GPU of their own, and
+    NCCL is the choice, on cuda:0 of each; start-up then checks that the ranks'
+    GPUs really differ."""
+    from disagg import backend as dbackend
+
+    env = {"CUDA_VISIBLE_DEVICES": visible} if visible is not None else {}
+    got, why = dbackend.backend_choice(DisaggConfig(backend=backend), gpus=1, local_world=8,
+                                       env=env)
+    assert got == expect, why
+    if expect == "nccl":
+        assert "checked at start-up" in why
+        assert dbackend.cuda_index(5, 1) == 0  # the one it sees
+    assert dbackend.cuda_index(5, 8) == 5
+    with pytest.raises(ValueError, match="no GPU of its own"):
+        dbackend.cuda_index(5, 4)
+
+
+def test_two_ranks_of_one_host_on_one_gpu_are_refused_at_start_up():
+    from disagg import backend as dbackend
+
+    dbackend.check_distinct_gpus({0: ("a", "GPU-1"), 1: ("a", "GPU-2"), 2: ("b", "GPU-1")})
+    with pytest.raises(ValueError, match="ranks 0 and 2 on host a use the same GPU"):
+        dbackend.check_distinct_gpus({0: ("a", "GPU-1"), 1: ("a", "GPU-2"), 2: ("a", "GPU-1")})
