@@ -207,14 +207,14 @@ class Context:
             peer_blocks = {r: int(peers[r]["geometry"]["num_blocks"]) for r in topo.language_ranks}
             engine = EmbeddingEngine(self.cfg, self.rank, topo, self.geometry, peer_blocks,
                                      transports, self.device, stats, control)
-            control.start(engine)
+            control.start(engine, self.device)
             self._embedding = engine
         else:
             control.connect_dealers(self.rank,
                                     {e: peers[e]["address"] for e in topo.embedding_ranks})
             lang_engine = LanguageEngine(self.cfg, self.rank, topo, self.geometry, transports,
                                          self.device, stats, control)
-            control.start(lang_engine)
+            control.start(lang_engine, self.device)
             self._language = LanguageSide(lang_engine, instance_group, gather_group)
 
     def _check_peers(self, peers: dict[int, dict[str, object]]) -> None:

@@ -30,8 +30,10 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
+import torch
 import zmq
 
+from . import transport
 from .errors import DisaggError, ProtocolError
 from .wire import (
     HEADER_SIZE,
@@ -152,10 +154,12 @@ class ControlChannel:
         joined (jobs mode). A new set each time: the control thread reads it unlocked."""
         self._peers = self._peers | {peer}
 
-    def start(self, handler: ControlHandler) -> None:
+    def start(self, handler: ControlHandler, device: torch.device | None = None) -> None:
         """Run the thread: `handler.on_message` for every inbound message,
-        `handler.on_tick` at least every poll interval."""
+        `handler.on_tick` at least every poll interval. The handler posts frames
+        from it, so it runs on the rank's `device` (`transport.bind_device`)."""
         self._handler = handler
+        self._device = device
         self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
         self._thread.start()
 
@@ -216,6 +220,7 @@ class ControlChannel:
     # ---------------------------------------------------------------- thread
 
     def _run(self) -> None:
+        transport.bind_device(self._device)
         poller = zmq.Poller()
         if self._router is not None:
             poller.register(self._router, zmq.POLLIN)

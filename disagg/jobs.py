@@ -29,6 +29,7 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
+from . import transport
 from .errors import GeometryMismatch
 from .geometry import Geometry
 from .pairing import hello, pair_group
@@ -136,6 +137,7 @@ class Roster:
     # ---------------------------------------------------------------- thread
 
     def _run(self) -> None:
+        transport.bind_device(self.device)
         next_rescan = 0.0
         while not self._stop.is_set():
             now = time.monotonic()
@@ -246,6 +248,7 @@ class Roster:
     def _form(self, m: Member) -> None:
         """The pair's thread: a handshake (both ends are here), then the backend's
         constructor on the pair's prefix of the store."""
+        transport.bind_device(self.device)
         try:
             if self._make(m):
                 with self._lock:

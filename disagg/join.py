@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 import zmq
 
-from .backend import backend_choice, destroy_group, local_rank, new_group
+from .backend import backend_choice, cuda_index, destroy_group, local_rank, new_group
 from .config import DisaggConfig
 from .context import Context
 from .control import ControlChannel
@@ -72,8 +72,8 @@ class JobsContext(Context):
                                  EMBEDDING_IDS, tp)
         self.world_size = self.topology.world_size
         index, _ = local_rank()
-        self.device = (torch.device("cuda", index) if self.backend == "nccl"
-                       else torch.device("cpu"))
+        self.device = (torch.device("cuda", cuda_index(index, torch.cuda.device_count()))
+                       if self.backend == "nccl" else torch.device("cpu"))
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self.geometry = Geometry.from_config(cfg)
@@ -139,12 +139,12 @@ class JobsContext(Context):
             self.control_address = control.bind_router(cfg.host or _host(self.rendezvous), ())
             engine = EmbeddingEngine(cfg, self.rank, self.topology, self.geometry, {},
                                      transports, self.device, stats, control, peers=())
-            control.start(engine)
+            control.start(engine, self.device)
             self._embedding = engine
         else:
             lang_engine = LanguageEngine(cfg, self.rank, self.topology, self.geometry,
                                          transports, self.device, stats, control, peers=())
-            control.start(lang_engine)
+            control.start(lang_engine, self.device)
             group = self._instance_group(instance_group)
             self._language = LanguageSide(lang_engine, group, group)
         me = new_member(self._store, role=self.role, name=name, member_id=self.rank,

@@ -58,6 +58,15 @@ def device_lock(device: torch.device) -> threading.Lock:
     return lock
 
 
+def bind_device(device: torch.device | None) -> None:
+    """Make `device` this thread's current CUDA device (a no-op on the CPU).
+    Every thread of disagg's calls it first: a thread whose first CUDA call
+    (a post, a `Work.is_completed()`) finds no current device makes a context
+    on GPU 0, about 0.5 GiB there for every process of the node."""
+    if device is not None and device.type == "cuda":
+        torch.cuda.set_device(device)
+
+
 def wait_until(done: Callable[[], bool], deadline: float) -> bool:
     """Poll `done` (e.g. a CUDA event's or a NCCL work's completion) until it is
     true or `time.monotonic()` passes `deadline`; whether it became true. Sleeps

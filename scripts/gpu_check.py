@@ -132,6 +132,7 @@ CONTRACT_ROWS = {
     "rooms": "test_device.py::test_rooms_of_two_embedding_ranks_to_tp2_bit_exact",
     "producer": "test_device.py::test_sends_wait_for_the_producer_stream",
     "aborts": "test_abort.py::",
+    "threads": "test_device.py::test_every_library_thread_binds_the_ranks_device_first",
 }
 _contract: dict[str, dict[str, str]] = {}  # device -> test id -> "" (passed) or why not
 
@@ -184,6 +185,13 @@ def check_producer_stream(env: Env) -> Outcome:
     return _contract_row(env, "producer", "embeddings written on a side stream ~20 ms after "
                          "send(); sends waited for the producer's event" if env.cuda else
                          "CPU: no streams (the same calls)")
+
+
+def check_threads(env: Env) -> Outcome:
+    """Every disagg thread makes the rank's device its current one first."""
+    return _contract_row(env, "threads", "each pair's send and receive thread and the control "
+                         "thread bind the rank's device before any CUDA call (no context on "
+                         "GPU 0)")
 
 
 def check_aborts(env: Env) -> Outcome:
@@ -573,6 +581,7 @@ CHECKS: list[tuple[str, str, Callable[[Env], Outcome]]] = [
     ("contract", "rooms bit-exact, 2 E x TP2", check_rooms),
     ("contract", "producer stream's event", check_producer_stream),
     ("contract", "abort in every state", check_aborts),
+    ("contract", "threads bind the device", check_threads),
     ("pools", "pool allocation", check_pool_alloc),
     ("pools", "pool copy-out vs plain copy", check_copy_out),
     ("pools", "result() ids split", check_result_split),

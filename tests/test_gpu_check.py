@@ -55,7 +55,7 @@ def test_cpu_dry_run_passes_and_says_so(tmp_path: Path) -> None:
     assert rows["abort in every state"]["values"]["tests"] >= 40
     assert "refuses two ranks on one GPU" in rows["backend, 2 ranks on 1 GPU"]["detail"]
     # the table, as printed
-    assert "13 passed, 0 failed, 2 skipped" in proc.stdout, text
+    assert "14 passed, 0 failed, 2 skipped" in proc.stdout, text
 
 
 def test_a_failed_check_fails_the_run() -> None:

@@ -68,7 +68,7 @@ class EmbeddingEngine(EmbeddingPeers):
         self.budget = BlockAllocator(geometry.num_blocks)
         self.machine = SendMachine(rank, geometry, topology, cfg.bootstrap_timeout)
         self._transports = transports
-        self._streams = SendStreams(rank, transports)
+        self._streams = SendStreams(rank, transports, device)
         # per Language rank: its stream's state beyond the lanes (`pair.SendPair`:
         # the pre-posted answer that waits; any other room's frame DEFERs it first)
         self._pairs: dict[int, SendPair] = collections.defaultdict(SendPair)

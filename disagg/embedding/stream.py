@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import transport as transport_mod
 from ..errors import DisaggError
 from ..geometry import Geometry
 from ..meta import FLAG_PADDED, FrameKind, Meta, reason_tensor
@@ -108,8 +109,10 @@ class PairSender:
     posts whatever is still queued whenever it looks (after each frame, and at
     least every half second)."""
 
-    def __init__(self, transport: PairTransport, name: str) -> None:
+    def __init__(self, transport: PairTransport, name: str,
+                 device: torch.device | None = None) -> None:
         self.transport = transport
+        self.device = device  # the rank's: this thread's CUDA calls go there
         self._queued: collections.deque[Frame] = collections.deque()  # not yet posted
         self._posted: collections.deque[Frame] = collections.deque()  # in stream order
         self._cv = threading.Condition()
@@ -156,6 +159,7 @@ class PairSender:
                     self._cv.notify()  # our thread may wait for the poster to finish
 
     def _run(self) -> None:
+        transport_mod.bind_device(self.device)
         while True:
             with self._cv:
                 # nothing posted to wait for, and nothing this thread could post
@@ -199,8 +203,10 @@ class PairSender:
 class SendStreams:
     """One `PairSender` per Language rank, started on first use."""
 
-    def __init__(self, rank: int, transports: dict[int, PairTransport]) -> None:
+    def __init__(self, rank: int, transports: dict[int, PairTransport],
+                 device: torch.device | None = None) -> None:
         self._rank = rank
+        self._device = device
         self._transports = transports
         self._senders: dict[int, PairSender] = {}
         self._retired: list[PairSender] = []  # departed peers' threads, ending
@@ -210,7 +216,8 @@ class SendStreams:
         s = self._senders.get(lang_rank)
         if s is None:
             s = self._senders[lang_rank] = PairSender(
-                self._transports[lang_rank], f"disagg-send-{self._rank}->{lang_rank}")
+                self._transports[lang_rank], f"disagg-send-{self._rank}->{lang_rank}",
+                self._device)
         s.submit(frame)
 
     def flush(self) -> None:

@@ -21,6 +21,7 @@ import time
 
 import torch
 
+from .. import transport as transport_mod
 from ..errors import PeerLost, ProtocolError, StreamBroken, TransferTimeout
 from ..meta import ABORT_REASON_BYTES, FrameKind, Meta, reason_from_tensor
 from ..transport import PairTransport, Posted
@@ -113,6 +114,7 @@ class PairReceiver:
     # The thread's side.
 
     def _run(self) -> None:
+        transport_mod.bind_device(self.engine.device)
         m = self.m
         while True:
             with self.cv:

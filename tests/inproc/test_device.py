@@ -106,3 +106,52 @@ def test_sends_wait_for_the_producer_stream() -> None:
             assert not bad, f"read before the producer wrote it: {bad}"
             assert w.ended(s, "sender") is SUCCESS, s.failure
             del emb
+
+
+def test_every_library_thread_binds_the_ranks_device_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 29, finding 5: a thread whose first CUDA call finds no current device
+    makes a context on GPU 0. Every disagg thread (each pair's send and receive
+    thread, the control thread) calls `transport.bind_device` with its rank's
+    device before anything else; recorded here by thread name."""
+    import threading
+    import time
+
+    import zmq
+
+    from disagg import transport
+    from disagg.control import ControlChannel
+
+    bound: dict[str, torch.device | None] = {}
+    monkeypatch.setattr(transport, "bind_device",
+                        lambda device: bound.setdefault(threading.current_thread().name, device))
+    cfg = rooms_cfg("output")
+    with World(cfg, auto_control=True, embedding_blocks=256) as w:
+        d = room_data(cfg, 1, 40)
+        send(w.emb(0).sender(1), d)
+        rs = [w.lang(lang).receiver(1, src_rank=0) for lang in w.topology.language_ranks]
+        for r in rs:
+            assert r.init()
+        for r in rs:
+            assert w.finish(r, "room 1") is SUCCESS
+        ours = {t.name for t in threading.enumerate() if t.name.startswith("disagg-")}
+        assert ours and ours <= set(bound), f"not bound: {sorted(ours - set(bound))}"
+        assert all(device == w.device for device in bound.values())
+
+    class Idle:
+        def on_message(self, peer: int, msg: object) -> None: ...
+
+        def on_bad_message(self, peer: int | None, room: int | None, why: str) -> None: ...
+
+        def on_tick(self) -> None: ...
+
+    zctx = zmq.Context()
+    control = ControlChannel(zctx, name="disagg-control-test")
+    try:
+        control.start(Idle(), TEST_DEVICE)  # type: ignore[arg-type]
+        deadline = time.monotonic() + 10
+        while "disagg-control-test" not in bound and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert bound.get("disagg-control-test") == TEST_DEVICE
+    finally:
+        control.close()
+        zctx.destroy(linger=0)
