@@ -24,6 +24,7 @@ same structure, never contended across pairs).
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Callable
@@ -88,6 +89,31 @@ def as_bytes(t: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"a {tuple(t.shape)} {t.dtype} tensor with strides {t.stride()} "
                          f"is not contiguous: pair ops carry whole byte ranges")
     return t.reshape(-1).view(torch.uint8)
+
+
+def batched(group: dist.ProcessGroup, device: torch.device, op: Callable[..., dist.Work | None],
+            peer: int, tensors: list[torch.Tensor]) -> list[dist.Work]:
+    """NCCL: one frame's ops in one group launch (`batch_isend_irecv`), with the
+    group closed whatever happens. torch's coalescing manager has no
+    `try/finally`: an op that raises inside it (a broken or aborted pair) leaves
+    the group's coalescing state and the thread's NCCL group open, and later
+    ops of this thread would then be queued, never launched."""
+    try:
+        return dist.batch_isend_irecv([dist.P2POp(op, t, peer, group=group) for t in tensors])
+    except BaseException:
+        close_coalescing(group, device)
+        raise
+
+
+def close_coalescing(group: dist.ProcessGroup, device: torch.device) -> None:
+    """End a coalescing block an exception left open on `group` (a no-op when none
+    is): drop torch's pending op list, and end the backend's group launch, whose
+    own error (the pair is broken already) is not the one to report."""
+    state = dist.distributed_c10d._world.pg_coalesce_state
+    if state.pop(group, None) is None:
+        return
+    with contextlib.suppress(Exception):
+        group._end_coalescing(device)
 
 
 class Posted(NamedTuple):
@@ -191,8 +217,7 @@ class TorchPairTransport:
                     return [g.send([t], p, 0) if op is dist.isend else g.recv([t], p, 0)
                             for t in tensors]
                 if self._batched:
-                    return dist.batch_isend_irecv(
-                        [dist.P2POp(op, t, self.peer, group=self.group) for t in tensors])
+                    return batched(self.group, self.device, op, self.peer, tensors)
                 works = [op(t, self.peer, group=self.group) for t in tensors]
         except RuntimeError as e:  # the pair is already broken (e.g. the peer died)
             raise PeerLost(f"posting to/from rank {self.peer} failed: {str(e)[:200]}",

@@ -70,3 +70,40 @@ def test_a_tensor_that_is_not_contiguous_is_refused_not_copied() -> None:
         t.post_recv([rows[:, :2]])  # a recv into a copy would land nowhere
     assert g.ops == []
     assert as_bytes(rows[2:4]).numel() == 2 * 4 * 4  # row slices are contiguous
+
+
+def test_an_op_that_raises_inside_a_batched_launch_leaves_no_group_open(monkeypatch) -> None:
+    """Issue 29, finding 2: torch's coalescing manager has no try/finally, so an op
+    that raises inside `batch_isend_irecv` (a broken or aborted NCCL pair) left
+    the group's coalescing open. `transport.batched` closes it, and the error
+    still reaches the caller. torch's behaviour is reproduced by a stand-in."""
+    import torch.distributed as dist
+
+    from disagg import transport as tr
+
+    state = dist.distributed_c10d._world.pg_coalesce_state
+    calls: list[str] = []
+
+    class Group:
+        def _start_coalescing(self, device: torch.device) -> None:
+            calls.append("start")
+
+        def _end_coalescing(self, device: torch.device) -> None:
+            calls.append("end")
+            raise RuntimeError("NCCL communicator was aborted")  # its own error: not reported
+
+    g = Group()
+
+    def torch_batch(ops: list) -> list:  # what torch does, up to the op that raises
+        state.setdefault(ops[0].group, [])
+        ops[0].group._start_coalescing(torch.device("cpu"))
+        raise RuntimeError("NCCL error: remote process exited")
+
+    monkeypatch.setattr(dist, "batch_isend_irecv", torch_batch)
+    monkeypatch.setattr(dist, "P2POp", lambda op, t, peer, group: type(
+        "Op", (), {"group": group})())
+    with pytest.raises(RuntimeError, match="remote process exited"):
+        tr.batched(g, torch.device("cpu"), dist.isend, 1, [torch.zeros(2)])  # type: ignore[arg-type]
+    assert calls == ["start", "end"] and g not in state
+    tr.close_coalescing(g, torch.device("cpu"))  # nothing open: a no-op
+    assert calls == ["start", "end"]
