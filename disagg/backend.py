@@ -162,6 +162,20 @@ def new_group(ranks: list[int], *, backend: str, timeout: datetime.timedelta,
         return dist.new_group(ranks, timeout=timeout, backend=backend)
 
 
+def warm_up(group: dist.ProcessGroup, device: torch.device) -> None:
+    """A group's first collective, now, under the device lock: on NCCL it creates
+    the communicator (collective over the group's ranks, which all call this at
+    the same point of start-up), so no later collective creates it inside a
+    serving loop's `step()`. Returns once the collective is done."""
+    t = torch.zeros(1, device=device)
+    with device_lock(device):
+        work = dist.all_reduce(t, group=group, async_op=True)
+    assert work is not None
+    work.wait()
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
+
+
 def destroy_group(group: dist.ProcessGroup, device: torch.device) -> None:
     """`dist.destroy_process_group(group)`, holding the device's NCCL lock."""
     with device_lock(device):

@@ -35,6 +35,7 @@ from .backend import (
     destroy_group,
     local_rank,
     new_group,
+    warm_up,
     world_backend,
 )
 from .config import DisaggConfig
@@ -188,8 +189,10 @@ class Context:
                 self._groups.append(g)
         if self.backend == "nccl" and topo.language_tp_size > 1:
             # fanout="scatter" all-gathers on the device (NVLink). Made for every
-            # instance, whatever its fanout, so every rank makes the same groups;
-            # NCCL creates a communicator only at a group's first collective.
+            # instance, whatever its fanout, so every rank makes the same groups.
+            # NCCL creates a communicator only at a group's first collective, which
+            # must not be a step()'s, under the device lock: each instance makes
+            # its own here (`warm_up`), all its ranks together.
             for i in range(topo.num_instances):
                 g = new_group(topo.instance_ranks(i), backend="nccl",
                               timeout=datetime.timedelta(seconds=self.cfg.peer_timeout),
@@ -197,6 +200,8 @@ class Context:
                 if self.instance == i:
                     gather_group = g
                     self._groups.append(g)
+            if gather_group is not None:
+                warm_up(gather_group, self.device)
         transports: dict[int, PairTransport] = {}
         for (e, lang), g in sorted(pair_groups.items()):  # one global order: no deadlock
             peer = lang if is_embedding else e

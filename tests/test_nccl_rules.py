@@ -128,6 +128,28 @@ def test_group_creation_and_teardown_hold_the_device_lock(
     assert seen == [("new", True), ("destroy", True)]
 
 
+def test_the_gather_groups_first_collective_is_made_at_start_up_under_the_lock(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 29, finding 10: NCCL creates a communicator at a group's first
+    collective; `warm_up` (called by init for the instance's scatter group) makes
+    it then, holding the device lock for the call, and returns once it is done."""
+    seen: list[tuple[str, bool]] = []
+
+    class Work:
+        def wait(self) -> bool:
+            seen.append(("wait", device_lock(CPU).locked()))
+            return True
+
+    def all_reduce(t: Any, group: Any = None, async_op: bool = False) -> Work:
+        seen.append(("all_reduce", device_lock(CPU).locked()))
+        assert async_op and group == "instance"
+        return Work()
+
+    monkeypatch.setattr(dbackend.dist, "all_reduce", all_reduce)
+    dbackend.warm_up("instance", CPU)  # type: ignore[arg-type]
+    assert seen == [("all_reduce", True), ("wait", False)]  # never waits under the lock
+
+
 def test_the_lock_serialises_posts_from_several_threads(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Posts of different pairs from different threads never overlap on a device."""
