@@ -107,3 +107,42 @@ def test_an_op_that_raises_inside_a_batched_launch_leaves_no_group_open(monkeypa
     assert calls == ["start", "end"] and g not in state
     tr.close_coalescing(g, torch.device("cpu"))  # nothing open: a no-op
     assert calls == ["start", "end"]
+
+
+def test_a_frame_over_parts_from_several_streams_waits_for_every_producer(monkeypatch) -> None:
+    """Issue 29, finding 7: each part of a progressive send may come from a stream
+    of its own; a chunk spanning several parts waited only for the last part's
+    event. Now the posting stream waits for every part's event, then records one
+    event the sends wait for (CUDA streams and events stood in for on CPU)."""
+    from disagg.embedding import stream as es
+    from disagg.embedding.room import Part
+    from disagg.plan import segment_plan
+
+    class Event:
+        def __init__(self, name: str = "joined") -> None:
+            self.name, self.recorded_on = name, None
+
+        def record(self, stream: object) -> None:
+            self.recorded_on = stream
+
+    class Stream:
+        def __init__(self) -> None:
+            self.waited: list[str] = []
+
+        def wait_event(self, e: Event) -> None:
+            self.waited.append(e.name)
+
+    posting = Stream()
+    monkeypatch.setattr(es.torch.cuda, "current_stream", lambda device=None: posting)
+    monkeypatch.setattr(es.torch.cuda, "Event", Event)
+    emb = torch.arange(12 * 2, dtype=torch.float32).reshape(12, 2)
+    parts = [Part(0, 4, [emb[0:4]], Event("a")), Part(4, 4, [emb[4:8]], Event("b")),
+             Part(8, 4, [emb[8:12]], Event("c"))]
+    plan = segment_plan([0, 1, 2], 4, 10, direct=True)  # one run over the three parts
+    f = es.data_frame(Meta(FrameKind.DATA, 1, 0, 2, 10, 12), parts, plan, lambda err: None)
+    assert posting.waited == ["a", "b", "c"]
+    assert isinstance(f.ready, Event) and f.ready.name == "joined" and f.ready.recorded_on is posting
+    assert torch.equal(f.payload[0], emb[2:12])  # the joined segment, bit-exact
+    one = es.data_frame(Meta(FrameKind.DATA, 1, 0, 0, 4, 12), parts[:1],
+                        segment_plan([0], 4, 4, direct=True), lambda err: None)
+    assert one.ready is parts[0].ready and posting.waited == ["a", "b", "c"]  # one part: its own

@@ -49,11 +49,17 @@ def data_frame(meta: Meta, parts: list[Part], plan: list[Segment], done: Done) -
     more aux values than the meta holds, all of them as one int64 tensor.
 
     A segment that spans parts of a progressive send (parts given already
-    coalesce into one chunk) has its pieces copied into one tensor, on the
-    device after every part's producer-stream event."""
-    ready = parts[-1].ready  # recorded after every earlier part's, on the same stream
+    coalesce into one chunk) has its pieces copied into one tensor. Each part
+    may come from a stream of its own (DESIGN: produce on any stream, call
+    send() from it), so a frame over several parts waits for every one's
+    producer event: the copies and the sends run after all of them."""
+    events = [p.ready for p in parts if p.ready is not None]
+    ready = events[0] if len(events) == 1 else None
+    if len(events) > 1:  # one event after all of them, on the posting thread's stream
+        stream = torch.cuda.current_stream(parts[0].sources[0].device)
+        for e in events:
+            stream.wait_event(e)
     payload: list[torch.Tensor] = []
-    joined = False
     for j in range(len(parts[0].sources)):
         for s in plan:
             a = meta.token_offset + s.chunk_start
@@ -61,11 +67,8 @@ def data_frame(meta: Meta, parts: list[Part], plan: list[Segment], done: Done) -
             pieces = [p.sources[j][max(a, p.start) - p.start:min(b, p.start + p.num_tokens)
                                    - p.start]
                       for p in parts if p.start < b and a < p.start + p.num_tokens]
-            if len(pieces) > 1 and not joined and ready is not None:
-                torch.cuda.current_stream(pieces[0].device).wait_event(ready)
-            joined = joined or len(pieces) > 1
             payload.append(pieces[0] if len(pieces) == 1 else torch.cat(pieces))
-    if joined and ready is not None:  # the sends wait for the copies, not only the producer
+    if len(events) > 1:  # the sends wait for the copies and every producer
         ready = torch.cuda.Event()
         ready.record(torch.cuda.current_stream(parts[0].sources[0].device))
     if meta.aux_follows:  # more aux than the meta holds: all of it, after the first chunk
