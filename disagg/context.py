@@ -124,6 +124,7 @@ class Context:
         self._closed = False
         self._closers: list[Callable[[], None]] = []
         self._groups: list[dist.ProcessGroup] = []
+        self._transports: dict[int, PairTransport] = {}  # peer -> its pair's
         self._zctx = zmq.Context()
         self._control: ControlChannel | None = None
         self._embedding: EmbeddingEngine | None = None  # the side this rank has
@@ -208,6 +209,7 @@ class Context:
             t = TorchPairTransport(g, peer, self.device, timeout.total_seconds())
             t.connect(sending=is_embedding)
             transports[peer] = t
+        self._transports = dict(transports)  # the engines drop theirs at close
         if is_embedding:
             peer_blocks = {r: int(peers[r]["geometry"]["num_blocks"]) for r in topo.language_ranks}
             engine = EmbeddingEngine(self.cfg, self.rank, topo, self.geometry, peer_blocks,
@@ -309,6 +311,13 @@ class Context:
             elif self._language is not None:
                 self._language.engine.close(bound)
         finally:
+            # A pair whose thread still waits (a frozen peer) has an op pending:
+            # abort it first, so destroying its group (under the device lock)
+            # never waits for that op's kernels.
+            for peer in self._stuck_peers():
+                t = self._transports.get(peer)
+                if t is not None:
+                    t.abort()
             if self._control is not None:
                 self._control.close()
             self._zctx.term()
@@ -323,6 +332,14 @@ class Context:
             if self._owns_world and dist.is_initialized():
                 with device_lock(self.device):
                     dist.destroy_process_group()
+
+    def _stuck_peers(self) -> list[int]:
+        """Peers whose pair thread has not ended after the engine's close."""
+        if self._embedding is not None:
+            return self._embedding.stuck_peers()
+        if self._language is not None:
+            return self._language.engine.stuck_peers()
+        return []
 
     def __enter__(self) -> Context:
         return self

@@ -139,6 +139,8 @@ class PairTransport(Protocol):
 
     def post_recv(self, dsts: list[torch.Tensor]) -> Posted: ...
 
+    def abort(self) -> None: ...
+
 
 class TorchPairTransport:
     """`PairTransport` on a `torch.distributed` group holding this rank and `peer`.
@@ -165,6 +167,21 @@ class TorchPairTransport:
         # Python overhead (~10 us per op) to what are independent posts anyway
         self._batched = self._cuda and group_peer is None
         self._post_lock = device_lock(device) if self._cuda else threading.Lock()
+        self.aborted = False
+
+    def abort(self) -> None:
+        """End every op standing on the pair now: the pair is lost (its peer
+        declared dead, its stream broken) or torn down with an op still pending.
+        On NCCL the communicator is aborted, before the rank reuses the memory
+        under a posted recv or says FAILED: no frame can land later, and no
+        watchdog timeout of a pending op takes the process down. On Gloo a no-op:
+        its pending ops end with an error once the peer's connection closes (or
+        at the pair's timeout, which closes it). No post is made after it."""
+        self.aborted = True
+        if not self._cuda:
+            return
+        with self._post_lock, contextlib.suppress(Exception):  # broken already: fine
+            self.group.abort()
 
     def post_frame(self, meta: Meta, payload: list[torch.Tensor],
                    ready: torch.cuda.Event | None = None) -> Posted:
@@ -210,6 +227,8 @@ class TorchPairTransport:
         # backend lacks (NCCL has no int16; an exception inside a coalesced NCCL
         # launch leaves the thread's group open).
         tensors = [as_bytes(t) for t in tensors]
+        if self.aborted:
+            raise PeerLost(f"the pair with rank {self.peer} was aborted", peer=self.peer)
         try:
             with self._post_lock:  # NCCL: one thread at a time issues to the device
                 if self._group_peer is not None:

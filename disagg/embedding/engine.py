@@ -256,6 +256,10 @@ class EmbeddingEngine(EmbeddingPeers):
         if not self._closing:
             self._post(lang_rank, Reject(room, -1, reason))
 
+    def stuck_peers(self) -> list[int]:
+        """Language ranks whose pair thread still runs after `close`."""
+        return self._streams.alive()
+
     def flush(self) -> None:
         """Post the frames scheduled so far, without the engine lock."""
         self._streams.flush()

@@ -74,6 +74,8 @@ class EmbeddingPeers(EngineShell):
         if not self.liveness.mark_dead(lang, str(err)):
             return
         self._pairs[lang].lost()
+        if not clean:  # before any budget is returned or FAILED is said
+            self._streams.abort(lang)
         if not self._closing:
             log.log(logging.INFO if clean else logging.WARNING,
                     "embedding rank %d: language rank %d is down: %s", self.rank, lang, err)

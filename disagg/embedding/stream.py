@@ -238,6 +238,16 @@ class SendStreams:
         self._retired = [r for r in self._retired if r.running]
         self._transports.pop(lang_rank, None)
 
+    def abort(self, lang_rank: int) -> None:
+        """The pair with `lang_rank` is lost: end what stands on it now."""
+        t = self._transports.get(lang_rank)
+        if t is not None:
+            t.abort()
+
+    def alive(self) -> list[int]:
+        """Language ranks whose pair thread still runs (a frame still pending)."""
+        return [lang for lang, s in self._senders.items() if s.running]
+
     def frames_posted(self, lang_rank: int) -> int:
         """Frames put on the stream to `lang_rank` so far."""
         s = self._senders.get(lang_rank)

@@ -256,6 +256,10 @@ class LanguageEngine(LanguagePeers):
         if pair is not None:
             pair.post_claimed()
 
+    def stuck_peers(self) -> list[int]:
+        """Embedding ranks whose receiver thread still waits after `close`."""
+        return [src for src, p in self._pairs.items() if p.thread.is_alive()]
+
     def pair(self, src: int) -> PairReceiver:
         p = self._pairs.get(src)
         if p is None:

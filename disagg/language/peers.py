@@ -40,7 +40,11 @@ class LanguagePeers(EngineShell):
         is told why, so it tears the pair down too."""
         why = f"stream from embedding rank {pair.src} lost: {err}"
         with self._lock:
-            if pair.lose(str(err)) and not self._closing and not clean:
+            first = pair.lose(str(err))
+            if first and not clean:
+                # before any block under a posted recv is reused or FAILED is said
+                pair.transport.abort()
+            if first and not self._closing and not clean:
                 log.error("language rank %d: %s", self.rank, why)
                 if tell:
                     self._post(pair.src, PairDown(self.rank, why))

@@ -193,6 +193,7 @@ class FakePairTransport:
         self.peer = peer
         # Set by `World` to the owning engine's `holds_lock`: every post records it.
         self.lock_probe: Callable[[], bool] | None = None
+        self.aborts = 0
 
     def post_frame(self, meta: Meta, payload: list[torch.Tensor],
                    ready: torch.cuda.Event | None = None) -> Posted:
@@ -227,6 +228,11 @@ class FakePairTransport:
         self._record("post_recv", len(dsts))
         self._only("language", "post_recv")
         return Posted(self.link.post_recvs(list(dsts)), dsts)  # type: ignore[arg-type]
+
+    def abort(self) -> None:
+        """As Gloo's: the pair's pending ops end when its peer's connection
+        closes, not here; counted, so tests see when the engine calls it."""
+        self.aborts += 1
 
     def _record(self, op: str, n: int) -> None:
         under = bool(self.lock_probe()) if self.lock_probe is not None else False

@@ -187,6 +187,89 @@ def test_embedding_rank_lost_mid_stream(detect: str) -> None:
         w.settle_whole("after the loss")
 
 
+def test_a_lost_pair_is_aborted_before_its_rooms_fail() -> None:
+    """Issue 29, finding 1: when a peer is declared dead, its pair's transport is
+    aborted (on NCCL: the communicator, so no late frame lands and no watchdog
+    fires) before any of its rooms is FAILED or gives blocks back, on both
+    sides; a clean goodbye aborts nothing."""
+    with World(k_cfg(2), embedding_blocks=1024) as w:
+        t = Traffic(w)
+        r1 = [room_id(1, i) for i in range(N)]
+        for i in range(N):
+            t.add(r1[i], 1, 2, k_seq(i))
+        t.stage({room for room in r1 if room % 4 == 3})
+        held = [room for room in r1 if room % 4 in (1, 2)]  # one-chunk rooms (0) end anyway
+        lang = w.lang(2)
+        tr = lang.pair(1).transport
+        seen: list[tuple[list[TransferStatus], int]] = []
+        real = tr.abort
+
+        def abort() -> None:
+            seen.append(([t.receiver(room).poll() for room in held],
+                         lang.pool.allocator.num_free))
+            real()
+
+        tr.abort = abort  # type: ignore[method-assign]
+        free_before = lang.pool.allocator.num_free
+        w.mute(1)
+        w.advance(PEER_TIMEOUT * 1.25)
+        for room in held:
+            assert t.lost(room, side="language") is not None
+        assert len(seen) == 1, seen  # once, at the loss
+        statuses, free = seen[0]
+        assert FAILED not in statuses and free == free_before, seen
+        w.settle_whole("after the loss")
+
+
+def test_a_lost_language_rank_s_pair_is_aborted_before_its_rooms_fail() -> None:
+    """The same on the Embedding side: rank 2 goes silent while rooms to it are
+    held; rank 0 aborts the pair before any of them is FAILED or returns its
+    budget, and the pair to rank 1 is left alone."""
+    with World(k_cfg(1), instances=2, embedding_blocks=1024) as w:
+        t = Traffic(w)
+        to2 = [t.add(room_id(2, i), 0, 2, k_seq(i)).room for i in range(N)]
+        t.stage({room for room in to2 if room % 4 == 3})
+        held = [room for room in to2 if room % 4 in (1, 2)]
+        emb = w.emb(0)
+        streams = emb._streams
+        tr2, tr1 = streams._transports[2], streams._transports[1]
+        seen: list[tuple[list[TransferStatus], int]] = []
+        real = tr2.abort
+
+        def abort() -> None:
+            seen.append(([t.rooms[room].s.poll() for room in held], emb.budget.num_free))
+            real()
+
+        tr2.abort = abort  # type: ignore[method-assign]
+        budget_before = emb.budget.num_free
+        w.mute(2)
+        w.advance(PEER_TIMEOUT * 1.25)
+        for room in held:
+            assert t.lost(room, side="embedding") is not None
+        assert len(seen) == 1, seen
+        statuses, free = seen[0]
+        assert FAILED not in statuses and free == budget_before, seen
+        assert tr1.aborts == 0
+        w.settle_whole("after the loss")
+
+
+def test_a_clean_goodbye_aborts_nothing() -> None:
+    """A peer that said goodbye has nothing standing on the pair: its frames were
+    read, and nothing is aborted."""
+    with World(k_cfg(2), embedding_blocks=1024) as w:
+        t = Traffic(w)
+        r1 = [t.add(room_id(1, i), 1, 2, k_seq(i)).room for i in range(4)]
+        t.stage(set(r1))
+        tr = w.lang(2).pair(1).transport
+        w.deliver_all()
+        w.emb(1).close(5.0)
+        w.deliver_all()
+        w.run_until(lambda: 1 in w.lang(2).lost_peers(), "the goodbye read")
+        assert tr.aborts == 0
+        t.finish([room for room in r1 if room % 4 != HELD])
+        w.settle_whole("after the goodbye")
+
+
 @pytest.mark.parametrize("detect", ["link_breaks", "heartbeat_only"])
 def test_language_rank_lost_mid_stream(detect: str) -> None:
     """Embedding rank 0 streams to Language ranks 1 and 2 (two instances); rank
