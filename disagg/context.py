@@ -318,6 +318,7 @@ class Context:
                 t = self._transports.get(peer)
                 if t is not None:
                     t.abort()
+            self._transports.clear()  # they hold the groups: let them go with them
             if self._control is not None:
                 self._control.close()
             self._zctx.term()
