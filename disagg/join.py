@@ -80,6 +80,7 @@ class JobsContext(Context):
         self._closed = False
         self._closers = []
         self._groups: list[dist.ProcessGroup] = []
+        self._transports: dict[int, PairTransport] = {}  # member id -> its pair's (to abort)
         self._zctx = zmq.Context()
         self._control: ControlChannel | None = None
         self._embedding: EmbeddingEngine | None = None
@@ -186,6 +187,7 @@ class JobsContext(Context):
     def _on_pair(self, m: Member, transport: TorchPairTransport) -> None:
         """A pair with member `m` is formed (roster's pair thread)."""
         assert self._control is not None
+        self._transports[m.id] = transport
         if self._embedding is not None:
             self._control.allow(m.id)
             self._embedding.add_peer(m.id, transport, int(str(m.geometry["num_blocks"])))
@@ -195,6 +197,7 @@ class JobsContext(Context):
             self._language.engine.add_peer(m.id, transport)
 
     def _on_gone(self, member_id: int, why: str) -> None:
+        self._transports.pop(member_id, None)
         if self._embedding is not None:
             self._embedding.peer_gone(member_id, why)
             if self._control is not None:
