@@ -52,6 +52,42 @@ W, F, T, S = (TransferStatus.WAITING_FOR_INPUT, TransferStatus.FAILED,
 B = TransferStatus.BOOTSTRAPPING
 
 
+def cells(table: dict) -> list[tuple]:
+    """Every (state, event) of a table whose event can happen there."""
+    return [(st, e) for st, row in table.items() for e, c in row.items() if c is not None]
+
+
+def room_cell(cell: tuple | str) -> str:
+    """A room machine's cell as its docstring shows it: `NEXT: Action, ... (STATUS)`."""
+    if isinstance(cell, str):
+        return cell
+    acts, nxt, status = cell
+    return f"{nxt.name}{': ' + ', '.join(acts) if acts else ''} ({status.name})"
+
+
+def pair_cell(cell: tuple) -> str:
+    """A pair machine's cell: `NEXT: what to do`."""
+    said, nxt = cell
+    return f"{getattr(nxt, 'name', nxt)}{': ' + said if said else ''}"
+
+
+def table_rows(table: dict, events: list[str], show: Callable, head: str = "state") -> list[str]:
+    """A table as the markdown rows its module docstring shows: `show(cell)` per
+    cell, `-` where the event cannot happen."""
+    rows = [f"| {head} | " + " | ".join(events) + " |", "|---" * (len(events) + 1) + "|"]
+    for state, row in table.items():
+        shown = ["-" if row[e] is None else show(row[e]) for e in events]
+        rows.append(f"| {getattr(state, 'name', state)} | " + " | ".join(shown) + " |")
+    return rows
+
+
+def missing_rows(module: str, rows: list[str]) -> list[str]:
+    """The rows a module's docstring lacks (the table a reader sees is the tested one)."""
+    import importlib
+    doc = importlib.import_module(module).__doc__ or ""
+    return [row for row in rows if row not in doc]
+
+
 # ---------------------------------------------------------------- Embedding
 
 
@@ -217,8 +253,7 @@ SEND_TABLE: dict[LaneState, dict[str, tuple[list[str], LaneState, TransferStatus
 }
 
 
-SEND_CELLS = [(s, e) for s, row in SEND_TABLE.items() for e, cell in row.items()
-              if cell is not None]
+SEND_CELLS = cells(SEND_TABLE)
 
 
 # ---------------------------------------------------------------- the Embedding side: parts
@@ -335,25 +370,16 @@ PARTS_TABLE: dict[str, dict[str, tuple[list[str], LaneState, TransferStatus] | N
         "resume": None, "resume_preposted": None,
     },
 }
-PARTS_CELLS = [(s, e) for s, row in PARTS_TABLE.items() for e, cell in row.items()
-               if cell is not None]
+PARTS_CELLS = cells(PARTS_TABLE)
 
 
 def render_parts() -> list[str]:
     """The parts table as `disagg/embedding/schedule.py`'s docstring shows it."""
-    rows = ["| lane | " + " | ".join(PARTS_EVENTS) + " |",
-            "|---" * (len(PARTS_EVENTS) + 1) + "|"]
-    for row, cells in PARTS_TABLE.items():
-        shown = ["-" if c is None else
-                 f"{c[1].name}{': ' + ', '.join(c[0]) if c[0] else ''} ({c[2].name})"
-                 for c in cells.values()]
-        rows.append(f"| {row} | " + " | ".join(shown) + " |")
-    return rows
+    return table_rows(PARTS_TABLE, list(PARTS_EVENTS), room_cell, head="lane")
 
 
 def test_schedule_docstring_shows_the_tested_parts_table() -> None:
-    import disagg.embedding.schedule as schedule
-    missing = [row for row in render_parts() if row not in (schedule.__doc__ or "")]
+    missing = missing_rows("disagg.embedding.schedule", render_parts())
     assert not missing, "docstring out of date; these rows are missing:\n" + "\n".join(missing)
 
 
@@ -542,8 +568,7 @@ RECV_TABLE: dict[Phase, dict[str, tuple[list[str], Phase, TransferStatus] | str 
     },
 }
 
-RECV_CELLS = [(p, e) for p, row in RECV_TABLE.items() for e, cell in row.items()
-              if cell is not None]
+RECV_CELLS = cells(RECV_TABLE)
 
 
 def test_recv_table_covers_every_cell() -> None:
@@ -613,24 +638,8 @@ def test_recv_status_is_monotone_and_final() -> None:
 
 
 def render(table: dict, events: list[str]) -> list[str]:
-    """A machine's table as the markdown rows its module docstring shows:
-    `NEXT: Action, Action (status)` per cell, `-` where the event cannot happen."""
-    rows = ["| state | " + " | ".join(events) + " |",
-            "|---" * (len(events) + 1) + "|"]
-    for state, row in table.items():
-        cells = []
-        for e in events:
-            cell = row[e]
-            if cell is None:
-                cells.append("-")
-            elif isinstance(cell, str):
-                cells.append(cell)
-            else:
-                acts, nxt, status = cell
-                cells.append(f"{nxt.name}{': ' + ', '.join(acts) if acts else ''} "
-                             f"({status.name})")
-        rows.append(f"| {state.name} | " + " | ".join(cells) + " |")
-    return rows
+    """A room machine's table as the markdown rows its module docstring shows."""
+    return table_rows(table, events, room_cell)
 
 
 @pytest.mark.parametrize(("module", "table", "events"), [
@@ -640,9 +649,7 @@ def render(table: dict, events: list[str]) -> list[str]:
 def test_module_docstring_shows_the_tested_table(module: str, table: dict,
                                                  events: list[str]) -> None:
     """The table a reader sees is the table these tests check, row for row."""
-    import importlib
-    doc = importlib.import_module(module).__doc__ or ""
-    missing = [row for row in render(table, events) if row not in doc]
+    missing = missing_rows(module, render(table, events))
     assert not missing, "docstring out of date; these rows are missing:\n" + "\n".join(missing)
 
 
@@ -688,8 +695,7 @@ SEND_PAIR_TABLE: dict[str, dict[str, tuple[str, str] | None]] = {
                        "frame(other room)": ("", "NOTHING_WAITS"),
                        "lost": ("", "NOTHING_WAITS")},
 }
-SEND_PAIR_CELLS = [(s, e) for s, row in SEND_PAIR_TABLE.items() for e, c in row.items()
-                   if c is not None]
+SEND_PAIR_CELLS = cells(SEND_PAIR_TABLE)
 
 
 def _send_pair_state(p: SendPair) -> str:
@@ -710,19 +716,9 @@ def test_send_pair_cell(state: str, event: str) -> None:
         assert g is not None and not g.preposted  # the DEFER transition, once
 
 
-def render_send_pair() -> list[str]:
-    rows = ["| state | " + " | ".join(SEND_PAIR_EVENTS) + " |",
-            "|---" * (len(SEND_PAIR_EVENTS) + 1) + "|"]
-    for state, row in SEND_PAIR_TABLE.items():
-        rows.append(f"| {state} | " + " | ".join(
-            "-" if c is None else f"{c[1]}{': ' + c[0] if c[0] else ''}" for c in row.values())
-            + " |")
-    return rows
-
-
 def test_send_pair_docstring_shows_the_tested_table() -> None:
-    import disagg.embedding.pair as pair
-    missing = [row for row in render_send_pair() if row not in (pair.__doc__ or "")]
+    rows = table_rows(SEND_PAIR_TABLE, list(SEND_PAIR_EVENTS), pair_cell)
+    missing = missing_rows("disagg.embedding.pair", rows)
     assert not missing, "docstring out of date; these rows are missing:\n" + "\n".join(missing)
 
 
@@ -816,8 +812,7 @@ PAIR_TABLE: dict[PairState, dict[str, tuple[str, PairState] | None]] = {
             "caller_posted": None, "caller_gone": None, "frame": None,
             "bye": ("lost now", LOST_), "lose": ("", LOST_), "next_post": ("nothing", LOST_)},
 }
-PAIR_CELLS = [(s, e) for s, row in PAIR_TABLE.items() for e, cell in row.items()
-              if cell is not None]
+PAIR_CELLS = cells(PAIR_TABLE)
 
 
 def test_pair_table_covers_every_cell() -> None:
@@ -833,20 +828,9 @@ def test_pair_cell(state: PairState, event: str) -> None:
     assert (said, p.state) == PAIR_TABLE[state][event]
 
 
-def render_pair() -> list[str]:
-    """The pair table as the rows `disagg/language/pair.py`'s docstring shows:
-    `NEXT: what to do` per cell, `-` where the event cannot happen."""
-    rows = ["| state | " + " | ".join(PAIR_EVENTS) + " |", "|---" * (len(PAIR_EVENTS) + 1) + "|"]
-    for state, row in PAIR_TABLE.items():
-        cells = ["-" if c is None else f"{c[1].name}{': ' + c[0] if c[0] else ''}"
-                 for c in row.values()]
-        rows.append(f"| {state.name} | " + " | ".join(cells) + " |")
-    return rows
-
-
 def test_pair_docstring_shows_the_tested_table() -> None:
-    import disagg.language.pair as pair
-    missing = [row for row in render_pair() if row not in (pair.__doc__ or "")]
+    rows = table_rows(PAIR_TABLE, list(PAIR_EVENTS), pair_cell)
+    missing = missing_rows("disagg.language.pair", rows)
     assert not missing, "docstring out of date; these rows are missing:\n" + "\n".join(missing)
 
 
