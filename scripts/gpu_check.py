@@ -482,6 +482,50 @@ def check_world_of_one(env: Env) -> Outcome:
         f"{t['destroy_0_ms']:.0f}/{t['destroy_1_ms']:.0f} ms{p2p}", t)
 
 
+def check_int16_batch(env: Env) -> Outcome:
+    """Issue 29, finding 2, on the device: an int16 tensor in a raw batched
+    send/recv to itself (NCCL has no int16), whether torch left the group's
+    coalescing open after it raised, `transport.close_coalescing`, then the
+    same tensor as byte views (what disagg posts), bit-exact."""
+    if not env.cuda:
+        raise Skip("NCCL only (Gloo has no self pair and no coalescing)")
+    from disagg.transport import as_bytes, close_coalescing
+    dist.init_process_group("cpu:gloo,cuda:nccl", init_method=f"file://{env.tmp}/int16",
+                            rank=0, world_size=1)
+    try:
+        g = dbackend.new_group([0], backend="nccl", timeout=datetime.timedelta(seconds=60),
+                               device=env.device)
+        src = torch.arange(4096, dtype=torch.int16, device=env.device)
+        dst = torch.zeros_like(src)
+        raw_error = "none"
+        try:
+            with device_lock(env.device):
+                works = dist.batch_isend_irecv([dist.P2POp(dist.isend, src, 0, group=g),
+                                                dist.P2POp(dist.irecv, dst, 0, group=g)])
+            for w in works:
+                w.wait()
+        except Exception as e:
+            raw_error = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+        left_open = g in dist.distributed_c10d._world.pg_coalesce_state
+        close_coalescing(g, env.device)
+        with device_lock(env.device):
+            works = dist.batch_isend_irecv([dist.P2POp(dist.isend, as_bytes(src), 0, group=g),
+                                            dist.P2POp(dist.irecv, as_bytes(dst), 0, group=g)])
+        if not all(wait_until(w.is_completed, time.monotonic() + 60) for w in works):
+            raise AssertionError("byte-view batch not done in 60 s: the group stayed open")
+        for w in works:
+            w.wait()
+        assert torch.equal(src, dst), "int16 as bytes: bytes differ"
+        dbackend.destroy_group(g, env.device)
+    finally:
+        if dist.is_initialized():
+            with device_lock(env.device):
+                dist.destroy_process_group()
+    return Outcome("byte views ok", f"raw int16 batch: {raw_error}; coalescing left open "
+                   f"after it: {left_open}; closed, then byte views bit-exact",
+                   {"raw_error": raw_error, "left_open": left_open})
+
+
 def check_jobs_group(env: Env) -> Outcome:
     """Jobs mode's pair group (disagg/jobs.py): the backend's own constructor on a
     PrefixStore of a TCPStore, with no default world, as `disagg.join` makes it,
@@ -592,6 +636,7 @@ CHECKS: list[tuple[str, str, Callable[[Env], Outcome]]] = [
     ("nccl", "disagg.init, world of one", check_init_one_rank),
     ("nccl", "world of one: groups, first op", check_world_of_one),
     ("nccl", "jobs-mode pair group, no world", check_jobs_group),
+    ("nccl", "int16 batch, then byte views", check_int16_batch),
     ("nccl", "device lock, uncontended", check_lock_cost),
     ("model", "examples/qwen_vl.py", check_model),
 ]
