@@ -52,8 +52,9 @@ class StreamHost(Protocol):
 @dataclass
 class Job:
     """A pre-posted frame: the recvs of the frame that will answer `credit` (its
-    meta, then `dsts`), posted by the pair's thread as soon as it is free, in
-    stream order, before anything arrives."""
+    meta, then `dsts`), posted in stream order before anything arrives, by the
+    pair's thread or by the caller that asked for it (`pair.RecvPair.handed`
+    decides which, under the lock, so exactly one of them posts)."""
 
     room: RecvRoom
     credit: Credit
@@ -62,11 +63,6 @@ class Job:
     plan: list[Segment]
     dsts: list[torch.Tensor]
     scratch: bool = False  # no result could be made for it: it lands in scratch
-    # Who posts it: the pair's thread, or (the thread idle when it was handed
-    # over) the caller that asked for it, right after letting go of the lock,
-    # which saves the thread's wake-up before the recvs are up. Decided under
-    # the lock, so exactly one of them posts.
-    caller_posts: bool = False
     meta: Posted | None = None  # set once posted
     payload: Posted | None = None
 
