@@ -190,8 +190,9 @@ def test_embedding_rank_lost_mid_stream(detect: str) -> None:
 def test_a_lost_pair_is_aborted_before_its_rooms_fail() -> None:
     """Issue 29, finding 1: when a peer is declared dead, its pair's transport is
     aborted (on NCCL: the communicator, so no late frame lands and no watchdog
-    fires) before any of its rooms is FAILED or gives blocks back, on both
-    sides; a clean goodbye aborts nothing."""
+    fires) before any of its rooms is FAILED or gives blocks back: here a room
+    held half-way, and one whose ALLOC holds blocks while its data never
+    comes. The Embedding side's twin follows; a clean goodbye aborts nothing."""
     with World(k_cfg(2), embedding_blocks=1024) as w:
         t = Traffic(w)
         r1 = [room_id(1, i) for i in range(N)]
@@ -199,25 +200,30 @@ def test_a_lost_pair_is_aborted_before_its_rooms_fail() -> None:
             t.add(r1[i], 1, 2, k_seq(i))
         t.stage({room for room in r1 if room % 4 == 3})
         held = [room for room in r1 if room % 4 in (1, 2)]  # one-chunk rooms (0) end anyway
+        waiting = Room(1999, 1, 2, room_data(w.cfg, 1999, 40), w.emb(1).sender(1999))
+        t.rooms[1999] = waiting
+        t.init(waiting)  # its ALLOC holds blocks; its data never comes
+        w.deliver_all()
         lang = w.lang(2)
+        assert lang.pool.allocator.owned_by(1999)
         tr = lang.pair(1).transport
         seen: list[tuple[list[TransferStatus], int]] = []
         real = tr.abort
 
-        def abort() -> None:
-            seen.append(([t.receiver(room).poll() for room in held],
-                         lang.pool.allocator.num_free))
+        def abort() -> None:  # the rooms, and the waiting room's blocks, at the abort
+            seen.append(([t.receiver(room).poll() for room in [*held, 1999]],
+                         len(lang.pool.allocator.owned_by(1999))))
             real()
 
         tr.abort = abort  # type: ignore[method-assign]
-        free_before = lang.pool.allocator.num_free
         w.mute(1)
         w.advance(PEER_TIMEOUT * 1.25)
-        for room in held:
+        for room in [*held, 1999]:
             assert t.lost(room, side="language") is not None
         assert len(seen) == 1, seen  # once, at the loss
-        statuses, free = seen[0]
-        assert FAILED not in statuses and free == free_before, seen
+        statuses, owned = seen[0]
+        assert FAILED not in statuses and owned, seen  # nothing failed or given back yet
+        assert not lang.pool.allocator.owned_by(1999)  # given back after
         w.settle_whole("after the loss")
 
 
@@ -233,22 +239,22 @@ def test_a_lost_language_rank_s_pair_is_aborted_before_its_rooms_fail() -> None:
         emb = w.emb(0)
         streams = emb._streams
         tr2, tr1 = streams._transports[2], streams._transports[1]
-        seen: list[tuple[list[TransferStatus], int]] = []
+        seen: list[tuple[list[TransferStatus], list[int]]] = []
         real = tr2.abort
 
-        def abort() -> None:
-            seen.append(([t.rooms[room].s.poll() for room in held], emb.budget.num_free))
+        def abort() -> None:  # the held rooms, and the budget each still holds
+            seen.append(([t.rooms[room].s.poll() for room in held],
+                         [len(emb.budget.owned_by(room)) for room in held]))
             real()
 
         tr2.abort = abort  # type: ignore[method-assign]
-        budget_before = emb.budget.num_free
         w.mute(2)
         w.advance(PEER_TIMEOUT * 1.25)
         for room in held:
             assert t.lost(room, side="embedding") is not None
         assert len(seen) == 1, seen
-        statuses, free = seen[0]
-        assert FAILED not in statuses and free == budget_before, seen
+        statuses, owned = seen[0]
+        assert FAILED not in statuses and all(owned), seen  # no budget returned yet
         assert tr1.aborts == 0
         w.settle_whole("after the loss")
 
