@@ -256,6 +256,10 @@ class LanguageEngine(LanguagePeers):
         if pair is not None:
             pair.post_claimed()
 
+    def stream_lost(self, src: int) -> str | None:
+        """Why the stream from Embedding rank `src` is unusable, or None (lock held)."""
+        return self.pair(src).m.dead
+
     def stuck_peers(self) -> list[int]:
         """Embedding ranks whose receiver thread still waits after `close`."""
         return [src for src, p in self._pairs.items() if p.thread.is_alive()]

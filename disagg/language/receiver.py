@@ -3,9 +3,12 @@ makes the same calls on it (see `disagg.language.machine` for its states)."""
 
 from __future__ import annotations
 
+import threading
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
 
+import torch
 from torch.distributed import ProcessGroup
 
 from ..errors import DisaggError, FailureCause
@@ -15,8 +18,52 @@ from ..types import TERMINAL, EmbeddingResult, TransferStatus
 from .room import needs_resume
 
 if TYPE_CHECKING:
-    from .engine import LanguageEngine
+    from ..config import DisaggConfig
+    from ..geometry import Geometry
+    from ..liveness import Liveness
+    from ..recycle import Recycler
+    from ..stats import Stats
+    from .actions import Action
+    from .credit import Credits
+    from .machine import RecvMachine
     from .room import RecvRoom
+
+
+class ReceiverHost(Protocol):
+    """What a `Receiver` needs of its engine (`LanguageEngine` is one): the
+    handle depends on this, not on the engine."""
+
+    rank: int
+    cfg: DisaggConfig
+    geometry: Geometry
+    device: torch.device
+    stats: Stats
+    cond: threading.Condition
+    machine: RecvMachine
+    credits: Credits
+    liveness: Liveness
+    recycler: Recycler
+    rooms: dict[int, RecvRoom]
+    scatter: bool
+    instance_size: int
+    membership: Callable[[int], bool] | None
+
+    def clock(self) -> float: ...
+
+    def execute(self, r: RecvRoom, actions: list[Action]) -> None: ...
+
+    def first_alloc_tokens(self) -> int: ...
+
+    def can_prepost(self, r: RecvRoom) -> bool: ...
+
+    def ask_resume(self, r: RecvRoom, num_tokens: int | None, *, landed: int,
+                   at_least: int = 1) -> bool: ...
+
+    def post_claimed(self, src: int) -> None: ...
+
+    def stream_lost(self, src: int) -> str | None: ...
+
+    def poll(self, room: RecvRoom) -> TransferStatus: ...
 
 
 def check_tokens(call: str, num_tokens: object, name: str = "num_tokens") -> None:
@@ -31,7 +78,7 @@ class Receiver:
     the shell: each call takes the engine lock, asks the room's machine, and
     has the engine execute what it returns."""
 
-    def __init__(self, engine: LanguageEngine, state: RecvRoom) -> None:
+    def __init__(self, engine: ReceiverHost, state: RecvRoom) -> None:
         self._engine = engine
         self._r = state
         self.room = state.room
@@ -74,7 +121,7 @@ class Receiver:
                     r, f"language rank {e.rank}: embedding rank {r.src_rank} is no member of "
                        f"the deployment (it left, or never joined)", FailureCause.PEER_LOST))
                 return False
-            down = e.liveness.dead.get(r.src_rank) or e.pair(r.src_rank).m.dead
+            down = e.liveness.dead.get(r.src_rank) or e.stream_lost(r.src_rank)
             if down is not None:
                 e.execute(r, e.machine.fail(
                     r, f"language rank {e.rank}: embedding rank {r.src_rank} is down: {down}",
