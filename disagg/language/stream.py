@@ -157,7 +157,7 @@ class PairReceiver:
             if step is Next.WAIT_CALLER:
                 # bounded: it posts right after letting go of the lock; a failed
                 # post makes it the thread's (`caller_posted(False)`)
-                self.wake.wait_for(lambda: self.m.next_post() is not Next.WAIT_CALLER
+                self.wake.wait_for(lambda: not self.m.caller_posting
                                    or self.m.dead is not None, timeout=10.0)
                 step = self.m.next_post()
                 if step is Next.WAIT_CALLER or self.m.dead is not None:
