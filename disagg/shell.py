@@ -51,9 +51,6 @@ class EngineShell:
         self._closing = False
         self.progress = Progress(self.cond)  # the pause and the sweep (progress.py)
 
-    def sweep_due(self, now: float) -> bool:
-        return self.progress.sweep_due(now)
-
     def holds_lock(self) -> bool:
         """Whether the calling thread holds the engine lock (tests check that no
         transport call is made under it)."""

@@ -157,7 +157,7 @@ class EmbeddingEngine(EmbeddingPeers):
         with self._lock:
             for lang, why in self.liveness.expired(now):
                 self._pair_lost(lang, PeerLost(why, peer=lang))
-            if self.sweep_due(now):
+            if self.progress.sweep_due(now):
                 self._refuse(self.lobby.expired(now))
                 for r in list(self._rooms.values()):
                     self.execute(self.machine.tick(r, now))

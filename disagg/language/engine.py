@@ -201,7 +201,7 @@ class LanguageEngine(LanguagePeers):
         for e, why in self.liveness.expired(now):
             self._peer_dead(e, why)
         with self._lock:
-            if self.sweep_due(now):
+            if self.progress.sweep_due(now):
                 for r in list(self.rooms.values()):
                     self.execute(r, self.machine.tick(r, now))
 
@@ -255,10 +255,6 @@ class LanguageEngine(LanguagePeers):
         pair = self._pairs.get(src)
         if pair is not None:
             pair.post_claimed()
-
-    def stream_lost(self, src: int) -> str | None:
-        """Why the stream from Embedding rank `src` is unusable, or None (lock held)."""
-        return self.pair(src).m.dead
 
     def stuck_peers(self) -> list[int]:
         """Embedding ranks whose receiver thread still waits after `close`."""

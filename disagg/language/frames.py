@@ -8,23 +8,17 @@ anything changes, so the room still holds its blocks.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
 from ..errors import StreamBroken
 from ..meta import Meta
 from . import timing
 from .credit import Credit
-from .landing import Job, Landing, destinations
+from .landing import Job, Landing, ReadingPair, destinations
 from .room import RecvRoom
 
-if TYPE_CHECKING:
-    from .stream import PairReceiver
 
-
-
-def owed_room(pair: PairReceiver, meta: Meta) -> tuple[RecvRoom, Credit]:
+def owed_room(pair: ReadingPair, meta: Meta) -> tuple[RecvRoom, Credit]:
     """The room a frame answers, and the allocation it answers."""
     if pair.m.dead is not None:  # declared dead meanwhile: read nothing more from it
         raise StreamBroken(f"stream from embedding rank {pair.src} already torn down")
@@ -33,14 +27,16 @@ def owed_room(pair: PairReceiver, meta: Meta) -> tuple[RecvRoom, Credit]:
     assert r is not None
     return r, credit
 
-def abort_arrived(pair: PairReceiver, meta: Meta, reason: str) -> None:
+
+def abort_arrived(pair: ReadingPair, meta: Meta, reason: str) -> None:
     e = pair.engine
     with pair.cv:
         r, _ = owed_room(pair, meta)
         pair.m.answered()
         e.execute(r, e.machine.abort_frame(r, reason, pair.src))
 
-def data_arrived(pair: PairReceiver, meta: Meta, job: Job | None = None) -> Landing:
+
+def data_arrived(pair: ReadingPair, meta: Meta, job: Job | None = None) -> Landing:
     """A DATA meta: check it (a bad one raises `StreamBroken` before anything
     changes, so the room still holds its blocks), then say where it lands:
     where its pre-posted recvs (`job`) already wait, or where to post them."""
@@ -76,7 +72,8 @@ def data_arrived(pair: PairReceiver, meta: Meta, job: Job | None = None) -> Land
         e.execute(r, e.machine.landing(r, a, meta, chunk))
         return Landing(r, chunk, plan, dsts, not a.direct, pair.m.owed > 0, aux)
 
-def landed(pair: PairReceiver, landing: Landing, seconds: float) -> None:
+
+def landed(pair: ReadingPair, landing: Landing, seconds: float) -> None:
     e = pair.engine
     with pair.cv:
         e.stats.observe("chunk_transfer_s", seconds)

@@ -1,10 +1,13 @@
-"""Language side: where a frame's payload lands, and what a pair's thread
-needs of its engine. Pure bookkeeping around tensors: which recv targets a
-chunk has (`destinations`), a pre-posted frame (`Job`), the decision for a
-frame that arrived (`Landing`), and pool mode's one copy (`copy_out`)."""
+"""Language side: where a frame's payload lands, what a pair's thread needs of
+its engine (`StreamHost`), and what the engine and `frames` need of a pair's
+reader (`ReadingPair`): the stream, the engine and the frame decisions depend
+on these, not on each other. Pure bookkeeping around tensors: which recv
+targets a chunk has (`destinations`), a pre-posted frame (`Job`), the decision
+for a frame that arrived (`Landing`), and pool mode's one copy (`copy_out`)."""
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -13,7 +16,7 @@ import torch
 from ..geometry import Geometry
 from ..plan import Segment, segment_plan
 from ..pool import BlockPool
-from ..transport import Posted
+from ..transport import PairTransport, Posted
 from .credit import Credit
 from .room import Chunk, RecvRoom
 
@@ -22,7 +25,7 @@ if TYPE_CHECKING:
     from .actions import Action
     from .credit import Credits
     from .machine import RecvMachine
-    from .stream import PairReceiver
+    from .pair import RecvPair
 
 
 class StreamHost(Protocol):
@@ -46,8 +49,23 @@ class StreamHost(Protocol):
 
     def land_in(self, r: RecvRoom, rows: int) -> None: ...
 
-    def pair_lost(self, pair: PairReceiver, err: BaseException, *,
+    def pair_lost(self, pair: ReadingPair, err: BaseException, *,
                   from_thread: bool = True, clean: bool = False, tell: bool = True) -> None: ...
+
+
+class ReadingPair(Protocol):
+    """A pair's reader as the engine and `frames` see it (`stream.PairReceiver`
+    is one): its peer, its machine and the engine lock that guards it, its
+    transport, and `lose`."""
+
+    src: int
+    engine: StreamHost
+    m: RecvPair
+    cv: threading.Condition
+    transport: PairTransport
+
+    def lose(self, why: str) -> bool: ...
+
 
 @dataclass
 class Job:

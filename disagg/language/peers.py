@@ -15,6 +15,7 @@ from ..shell import EngineShell
 from ..transport import PairTransport
 from ..wire import PairDown
 from .actions import Action
+from .landing import ReadingPair
 from .machine import RecvMachine
 from .room import RecvRoom
 from .stream import PairReceiver
@@ -33,7 +34,7 @@ class LanguagePeers(EngineShell):
     def execute(self, r: RecvRoom, actions: list[Action]) -> None:
         raise NotImplementedError  # the engine's
 
-    def pair_lost(self, pair: PairReceiver, err: BaseException, *, from_thread: bool = True,
+    def pair_lost(self, pair: ReadingPair, err: BaseException, *, from_thread: bool = True,
                   clean: bool = False, tell: bool = True) -> None:
         """The stream from `pair.src` is unusable: no recv is posted on it again,
         its rooms fail (`RecvMachine.peer_lost`), and (`tell`) the Embedding rank
@@ -96,12 +97,13 @@ class LanguagePeers(EngineShell):
 
     def _lost(self) -> dict[int, str]:
         """Embedding rank -> why it is not usable (lock held)."""
-        def stream_lost(e: int) -> str | None:
-            pair = self._pairs.get(e)
-            return None if pair is None else pair.m.dead
-
         return {e: why for e in self.liveness.peers
-                if (why := self.liveness.dead.get(e) or stream_lost(e)) is not None}
+                if (why := self.liveness.dead.get(e) or self.stream_lost(e)) is not None}
+
+    def stream_lost(self, src: int) -> str | None:
+        """Why the stream from Embedding rank `src` is unusable, or None (lock held)."""
+        pair = self._pairs.get(src)
+        return None if pair is None else pair.m.dead
 
     def add_peer(self, src: int, transport: PairTransport) -> None:
         """Jobs mode: Embedding rank `src` joined and its pair is made (its
