@@ -29,7 +29,6 @@ import zmq
 
 from .backend import (
     backend_choice,
-    check_distinct_gpus,
     check_nccl_topology,
     cuda_index,
     destroy_group,
@@ -41,10 +40,11 @@ from .backend import (
 from .config import DisaggConfig
 from .control import ControlChannel
 from .embedding import EmbeddingEngine
-from .errors import DisaggError, GeometryMismatch
+from .errors import DisaggError
 from .geometry import Geometry, Topology
 from .language import LanguageEngine
 from .language_side import LanguageSide
+from .startup import check_peers
 from .stats import Stats
 from .transport import PairTransport, TorchPairTransport, device_lock
 
@@ -159,13 +159,7 @@ class Context:
             {"geometry": self.geometry.to_dict(), "address": self.control_address,
              "backend": self.backend, "fanout": self.cfg.fanout, "gpu": gpu}))
         peers = {r: json.loads(_get(store, f"{key}/rank/{r}")) for r in range(self.world_size)}
-        self._check_peers(peers)
-        if self.backend == "nccl":  # every rank checks, so all of them stop here
-            try:
-                check_distinct_gpus({r: (hostnames[r], str(info["gpu"]))
-                                     for r, info in peers.items()})
-            except ValueError as why:
-                raise DisaggError(f"start-up: {why}", rank=self.rank) from None
+        check_peers(self.rank, self.backend, self.geometry, topo, peers, hostnames)
         # Groups: the same calls in the same order on every rank.
         # A pair's transport timeout outlasts every room deadline (bootstrap_timeout,
         # answered by a frame within peer_timeout) with peer_timeout to spare: a
@@ -223,26 +217,6 @@ class Context:
                                          self.device, stats, control)
             control.start(lang_engine, self.device)
             self._language = LanguageSide(lang_engine, instance_group, gather_group)
-
-    def _check_peers(self, peers: dict[int, dict[str, object]]) -> None:
-        mine = self.geometry
-        for r, info in peers.items():
-            theirs = Geometry.from_dict(info["geometry"])  # type: ignore[arg-type]
-            if r != self.rank:
-                mine.check_compatible(theirs, rank=self.rank, peer=r)
-            if info["backend"] != self.backend:
-                raise GeometryMismatch(f"backend differs: rank {self.rank} uses "
-                                       f"{self.backend}, rank {r} uses {info['backend']}",
-                                       rank=self.rank, peer=r)
-        # every rank checks every instance, so all of them stop here, not some
-        # here and the others in new_group waiting for them
-        for i in range(self.topology.num_instances):
-            ranks = self.topology.instance_ranks(i)
-            fanouts = {r: peers[r]["fanout"] for r in ranks}
-            if len(set(fanouts.values())) > 1:
-                raise GeometryMismatch(f"fanout differs inside language instance {i}: "
-                                       f"{fanouts}; every rank of an instance must use the "
-                                       f"same", rank=self.rank)
 
     @property
     def embedding(self) -> EmbeddingEngine:
@@ -305,16 +279,15 @@ class Context:
                 fn()
             except Exception:
                 log.exception("a shutdown hook raised")
+        eng = self._engine()
         try:
-            if self._embedding is not None:
-                self._embedding.close(bound)
-            elif self._language is not None:
-                self._language.engine.close(bound)
+            if eng is not None:
+                eng.close(bound)
         finally:
             # A pair whose thread still waits (a frozen peer) has an op pending:
             # abort it first, so destroying its group (under the device lock)
             # never waits for that op's kernels.
-            for peer in self._stuck_peers():
+            for peer in eng.stuck_peers() if eng is not None else []:
                 t = self._transports.get(peer)
                 if t is not None:
                     t.abort()
@@ -333,14 +306,6 @@ class Context:
             if self._owns_world and dist.is_initialized():
                 with device_lock(self.device):
                     dist.destroy_process_group()
-
-    def _stuck_peers(self) -> list[int]:
-        """Peers whose pair thread has not ended after the engine's close."""
-        if self._embedding is not None:
-            return self._embedding.stuck_peers()
-        if self._language is not None:
-            return self._language.engine.stuck_peers()
-        return []
 
     def __enter__(self) -> Context:
         return self
