@@ -93,6 +93,13 @@ class ControlPort(Protocol):
     def post(self, peer: int, msg: ControlMessage) -> None: ...
 
 
+def _configure(s: zmq.Socket) -> None:
+    """Every socket of the channel: no linger at close, and a bound on what a
+    peer may send in one message."""
+    s.setsockopt(zmq.LINGER, 0)
+    s.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
+
+
 class ControlChannel:
     """Owns the sockets and the thread. Set up with `bind_router` or
     `connect_dealers`, then `start` with the handlers."""
@@ -114,14 +121,10 @@ class ControlChannel:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def _configure(self, s: zmq.Socket) -> None:
-        s.setsockopt(zmq.LINGER, 0)
-        s.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
-
     def bind_router(self, host: str, peers: Iterable[int]) -> str:
         """Embedding side: accept messages from the Language ranks `peers`."""
         s = self._zctx.socket(zmq.ROUTER)
-        self._configure(s)
+        _configure(s)
         port = s.bind_to_random_port(f"tcp://{host}")
         self._router = s
         self._peers = frozenset(peers)
@@ -135,7 +138,7 @@ class ControlChannel:
         """Language side, any thread: connect to an Embedding rank that joined
         (jobs mode), or at start-up. The control thread polls it from its next pass."""
         s = self._zctx.socket(zmq.DEALER)
-        self._configure(s)
+        _configure(s)
         s.setsockopt(zmq.IDENTITY, identity_of(my_rank))
         s.connect(address)
         with self._dealer_lock:
@@ -159,8 +162,8 @@ class ControlChannel:
         `handler.on_tick` at least every poll interval. The handler posts frames
         from it, so it runs on the rank's `device` (`transport.bind_device`)."""
         self._handler = handler
-        self._device = device
-        self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(device,), name=self._name,
+                                        daemon=True)
         self._thread.start()
 
     def post(self, peer: int, msg: ControlMessage | bytes) -> None:
@@ -219,8 +222,8 @@ class ControlChannel:
 
     # ---------------------------------------------------------------- thread
 
-    def _run(self) -> None:
-        transport.bind_device(self._device)
+    def _run(self, device: torch.device | None) -> None:
+        transport.bind_device(device)
         poller = zmq.Poller()
         if self._router is not None:
             poller.register(self._router, zmq.POLLIN)
