@@ -185,7 +185,7 @@ def encode(msg: ControlMessage) -> bytes:
             msg.allocated_tokens, len(msg.block_ids))
         out = head + np.asarray(msg.block_ids, dtype="<i4").tobytes()
         if isinstance(msg, Alloc) and msg.items is not None:
-            out += _encode_items(msg.items)
+            out += _encode_items(msg.items, msg.seq_len)
         return out
     if isinstance(msg, Abort):
         raw = _reason_bytes(msg.reason)
@@ -208,7 +208,8 @@ def encode(msg: ControlMessage) -> bytes:
 def _check_items(items: tuple[AllocItem, ...], seq_len: int) -> str | None:
     """What is wrong with an item table, or None: 1..MAX_ITEMS_PER_MESSAGE
     entries in room order (indices and spans increasing, spans disjoint), each
-    of at least one token, within a declared seq_len."""
+    of at least one token, whose needed ones hold the ALLOC's seq_len: an item
+    room's ALLOC declares what its source sends (0: nothing, all hits)."""
     if not 0 < len(items) <= MAX_ITEMS_PER_MESSAGE:
         return f"{len(items)} items (1..{MAX_ITEMS_PER_MESSAGE})"
     index, end = -1, 0
@@ -219,13 +220,15 @@ def _check_items(items: tuple[AllocItem, ...], seq_len: int) -> str | None:
         index, end = it.index, it.offset + it.num_tokens
         if end > MAX_ITEM_TOKENS:
             return f"item {it.index} ends at token {end}, past {MAX_ITEM_TOKENS}"
-    if seq_len and end > seq_len:
-        return f"items end at token {end}, past the declared seq_len={seq_len}"
+    needed = sum(it.num_tokens for it in items if it.needed)
+    if needed != seq_len:
+        return (f"the needed items hold {needed} tokens, but the ALLOC declares "
+                f"seq_len={seq_len} (what this source sends)")
     return None
 
 
-def _encode_items(items: tuple[AllocItem, ...]) -> bytes:
-    why = _check_items(items, 0)
+def _encode_items(items: tuple[AllocItem, ...], seq_len: int) -> bytes:
+    why = _check_items(items, seq_len)
     if why is not None:
         raise ValueError(f"item table: {why}")
     return struct.pack("<I", len(items)) + b"".join(

@@ -107,7 +107,7 @@ def grant(key: int, blocks: int) -> Grant:
 
 
 def data(m: SendMachine, r: SendRoom) -> list:
-    return m.data(r, [torch.zeros(SEQ, 8, dtype=torch.bfloat16)], SEQ, SEQ, (), None, [0, 1, 2],
+    return m.data(r, [([torch.zeros(SEQ, 8, dtype=torch.bfloat16)], SEQ)], SEQ, (), None, [0, 1, 2],
                   0.0)
 
 
@@ -269,8 +269,8 @@ def _emb(m: SendMachine, r: SendRoom, n: int) -> list[torch.Tensor]:
 def give(m: SendMachine, r: SendRoom, n: int, seq_len: int = SEQ) -> list:
     """The caller gives the next `n` tokens (its first send(), or a later part)."""
     if r.sources is None:
-        return m.data(r, _emb(m, r, n), n, seq_len, (), None, [0, 1, 2], 0.0)
-    return m.part(r, _emb(m, r, n), n, None, 0.0)
+        return m.data(r, [(_emb(m, r, n), n)], seq_len, (), None, [0, 1, 2], 0.0)
+    return m.part(r, [(_emb(m, r, n), n)], None, 0.0)
 
 
 def parts_state(row: str) -> tuple[SendMachine, SendRoom]:

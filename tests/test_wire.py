@@ -487,11 +487,11 @@ def item_tables(draw):
 
 
 @FAST
-@given(item_tables(), st.booleans())
-def test_alloc_with_an_item_table_round_trips(items, declared):
-    end = items[-1].offset + items[-1].num_tokens
+@given(item_tables())
+def test_alloc_with_an_item_table_round_trips(items):
+    # an item room's ALLOC declares what its source sends: the needed items' rows
     msg = Alloc(room=9, lang_rank=2, instance_size=1, block_ids=(1, 2), allocated_tokens=32,
-                seq_len=end + 5 if declared else 0, items=items)
+                seq_len=sum(it.num_tokens for it in items if it.needed), items=items)
     data = encode(msg)
     assert HEADER.unpack_from(data)[3] & FLAG_ITEMS
     assert len(data) == HEADER_SIZE + 8 + 4 + 16 * len(items)
@@ -501,7 +501,8 @@ def test_alloc_with_an_item_table_round_trips(items, declared):
 
 def test_the_largest_alloc_fits_the_control_channel():
     items = tuple(AllocItem(i, i, 1, True) for i in range(MAX_ITEMS_PER_MESSAGE))
-    data = encode(Alloc(1, 0, 1, tuple(range(MAX_BLOCKS_PER_MESSAGE)), 0, items=items))
+    data = encode(Alloc(1, 0, 1, tuple(range(MAX_BLOCKS_PER_MESSAGE)), 0,
+                        seq_len=MAX_ITEMS_PER_MESSAGE, items=items))
     assert len(data) == MAX_MESSAGE_BYTES
 
 
@@ -511,7 +512,8 @@ def test_the_largest_alloc_fits_the_control_channel():
     ([(0, 0, 4, 1), (1, 3, 4, 1)], "out of order"),  # spans overlap
     ([(0, 0, 0, 1)], "out of order or empty"),
     ([(0, 0, 4, 2)], "needed flag"),
-    ([(0, 0, 4, 1), (1, 4, 100, 0)], "past the declared seq_len"),
+    ([(0, 0, 4, 1), (1, 4, 100, 0)], "needed items hold 4 tokens, but the ALLOC declares"),
+    ([(0, 0, 50, 1), (1, 50, 1, 1)], "needed items hold 51 tokens"),
     ([(0, 2**31 - 2, 4, 1)], "past"),
 ])
 def test_a_hostile_item_table_is_a_protocol_error(entries, why):
@@ -534,3 +536,5 @@ def test_an_item_table_must_fit_its_bytes_and_only_an_alloc_may_carry_one():
         decode(header(kind=MsgKind.RESUME, flags=FLAG_ITEMS) + table)
     with pytest.raises(ValueError, match="item table"):
         encode(Alloc(1, 0, 1, (), 0, items=()))
+    with pytest.raises(ValueError, match="needed items hold 4 tokens"):
+        encode(Alloc(1, 0, 1, (), 0, seq_len=9, items=(AllocItem(0, 0, 4, True),)))

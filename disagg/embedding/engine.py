@@ -98,9 +98,8 @@ class EmbeddingEngine(EmbeddingPeers):
             else:
                 self._rooms[room] = r
                 r.instance_size = claimed.instance_size
-                for lang, grant in claimed.grants.items():
-                    r.lanes[lang] = self.machine.new_lane(lang, grant)
                 self.stats.set_gauge("rooms_live", len(self._rooms))
+                self.execute(self.machine.claimed(r, claimed.grants, now))
         self.flush()
         return Sender(self, r)
 
@@ -128,6 +127,8 @@ class EmbeddingEngine(EmbeddingPeers):
             r, now = self._rooms.get(msg.room), self.clock()
             if isinstance(msg, Alloc):
                 self.execute(self.admission.alloc(r, msg, now))
+                if r is not None:
+                    self.cond.notify_all()  # needed() may have its answer
             elif isinstance(msg, Resume):
                 self.execute(self.admission.resume(r, msg, now))
             else:

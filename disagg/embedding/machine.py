@@ -90,6 +90,7 @@ from .room import (
     lane_total,
     set_status,
 )
+from .rows import RowMap, item_tokens, needed_tokens
 from .rules import alloc_conflict
 from .schedule import Scheduler
 
@@ -111,23 +112,26 @@ class SendMachine(Scheduler):
 
     # -------------------------------------------------------- caller events
 
-    def data(self, r: SendRoom, sources: list[torch.Tensor], num_tokens: int, seq_len: int,
+    def data(self, r: SendRoom, runs: list[tuple[list[torch.Tensor], int]], seq_len: int,
              aux: tuple[int, ...], ready: torch.cuda.Event | None, budget: list[int],
              now: float) -> list[Action]:
-        """The first send(): the room's length, budget and first part (the whole
-        room, or its first `num_tokens` tokens); answer every grant it can."""
-        r.sources, r.seq_len, r.aux, r.budget = sources, seq_len, aux, budget
+        """The first send(): the room's length (in wire tokens), budget and first
+        part (the whole room, or its first tokens: its runs of rows that go on the
+        wire, `Sender._select`); answer every grant it can."""
+        r.sources = runs[0][0] if runs else []
+        r.seq_len, r.aux, r.budget = seq_len, aux, budget
         r.sent_at = now
         if r.lanes:
             set_status(r, TransferStatus.TRANSFERRING)
-        return self.part(r, sources, num_tokens, ready, now)
+        return self.part(r, runs, ready, now)
 
-    def part(self, r: SendRoom, sources: list[torch.Tensor], num_tokens: int,
+    def part(self, r: SendRoom, runs: list[tuple[list[torch.Tensor], int]],
              ready: torch.cuda.Event | None, now: float) -> list[Action]:
-        """A part of the room (progressive send): what waiting grants can take of
-        it leaves at once."""
-        r.parts.append(Part(r.given, num_tokens, sources, ready))
-        r.given += num_tokens
+        """A part of the room (progressive send), as its runs of wire rows: what
+        waiting grants can take of it leaves at once."""
+        for sources, n in runs:
+            r.parts.append(Part(r.given, n, sources, ready))
+            r.given += n
         r.last_progress = now
         out: list[Action] = []
         for lane in list(r.lanes.values()):
@@ -168,12 +172,61 @@ class SendMachine(Scheduler):
             return [self.refuse(lang, r.room, why, grant),
                     *self.fail(r, f"embedding rank {self.rank}: {why}",
                                FailureCause.BAD_MESSAGE)]
+        problem = self.take_items(r, lang, grant)
+        if problem is not None:
+            return [self.refuse(lang, r.room, problem[0], grant),
+                    *self.fail(r, f"embedding rank {self.rank}: {problem[0]}", problem[1])]
         r.instance_size = instance_size
         lane = r.lanes[lang] = self.new_lane(lang, grant)
         r.last_progress = grant.arrived
         if r.sources is not None:
             set_status(r, TransferStatus.TRANSFERRING)
-        return [*self._preposted(r.room, lang, grant), *self._schedule(r, lane)]
+        return [*self._preposted(r.room, lang, grant), *self._schedule(r, lane),
+                *self._maybe_succeed(r, grant.arrived)]
+
+    def claimed(self, r: SendRoom, grants: dict[int, Grant], now: float) -> list[Action]:
+        """`sender()` takes over the room's early ALLOCs as its lanes: their item
+        tables must agree; a room that needs nothing from here ends SUCCESS."""
+        problem = None
+        for lang, grant in grants.items():
+            problem = problem or self.take_items(r, lang, grant)
+            r.lanes[lang] = self.new_lane(lang, grant)
+        if problem is not None:
+            return self.fail(r, f"embedding rank {self.rank}: {problem[0]}", problem[1])
+        return self._maybe_succeed(r, now)
+
+    def take_items(self, r: SendRoom, lang: int,
+                   grant: Grant) -> tuple[str, FailureCause] | None:
+        """A rank's ALLOC declares the room's item table for this source: the
+        first one sets it, every other rank's must be the same. Rows the caller
+        gave before it came are re-cut to the needed ones (`rows.RowMap`).
+        What is wrong, and its cause, or None."""
+        first = not r.lanes and r.items is None
+        if not first and grant.items != r.items:
+            return (f"language rank {lang}'s ALLOC declares "
+                    f"{'no' if grant.items is None else len(grant.items)} item(s), other "
+                    f"ranks of its instance {'none' if r.items is None else len(r.items)}, or "
+                    f"other ones (TP ranks disagree on the room's items or their hits)",
+                    FailureCause.BAD_MESSAGE)
+        if not first or grant.items is None:
+            return None
+        r.items = grant.items
+        if r.sources is None:
+            return None
+        if r.aux:
+            return (f"room {r.room} is declared as items but send() gave aux values: a room "
+                    f"with items carries no aux", FailureCause.LENGTH_MISMATCH)
+        if r.seq_len != item_tokens(r.items):
+            return (f"room {r.room}'s items from this rank hold {item_tokens(r.items)} "
+                    f"tokens, but send() gave {r.seq_len}", FailureCause.LENGTH_MISMATCH)
+        rows = r.rows = RowMap(r.items, r.seq_len)
+        parts, r.parts, r.given = r.parts, [], 0
+        for p in parts:
+            for sources, n in rows.select(p.sources, p.num_tokens):
+                r.parts.append(Part(r.given, n, sources, p.ready))
+                r.given += n
+        r.seq_len = needed_tokens(r.items)
+        return None
 
     def resume(self, r: SendRoom, lang: int, grant: Grant, why: str | None) -> list[Action]:
         """A RESUME for a live room keyed by `grant.key` (= sent_tokens)."""

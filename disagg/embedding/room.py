@@ -11,6 +11,8 @@ import torch
 
 from ..plan import span
 from ..types import TransferStatus, advance
+from ..wire import AllocItem
+from .rows import RowMap
 
 
 @dataclass
@@ -30,6 +32,8 @@ class Grant:
     # then an ordinary frame.
     preposted: bool = False
     expect: int = -1  # pre-posted: the chunk's tokens (`plan.prepost_tokens`)
+    # ALLOC only: the room's items this source sends (wire FLAG_ITEMS); None: no items
+    items: tuple[AllocItem, ...] | None = None
 
 
 @dataclass
@@ -90,6 +94,12 @@ class SendRoom:
     ended: bool = False  # End emitted: nothing more happens to this room
     sent_at: float | None = None  # first send(), for latency stats
     bytes_sent: int = 0  # payload bytes completed on every lane, for stats
+    # a room declared as items (DESIGN 0.3): this source's items, as every rank's
+    # ALLOC gave them (None: no items, or no ALLOC yet)
+    items: tuple[AllocItem, ...] | None = None
+    asked: bool = False  # needed() gave the caller a list before its first send()
+    # the caller gives all of its items' rows (it did not ask): which are sent
+    rows: RowMap | None = None
 
 
 def lane_span(room: SendRoom, lane: Lane) -> tuple[int, int]:

@@ -49,6 +49,9 @@ class Scheduler:
     def new_lane(self, lang: int, grant: Grant) -> Lane:
         """The lane an accepted ALLOC opens (now, or when `sender()` claims it)."""
         index = self.topology.index_in_instance(lang) if grant.scatter else None
+        if grant.items is not None and grant.seq_len == 0:
+            # every item of this source is a hit there: nothing is owed to it
+            return Lane(lang, slice_index=index, done=True, keys={0})
         return Lane(lang, slice_index=index, pending=grant, keys={0})
 
     def refuse(self, lang: int, room: int, why: str, grant: Grant | None = None) -> SendAbortFrame:

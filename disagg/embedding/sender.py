@@ -15,6 +15,7 @@ from ..geometry import Geometry
 from ..types import TERMINAL, TransferStatus
 from ..wire import MAX_AUX
 from .admission import budget_blocks
+from .rows import RowMap, item_tokens, needed_indices, needed_tokens
 
 if TYPE_CHECKING:
     from ..pool import BlockAllocator
@@ -89,6 +90,13 @@ class Sender:
                                     or seq_len < n):
             raise ValueError(f"send(room={r.room}): seq_len={seq_len!r} must be an int >= the "
                              f"{n} tokens given")
+        with e.cond:
+            if r.items is not None and r.sources is None:
+                if needed_tokens(r.items) == 0:
+                    return r.status  # every item of this rank was a hit: nothing to send
+                self._check_item_rows(n if seq_len is None else seq_len, aux)
+                if not r.asked:
+                    r.rows = RowMap(r.items, item_tokens(r.items))
         ready = None
         if e.device.type == "cuda":  # the sends wait for the producer's stream
             ready = torch.cuda.Event()
@@ -104,6 +112,8 @@ class Sender:
                 e.execute(self._next_part(sources, n, aux, seq_len, ready))
             else:
                 total = n if seq_len is None else seq_len
+                if r.rows is not None:  # all of its items given: send the needed ones
+                    total = needed_tokens(r.rows.items)
                 try:
                     need = budget_blocks(e.geometry, r.room, total, e.budget.num_blocks)
                 except ValueError as err:  # it can never be sent: end it on both sides now
@@ -118,8 +128,8 @@ class Sender:
                                        f"blocks, {e.budget.num_free} of {e.budget.num_blocks} "
                                        f"free", rank=e.rank, room=r.room) from err
                     e.stats.set_gauge("pool_free_blocks", e.budget.num_free)
-                    e.execute(e.machine.data(r, sources, n, total, aux_t, ready, budget,
-                                             e.clock()))
+                    e.execute(e.machine.data(r, self._select(sources, n), total, aux_t,
+                                             ready, budget, e.clock()))
         e.flush()
         if too_long is not None:
             raise too_long
@@ -129,15 +139,62 @@ class Sender:
                    ready: torch.cuda.Event | None) -> list[Action]:
         """A later part (engine lock held): checked before anything changes."""
         e, r = self._engine, self._r
-        if r.given >= r.seq_len:
-            raise ValueError(f"room {r.room}: send() was already called for all {r.seq_len} "
+        given, total = (r.given, r.seq_len) if r.rows is None else (r.rows.given, r.rows.total)
+        if given >= total:
+            raise ValueError(f"room {r.room}: send() was already called for all {total} "
                              f"tokens")
         if aux is not None or seq_len is not None:
             raise ValueError(f"send(room={r.room}): aux and seq_len go with the first part only")
-        if r.given + n > r.seq_len:
-            raise ValueError(f"send(room={r.room}): parts would sum to {r.given + n} tokens, "
-                             f"past seq_len={r.seq_len}")
-        return e.machine.part(r, sources, n, ready, e.clock())
+        if given + n > total:
+            raise ValueError(f"send(room={r.room}): parts would sum to {given + n} tokens, "
+                             f"past seq_len={total}")
+        return e.machine.part(r, self._select(sources, n), ready, e.clock())
+
+    def _select(self, sources: list[torch.Tensor],
+                n: int) -> list[tuple[list[torch.Tensor], int]]:
+        """The rows of a part that go on the wire (lock held): all of them, or
+        for a caller that gave all of its items the needed ones (views)."""
+        rows = self._r.rows
+        return [(sources, n)] if rows is None else rows.select(sources, n)
+
+    def _check_item_rows(self, total: int, aux: object) -> None:
+        """A first send() of a room whose items are known (lock held)."""
+        r = self._r
+        assert r.items is not None
+        if aux is not None:
+            raise ValueError(f"send(room={r.room}): the room is declared as items, which carry "
+                             f"no aux (the Language caller knows its items' metadata)")
+        want = needed_tokens(r.items) if r.asked else item_tokens(r.items)
+        if total != want:
+            which = ("the needed items' rows (needed() said which)" if r.asked
+                     else "all of this rank's items' rows")
+            raise ValueError(f"send(room={r.room}): {total} rows given (seq_len), but "
+                             f"{which} are {want}")
+
+    def needed(self, timeout_s: float = 0.0) -> list[int] | None:
+        """The indices (into the room's item list) of the items this rank must
+        send, once every Language rank of the instance has asked for the room
+        (their ALLOCs say which items they hold already); None if that is not
+        known within `timeout_s`, or the room failed (see `failure`). `[]`: every
+        item of this rank was a hit, and the room ended SUCCESS here without
+        data. A room without items: `[0]` (the whole room is one item).
+
+        Asked before the first `send()`, the answer is what `send()` then takes:
+        exactly these items' rows, in room order. Otherwise `send()` takes all
+        of this rank's items' rows and sends only the needed ones."""
+        if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) \
+                or timeout_s < 0:
+            raise ValueError(f"needed(timeout_s={timeout_s!r}): a number >= 0")
+        e, r = self._engine, self._r
+        with e.cond:
+            e.cond.wait_for(lambda: r.failure is not None or (
+                r.instance_size is not None and len(r.lanes) >= r.instance_size), timeout_s)
+            if r.failure is not None or r.instance_size is None \
+                    or len(r.lanes) < r.instance_size:
+                return None
+            if r.sources is None:
+                r.asked = True
+            return [0] if r.items is None else needed_indices(r.items)
 
     def poll(self) -> TransferStatus:
         """The room's status. A room not yet ended may take up to 0.2 ms to say

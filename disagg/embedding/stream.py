@@ -60,7 +60,7 @@ def data_frame(meta: Meta, parts: list[Part], plan: list[Segment], done: Done) -
         for e in events:
             stream.wait_event(e)
     payload: list[torch.Tensor] = []
-    for j in range(len(parts[0].sources)):
+    for j in range(len(parts[0].sources) if parts else 0):  # none: a meta-only frame
         for s in plan:
             a = meta.token_offset + s.chunk_start
             b = a + s.num_tokens
