@@ -15,6 +15,7 @@ from .errors import (
     ProtocolError,
     TransferTimeout,
 )
+from .items import Item
 from .join import join
 from .language import Receiver
 from .queue import RoomQueue
@@ -26,6 +27,7 @@ __all__ = [
     "DisaggError",
     "EmbeddingResult",
     "GeometryMismatch",
+    "Item",
     "LockstepError",
     "PeerLost",
     "PoolFull",

@@ -117,6 +117,11 @@ class DisaggConfig:
     """Rooms slower than this from receiver() to SUCCESS are logged with their
     stage timings (Language side); None: never."""
 
+    item_cache_bytes: int = 0
+    """Per Language rank: bytes of landed items kept by key, in the room's device
+    memory, for later rooms that declare the same items (least recently used
+    out first; 0: off). See docs/items.md."""
+
     def __post_init__(self) -> None:
         def positive_int(name: str) -> None:
             v = getattr(self, name)
@@ -155,6 +160,9 @@ class DisaggConfig:
         if self.slow_room_s is not None and (isinstance(self.slow_room_s, bool) or not isinstance(
                 self.slow_room_s, (int, float)) or not self.slow_room_s > 0):
             raise _bad("slow_room_s", self.slow_room_s, "must be a number of seconds > 0 or None")
+        v = self.item_cache_bytes
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise _bad("item_cache_bytes", v, "must be an int >= 0 (0: no item cache)")
         self._check_extra_buffers()
 
     def _check_extra_buffers(self) -> None:

@@ -26,12 +26,14 @@ import torch
 import torch.distributed as dist
 
 from .errors import DisaggError, LockstepError
+from .items import Item
 from .language import LanguageEngine, Receiver
+from .language.items_room import resolve
 from .language.receiver import check_tokens
 from .types import EmbeddingResult, TransferStatus
 
 MAX_WINDOW = 1024  # rooms agreed on per step; later ones keep moving and wait their turn
-_HEADER = 6
+_HEADER = 8  # rooms, room-list checksum (2 words), item-cache digest; each negated too
 NOBODY = 1 << 62  # "failed on no rank": above every rank, so MIN finds the lowest that did
 
 
@@ -64,13 +66,40 @@ class RoomQueue:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def add(self, room: int, src_rank: int, seq_len: int | None = None) -> None:
+    def add(self, room: int, src_rank: int | None = None, seq_len: int | None = None,
+            items: list[Item] | None = None) -> None:
         """Queue a room from Embedding rank `src_rank` (same rooms, same order,
-        on every TP rank of the instance); `seq_len` as for `Receiver.init`."""
+        on every TP rank of the instance); `seq_len` as for `Receiver.init`.
+
+        `items` (DESIGN 0.3): the room's `disagg.Item`s in prompt order; each
+        names its source (default `src_rank`, which may then be omitted). Hits
+        in the item cache are decided here, in the order every TP rank shares,
+        so they are the same on every rank (`hits(room)`)."""
         check_tokens("add", seq_len, name="seq_len")
-        e = _Entry(self._engine.receiver(room, src_rank), seq_len=seq_len)
+        if items is not None:  # checked before anything changes
+            resolved = resolve(items, src_rank)
+            for src in {it.src_rank for it in resolved}:
+                assert src is not None
+                self._engine.check_source(src)
+            total = sum(it.num_tokens for it in resolved)
+            if seq_len is not None and seq_len != total:
+                raise ValueError(f"add(room={room}, seq_len={seq_len}): its items sum to "
+                                 f"{total} tokens")
+            src_rank = resolved[0].src_rank if src_rank is None else src_rank
+        if src_rank is None:
+            raise ValueError(f"add(room={room}): src_rank is needed for a room without items")
+        receiver = self._engine.receiver(room, src_rank)
+        if items is not None:
+            receiver.declare(items, queued=True)
+        e = _Entry(receiver, seq_len=None if items is not None else seq_len)
         self._entries.append(e)
         self._by_room[room] = e
+
+    def hits(self, room: int) -> list[int]:
+        """Indices of `room`'s items served from the item cache (copied locally,
+        never sent): the same on every TP rank. `ValueError` for a room not
+        in the queue."""
+        return self._entry(room).receiver.hits
 
     def ready_tokens(self, room: int) -> int:
         """Tokens of `room` every TP rank of the instance holds, as agreed at the
@@ -125,6 +154,7 @@ class RoomQueue:
                 if self._engine.scatter:
                     self._gather(e.receiver)
                 done.append((e.receiver.room, e.receiver.result()))
+                e.receiver.settle(keep=True)  # its items enter the cache here, on every rank
             elif s == TransferStatus.FAILED:
                 reason = e.receiver.failure
                 if reason is None:  # it failed on another rank of the instance: name it
@@ -132,6 +162,7 @@ class RoomQueue:
                               f"{failed_on[i]} of the TP instance")
                     e.receiver.abort(reason)
                 failed.append((e.receiver.room, reason))
+                e.receiver.settle(keep=False)
             else:
                 continue
             finished.add(i)
@@ -155,6 +186,15 @@ class RoomQueue:
                 f"language rank {eng.rank}: all-gather of room {receiver.room} failed (a TP "
                 f"rank died, or stepped differently): {str(err)[:200]}") from err
 
+    def _cache_digest(self) -> int:
+        """The item cache's state as a number (0: no cache): equal on TP ranks
+        whose caches made the same decisions."""
+        eng = self._engine
+        if eng.item_cache is None:
+            return 0
+        with eng.item_lock:
+            return eng.item_cache.digest()
+
     def _agree(self, window: list[_Entry], statuses: list[int],
                landed: list[int]) -> tuple[list[int], list[int], list[int]]:
         """Per room of the window: the least advanced status on any TP rank, the
@@ -171,9 +211,10 @@ class RoomQueue:
                                                                    e.receiver.src_rank)]),
                             digest_size=8).digest()
         lo, hi = struct.unpack("<ii", h)
+        d = self._cache_digest()
         buf = self._buf
         buf.fill_(NOBODY)
-        buf[:_HEADER] = torch.tensor([n, -n, lo, -lo, hi, -hi], dtype=torch.int64)
+        buf[:_HEADER] = torch.tensor([n, -n, lo, -lo, hi, -hi, d, -d], dtype=torch.int64)
         if n:
             buf[_HEADER:_HEADER + n] = torch.tensor(statuses, dtype=torch.int64)
             buf[_HEADER + w:_HEADER + w + n] = torch.tensor(failed_on, dtype=torch.int64)
@@ -186,6 +227,11 @@ class RoomQueue:
                 f"peer_timeout={self._engine.cfg.peer_timeout:g}s (a rank stepped fewer "
                 f"times, or died): {str(e)[:200]}") from e
         head = buf[:_HEADER].tolist()
+        if head[6] != -head[7]:
+            raise LockstepError(
+                f"language rank {self._engine.rank}: the TP ranks' item caches differ (their "
+                f"hits would differ): every TP rank must add the same rooms with the same "
+                f"items in the same order, and use items only through queue() when TP > 1")
         if any(head[i] != -head[i + 1] for i in (0, 2, 4)):
             raise LockstepError(
                 f"language rank {self._engine.rank}: TP ranks disagree on the queue "

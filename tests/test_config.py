@@ -58,6 +58,7 @@ INVALID: dict[str, list[object]] = {
     "bootstrap_timeout": [0, 0.0, -1, float("nan"), "300", None, True],
     "peer_timeout": [0, -0.5, float("nan"), "10", None, False],
     "slow_room_s": [0, -1.0, float("nan"), "10", True],
+    "item_cache_bytes": [-1, 1.5, "1", True, None],
 }
 
 VALID: dict[str, list[object]] = {
@@ -79,6 +80,7 @@ VALID: dict[str, list[object]] = {
     "bootstrap_timeout": [0.001, 1, 300.0, float("inf")],
     "peer_timeout": [0.5, 10, 10.0],
     "slow_room_s": [None, 0.5, 10],
+    "item_cache_bytes": [0, 1 << 30],
 }
 
 
@@ -128,6 +130,7 @@ def test_defaults_match_the_design():
         "extra_buffers": {}, "recv_into": "output", "fanout": "copy", "backend": None,
             "host": None,
         "bootstrap_timeout": 300.0, "peer_timeout": 10.0, "slow_room_s": 10.0,
+        "item_cache_bytes": 0,
     }
     assert cfg.torch_dtype is torch.bfloat16
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterable
 
@@ -24,6 +25,7 @@ from ..config import DisaggConfig
 from ..control import ControlPort
 from ..errors import DisaggError, FailureCause
 from ..geometry import Geometry
+from ..items import ItemCache, geometry_of
 from ..plan import scatter_stride
 from ..pool import BlockPool
 from ..recycle import Recycler
@@ -46,6 +48,7 @@ from .actions import (
     Untrack,
 )
 from .credit import Credits
+from .items_room import ItemRoom
 from .landing import Job, destinations
 from .machine import RecvMachine
 from .peers import LanguagePeers
@@ -82,9 +85,17 @@ class LanguageEngine(LanguagePeers):
         # jobs mode: whether an Embedding id this rank has not met yet is a member
         # of the deployment (its pair with this rank is then still forming)
         self.membership: Callable[[int], bool] | None = None
-        self.rooms: dict[int, RecvRoom] = {}
+        # by (source, room): a room declared as items has a lane per source
+        self.rooms: dict[tuple[int, int], RecvRoom] = {}
         self._pairs: dict[int, PairReceiver] = {}
         self.recycler = Recycler(geometry, device)
+        # landed items kept by key for later rooms (DESIGN 0.3); None: off
+        self.item_cache = ItemCache(cfg.item_cache_bytes) if cfg.item_cache_bytes else None
+        self.item_lock = threading.Lock()
+        self.item_shape = geometry_of({b.name: torch.empty((0, *b.per_token_shape),
+                                                           dtype=b.dtype)
+                                       for b in geometry.wire_buffers})
+        stats.add_source(self._item_stats)
         stats.add(results_recycled=0, results_reused=0)
         stats.set_gauge("recycle_idle_bytes", 0)
         stats.add_source(self._live_by_peer)
@@ -93,20 +104,60 @@ class LanguageEngine(LanguagePeers):
 
     def receiver(self, room: int, src_rank: int) -> Receiver:
         check_room_id(room)
-        if src_rank not in self.liveness.known and (self.membership is None or src_rank < 0):
-            alive = self.liveness.alive()
-            raise ValueError(f"src_rank={src_rank!r} is not an embedding rank this rank knows "
-                             f"(usable now: {alive[:16]}{' ...' if len(alive) > 16 else ''})")
+        self.check_source(src_rank)
         with self._lock:
             if self._closing:
                 raise DisaggError("context is shut down", rank=self.rank)
-            if room in self.rooms:
+            if self.room_live(room):
                 raise ValueError(f"room {room} is still live on language rank {self.rank}; "
                                  f"room ids must be unique among live rooms")
-            now = self.clock()
-            r = self.rooms[room] = RecvRoom(room, src_rank, created=now, last_progress=now)
+            return Receiver(self, self.new_lane(room, src_rank))
+
+    def room_live(self, room: int) -> bool:
+        """Whether a room of this id is live here, from any source (lock held)."""
+        return any(rm == room for _, rm in self.rooms)
+
+    def check_source(self, src_rank: int) -> None:
+        """`ValueError` unless `src_rank` is an Embedding rank this rank may use."""
+        if isinstance(src_rank, bool) or not isinstance(src_rank, int) or (
+                src_rank not in self.liveness.known
+                and (self.membership is None or src_rank < 0)):
+            alive = self.liveness.alive()
+            raise ValueError(f"src_rank={src_rank!r} is not an embedding rank this rank knows "
+                             f"(usable now: {alive[:16]}{' ...' if len(alive) > 16 else ''})")
+
+    def untrack(self, r: RecvRoom) -> None:
+        """Forget a room that never asked for anything (lock held)."""
+        assert not r.alloc_sent
+        if self.rooms.get((r.src_rank, r.room)) is r:
+            del self.rooms[r.src_rank, r.room]
             self.stats.set_gauge("rooms_live", len(self.rooms))
-        return Receiver(self, r)
+
+    def tell(self, src: int, msg: Alloc) -> None:
+        """An ALLOC that asks for nothing (every item of `src` is a hit): sent for
+        `needed()` to answer; if it cannot be sent, nothing here waits on it."""
+        why = self._post(src, msg)
+        if why is not None:
+            log.info("language rank %d: could not tell embedding rank %d that room %d needs "
+                     "nothing from it: %s", self.rank, src, msg.room, why)
+
+    def _item_stats(self) -> dict[str, object]:
+        c = self.item_cache
+        if c is None:
+            return {}
+        with self.item_lock:
+            return {"item_hits": c.hits, "item_misses": c.misses,
+                    "item_bytes_reused": c.bytes_reused, "item_cache_bytes": c.bytes,
+                    "item_evictions": c.evictions}
+
+    def new_lane(self, room: int, src_rank: int) -> RecvRoom:
+        """A room's state for its data from `src_rank` (lock held): the whole
+        room, or one source's lane of a room declared as items."""
+        now = self.clock()
+        r = self.rooms[src_rank, room] = RecvRoom(room, src_rank, created=now,
+                                                  last_progress=now)
+        self.stats.set_gauge("rooms_live", len(self.rooms))
+        return r
 
     def output_rows(self, seq_len: int) -> int:
         """Rows of a room's result tensors: seq_len, or with fanout="scatter" the
@@ -134,7 +185,7 @@ class LanguageEngine(LanguagePeers):
         with self._lock:
             bufs = self.recycler.claim(result)
             room = bufs.owner() if bufs.owner is not None else None
-            if isinstance(room, RecvRoom):
+            if isinstance(room, (RecvRoom, ItemRoom)):
                 room.outputs = room.buffers = room.result = None
                 room.handed_back = True
             if not self._closing:  # after shutdown nothing lands: let it go
@@ -183,8 +234,8 @@ class LanguageEngine(LanguagePeers):
         if not isinstance(msg, Reject):
             return
         with self._lock:
-            r = self.rooms.get(msg.room)
-            if r is None or r.src_rank != src:
+            r = self.rooms.get((src, msg.room))
+            if r is None:
                 return  # a room that already ended here
             self.execute(r, self.machine.reject(r, src, msg.reason))
 
@@ -227,14 +278,16 @@ class LanguageEngine(LanguagePeers):
             elif isinstance(a, CountFailure):
                 self.stats.failure(a.cause)
             elif isinstance(a, Untrack):
-                if self.rooms.get(r.room) is r:
-                    del self.rooms[r.room]
+                if self.rooms.get((r.src_rank, r.room)) is r:
+                    del self.rooms[r.src_rank, r.room]
                     self.stats.set_gauge("rooms_live", len(self.rooms))
             elif isinstance(a, Publish):
                 if a.status is TransferStatus.SUCCESS:
                     timing.room_done(self.stats, self.rank, self.cfg.slow_room_s, r,
                                      self.clock())
                 set_status(r, a.status)  # last: blocks and the room id are free
+                if r.group is not None:
+                    r.group.lane_ended(r)  # its room's other lanes may have to end too
                 self.cond.notify_all()
 
     def _prepost(self, r: RecvRoom, a: Prepost) -> None:

@@ -22,7 +22,7 @@ def owed_room(pair: ReadingPair, meta: Meta) -> tuple[RecvRoom, Credit]:
     """The room a frame answers, and the allocation it answers."""
     if pair.m.dead is not None:  # declared dead meanwhile: read nothing more from it
         raise StreamBroken(f"stream from embedding rank {pair.src} already torn down")
-    r = pair.engine.rooms.get(meta.room)
+    r = pair.engine.rooms.get((pair.src, meta.room))
     credit = pair.engine.machine.owed(r, pair.src, meta)
     assert r is not None
     return r, credit

@@ -38,7 +38,7 @@ class StreamHost(Protocol):
     device: torch.device
     stats: Stats
     credits: Credits
-    rooms: dict[int, RecvRoom]
+    rooms: dict[tuple[int, int], RecvRoom]
     machine: RecvMachine
 
     def clock(self) -> float: ...

@@ -100,7 +100,7 @@ class RecvMachine(FrameChecks):
         out: list[Action] = [Owe(), Post(Alloc(
             r.room, self.rank, self.instance_size, tuple(c.block_ids), c.allocated_tokens,
             c.direct, r.declared_seq_len, scatter=self.slice_index is not None,
-            preposted=prepost))]
+            preposted=prepost, items=r.items))]
         if prepost:
             lo, hi = self.span(r.declared_seq_len)
             out.append(Prepost(c, prepost_tokens(hi - lo, 0, c.allocated_tokens), lo))

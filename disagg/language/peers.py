@@ -26,7 +26,7 @@ log = logging.getLogger("disagg.language.engine")
 class LanguagePeers(EngineShell):
     """The peer half of `LanguageEngine`: its pairs' losses and arrivals."""
 
-    rooms: dict[int, RecvRoom]
+    rooms: dict[tuple[int, int], RecvRoom]
     machine: RecvMachine
     _pairs: dict[int, PairReceiver]
     _transports: dict[int, PairTransport]

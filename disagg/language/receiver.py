@@ -15,14 +15,17 @@ from ..errors import DisaggError, FailureCause
 from ..gather import gather_slices
 from ..results import prefix_views, to_result
 from ..types import TERMINAL, EmbeddingResult, TransferStatus
+from .items_room import ItemRoom, claim, hit_indices, resolve
 from .room import needs_resume
 
 if TYPE_CHECKING:
     from ..config import DisaggConfig
     from ..geometry import Geometry
+    from ..items import ItemCache
     from ..liveness import Liveness
     from ..recycle import Recycler
     from ..stats import Stats
+    from ..wire import Alloc
     from .actions import Action
     from .credit import Credits
     from .machine import RecvMachine
@@ -43,7 +46,7 @@ class ReceiverHost(Protocol):
     credits: Credits
     liveness: Liveness
     recycler: Recycler
-    rooms: dict[int, RecvRoom]
+    rooms: dict[tuple[int, int], RecvRoom]
     scatter: bool
     instance_size: int
     membership: Callable[[int], bool] | None
@@ -65,6 +68,21 @@ class ReceiverHost(Protocol):
 
     def poll(self, room: RecvRoom) -> TransferStatus: ...
 
+    # rooms declared as items (`items_room.ItemsHost`)
+    item_cache: ItemCache | None
+    item_lock: threading.Lock
+    item_shape: str
+
+    def output_rows(self, seq_len: int) -> int: ...
+
+    def check_source(self, src_rank: int) -> None: ...
+
+    def new_lane(self, room: int, src_rank: int) -> RecvRoom: ...
+
+    def untrack(self, r: RecvRoom) -> None: ...
+
+    def tell(self, src: int, msg: Alloc) -> None: ...
+
 
 def check_tokens(call: str, num_tokens: object, name: str = "num_tokens") -> None:
     if num_tokens is not None and (isinstance(num_tokens, bool) or not isinstance(
@@ -83,8 +101,39 @@ class Receiver:
         self._r = state
         self.room = state.room
         self.src_rank = state.src_rank
+        self._items: ItemRoom | None = None  # a room declared as items: it does the work
 
-    def init(self, num_tokens: int | None = None, *, seq_len: int | None = None) -> bool:
+    def declare(self, items: object, *, queued: bool = False) -> None:
+        """Make this a room declared as items (`init(items=)`, or `RoomQueue.add`).
+        Its hits must be the same on every TP rank: the queue's order makes the
+        caches' decisions so, and the queue releases them where every rank
+        agrees (`queued`). Bare receivers claim hits only on a rank without TP
+        peers. `ValueError` for bad items; the room is untouched then."""
+        e, r = self._engine, self._r
+        resolved = resolve(items, r.src_rank)
+        for it in resolved:
+            assert it.src_rank is not None
+            e.check_source(it.src_rank)
+        with e.cond:
+            if self._items is not None or r.alloc_sent or r.failure is not None:
+                raise ValueError(f"room {r.room}: items are declared once, before init() "
+                                 f"sends anything")
+            hits = ([False] * len(resolved) if e.instance_size > 1 and not queued
+                    else claim(e.item_cache, e.item_lock, resolved, e.item_shape))
+            e.untrack(r)  # its lanes, one per source, stand in its place
+            self._items = ItemRoom(e, e, r.room, resolved, hits, settle_on_end=not queued)
+
+    @property
+    def hits(self) -> list[int]:
+        """Indices of the items served from the item cache (none: no items)."""
+        return [] if self._items is None else hit_indices(self._items.hits)
+
+    @property
+    def items_room(self) -> ItemRoom | None:
+        return self._items
+
+    def init(self, num_tokens: int | None = None, *, seq_len: int | None = None,
+             items: object = None) -> bool:
         """Allocate and send ALLOC: `num_tokens`, else the declared `seq_len`,
         else default_alloc_tokens. `seq_len`: the room's exact length, when the
         caller knows it (it built the prompt's image-pad tokens): the first
@@ -92,9 +141,25 @@ class Receiver:
         length differs fails on both sides with both numbers in the reason (the
         stream stays aligned, other rooms carry on). False: no free blocks yet,
         or the room failed (see poll()); call again later. A repeat after
-        success does nothing."""
+        success does nothing.
+
+        `items` (DESIGN 0.3): the room's `disagg.Item`s in prompt order; their
+        token counts sum to the room's length (a `seq_len` must agree). Each
+        source (an item's `src_rank`, default this receiver's) gets a lane of
+        its own and sends only its needed items; items the cache holds (TP 1;
+        with TP > 1 hits come through `queue()`) are copied in locally."""
         check_tokens("init", num_tokens)
         check_tokens("init", seq_len, name="seq_len")
+        if items is not None and self._items is None:
+            if num_tokens is not None:
+                raise ValueError("init(num_tokens=...) does not apply to a room declared as "
+                                 "items: each source's lane asks for its rows")
+            self.declare(items)
+        if self._items is not None:
+            if seq_len is not None and seq_len != self._items.seq_len:
+                raise ValueError(f"init(seq_len={seq_len}): the items sum to "
+                                 f"{self._items.seq_len} tokens")
+            return self._items.init(Receiver)
         e, r = self._engine, self._r
         if num_tokens is not None:
             want = num_tokens
@@ -145,23 +210,30 @@ class Receiver:
         """This rank's status of the room. A room not yet ended may take up to
         0.2 ms to say so (at most once per 0.2 ms per thread): a caller spinning
         on poll() thus lets the library's threads run."""
+        if self._items is not None:
+            return self._items.poll()
         return self._engine.poll(self._r)
 
     @property
     def needs_resume(self) -> bool:
         """A partial chunk landed and nothing is asked for the rest yet."""
         with self._engine.cond:
+            if self._items is not None:
+                return self._items.needs_resume()
             return needs_resume(self._r)
 
     @property
     def progress(self) -> tuple[int, int | None]:
         """(tokens received, seq_len once the first chunk told it). With
-        fanout="scatter" the first is of this rank's slice."""
+        fanout="scatter" the first is of this rank's slice. A room declared as
+        items: its contiguous prefix landed, and its length."""
+        if self._items is not None:
+            return self._items.progress()
         return self._r.received, self._r.seq_len
 
     @property
     def failure(self) -> str | None:
-        return self._r.failure
+        return self._r.failure if self._items is None else self._items.failure
 
     def wait(self, timeout_s: float | None = None) -> TransferStatus:
         """Block until the room is SUCCESS or FAILED or `needs_resume`, or
@@ -169,6 +241,8 @@ class Receiver:
         the status then. For loops that would rather sleep than poll."""
         e, r = self._engine, self._r
         bound = e.cfg.bootstrap_timeout + e.cfg.peer_timeout if timeout_s is None else timeout_s
+        if self._items is not None:
+            return self._items.wait(bound)
         with e.cond:
             e.cond.wait_for(lambda: r.status in TERMINAL or needs_resume(r), bound)
         return r.status
@@ -177,6 +251,8 @@ class Receiver:
         """Allocate for the rest (or num_tokens of it) and send RESUME. False: no
         blocks yet (or the room failed); a repeat in the same round does nothing."""
         check_tokens("resume", num_tokens)
+        if self._items is not None:
+            return self._items.resume(Receiver, num_tokens)
         e, r = self._engine, self._r
         with e.cond:
             if r.failure is not None:
@@ -191,6 +267,8 @@ class Receiver:
         """The received tensors (the same ones at every call); raises
         `DisaggError` unless SUCCESS, or once they were handed back with
         `ctx.language.recycle()`."""
+        if self._items is not None:
+            return self._items.get_result()
         e, r = self._engine, self._r
         with e.cond:
             if r.status != TransferStatus.SUCCESS:
@@ -216,6 +294,8 @@ class Receiver:
         first `num_tokens` of them); `.aux` once the first chunk landed. After
         SUCCESS, the same tensors as `result()`. Raises `DisaggError` once the
         room failed (its memory may be reused), or its result was handed back."""
+        if self._items is not None:
+            return self._items.prefix(num_tokens)
         e, r = self._engine, self._r
         with e.cond:
             whole = num_tokens is None and (r.gathered or not e.scatter)
@@ -238,6 +318,8 @@ class Receiver:
         them again, and a room that failed on this rank since (a REJECT, an
         abort) keeps its output until the queue returns it: every rank gives
         the same answer until the next `step()`."""
+        if self._items is not None:
+            return self._items.agreed_prefix(num_tokens)
         e, r = self._engine, self._r
         with e.cond:
             if r.handed_back:
@@ -251,6 +333,9 @@ class Receiver:
         """fanout="scatter", from `RoomQueue.step()` only, on every rank of the
         instance in the same order, once every rank holds its slice: all-gather
         the slices so this rank's result is the whole room (`disagg.gather`)."""
+        if self._items is not None:
+            self._items.gather(Receiver, group)
+            return
         e, r = self._engine, self._r
         with e.cond:
             assert r.status == TransferStatus.SUCCESS and not r.gathered
@@ -269,5 +354,14 @@ class Receiver:
 
     def abort(self, reason: str = "aborted") -> None:
         """Fail the room; its blocks return once the frame owed for them arrives."""
+        if self._items is not None:
+            self._items.abort(reason)
+            return
         with self._engine.cond:
             self._engine.execute(self._r, self._engine.machine.abort(self._r, reason))
+
+    def settle(self, *, keep: bool) -> None:
+        """A room declared as items ended and its end was seen: release its
+        hits; with `keep` offer its landed items to the cache (`ItemRoom.settle`)."""
+        if self._items is not None and self._items.status in TERMINAL:
+            self._items.settle(keep=keep)

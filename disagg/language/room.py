@@ -6,12 +6,20 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
 from ..recycle import BufferSet
 from ..types import EmbeddingResult, TransferStatus, advance
+from ..wire import AllocItem
 from .credit import Credit
+
+
+class LaneGroup(Protocol):
+    """What a lane tells the room it belongs to (`items_room.ItemRoom`)."""
+
+    def lane_ended(self, lane: RecvRoom) -> None: ...
 
 
 class Phase(enum.Enum):
@@ -70,6 +78,11 @@ class RecvRoom:
     result: EmbeddingResult | None = None  # made once, at the first result() call
     gathered: bool = False  # fanout="scatter": the instance all-gathered the slices
     handed_back: bool = False  # the caller recycled its result: the memory is not its own
+    # a lane of a room declared as items (`items_room.ItemRoom`): its source's
+    # item table, sent with the ALLOC, and the room it is a lane of (told when
+    # the lane ends); None: a plain room
+    items: tuple[AllocItem, ...] | None = None
+    group: LaneGroup | None = None
 
     @property
     def total(self) -> int | None:

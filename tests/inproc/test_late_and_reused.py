@@ -118,7 +118,7 @@ def test_a_late_preposted_resume_meeting_a_reused_id_leaves_the_new_room_alone()
         assert w.ended(r, "the old room") is FAILED
         # FAILED is published while it drains; its id is free once the padded
         # ABORT frame answered its pre-posted RESUME
-        w.run_until(lambda: w.lang().rooms.get(5) is None, "the old room's answer")
+        w.run_until(lambda: not w.lang().room_live(5), "the old room's answer")
         assert new.poll() is not FAILED, new.failure
         retry = w.lang().receiver(5, src_rank=EMB)
         assert retry.init()
@@ -154,7 +154,7 @@ def test_queue_prefix_is_the_same_on_every_tp_rank_until_the_next_step(
         w.run_until(agreed, "the first chunk agreed")
         s.abort("the encoder gave up")
         w.deliver_all()
-        w.run_until(lambda: w.lang().rooms.get(3) is None, "the REJECT landed here")
+        w.run_until(lambda: not w.lang().room_live(3), "the REJECT landed here")
         p = q.prefix(3)
         assert torch.equal(p.embeddings.view(torch.int16), d.embeddings[:BS].view(torch.int16))
         assert torch.equal(p.fill_ids, d.fill_ids[:BS])
