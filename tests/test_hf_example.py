@@ -53,3 +53,27 @@ def test_qwen_vl_example_logits_bit_exact(tp: int) -> None:
         assert p.stdout.count(f"] OK {model}: logits bit-exact") == tp, out
         assert p.stdout.count(f"] {model}: sent 2 requests") == 1, out
     assert "2 deepstack buffers" in p.stdout, out  # Qwen3-VL's deepstack went as extras
+
+
+@pytest.mark.parametrize("encoders", [1, 2], ids=["reuse", "fan-in"])
+def test_items_example_skips_encodes_and_stays_bit_exact(encoders: int) -> None:
+    """examples/qwen_vl_items.py: a 3-turn chat that resends every earlier
+    image. Turn t holds t + 1 images, t of them seen before: 3 of the 6 are
+    hits, never encoded again nor sent, and the logits stay bit-exact; with 2
+    encoders each image comes from its own (fan-in)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone",
+         f"--nproc-per-node={encoders + 1}", "examples/qwen_vl_items.py", "--model", "all",
+         "--encoders", str(encoders), "--turns", "3", "--timeout", "60"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=160)
+    out = p.stdout + p.stderr
+    assert p.returncode == 0, out
+    assert "MISMATCH" not in p.stdout, out
+    for model in MODELS:
+        assert p.stdout.count(f"] OK {model}: logits bit-exact for 3 turns from {encoders} "
+                              f"encoder(s); 3 of 6 images were hits") == 1, out
+    # every image encoded exactly once, by its encoder, however often it was sent
+    encoded = [int(line.split("encoded ")[1].split()[0]) for line in p.stdout.splitlines()
+               if "] qwen2_vl: encoded" in line]
+    assert sorted(encoded) == ([3] if encoders == 1 else [1, 2]), out
