@@ -71,6 +71,26 @@ def test_progressive_benchmark_reports_both_modes() -> None:
     assert "progressive" in p.stdout and "whole" in p.stdout and "earlier by" in p.stdout
 
 
+def test_items_benchmark_reports_every_mode_with_the_bytes_and_encodes_it_saved() -> None:
+    p = subprocess.run(
+        [sys.executable, "scripts/bench_items.py", "--requests", "3", "--images", "2",
+         "--tokens-per-image", "16", "--hidden-size", "64", "--encode-ms", "5",
+         "--rates", "0", "0.9", "--callers", "serving", "wait"],
+        cwd=ROOT, capture_output=True, text=True, timeout=150)
+    assert p.returncode == 0, p.stdout + p.stderr
+    lines = p.stdout.splitlines()
+    for caller, rate in [(c, r) for c in ("serving", "wait") for r in ("0%", "90%")]:
+        at = lines.index(f"{caller} caller, reuse {rate}:")
+        rows = {ln.split()[0]: ln for ln in lines[at + 1:at + 4]}
+        assert set(rows) == {"plain", "items-1", "items-2"}, p.stdout
+        encoded = {m: int(r.split("encoded")[1].split()[0]) for m, r in rows.items()}
+        assert encoded["plain"] == 6, p.stdout  # every image of every request
+        if rate == "0%":
+            assert encoded["items-1"] == encoded["items-2"] == 6, p.stdout
+        else:  # the seeded stream repeats images: those are neither encoded nor sent
+            assert encoded["items-1"] == encoded["items-2"] < 6, p.stdout
+
+
 def test_wrong_process_count_is_said_once_briefly() -> None:
     """Issue 18: a world that does not fit the config used to print the same
     error in 80-130 lines of per-rank tracebacks; now one line, once."""

@@ -373,7 +373,8 @@ class ItemRoom:
                 lane.told or lane.state is not None for lane in self.lanes.values()):
             self.sync()
             new = TransferStatus.SUCCESS
-        elif any(r.status is TransferStatus.TRANSFERRING for r in states) or any(self.hits):
+        elif any(r.received or r.status is TransferStatus.TRANSFERRING
+                 for r in states) or any(self.hits):  # rows landed, or hits copied in
             new = TransferStatus.TRANSFERRING
         else:
             new = max(TransferStatus.WAITING_FOR_INPUT if any(

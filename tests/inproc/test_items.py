@@ -91,18 +91,31 @@ def test_fan_in_from_two_sources_lands_each_item_at_its_place(kw: dict,
         w.settle_whole()
 
 
-def test_the_prefix_waits_for_the_first_item_while_a_later_source_is_done() -> None:
+def test_the_prefix_grows_over_landed_items_whichever_source_is_slow() -> None:
     c = cfg()
     with World(c) as w:
+        # the second item's encoder is slow: prefill may start on the first
         r = w.lang().receiver(4, src_rank=0)
         assert r.init(items=[item(1, 16, 0), item(2, 16, 1)])
         s0, s1 = w.emb(0).sender(4), w.emb(1).sender(4)
-        give(s1, rows(c, 2, 16))  # the slow encoder is the first item's
+        give(s0, rows(c, 1, 16))
+        w.run_until(lambda: r.progress[0] == 16, "the first item landed")
+        assert r.poll() is TransferStatus.TRANSFERRING
+        assert same(r.prefix(), rows(c, 1, 16))
+        give(s1, rows(c, 2, 16))
+        assert w.finish(r, "room 4") is TransferStatus.SUCCESS
+        w.ended(s0, "source 0")
+        w.ended(s1, "source 1")
+        # the first item's encoder is slow: nothing is a prefix until it lands
+        r = w.lang().receiver(5, src_rank=0)
+        assert r.init(items=[item(3, 16, 0), item(4, 16, 1)])
+        s0, s1 = w.emb(0).sender(5), w.emb(1).sender(5)
+        give(s1, rows(c, 4, 16))
         w.ended(s1, "source 1")
         assert r.progress == (0, 32) and len(r.prefix().embeddings) == 0
-        give(s0, rows(c, 1, 16))
-        assert w.finish(r, "the room") is TransferStatus.SUCCESS
-        assert same(r.prefix(), cat([rows(c, 1, 16), rows(c, 2, 16)]))
+        give(s0, rows(c, 3, 16))
+        assert w.finish(r, "room 5") is TransferStatus.SUCCESS
+        assert same(r.prefix(), cat([rows(c, 3, 16), rows(c, 4, 16)]))
         w.ended(s0, "source 0")
         w.settle_whole()
 
