@@ -13,9 +13,12 @@ from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 COUNTERS = ("bytes_sent", "bytes_received", "chunks", "resumes", "failures",
-            "auto_alloc_overallocated_blocks")
+            "auto_alloc_overallocated_blocks",
+            # the item cache (Language ranks with item_cache_bytes; 0 elsewhere)
+            "item_hits", "item_misses", "item_bytes_reused", "item_evictions")
 # auto_alloc_resumes_avoided goes negative when "auto" spends rounds to save memory
-GAUGES = ("pool_total_blocks", "pool_free_blocks", "rooms_live", "auto_alloc_resumes_avoided")
+GAUGES = ("pool_total_blocks", "pool_free_blocks", "rooms_live", "auto_alloc_resumes_avoided",
+          "item_cache_bytes")
 
 
 class _HasStats(Protocol):

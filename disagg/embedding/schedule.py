@@ -30,7 +30,7 @@ from ..geometry import Geometry
 from ..meta import FLAG_FIRST, FLAG_GIVEN, FLAG_LAST, FrameKind, Meta
 from ..plan import chunk_tokens, segment_plan
 from ..topology import Topology
-from .actions import Action, Preposted, SendAbortFrame, SendData, SendDefer
+from .actions import Action, Preposted, SendAbortFrame, SendData, SendDefer, SendReject
 from .pair import defer
 from .room import Grant, Lane, SendRoom, lane_span
 
@@ -54,10 +54,15 @@ class Scheduler:
             return Lane(lang, slice_index=index, done=True, keys={0})
         return Lane(lang, slice_index=index, pending=grant, keys={0})
 
-    def refuse(self, lang: int, room: int, why: str, grant: Grant | None = None) -> SendAbortFrame:
+    def refuse(self, lang: int, room: int, why: str,
+               grant: Grant | None = None) -> SendAbortFrame | SendReject:
         """Refuse an allocation: its answer is an ABORT frame that says why
-        (padded to the allocation's sizes when its recvs are posted)."""
-        return SendAbortFrame(room, lang, f"embedding rank {self.rank}: {why}",
+        (padded to the allocation's sizes when its recvs are posted). An item
+        room's ALLOC that asks for nothing is owed no frame: a REJECT says why."""
+        reason = f"embedding rank {self.rank}: {why}"
+        if grant is not None and grant.items is not None and grant.seq_len == 0:
+            return SendReject(room, lang, reason)
+        return SendAbortFrame(room, lang, reason,
                               pad=grant if grant is not None and grant.preposted else None)
 
     @staticmethod

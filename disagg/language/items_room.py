@@ -207,9 +207,10 @@ class ItemRoom:
                 r.outputs = make_outputs(e.geometry, e.output_rows(lane.tokens), e.device)
 
     def poll(self) -> TransferStatus:
-        for lane in self.lanes.values():
-            if lane.state is not None and lane.state.status not in TERMINAL:
-                self._e.poll(lane.state)  # lets the library's threads run, as poll() does
+        live = [lane.state for lane in self.lanes.values()
+                if lane.state is not None and lane.state.status not in TERMINAL]
+        if live:
+            self._e.poll(live[0])  # one pause lets the library's threads run, as poll() does
         with self._e.cond:
             self._advance()
             return self.status
@@ -241,10 +242,10 @@ class ItemRoom:
         """The contiguous prefix of the room that landed (lock held): hits, then
         each item as far as its lane's rows came. With fanout="scatter", 0 until
         the queue gathered it (a slice is no prefix)."""
-        if self.status is TransferStatus.SUCCESS:
-            return self.seq_len
         if self._e.scatter and not self.gathered:
             return 0
+        if self.status is TransferStatus.SUCCESS:
+            return self.seq_len
         n = 0
         wire = {src: 0 for src in self.lanes}
         for it, hit in zip(self.items, self.hits, strict=True):

@@ -298,3 +298,32 @@ def test_the_queue_decides_hits_at_add_and_catches_diverged_caches(
         with pytest.raises(LockstepError, match="item caches differ"):
             q2.step()
         w.settle_whole()
+
+
+def test_an_alloc_that_asks_for_nothing_is_never_answered_with_a_frame() -> None:
+    """A source all of whose items are hits is owed no frame: when its ALLOC
+    waits for a sender() that never comes, the timeout refuses it by REJECT,
+    and the pair's stream stays aligned for the next room."""
+    c = cfg()
+    with World(c) as w:
+        r = w.lang().receiver(1, src_rank=1)
+        assert r.init(items=[item(1, 16)])
+        s = w.emb(1).sender(1)
+        give(s, rows(c, 1, 16))
+        assert w.finish(r, "room 1") is TransferStatus.SUCCESS
+        w.ended(s, "sender 1")
+        frames = len(w.link(1).metas())
+        r2 = w.lang().receiver(2, src_rank=1)
+        assert r2.init(items=[item(1, 16)])  # all hits: source 1 only told
+        assert r2.poll() is TransferStatus.SUCCESS
+        w.deliver_all()
+        w.advance(c.bootstrap_timeout + 1.0)  # no sender(2) on rank 1: the lobby gives up
+        assert len(w.link(1).metas()) == frames  # no frame for it
+        r3 = w.lang().receiver(3, src_rank=1)
+        assert r3.init(items=[item(7, 16)])
+        s3 = w.emb(1).sender(3)
+        give(s3, rows(c, 7, 16))
+        assert w.finish(r3, "room 3") is TransferStatus.SUCCESS
+        assert same(r3.result(), rows(c, 7, 16))
+        w.ended(s3, "sender 3")
+        w.settle_whole()
