@@ -8,11 +8,14 @@ from .context import Context, init
 from .embedding import Sender
 from .errors import (
     DisaggError,
+    Failure,
+    FailureCause,
     GeometryMismatch,
     LockstepError,
     PeerLost,
     PoolFull,
     ProtocolError,
+    StreamBroken,
     TransferTimeout,
 )
 from .items import Item
@@ -26,6 +29,8 @@ __all__ = [
     "DisaggConfig",
     "DisaggError",
     "EmbeddingResult",
+    "Failure",
+    "FailureCause",
     "GeometryMismatch",
     "Item",
     "LockstepError",
@@ -35,6 +40,7 @@ __all__ = [
     "Receiver",
     "RoomQueue",
     "Sender",
+    "StreamBroken",
     "TransferStatus",
     "TransferTimeout",
     "init",

@@ -113,6 +113,12 @@ class DisaggConfig:
     peer_timeout: float = 10.0
     """Seconds after which a silent or dead peer is declared dead."""
 
+    step_timeout: float = 120.0
+    """Seconds one TP rank of an instance may lag the others in `queue().step()`
+    (a first-batch compile, a long GC pause) before the instance's agreement
+    gives up: `LockstepError` on every rank, every queued room failed. Its own
+    bound, apart from peer_timeout, so a slow step does not end the instance."""
+
     slow_room_s: float | None = 10.0
     """Rooms slower than this from receiver() to SUCCESS are logged with their
     stage timings (Language side); None: never."""
@@ -153,7 +159,7 @@ class DisaggConfig:
         if self.host is not None and (not isinstance(self.host, str) or not self.host
                                       or self.host == "0.0.0.0"):
             raise _bad("host", self.host, "must be a routable address or None")
-        for name in ("bootstrap_timeout", "peer_timeout"):
+        for name in ("bootstrap_timeout", "peer_timeout", "step_timeout"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
                 raise _bad(name, v, "must be a number of seconds > 0")

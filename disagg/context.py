@@ -44,6 +44,7 @@ from .errors import DisaggError
 from .geometry import Geometry, Topology
 from .language import LanguageEngine
 from .language_side import LanguageSide
+from .shell import readiness
 from .startup import check_peers
 from .stats import Stats
 from .transport import PairTransport, TorchPairTransport, device_lock
@@ -177,7 +178,7 @@ class Context:
         instance_group = gather_group = None
         for i in range(topo.num_instances):
             g = new_group(topo.instance_ranks(i), backend="gloo",
-                          timeout=datetime.timedelta(seconds=self.cfg.peer_timeout),
+                          timeout=datetime.timedelta(seconds=self.cfg.step_timeout),
                           device=self.device)
             if self.instance == i:
                 instance_group = gather_group = g
@@ -190,7 +191,7 @@ class Context:
             # its own here (`warm_up`), all its ranks together.
             for i in range(topo.num_instances):
                 g = new_group(topo.instance_ranks(i), backend="nccl",
-                              timeout=datetime.timedelta(seconds=self.cfg.peer_timeout),
+                              timeout=datetime.timedelta(seconds=self.cfg.step_timeout),
                               device=self.device)
                 if self.instance == i:
                     gather_group = g
@@ -253,6 +254,18 @@ class Context:
             return {}
         lost = eng.lost_peers()
         return {p: f"rank {p}" for p in eng.liveness.peers if p not in lost}
+
+    def readiness(self) -> dict[str, object]:
+        """One summary for a readiness probe (`disagg.metrics` serves it at
+        /health): `ready` (bool) and `reason`; `peers_alive`, `peers_down`
+        (rank -> why); on Language ranks `instance`, the TP instance's agreement
+        ("ok", or "lost: why", after which its queue failed every room and the
+        instance must be restarted). Ready: not shut down, a peer alive, and the
+        instance's agreement not lost."""
+        eng = self._engine()
+        assert eng is not None
+        return readiness(self.role, eng.health(), self._closed,
+                         getattr(eng, "instance_lost", None))
 
     def health(self) -> dict[int, dict[str, object]]:
         """Per peer rank: `alive`, `last_heard_s`, `rooms_live`, `pair` ("ok" or

@@ -54,6 +54,7 @@ class FailureCause(str, enum.Enum):
     ABORTED_BY_PEER = "aborted_by_peer"  # the Embedding rank answered with an ABORT frame
     BAD_MESSAGE = "bad_message"  # a malformed or impossible control message
     BAD_PEER = "bad_peer"  # a message from an identity that is no known rank
+    CANCELLED = "cancelled"  # the Language serving loop cancelled it (`RoomQueue.cancel`)
     CORRUPT_FRAME = "corrupt_frame"  # a chunk that disagrees with the room's first chunk
     LENGTH_MISMATCH = "length_mismatch"  # the declared seq_len is not the room's
     PEER_LOST = "peer_lost"  # the peer died, said goodbye, or its stream broke
@@ -61,3 +62,24 @@ class FailureCause(str, enum.Enum):
     SHUTDOWN = "shutdown"  # this rank shut down with the room live
     TIMEOUT = "timeout"  # bootstrap_timeout (or the first-chunk bound) ran out
     TOO_LONG = "too_long"  # longer than the whole Embedding budget: can never be sent
+
+
+class Failure(str):
+    """Why a room failed: the message (a `str`, as before) with `.cause`, a
+    `FailureCause` a serving loop can branch on (retry a PEER_LOST room
+    elsewhere, drop a CANCELLED one), and `.rank`, the rank it failed on."""
+
+    cause: FailureCause
+    rank: int | None
+
+    def __new__(cls, message: str, cause: FailureCause, rank: int | None = None) -> Failure:
+        self = super().__new__(cls, message)
+        self.cause = cause
+        self.rank = rank
+        return self
+
+    def __reduce__(self) -> tuple[object, ...]:  # pickles (e.g. through multiprocessing) whole
+        return (Failure, (str(self), self.cause, self.rank))
+
+    def __repr__(self) -> str:
+        return f"Failure({str(self)!r}, cause={self.cause.name}, rank={self.rank})"

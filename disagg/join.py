@@ -175,7 +175,7 @@ class JobsContext(Context):
         mine = None
         for i in range(len(ranks) // tp):  # every rank of the job makes every instance's
             g = new_group(ranks[i * tp:(i + 1) * tp], backend="gloo",
-                          timeout=datetime.timedelta(seconds=self.cfg.peer_timeout),
+                          timeout=datetime.timedelta(seconds=self.cfg.step_timeout),
                           device=self.device)
             if i == local // tp:
                 mine = g

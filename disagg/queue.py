@@ -21,11 +21,12 @@ import hashlib
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
 
-from .errors import DisaggError, LockstepError
+from .errors import DisaggError, Failure, FailureCause, LockstepError
 from .items import Item
 from .language import LanguageEngine, Receiver
 from .language.items_room import resolve
@@ -35,6 +36,18 @@ from .types import EmbeddingResult, TransferStatus
 MAX_WINDOW = 1024  # rooms agreed on per step; later ones keep moving and wait their turn
 _HEADER = 8  # rooms, room-list checksum (2 words), item-cache digest; each negated too
 NOBODY = 1 << 62  # "failed on no rank": above every rank, so MIN finds the lowest that did
+_CAUSES = list(FailureCause)
+
+
+def pack_failed_on(rank: int, failure: Failure | None) -> int:
+    """The rank a room failed on and why, as one word: MIN over the instance
+    gives the lowest rank that failed, with its cause."""
+    cause = failure.cause if isinstance(failure, Failure) else FailureCause.ABORT
+    return rank * 64 + _CAUSES.index(cause)
+
+
+def unpack_failed_on(word: int) -> tuple[int, FailureCause]:
+    return word // 64, _CAUSES[word % 64]
 
 
 @dataclass
@@ -62,12 +75,19 @@ class RoomQueue:
         # header, then per room of the window: its status, the lowest rank it FAILED
         # on, and the tokens landed (MIN: what every rank holds)
         self._buf = torch.empty(_HEADER + 3 * window, dtype=torch.int64)
+        self._lost: str | None = None  # the agreement is gone for good: why
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def add(self, room: int, src_rank: int | None = None, seq_len: int | None = None,
             items: list[Item] | None = None) -> None:
+        if self._lost is not None:
+            raise LockstepError(self._lost)
+        self._add(room, src_rank, seq_len, items)
+
+    def _add(self, room: int, src_rank: int | None, seq_len: int | None,
+             items: list[Item] | None) -> None:
         """Queue a room from Embedding rank `src_rank` (same rooms, same order,
         on every TP rank of the instance); `seq_len` as for `Receiver.init`.
 
@@ -122,11 +142,26 @@ class RoomQueue:
         raise ValueError(f"room {room} is not in this queue (returned by step(), or never "
                          f"added)")
 
-    def step(self) -> tuple[list[tuple[int, EmbeddingResult]], list[tuple[int, str]]]:
-        """Advance every queued room once; return the rooms finished on every TP rank."""
+    def cancel(self, room: int, reason: str = "cancelled") -> None:
+        """End a queued room (its client is gone): it comes back in `failed` at the
+        next `step()` on every TP rank, cause CANCELLED. Calling it on one TP
+        rank is enough; on several, the same. Its Embedding rank is told (its
+        sender ends FAILED, cause CANCELLED, its budget back); its blocks come
+        back as for any abort (when the frame owed for them arrived), and its id
+        may be reused once it was returned. `ValueError` for a room not in the
+        queue."""
+        if not isinstance(reason, str):
+            raise ValueError(f"cancel(reason={reason!r}): a str")
+        self._entry(room).receiver.abort(reason, cause=FailureCause.CANCELLED)
+
+    def step(self) -> tuple[list[tuple[int, EmbeddingResult]], list[tuple[int, Failure]]]:
+        """Advance every queued room once; return the rooms finished on every TP
+        rank: `done` (room, result) and `failed` (room, `disagg.Failure`)."""
         if self._engine.closed:
             raise DisaggError("context is shut down: step() has nothing to agree on",
                               rank=self._engine.rank)
+        if self._lost is not None:
+            raise LockstepError(self._lost)
         # FIFO: earlier rooms get blocks first, and no room starts while an earlier
         # one waits for blocks (a long room is never starved by short ones behind it).
         admit = True
@@ -142,25 +177,33 @@ class RoomQueue:
         statuses = [int(e.receiver.poll()) for e in window]
         # read after the statuses; a scatter slice is no prefix until gathered
         landed = [0 if self._engine.scatter else e.receiver.progress[0] for e in window]
-        agreed, failed_on, ready = self._agree(window, statuses, landed)
+        try:
+            agreed, failed_on, ready = self._agree(window, statuses, landed)
+        except LockstepError as err:
+            self._lose(err)
         for e, n in zip(window, ready, strict=True):
             e.ready = max(e.ready, n)
         done: list[tuple[int, EmbeddingResult]] = []
-        failed: list[tuple[int, str]] = []
+        failed: list[tuple[int, Failure]] = []
         finished: set[int] = set()
         for i, e in enumerate(window):
             s = agreed[i]
             if s == TransferStatus.SUCCESS:
                 if self._engine.scatter:
-                    self._gather(e.receiver)
+                    try:
+                        self._gather(e.receiver)
+                    except LockstepError as err:
+                        self._lose(err)
                 done.append((e.receiver.room, e.receiver.result()))
                 e.receiver.settle(keep=True)  # its items enter the cache here, on every rank
             elif s == TransferStatus.FAILED:
                 reason = e.receiver.failure
                 if reason is None:  # it failed on another rank of the instance: name it
-                    reason = (f"room {e.receiver.room} failed on language rank "
-                              f"{failed_on[i]} of the TP instance")
-                    e.receiver.abort(reason)
+                    rank, cause = unpack_failed_on(failed_on[i])
+                    why = (f"room {e.receiver.room} failed on language rank {rank} of the TP "
+                           f"instance ({cause.value})")
+                    e.receiver.abort(why, cause=cause)
+                    reason = Failure(why, cause, rank)
                 failed.append((e.receiver.room, reason))
                 e.receiver.settle(keep=False)
             else:
@@ -172,6 +215,22 @@ class RoomQueue:
             self._entries = [e for i, e in enumerate(self._entries) if i not in finished]
         return done, failed
 
+    def _lose(self, err: LockstepError) -> NoReturn:
+        """The instance's agreement is gone for good (a TP rank died, stalled past
+        step_timeout, or broke the contract): every queued room fails here now
+        (cause PEER_LOST; their Embedding ranks are told), the queue refuses
+        further use, and `ctx.readiness()` says why. Recover by restarting the
+        instance (in jobs mode, its job only)."""
+        why = str(err)
+        self._lost = why
+        self._engine.instance_lost = why
+        for e in self._entries:
+            e.receiver.abort(f"the TP instance's agreement is lost: {why}",
+                             cause=FailureCause.PEER_LOST)
+            e.receiver.settle(keep=False)
+        self._entries, self._by_room = [], {}
+        raise err
+
     def _gather(self, receiver: Receiver) -> None:
         """fanout="scatter": every rank holds its slice (agreed this step); make
         the whole room on every rank, in the queue's order on every rank."""
@@ -181,10 +240,10 @@ class RoomQueue:
             raise DisaggError("context is shut down: no group to gather on", rank=eng.rank)
         try:
             receiver.gather(group)
-        except RuntimeError as err:  # the group's timeout is peer_timeout
+        except RuntimeError as err:  # the group's timeout is step_timeout
             raise LockstepError(
                 f"language rank {eng.rank}: all-gather of room {receiver.room} failed (a TP "
-                f"rank died, or stepped differently): {str(err)[:200]}") from err
+                f"rank died, or stepped differently): {err}") from err
 
     def _cache_digest(self) -> int:
         """The item cache's state as a number (0: no cache): equal on TP ranks
@@ -201,7 +260,8 @@ class RoomQueue:
         lowest rank on which it FAILED (`NOBODY` if none), and the fewest tokens
         any rank holds; in one all-reduce."""
         me = self._engine.rank
-        failed_on = [me if st == TransferStatus.FAILED else NOBODY for st in statuses]
+        failed_on = [NOBODY if st != TransferStatus.FAILED else pack_failed_on(
+            me, e.receiver.failure) for st, e in zip(statuses, window, strict=True)]
         group = self._group_of()
         if group is None or dist.get_world_size(group) == 1:
             return statuses, failed_on, landed
@@ -221,11 +281,11 @@ class RoomQueue:
             buf[_HEADER + 2 * w:_HEADER + 2 * w + n] = torch.tensor(landed, dtype=torch.int64)
         try:
             dist.all_reduce(buf, op=dist.ReduceOp.MIN, group=group)
-        except RuntimeError as e:  # the group's timeout is peer_timeout
+        except RuntimeError as e:  # the group's timeout is step_timeout
             raise LockstepError(
                 f"language rank {self._engine.rank}: the other TP ranks did not step() within "
-                f"peer_timeout={self._engine.cfg.peer_timeout:g}s (a rank stepped fewer "
-                f"times, or died): {str(e)[:200]}") from e
+                f"step_timeout={self._engine.cfg.step_timeout:g}s (a rank stepped fewer "
+                f"times, stalled, or died): {e}") from e
         head = buf[:_HEADER].tolist()
         if head[6] != -head[7]:
             raise LockstepError(

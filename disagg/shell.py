@@ -94,3 +94,28 @@ class EngineShell:
                     "rooms_live": rooms_live.get(p, 0),
                     "pair": "ok" if p not in lost else f"lost: {lost[p]}"}
                 for p in self.liveness.peers}
+
+
+def readiness(role: str, health: Mapping[int, Mapping[str, object]], closed: bool,
+              instance_lost: str | None = None) -> dict[str, object]:
+    """`ctx.readiness()`, from `health()` (pure): `ready` and its `reason`, the
+    peers alive and lost, and on Language ranks the TP instance's agreement.
+    Ready: not shut down, at least one peer alive, and (Language) the instance's
+    agreement not lost."""
+    alive = sorted(p for p, h in health.items() if h["alive"])
+    down = {p: str(h["pair"]) for p, h in health.items() if not h["alive"]}
+    out: dict[str, object] = {"peers_alive": alive, "peers_down": down}
+    if role == "language":
+        out["instance"] = "ok" if instance_lost is None else f"lost: {instance_lost}"
+    if closed:
+        why = "this rank shut down"
+    elif role == "language" and instance_lost is not None:
+        why = (f"the TP instance's agreement is lost ({instance_lost}): restart the "
+               f"instance (in jobs mode, its job only)")
+    elif not alive:
+        other = "embedding" if role == "language" else "language"
+        why = f"no {other} rank alive" + (f" ({len(down)} down)" if down else " (none known)")
+    else:
+        why = ""
+    out.update(ready=not why, reason=why or f"{len(alive)} peer(s) alive")
+    return out

@@ -59,6 +59,8 @@ FLAG_PREPOSTED = 8
 # u32 count and that many (index, first token, tokens, needed) int32 entries:
 # the items this Embedding rank sends, and which of them are not cache hits
 FLAG_ITEMS = 16
+# ABORT: the Language serving loop cancelled the room (`RoomQueue.cancel`)
+FLAG_CANCELLED = 32
 _ITEM = struct.Struct("<iiii")
 ITEM_ENTRY_BYTES = _ITEM.size
 
@@ -114,11 +116,13 @@ class Resume:
 
 @dataclass(frozen=True)
 class Abort:
-    """L -> E: this Language rank gives up the room."""
+    """L -> E: this Language rank gives up the room; `cancelled`: its serving
+    loop cancelled it (FLAG_CANCELLED), the client is gone."""
 
     room: int
     lang_rank: int
     reason: str
+    cancelled: bool = False
 
 
 @dataclass(frozen=True)
@@ -189,7 +193,8 @@ def encode(msg: ControlMessage) -> bytes:
         return out
     if isinstance(msg, Abort):
         raw = _reason_bytes(msg.reason)
-        return _HEADER.pack(MAGIC, VERSION, MsgKind.ABORT, 0, msg.room, msg.lang_rank,
+        return _HEADER.pack(MAGIC, VERSION, MsgKind.ABORT,
+                            FLAG_CANCELLED if msg.cancelled else 0, msg.room, msg.lang_rank,
                             0, 0, 0, len(raw)) + raw
     if isinstance(msg, Heartbeat):
         return _HEADER.pack(MAGIC, VERSION, MsgKind.HEARTBEAT, FLAG_BYE if msg.bye else 0, 0,
@@ -287,7 +292,8 @@ def decode(data: bytes) -> ControlMessage:
                                 f"bytes)")
         return Heartbeat(lang_rank, bool(flags & FLAG_BYE), max(-1, sent_tokens))
     allowed = {MsgKind.ALLOC: FLAG_DIRECT | FLAG_SCATTER | FLAG_PREPOSTED | FLAG_ITEMS,
-               MsgKind.RESUME: FLAG_DIRECT | FLAG_PREPOSTED}.get(kind, FLAG_DIRECT)
+               MsgKind.RESUME: FLAG_DIRECT | FLAG_PREPOSTED,
+               MsgKind.ABORT: FLAG_DIRECT | FLAG_CANCELLED}.get(kind, FLAG_DIRECT)
     if flags & ~allowed:
         raise ProtocolError(f"unknown flags 0x{flags:x}")
     if kind in (MsgKind.ALLOC, MsgKind.RESUME):
@@ -327,7 +333,7 @@ def decode(data: bytes) -> ControlMessage:
     except UnicodeDecodeError:
         raise ProtocolError(f"{kind.name} reason is not UTF-8", room=room) from None
     if kind is MsgKind.ABORT:
-        return Abort(room, lang_rank, reason)
+        return Abort(room, lang_rank, reason, bool(flags & FLAG_CANCELLED))
     if kind is MsgKind.PAIR_DOWN:
         return PairDown(lang_rank, reason)
     return Reject(room, sent_tokens, reason)

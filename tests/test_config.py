@@ -59,6 +59,7 @@ INVALID: dict[str, list[object]] = {
     "peer_timeout": [0, -0.5, float("nan"), "10", None, False],
     "slow_room_s": [0, -1.0, float("nan"), "10", True],
     "item_cache_bytes": [-1, 1.5, "1", True, None],
+    "step_timeout": [0, -1.0, "10", True, None],
 }
 
 VALID: dict[str, list[object]] = {
@@ -81,6 +82,7 @@ VALID: dict[str, list[object]] = {
     "peer_timeout": [0.5, 10, 10.0],
     "slow_room_s": [None, 0.5, 10],
     "item_cache_bytes": [0, 1 << 30],
+    "step_timeout": [0.5, 300],
 }
 
 
@@ -130,7 +132,7 @@ def test_defaults_match_the_design():
         "extra_buffers": {}, "recv_into": "output", "fanout": "copy", "backend": None,
             "host": None,
         "bootstrap_timeout": 300.0, "peer_timeout": 10.0, "slow_room_s": 10.0,
-        "item_cache_bytes": 0,
+        "item_cache_bytes": 0, "step_timeout": 120.0,
     }
     assert cfg.torch_dtype is torch.bfloat16
 

@@ -4,7 +4,9 @@ ranks in test_serving.py)."""
 
 from __future__ import annotations
 
+import json
 import threading
+import urllib.error
 import urllib.request
 
 import pytest
@@ -68,3 +70,50 @@ def test_scrape_reads_stats_afresh_and_shutdown_stops_the_server() -> None:
     with pytest.raises(OSError):
         scrape(exporter.port)
     exporter.close()  # idempotent
+
+
+class ProbedContext(FakeContext):
+    """Also health() and readiness(), as a real context has."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lost: str | None = None
+
+    def health(self) -> dict[int, dict[str, object]]:
+        return {0: {"alive": self.lost is None, "last_heard_s": 0.1, "rooms_live": 1,
+                    "pair": "ok" if self.lost is None else f"lost: {self.lost}"},
+                1: {"alive": True, "last_heard_s": 0.2, "rooms_live": 0, "pair": "ok"}}
+
+    def readiness(self) -> dict[str, object]:
+        ready = self.lost is None
+        return {"ready": ready, "reason": "2 peer(s) alive" if ready else "instance lost"}
+
+
+def get(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def test_health_route_answers_200_or_503_and_peers_have_gauges() -> None:
+    ctx = ProbedContext()
+    exporter = serve_prometheus(ctx, port=0)
+    base = {"rank": "3", "role": "language"}
+    try:
+        status, body = get(exporter.port, "/health")
+        assert status == 200 and json.loads(body)["ready"] is True
+        m = scrape(exporter.port)
+        assert m[("disagg_peer_alive", frozenset({**base, "peer": "0"}.items()))] == 1
+        assert m[("disagg_ready", frozenset(base.items()))] == 1
+        ctx.lost = "heartbeats stopped"
+        status, body = get(exporter.port, "/health")
+        assert status == 503 and json.loads(body)["reason"] == "instance lost"
+        m = scrape(exporter.port)
+        assert m[("disagg_peer_alive", frozenset({**base, "peer": "0"}.items()))] == 0
+        assert m[("disagg_pair_up", frozenset({**base, "peer": "0"}.items()))] == 0
+        assert m[("disagg_pair_up", frozenset({**base, "peer": "1"}.items()))] == 1
+        assert m[("disagg_ready", frozenset(base.items()))] == 0
+    finally:
+        exporter.close()

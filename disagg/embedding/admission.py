@@ -92,7 +92,7 @@ class Admission:
 
     def abort(self, r: SendRoom | None, m: Abort, now: float) -> list[Action]:
         if r is not None:
-            return self.machine.peer_abort(r, m.lang_rank, m.reason)
+            return self.machine.peer_abort(r, m.lang_rank, m.reason, cancelled=m.cancelled)
         return self.refusals(self.lobby.abort(m.room, m.lang_rank, m.reason, now,
                                               self.other_instance))
 

@@ -22,7 +22,7 @@ import torch
 
 from ..config import DisaggConfig
 from ..control import ControlPort
-from ..errors import DisaggError, FailureCause, PeerLost
+from ..errors import DisaggError, Failure, FailureCause, PeerLost
 from ..geometry import Geometry
 from ..pool import BlockAllocator
 from ..stats import Stats
@@ -91,7 +91,8 @@ class EmbeddingEngine(EmbeddingPeers):
             r = SendRoom(room, last_progress=now)
             claimed = self.lobby.claim(room, now)
             if claimed.early_abort is not None:
-                r.failure, r.ended = claimed.early_abort, True
+                r.failure = Failure(claimed.early_abort, FailureCause.ABORT, self.rank)
+                r.ended = True
                 set_status(r, TransferStatus.FAILED)
                 self.stats.failure(FailureCause.ABORT)
                 self._refuse(claimed.refused)  # ALLOCs that raced the abort: answered

@@ -67,7 +67,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..errors import FailureCause
+from ..errors import Failure, FailureCause
 from ..geometry import Geometry
 from ..plan import prepost_tokens
 from ..topology import Topology
@@ -144,7 +144,8 @@ class SendMachine(Scheduler):
 
     def shutdown(self, r: SendRoom) -> list[Action]:
         if r.sources is None and not r.lanes:  # nothing given, nobody asked: no count
-            r.failure = "shutdown"
+            r.failure = Failure(f"embedding rank {self.rank} shut down", FailureCause.SHUTDOWN,
+                                self.rank)
             return self._end(r, TransferStatus.FAILED, "shutdown")
         # decided on the wire: the streams finish their frames before they stop
         return self.fail(r, f"embedding rank {self.rank} shut down", FailureCause.SHUTDOWN)
@@ -265,7 +266,11 @@ class SendMachine(Scheduler):
         return [Count(resumes=1), *self._preposted(r.room, lang, grant),
                 *self._schedule(r, lane)]
 
-    def peer_abort(self, r: SendRoom, lang: int, reason: str) -> list[Action]:
+    def peer_abort(self, r: SendRoom, lang: int, reason: str, *,
+                   cancelled: bool = False) -> list[Action]:
+        if cancelled:  # the client is gone: the Language serving loop cancelled it
+            return self.fail(r, f"cancelled by language rank {lang}: {reason}",
+                             FailureCause.CANCELLED)
         return self.fail(r, f"aborted by language rank {lang}: {reason}", FailureCause.ABORT)
 
     def bad_message(self, r: SendRoom, lang: int, reason: str) -> list[Action]:
@@ -369,7 +374,7 @@ class SendMachine(Scheduler):
             return []
         if not force and self.decided_on_the_wire(r):
             return []
-        r.failure = reason
+        r.failure = Failure(reason, cause, self.rank)
         out: list[Action] = [CountFailure(cause)]
         for lane in r.lanes.values():
             if lane.pending is not None:

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..errors import Failure
 from ..plan import span
 from ..types import TransferStatus, advance
 from ..wire import AllocItem
@@ -89,7 +90,7 @@ class SendRoom:
     budget: list[int] = field(default_factory=list)
     instance_size: int | None = None
     lanes: dict[int, Lane] = field(default_factory=dict)
-    failure: str | None = None
+    failure: Failure | None = None
     status: TransferStatus = TransferStatus.WAITING_FOR_INPUT
     ended: bool = False  # End emitted: nothing more happens to this room
     sent_at: float | None = None  # first send(), for latency stats

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 
 from ..config import DisaggConfig
-from ..errors import DisaggError, FailureCause, PoolFull
+from ..errors import DisaggError, Failure, FailureCause, PoolFull
 from ..geometry import Geometry
 from ..types import TERMINAL, TransferStatus
 from ..wire import MAX_AUX
@@ -213,7 +213,8 @@ class Sender:
         return r.status
 
     @property
-    def failure(self) -> str | None:
+    def failure(self) -> Failure | None:
+        """Why the room failed (a `str` with `.cause` and `.rank`), or None."""
         return self._r.failure
 
     def abort(self, reason: str = "aborted") -> None:

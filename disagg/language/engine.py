@@ -89,6 +89,8 @@ class LanguageEngine(LanguagePeers):
         self.rooms: dict[tuple[int, int], RecvRoom] = {}
         self._pairs: dict[int, PairReceiver] = {}
         self.recycler = Recycler(geometry, device)
+        # the TP instance's agreement is gone for good (a queue's LockstepError): why
+        self.instance_lost: str | None = None
         # landed items kept by key for later rooms (DESIGN 0.3); None: off
         self.item_cache = ItemCache(cfg.item_cache_bytes) if cfg.item_cache_bytes else None
         self.item_lock = threading.Lock()

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
-from ..errors import DisaggError
+from ..errors import DisaggError, Failure, FailureCause
 from ..items import Item, ItemCache, offsets
 from ..recycle import BufferSet
 from ..results import make_outputs, prefix_views, to_result
@@ -145,7 +145,7 @@ class ItemRoom:
                 lane.state = host.new_lane(room, lane.src)
                 lane.state.items, lane.state.group = lane.table, self
         self.status = TransferStatus.BOOTSTRAPPING
-        self.failure: str | None = None
+        self.failure: Failure | None = None
         self.outputs: dict[str, torch.Tensor] | None = None
         self.buffers: BufferSet | None = None
         self.result: EmbeddingResult | None = None
@@ -338,9 +338,9 @@ class ItemRoom:
             self.gathered = True
             self.sync()
 
-    def abort(self, reason: str) -> None:
+    def abort(self, reason: str, cause: FailureCause = FailureCause.ABORT) -> None:
         with self._e.cond:
-            self._fail(reason)
+            self._fail(f"aborted on language rank {self._e.rank}: {reason}", cause, reason)
 
     # -------------------------------------------------------- the lanes' ends
 
@@ -348,17 +348,20 @@ class ItemRoom:
         """A lane's status became final (engine lock held): a failed one fails
         the room, which ends the other lanes with the cause."""
         if lane.status is TransferStatus.FAILED and self.failure is None:
-            self._fail(f"embedding rank {lane.src_rank}'s items failed: {lane.failure}")
+            assert lane.failure is not None
+            self._fail(f"embedding rank {lane.src_rank}'s items failed: {lane.failure}",
+                       lane.failure.cause, f"embedding rank {lane.src_rank}'s items failed")
         self._advance()
 
-    def _fail(self, reason: str) -> None:
+    def _fail(self, reason: str, cause: FailureCause, told: str) -> None:
+        """The room fails; its other lanes end, their sources told `told`."""
         if self.failure is not None or self.status in TERMINAL:
             return
-        self.failure = reason
         e = self._e
+        self.failure = Failure(reason, cause, e.rank)
         for other in self.lanes.values():
             if other.state is not None and other.state.status not in TERMINAL:
-                e.execute(other.state, e.machine.abort(other.state, reason))
+                e.execute(other.state, e.machine.abort(other.state, told, cause))
         self._advance()
 
     def _advance(self) -> TransferStatus:

@@ -40,7 +40,7 @@ free. `needs_resume` is exactly PARTIAL.
 
 from __future__ import annotations
 
-from ..errors import FailureCause
+from ..errors import Failure, FailureCause
 from ..meta import FLAG_GIVEN, Meta
 from ..plan import prepost_tokens
 from ..types import TERMINAL, TransferStatus
@@ -184,13 +184,16 @@ class RecvMachine(FrameChecks):
     def reject(self, r: RecvRoom, src: int, reason: str) -> list[Action]:
         return self.fail(r, f"rejected by embedding rank {src}: {reason}", FailureCause.REJECTED)
 
-    def abort(self, r: RecvRoom, reason: str) -> list[Action]:
+    def abort(self, r: RecvRoom, reason: str,
+              cause: FailureCause = FailureCause.ABORT) -> list[Action]:
+        """The caller ended the room (`cause` ABORT), or cancelled it (CANCELLED,
+        which the ABORT carries so the Embedding side counts it the same)."""
         if r.status in TERMINAL or r.failure is not None:
             return []
         # Also before ALLOC: the Embedding rank may hold the data and its budget.
-        return [*self.fail(r, f"aborted on language rank {self.rank}: {reason}",
-                           FailureCause.ABORT),
-                Post(Abort(r.room, self.rank, reason))]
+        return [*self.fail(r, f"aborted on language rank {self.rank}: {reason}", cause),
+                Post(Abort(r.room, self.rank, reason,
+                           cancelled=cause is FailureCause.CANCELLED))]
 
     def shutdown(self, r: RecvRoom) -> list[Action]:
         if r.status in TERMINAL or r.failure is not None:
@@ -236,8 +239,11 @@ class RecvMachine(FrameChecks):
         boot = self.bootstrap_timeout
         idle = now - r.last_progress
         if r.status == TransferStatus.BOOTSTRAPPING and idle > boot:
-            return self.fail(r, f"language rank {self.rank}: no free blocks for room {r.room} "
-                                f"within bootstrap_timeout={boot:g}s", FailureCause.TIMEOUT)
+            why = ("no free blocks for it (init() found none)" if r.init_refused else
+                   "no init() call (a queue not stepped, or a receiver never initialised)")
+            return self.fail(r, f"language rank {self.rank}: room {r.room} timed out after "
+                                f"bootstrap_timeout={boot:g}s waiting for {why}",
+                             FailureCause.TIMEOUT)
         if needs_resume(r) and idle > boot:
             return [*self.fail(r, f"language rank {self.rank}: room {r.room} waited {boot:g}s "
                                   f"for blocks to resume", FailureCause.TIMEOUT),
@@ -269,7 +275,7 @@ class RecvMachine(FrameChecks):
     def fail(self, r: RecvRoom, reason: str, cause: FailureCause) -> list[Action]:
         if r.failure is not None or r.status == TransferStatus.SUCCESS:
             return []
-        r.failure = reason
+        r.failure = Failure(reason, cause, self.rank)
         return [CountFailure(cause), *self._maybe_untrack(r), Publish(TransferStatus.FAILED)]
 
     def _maybe_untrack(self, r: RecvRoom) -> list[Action]:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 from torch.distributed import ProcessGroup
 
-from ..errors import DisaggError, FailureCause
+from ..errors import DisaggError, Failure, FailureCause
 from ..gather import gather_slices
 from ..results import prefix_views, to_result
 from ..types import TERMINAL, EmbeddingResult, TransferStatus
@@ -197,6 +197,7 @@ class Receiver:
                                reserve=sum(1 for x in e.rooms.values()
                                            if x is not r and needs_resume(x)))
             if c is None:
+                r.init_refused = True
                 return False
             auto = (num_tokens is None and seq_len is None
                     and e.cfg.default_alloc_tokens == "auto")
@@ -232,7 +233,8 @@ class Receiver:
         return self._r.received, self._r.seq_len
 
     @property
-    def failure(self) -> str | None:
+    def failure(self) -> Failure | None:
+        """Why the room failed (a `str` with `.cause` and `.rank`), or None."""
         return self._r.failure if self._items is None else self._items.failure
 
     def wait(self, timeout_s: float | None = None) -> TransferStatus:
@@ -352,13 +354,14 @@ class Receiver:
         with e.cond:
             r.gathered = True
 
-    def abort(self, reason: str = "aborted") -> None:
-        """Fail the room; its blocks return once the frame owed for them arrives."""
+    def abort(self, reason: str = "aborted", *, cause: FailureCause = FailureCause.ABORT) -> None:
+        """Fail the room; its blocks return once the frame owed for them arrives.
+        (`cause`: what the failure says, e.g. CANCELLED from `RoomQueue.cancel`.)"""
         if self._items is not None:
-            self._items.abort(reason)
+            self._items.abort(reason, cause)
             return
         with self._engine.cond:
-            self._engine.execute(self._r, self._engine.machine.abort(self._r, reason))
+            self._engine.execute(self._r, self._engine.machine.abort(self._r, reason, cause))
 
     def settle(self, *, keep: bool) -> None:
         """A room declared as items ended and its end was seen: release its

@@ -10,6 +10,7 @@ from typing import Protocol
 
 import torch
 
+from ..errors import Failure
 from ..recycle import BufferSet
 from ..types import EmbeddingResult, TransferStatus, advance
 from ..wire import AllocItem
@@ -50,7 +51,7 @@ class RecvRoom:
     created: float
     last_progress: float
     status: TransferStatus = TransferStatus.BOOTSTRAPPING
-    failure: str | None = None
+    failure: Failure | None = None
     seq_len: int | None = None  # the whole room's, from the first chunk's meta
     # tokens [lo, hi) of the room this rank receives: all of it, or with
     # fanout="scatter" its slice (`plan.scatter_slice`); set with seq_len
@@ -68,6 +69,7 @@ class RecvRoom:
     outputs: dict[str, torch.Tensor] | None = None  # views of `buffers`' first rows
     buffers: BufferSet | None = None  # what outputs are carved from (`recycle.py`)
     alloc_sent: bool = False
+    init_refused: bool = False  # an init() found no blocks (for the timeout's reason)
     # stage timings, for latency stats and the slow-room log
     alloc_at: float | None = None
     first_byte_at: float | None = None

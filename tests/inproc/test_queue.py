@@ -12,7 +12,8 @@ import torch
 
 from disagg import queue as queue_mod
 from disagg.config import DisaggConfig
-from disagg.queue import NOBODY, RoomQueue
+from disagg.errors import Failure, FailureCause
+from disagg.queue import NOBODY, RoomQueue, pack_failed_on
 from disagg.types import TransferStatus
 
 from .fakes import World
@@ -47,14 +48,15 @@ def test_a_rank_that_did_not_fail_names_the_tp_rank_that_did(
 
         def rank_7_failed_room_0(buf: torch.Tensor, h: int) -> None:
             buf[h] = int(TransferStatus.FAILED)  # the first room of the window
-            buf[h + window] = 7  # ... failed on language rank 7
+            buf[h + window] = pack_failed_on(7, Failure("x", FailureCause.TIMEOUT))  # on rank 7
         other_rank(monkeypatch, rank_7_failed_room_0)
         s = w.emb().sender(3)
         send(s, room_data(w.cfg, 3, 20))
         q.add(3, src_rank=EMB)
         done, failed = q.step()
         assert done == [] and failed == [(3, "room 3 failed on language rank 7 of the TP "
-                                              "instance")]
+                                              "instance (timeout)")]
+        assert failed[0][1].cause is FailureCause.TIMEOUT and failed[0][1].rank == 7
         assert len(q) == 0
         w.ended(s, "the sender")  # this rank aborted its receiver: the room ends
         w.settle_whole()
