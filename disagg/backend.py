@@ -113,46 +113,45 @@ def world_backend(backend: str) -> str:
     return "cpu:gloo,cuda:nccl" if backend == "nccl" else "gloo"
 
 
-# Set to 1 to run NCCL with several Embedding and several Language ranks anyway
-# (docs/nccl.md says when that is sound).
+# NCCL with several Embedding and several Language ranks rests on one
+# assumption (docs/nccl.md); set to 0 to refuse such layouts instead.
 NCCL_CONCURRENT_ENV = "DISAGG_NCCL_CONCURRENT_COMMS"
 
 
 def check_nccl_topology(topology: Topology, env: Mapping[str, str] = os.environ) -> None:
-    """Refuse, on NCCL, a world whose pair communicators can wait on each other in
-    a cycle (docs/nccl.md): with at least 2 Embedding and 2 Language ranks, two
+    """On NCCL, a world with at least 2 Embedding and 2 Language ranks has pair
+    communicators that could wait on each other in a cycle if a device ran
+    NCCL kernels of different communicators one at a time (docs/nccl.md): two
     ranks of each side that submit their ops on the pairs between them in
-    opposite orders deadlock whenever a device runs NCCL kernels one at a time,
-    which NCCL allows. One Embedding rank, or one Language rank, cannot. The
-    opt-in (`DISAGG_NCCL_CONCURRENT_COMMS=1`) says the devices run the kernels
-    of different communicators concurrently, so it is refused together with a
-    setting that forces them into one queue."""
+    opposite orders. Every NCCL deployment with TP >= 2 rests on the same
+    assumption (its TP and data-parallel communicators run concurrently), so
+    such layouts are allowed by default, with a log line that names the
+    assumption. Refused where a setting breaks it (`CUDA_DEVICE_MAX_CONNECTIONS=1`,
+    `CUDA_LAUNCH_BLOCKING=1`: every kernel of a device waits for the one before
+    it), or when the operator says so (`DISAGG_NCCL_CONCURRENT_COMMS=0`). One
+    Embedding rank, or one Language rank, cannot form a cycle."""
     e, lang = topology.num_embedding_ranks, len(topology.language_ranks)
     if e < 2 or lang < 2:
         return
     serial = [f"{k}={env[k]}" for k, v in (("CUDA_DEVICE_MAX_CONNECTIONS", "1"),
                                             ("CUDA_LAUNCH_BLOCKING", "1"))
               if env.get(k, "").strip() == v]
-    if env.get(NCCL_CONCURRENT_ENV, "").strip() == "1":
-        if serial:
-            raise ValueError(f"{NCCL_CONCURRENT_ENV}=1 asserts that NCCL kernels of different "
-                             f"communicators run concurrently on a device, but {', '.join(serial)} "
-                             f"makes every kernel of a device wait for the one before it: with "
-                             f"{e} Embedding and {lang} Language ranks the pair communicators can "
-                             f"deadlock (docs/nccl.md). Unset it, or use backend='gloo'")
-        log.warning("NCCL with %d Embedding and %d Language ranks (%s=1): safe only while "
-                    "each device runs NCCL kernels of different communicators concurrently "
-                    "(docs/nccl.md)", e, lang, NCCL_CONCURRENT_ENV)
-        return
-    raise ValueError(
-        f"NCCL with {e} Embedding and {lang} Language ranks can deadlock: every (Embedding, "
-        f"Language) pair is its own NCCL communicator, and two Embedding and two Language "
-        f"ranks whose ops on the pairs between them are queued in opposite orders wait on "
-        f"each other in a cycle whenever a device runs NCCL kernels one at a time, which NCCL "
-        f"allows (docs/nccl.md). With one Embedding rank, or one Language rank, no cycle can "
-        f"form. Use num_embedding_ranks=1, or backend='gloo', or set {NCCL_CONCURRENT_ENV}=1 "
-        f"if your GPUs run the kernels of different communicators concurrently (the default "
-        f"on current GPUs unless CUDA_DEVICE_MAX_CONNECTIONS=1)")
+    layout = f"NCCL with {e} Embedding and {lang} Language ranks"
+    if serial:
+        raise ValueError(
+            f"{layout} can deadlock under {', '.join(serial)}: every kernel of a device then "
+            f"waits for the one before it, and two Embedding and two Language ranks whose ops "
+            f"on the pairs between them are queued in opposite orders wait on each other in a "
+            f"cycle (docs/nccl.md). Unset it, or use num_embedding_ranks=1, or backend='gloo'")
+    if env.get(NCCL_CONCURRENT_ENV, "").strip() == "0":
+        raise ValueError(
+            f"{layout} refused: {NCCL_CONCURRENT_ENV}=0 says this deployment's devices may run "
+            f"the kernels of different NCCL communicators one at a time, and then two "
+            f"Embedding and two Language ranks can deadlock (docs/nccl.md). Use "
+            f"num_embedding_ranks=1, or backend='gloo', or unset it")
+    log.info("%s: pair communicators assume that each device runs the kernels of different "
+             "NCCL communicators concurrently, as every NCCL deployment with TP >= 2 does "
+             "(docs/nccl.md); %s=0 refuses such layouts", layout, NCCL_CONCURRENT_ENV)
 
 
 def new_group(ranks: list[int], *, backend: str, timeout: datetime.timedelta,
