@@ -37,6 +37,7 @@ MAX_WINDOW = 1024  # rooms agreed on per step; later ones keep moving and wait t
 _HEADER = 8  # rooms, room-list checksum (2 words), item-cache digest; each negated too
 NOBODY = 1 << 62  # "failed on no rank": above every rank, so MIN finds the lowest that did
 _CAUSES = list(FailureCause)
+_FINAL = (int(TransferStatus.SUCCESS), int(TransferStatus.FAILED))
 
 
 def pack_failed_on(rank: int, failure: Failure | None) -> int:
@@ -174,7 +175,14 @@ class RoomQueue:
             elif e.receiver.needs_resume and not e.receiver.resume():
                 admit = False
         window = self._entries[:self._window]
-        statuses = [int(e.receiver.poll()) for e in window]
+        statuses = [int(e.receiver.status_now()) for e in window]
+        group = self._group_of()
+        solo = group is None or dist.get_world_size(group) == 1
+        if solo and any(s not in _FINAL for s in statuses):
+            # no all-reduce to wait in: one pause, as poll() would, so a loop
+            # that spins on step() lets the library's threads run
+            self._engine.progress.pause()
+            statuses = [int(e.receiver.status_now()) for e in window]
         # read after the statuses; a scatter slice is no prefix until gathered
         landed = [0 if self._engine.scatter else e.receiver.progress[0] for e in window]
         try:

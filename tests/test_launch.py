@@ -91,6 +91,15 @@ def test_items_benchmark_reports_every_mode_with_the_bytes_and_encodes_it_saved(
             assert encoded["items-1"] == encoded["items-2"] < 6, p.stdout
 
 
+def test_step_benchmark_reports_step_against_its_all_reduce() -> None:
+    p = subprocess.run(
+        [sys.executable, "scripts/bench_step.py", "--tp", "2", "--rooms", "1", "5",
+         "--steps", "20"], cwd=ROOT, capture_output=True, text=True, timeout=150)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "TP 2,    1 rooms: step" in p.stdout and "TP 2,    5 rooms: step" in p.stdout
+    assert p.stdout.count("all-reduce") == 3, p.stdout
+
+
 def test_wrong_process_count_is_said_once_briefly() -> None:
     """Issue 18: a world that does not fit the config used to print the same
     error in 80-130 lines of per-rank tracebacks; now one line, once."""

@@ -176,7 +176,7 @@ class ItemRoom:
             if lane.state is not None:
                 ok = receiver(e, lane.state).init(seq_len=lane.tokens) and ok
         with e.cond:
-            self._advance()
+            self.advance()
             return ok and self.failure is None
 
     def _make_outputs(self) -> None:
@@ -212,13 +212,13 @@ class ItemRoom:
         if live:
             self._e.poll(live[0])  # one pause lets the library's threads run, as poll() does
         with self._e.cond:
-            self._advance()
+            self.advance()
             return self.status
 
     def wait(self, timeout_s: float) -> TransferStatus:
         e = self._e
         with e.cond:
-            e.cond.wait_for(lambda: self._advance() in TERMINAL or self.needs_resume(), timeout_s)
+            e.cond.wait_for(lambda: self.advance() in TERMINAL or self.needs_resume(), timeout_s)
             return self.status
 
     def needs_resume(self) -> bool:
@@ -307,7 +307,7 @@ class ItemRoom:
     def get_result(self, num_tokens: int | None = None) -> EmbeddingResult:
         e = self._e
         with e.cond:
-            self._advance()
+            self.advance()
             if self.status is not TransferStatus.SUCCESS:
                 raise DisaggError(f"room {self.room} has no result: status {self.status.name}"
                                   + (f" ({self.failure})" if self.failure else ""),
@@ -351,7 +351,7 @@ class ItemRoom:
             assert lane.failure is not None
             self._fail(f"embedding rank {lane.src_rank}'s items failed: {lane.failure}",
                        lane.failure.cause, f"embedding rank {lane.src_rank}'s items failed")
-        self._advance()
+        self.advance()
 
     def _fail(self, reason: str, cause: FailureCause, told: str) -> None:
         """The room fails; its other lanes end, their sources told `told`."""
@@ -362,9 +362,9 @@ class ItemRoom:
         for other in self.lanes.values():
             if other.state is not None and other.state.status not in TERMINAL:
                 e.execute(other.state, e.machine.abort(other.state, told, cause))
-        self._advance()
+        self.advance()
 
-    def _advance(self) -> TransferStatus:
+    def advance(self) -> TransferStatus:
         """The room's status from its lanes' (lock held)."""
         if self.status in TERMINAL:
             return self.status

@@ -215,6 +215,14 @@ class Receiver:
             return self._items.poll()
         return self._engine.poll(self._r)
 
+    def status_now(self) -> TransferStatus:
+        """This rank's status, without `poll()`'s pause (`RoomQueue.step`, whose
+        all-reduce lets the library's threads run)."""
+        if self._items is not None:
+            with self._engine.cond:
+                return self._items.advance()
+        return self._r.status
+
     @property
     def needs_resume(self) -> bool:
         """A partial chunk landed and nothing is asked for the rest yet."""
