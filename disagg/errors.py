@@ -83,3 +83,15 @@ class Failure(str):
 
     def __repr__(self) -> str:
         return f"Failure({str(self)!r}, cause={self.cause.name}, rank={self.rank})"
+
+
+def clip_reason(reason: str, limit: int) -> str:
+    """`reason` in at most `limit` UTF-8 bytes: whole, or cut after a whole word
+    with " ..." (never mid-word, never mid-character): for the wire's bounded
+    reason fields."""
+    raw = reason.encode("utf-8", errors="replace")
+    if len(raw) <= limit:
+        return reason
+    head = raw[:limit - 4].decode("utf-8", errors="ignore")
+    cut = head.rsplit(" ", 1)[0] if " " in head else head
+    return cut + " ..."

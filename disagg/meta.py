@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import ProtocolError
+from .errors import ProtocolError, clip_reason
 from .wire import MAX_AUX, MAX_INLINE_AUX, VERSION
 
 
@@ -27,7 +27,7 @@ ABORT_REASON_BYTES = 256  # an ABORT frame's payload: its reason, UTF-8, NUL-pad
 
 
 def reason_tensor(reason: str) -> torch.Tensor:
-    raw = reason.encode("utf-8", errors="replace")[:ABORT_REASON_BYTES]
+    raw = clip_reason(reason, ABORT_REASON_BYTES).encode("utf-8", errors="replace")
     raw = raw.decode("utf-8", errors="ignore").encode("utf-8")  # never cut a character
     out = torch.zeros(ABORT_REASON_BYTES, dtype=torch.uint8)
     out[:len(raw)] = torch.frombuffer(bytearray(raw), dtype=torch.uint8)

@@ -239,7 +239,7 @@ class TorchPairTransport:
                     return batched(self.group, self.device, op, self.peer, tensors)
                 works = [op(t, self.peer, group=self.group) for t in tensors]
         except RuntimeError as e:  # the pair is already broken (e.g. the peer died)
-            raise PeerLost(f"posting to/from rank {self.peer} failed: {str(e)[:200]}",
+            raise PeerLost(f"posting to/from rank {self.peer} failed: {e}",
                            peer=self.peer) from e
         assert all(w is not None for w in works)  # we are a member of the pair group
         return works  # type: ignore[return-value]
@@ -261,9 +261,9 @@ class TorchPairTransport:
             text = str(e)
             if "Timed out" in text or "timeout" in text.lower():
                 raise TransferTimeout(f"{what} to/from rank {self.peer} timed out after "
-                                      f"{self.timeout_s:.0f}s: {text[:200]}",
+                                      f"{self.timeout_s:.0f}s: {text}",
                                       peer=self.peer) from e
-            raise PeerLost(f"{what} with rank {self.peer} failed: {text[:200]}",
+            raise PeerLost(f"{what} with rank {self.peer} failed: {text}",
                            peer=self.peer) from e
         if not done:
             raise TransferTimeout(f"{what} with rank {self.peer}: CUDA work not done after "

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import ProtocolError
+from .errors import ProtocolError, clip_reason
 
 MAGIC = 0xD15A
 # 2: a pre-posted RESUME carries the tokens its posted recvs expect
@@ -167,10 +167,10 @@ ControlMessage = Alloc | Resume | Abort | Reject | Heartbeat | PairDown
 
 
 def _reason_bytes(reason: str) -> bytes:
-    raw = reason.encode("utf-8", errors="replace")
-    if len(raw) <= MAX_REASON_BYTES:
-        return raw
-    return raw[:MAX_REASON_BYTES].decode("utf-8", errors="ignore").encode("utf-8")
+    """A reason in at most MAX_REASON_BYTES: whole, or cut at a word's end with
+    " ..." after it (never mid-word, never mid-character)."""
+    return clip_reason(reason, MAX_REASON_BYTES).encode("utf-8", errors="replace")
+
 
 
 def encode(msg: ControlMessage) -> bytes:
