@@ -17,7 +17,7 @@ import torch.distributed as dist
 from harness import check_whole, spawn
 
 import disagg
-from disagg import FailureCause, TransferStatus
+from disagg import FailureCause
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -118,7 +118,7 @@ def test_cancel_on_one_tp_rank_ends_the_room_everywhere_and_at_its_source() -> N
     assert e["rooms_1_3"] == ("SUCCESS", "SUCCESS") and e["room_2_again"] == "SUCCESS"
     for lang in (l1, l2):
         assert lang["done"] == {1: True, 3: True}
-        (why, cause, where), = [lang["failed"][2]]
+        _, cause, where = lang["failed"][2]
         assert cause == "CANCELLED" and where == 1, lang["failed"]
         assert lang["again"] == {2: True}
     assert "client disconnected" in l1["failed"][2][0]
