@@ -32,6 +32,8 @@ DTYPES: dict[str, torch.dtype] = {
     "int64": torch.int64,
 }
 
+# `dtype`, the embeddings': floating types only (an LLM's inputs_embeds)
+EMBEDDING_DTYPES = ("bfloat16", "float16", "float32", "float64")
 RESERVED_BUFFERS = ("embeddings", "fill_ids", "mrope_positions")
 RECV_INTO = ("output", "pool")
 BACKENDS = (None, "gloo", "nccl")
@@ -53,13 +55,16 @@ class DisaggConfig:
 
     language_tp_size: int = 1
     """Language instances are groups of this many consecutive ranks after the
-    Embedding ranks; every rank of an instance receives the whole embedding."""
+    Embedding ranks; every rank of an instance ends with the whole room: with
+    fanout="copy" each receives all of it, with fanout="scatter" each receives
+    its slice and `queue().step()` all-gathers them."""
 
     hidden_size: int = 3584
     """Width of one embedding row."""
 
     dtype: str = "bfloat16"
-    """Embedding dtype, by name (see `DTYPES`)."""
+    """Embedding dtype, by name: a floating type (`EMBEDDING_DTYPES`); extra
+    buffers may also be integer (`DTYPES`)."""
 
     block_size: int = 128
     """Tokens per block; allocation is always in whole blocks."""
@@ -142,8 +147,9 @@ class DisaggConfig:
             raise _bad("num_blocks", self.num_blocks,
                        f"must be at most {MAX_BLOCKS_PER_MESSAGE} (the block ids one ALLOC "
                        f"can carry); use a larger block_size for the same memory")
-        if self.dtype not in DTYPES:
-            raise _bad("dtype", self.dtype, f"must be one of {sorted(DTYPES)}")
+        if self.dtype not in EMBEDDING_DTYPES:
+            raise _bad("dtype", self.dtype, f"must be a floating type, one of "
+                                            f"{list(EMBEDDING_DTYPES)} (embeddings)")
         d = self.default_alloc_tokens
         if d != "auto" and (isinstance(d, bool) or not isinstance(d, int) or d < 1):
             raise _bad("default_alloc_tokens", d, 'must be an int >= 1 or "auto"')

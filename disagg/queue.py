@@ -291,9 +291,9 @@ class RoomQueue:
             dist.all_reduce(buf, op=dist.ReduceOp.MIN, group=group)
         except RuntimeError as e:  # the group's timeout is step_timeout
             raise LockstepError(
-                f"language rank {self._engine.rank}: the other TP ranks did not step() within "
-                f"step_timeout={self._engine.cfg.step_timeout:g}s (a rank stepped fewer "
-                f"times, stalled, or died): {e}") from e
+                f"language rank {self._engine.rank}: the instance's step() agreement failed: "
+                f"a TP rank died, stalled past step_timeout={self._engine.cfg.step_timeout:g}s, "
+                f"or stepped fewer times ({e})") from e
         head = buf[:_HEADER].tolist()
         if head[6] != -head[7]:
             raise LockstepError(

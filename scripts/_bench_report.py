@@ -230,8 +230,8 @@ def _target(t: Target, by_name: dict[str, dict]) -> dict:
 
 
 def targets(records: list[dict]) -> list[dict]:
-    """Each target with its figure and met/MISSED ("no bar": the issue
-    names the figure without a limit; "not run": its scenario or modes did not)."""
+    """Each target with its figure and met/MISSED ("no bar": the figure is
+    reported without a limit; "not run": its scenario or modes did not)."""
     by_name = {r["name"]: r for r in records}
     return [_target(t, by_name) for t in TARGETS]
 

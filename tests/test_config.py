@@ -15,7 +15,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from disagg.config import DTYPES, DisaggConfig
+from disagg.config import DTYPES, EMBEDDING_DTYPES, DisaggConfig
 from disagg.errors import GeometryMismatch
 from disagg.geometry import PACKED_IDS, BufferSpec, Geometry, Topology
 from disagg.stats import MAX_SAMPLES, Stats
@@ -28,7 +28,7 @@ INVALID: dict[str, list[object]] = {
     "num_embedding_ranks": [0, -1, 1.0, True, "1", None],
     "language_tp_size": [0, -2, 2.0, False, "2", None],
     "hidden_size": [0, -3584, 3584.0, True, "3584", None],
-    "dtype": ["bf16", "float8", "", None, torch.bfloat16, 3],
+    "dtype": ["bf16", "float8", "", None, torch.bfloat16, 3, "int8", "int32", "uint8"],
     "block_size": [0, -128, 128.0, True, "128", None],
     "num_blocks": [0, -1, 256.5, True, "256", None, (1 << 20) + 1],
     "default_alloc_tokens": [0, -8192, 8192.0, True, "8192", "AUTO", None],
@@ -66,7 +66,7 @@ VALID: dict[str, list[object]] = {
     "num_embedding_ranks": [1, 4],
     "language_tp_size": [1, 8],
     "hidden_size": [1, 4096],
-    "dtype": sorted(DTYPES),
+    "dtype": list(EMBEDDING_DTYPES),
     "block_size": [1, 16, 128],
     "num_blocks": [1, 4096],
     "default_alloc_tokens": [1, 8192, "auto"],
@@ -165,7 +165,7 @@ def test_replace_keeps_other_fields():
     assert (cfg.hidden_size, cfg.block_size, cfg.num_blocks) == (16, 4, 9)
 
 
-@pytest.mark.parametrize(("name", "dt"), sorted(DTYPES.items()))
+@pytest.mark.parametrize(("name", "dt"), [(n, DTYPES[n]) for n in EMBEDDING_DTYPES])
 def test_torch_dtype(name, dt):
     assert DisaggConfig(dtype=name).torch_dtype is dt
 
@@ -225,7 +225,7 @@ extra_specs = st.dictionaries(
     max_size=3)
 
 configs = st.builds(DisaggConfig, hidden_size=st.integers(1, 8192),
-                    dtype=st.sampled_from(sorted(DTYPES)), block_size=st.integers(1, 1024),
+                    dtype=st.sampled_from(EMBEDDING_DTYPES), block_size=st.integers(1, 1024),
                     num_blocks=st.integers(1, 10**5), mrope=st.booleans(),
                     extra_buffers=extra_specs)
 

@@ -62,6 +62,26 @@ def test_progressive_example_runs_bit_exact() -> None:
     assert " 0 prefill chunks ran before" not in p.stdout, p.stdout
 
 
+def test_arrivals_example_admits_requests_as_they_come_on_a_tp_2_instance() -> None:
+    """Issue 27: admission as a rank-agreed decision (TP rank 0 broadcasts what
+    arrived), every room bit-exact on both TP ranks."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    p = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=3",
+         "examples/arrivals.py", "--requests", "20", "--timeout", "60"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=150)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert p.stdout.count("OK arrivals: 20 requests admitted as they came, 20 bit-exact") == 2, \
+        p.stdout + p.stderr
+
+
+def test_launch_is_installed_so_the_demo_runs_from_anywhere(tmp_path: Path) -> None:
+    """Issue 27: `python -m launch.demo` from another directory."""
+    p = subprocess.run([sys.executable, "-m", "launch.demo", "--help"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stdout + p.stderr
+
+
 def test_progressive_benchmark_reports_both_modes() -> None:
     p = subprocess.run(
         [sys.executable, "scripts/bench_progressive.py", "--rounds", "2", "--images", "2",
