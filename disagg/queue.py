@@ -76,6 +76,10 @@ class RoomQueue:
         # header, then per room of the window: its status, the lowest rank it FAILED
         # on, and the tokens landed (MIN: what every rank holds)
         self._buf = torch.empty(_HEADER + 3 * window, dtype=torch.int64)
+        self._view = self._buf.numpy()
+        self._version = 0  # bumped whenever rooms are added or leave (the window's checksum)
+        self._checksum_key = -1
+        self._checksum = (0, 0)
         self._lost: str | None = None  # the agreement is gone for good: why
 
     def __len__(self) -> int:
@@ -115,6 +119,7 @@ class RoomQueue:
         e = _Entry(receiver, seq_len=None if items is not None else seq_len)
         self._entries.append(e)
         self._by_room[room] = e
+        self._version += 1
 
     def hits(self, room: int) -> list[int]:
         """Indices of `room`'s items served from the item cache (copied locally,
@@ -221,6 +226,7 @@ class RoomQueue:
             for i in finished:
                 del self._by_room[window[i].receiver.room]
             self._entries = [e for i, e in enumerate(self._entries) if i not in finished]
+            self._version += 1
         return done, failed
 
     def _lose(self, err: LockstepError) -> NoReturn:
@@ -237,6 +243,7 @@ class RoomQueue:
                              cause=FailureCause.PEER_LOST)
             e.receiver.settle(keep=False)
         self._entries, self._by_room = [], {}
+        self._version += 1
         raise err
 
     def _gather(self, receiver: Receiver) -> None:
@@ -252,6 +259,17 @@ class RoomQueue:
             raise LockstepError(
                 f"language rank {eng.rank}: all-gather of room {receiver.room} failed (a TP "
                 f"rank died, or stepped differently): {err}") from err
+
+    def _window_checksum(self, window: list[_Entry]) -> tuple[int, int]:
+        """A checksum of the window's rooms and sources, in order (two int32):
+        computed again only when the window changed."""
+        key = self._version
+        if key != self._checksum_key:
+            raw = struct.pack(f"<{2 * len(window)}q",
+                              *[v for e in window for v in (e.receiver.room, e.receiver.src_rank)])
+            h = hashlib.blake2b(raw, digest_size=8).digest()
+            self._checksum_key, self._checksum = key, struct.unpack("<ii", h)
+        return self._checksum
 
     def _cache_digest(self) -> int:
         """The item cache's state as a number (0: no cache): equal on TP ranks
@@ -274,19 +292,16 @@ class RoomQueue:
         if group is None or dist.get_world_size(group) == 1:
             return statuses, failed_on, landed
         n, w = len(window), self._window
-        h = hashlib.blake2b(struct.pack(f"<{2 * n}q", *[v for e in window
-                                                         for v in (e.receiver.room,
-                                                                   e.receiver.src_rank)]),
-                            digest_size=8).digest()
-        lo, hi = struct.unpack("<ii", h)
+        lo, hi = self._window_checksum(window)
         d = self._cache_digest()
         buf = self._buf
-        buf.fill_(NOBODY)
-        buf[:_HEADER] = torch.tensor([n, -n, lo, -lo, hi, -hi, d, -d], dtype=torch.int64)
+        view = self._view  # the buffer's memory, written without making tensors
+        view.fill(NOBODY)
+        view[:_HEADER] = (n, -n, lo, -lo, hi, -hi, d, -d)
         if n:
-            buf[_HEADER:_HEADER + n] = torch.tensor(statuses, dtype=torch.int64)
-            buf[_HEADER + w:_HEADER + w + n] = torch.tensor(failed_on, dtype=torch.int64)
-            buf[_HEADER + 2 * w:_HEADER + 2 * w + n] = torch.tensor(landed, dtype=torch.int64)
+            view[_HEADER:_HEADER + n] = statuses
+            view[_HEADER + w:_HEADER + w + n] = failed_on
+            view[_HEADER + 2 * w:_HEADER + 2 * w + n] = landed
         try:
             dist.all_reduce(buf, op=dist.ReduceOp.MIN, group=group)
         except RuntimeError as e:  # the group's timeout is step_timeout
@@ -294,7 +309,7 @@ class RoomQueue:
                 f"language rank {self._engine.rank}: the instance's step() agreement failed: "
                 f"a TP rank died, stalled past step_timeout={self._engine.cfg.step_timeout:g}s, "
                 f"or stepped fewer times ({e})") from e
-        head = buf[:_HEADER].tolist()
+        head = view[:_HEADER].tolist()
         if head[6] != -head[7]:
             raise LockstepError(
                 f"language rank {self._engine.rank}: the TP ranks' item caches differ (their "
@@ -306,5 +321,5 @@ class RoomQueue:
                 f"(rooms between {head[0]} and {-head[1]} in the window, or different "
                 f"rooms/order): every TP rank must add the same rooms in the same order and "
                 f"step the same number of times")
-        return (buf[_HEADER:_HEADER + n].tolist(), buf[_HEADER + w:_HEADER + w + n].tolist(),
-                buf[_HEADER + 2 * w:_HEADER + 2 * w + n].tolist())
+        return (view[_HEADER:_HEADER + n].tolist(), view[_HEADER + w:_HEADER + w + n].tolist(),
+                view[_HEADER + 2 * w:_HEADER + 2 * w + n].tolist())

@@ -59,7 +59,8 @@ class Scheduler:
         """Refuse an allocation: its answer is an ABORT frame that says why
         (padded to the allocation's sizes when its recvs are posted). An item
         room's ALLOC that asks for nothing is owed no frame: a REJECT says why."""
-        reason = f"embedding rank {self.rank}: {why}"
+        # an earlier failure quoted in `why` names this rank already: once is enough
+        reason = f"embedding rank {self.rank}: " + why.replace(f"embedding rank {self.rank}: ", "")
         if grant is not None and grant.items is not None and grant.seq_len == 0:
             return SendReject(room, lang, reason)
         return SendAbortFrame(room, lang, reason,

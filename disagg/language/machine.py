@@ -176,7 +176,8 @@ class RecvMachine(FrameChecks):
         r.outstanding = None
         return [Release(a),
                 *self.fail(r, f"language rank {self.rank}: room ended by embedding rank "
-                              f"{src}: {reason}", FailureCause.ABORTED_BY_PEER),
+                              f"{src}: {reason.removeprefix(f'embedding rank {src}: ')}",
+                           FailureCause.ABORTED_BY_PEER),
                 *self._maybe_untrack(r)]
 
     # -------------------------------------------------------- other events

@@ -124,6 +124,12 @@ def test_every_failure_path_carries_a_cause_and_a_rank() -> None:
         s = w.emb().sender(3)
         s.abort("encoder crashed")
         assert s.failure.cause is FailureCause.ABORT
+        r = w.lang().receiver(3, src_rank=EMB)  # asks for a room that already failed there
+        assert r.init()
+        assert w.ended(r, "receiver 3") is TransferStatus.FAILED
+        assert r.failure.cause is FailureCause.ABORTED_BY_PEER
+        assert "encoder crashed" in r.failure
+        assert r.failure.count("embedding rank 0: ") == 1, r.failure  # said once, not nested
         w.settle_whole()
 
 
