@@ -40,15 +40,22 @@ _CAUSES = list(FailureCause)
 _FINAL = (int(TransferStatus.SUCCESS), int(TransferStatus.FAILED))
 
 
+# Causes that only echo another's (the Embedding rank ended the room because
+# something else did): MIN prefers the cause they echo, wherever it happened.
+_ECHOES = (FailureCause.ABORTED_BY_PEER, FailureCause.REJECTED)
+
+
 def pack_failed_on(rank: int, failure: Failure | None) -> int:
     """The rank a room failed on and why, as one word: MIN over the instance
-    gives the lowest rank that failed, with its cause."""
+    gives the root cause (one that is not an echo of another rank's, e.g. the
+    CANCELLED of the rank that cancelled rather than the ABORT frame another
+    rank got for it), then the lowest rank with it."""
     cause = failure.cause if isinstance(failure, Failure) else FailureCause.ABORT
-    return rank * 64 + _CAUSES.index(cause)
+    return ((cause in _ECHOES) << 40) | rank << 6 | _CAUSES.index(cause)
 
 
 def unpack_failed_on(word: int) -> tuple[int, FailureCause]:
-    return word // 64, _CAUSES[word % 64]
+    return (word >> 6) & ((1 << 34) - 1), _CAUSES[word & 63]
 
 
 @dataclass
@@ -210,13 +217,15 @@ class RoomQueue:
                 done.append((e.receiver.room, e.receiver.result()))
                 e.receiver.settle(keep=True)  # its items enter the cache here, on every rank
             elif s == TransferStatus.FAILED:
-                reason = e.receiver.failure
-                if reason is None:  # it failed on another rank of the instance: name it
-                    rank, cause = unpack_failed_on(failed_on[i])
-                    why = (f"room {e.receiver.room} failed on language rank {rank} of the TP "
-                           f"instance ({cause.value})")
-                    e.receiver.abort(why, cause=cause)
-                    reason = Failure(why, cause, rank)
+                # every rank reports the root cause and where it happened; the text
+                # is the rank's own (a rank that did not fail names the rank that did)
+                rank, cause = unpack_failed_on(failed_on[i])
+                own = e.receiver.failure
+                if own is None:
+                    own = Failure(f"room {e.receiver.room} failed on language rank {rank} of "
+                                  f"the TP instance ({cause.value})", cause, rank)
+                    e.receiver.abort(own, cause=cause)
+                reason = Failure(str(own), cause, rank)
                 failed.append((e.receiver.room, reason))
                 e.receiver.settle(keep=False)
             else:

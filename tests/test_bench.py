@@ -69,9 +69,11 @@ def test_quick_run_measures_every_caller_in_one_run(tmp_path: Path) -> None:
         assert rec["disagg"]["gbps"] == rec["modes"]["wait"]["gbps"]  # one-mode names
         assert rec["baseline_destinations"] == "preallocated"
     by_key = {t["key"]: t for t in doc["targets"]}
-    assert by_key["spin-loss"]["status"] in ("met", "MISSED")
-    assert by_key["64tok"]["status"] in ("met", "MISSED")
-    assert by_key["64tok-len"]["status"] in ("met", "MISSED")
+    # --quick is a short check, not a measurement: figures, no verdicts (issue 27)
+    assert by_key["spin-loss"]["status"] == "-" and by_key["spin-loss"]["figure"]
+    assert by_key["64tok"]["status"] == "-"
+    assert by_key["64tok-len"]["status"] == "-"
+    assert "MISSED" not in p.stdout and " met " not in p.stdout
     assert set(by_key["64tok-len"]["values"]) == {c + "+len" for c in CALLERS}
     assert by_key["14mib-1ch"]["status"] == "not run"
     for name in names:

@@ -122,7 +122,9 @@ def test_cancel_on_one_tp_rank_ends_the_room_everywhere_and_at_its_source() -> N
         assert cause == "CANCELLED" and where == 1, lang["failed"]
         assert lang["again"] == {2: True}
     assert "client disconnected" in l1["failed"][2][0]
-    assert "failed on language rank 1" in l2["failed"][2][0]
+    # the other rank's own text: the queue naming rank 1, or the source's answer to
+    # its allocation, which says who cancelled (whichever reached it first)
+    assert "language rank 1" in l2["failed"][2][0], l2["failed"]
     for r in (e, l1, l2):  # after shutdown no peer reads alive, and the rank is not ready
         health, ready = r["after_shutdown"]
         assert health and not any(h["alive"] for h in health.values()), health
