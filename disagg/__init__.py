@@ -3,6 +3,7 @@ ranks over torch.distributed point-to-point, with ZeroMQ for control.
 
 See README.md (usage) and disagg/README.md (layers)."""
 
+from .affinity import affinity
 from .config import DisaggConfig
 from .context import Context, init
 from .embedding import Sender
@@ -43,6 +44,7 @@ __all__ = [
     "StreamBroken",
     "TransferStatus",
     "TransferTimeout",
+    "affinity",
     "init",
     "join",
 ]
