@@ -12,7 +12,7 @@ import torch
 
 from .geometry import PACKED_IDS, Geometry
 from .pages import empty_result
-from .types import EmbeddingResult
+from .types import EmbeddingResult, TransferStatus
 
 
 def make_outputs(geometry: Geometry, rows: int,
@@ -53,3 +53,19 @@ def prefix_views(geometry: Geometry, outputs: dict[str, torch.Tensor] | None, nu
                   else packed[:num_tokens, 0]),
         mrope_positions=None if packed is None else packed[:num_tokens, 1:].t(),
         aux=aux, extra={n: outputs[n][:num_tokens] for n in geometry.extra_names})
+
+
+def no_result(room: int, status: TransferStatus, failure: str | None, handed_back: bool,
+              ungathered: bool) -> str | None:
+    """Why `result()` of a room cannot be given now, or None (a room, a room
+    declared as items: the same rules)."""
+    if status != TransferStatus.SUCCESS:
+        return (f"room {room} has no result: status {status.name}"
+                + (f" ({failure})" if failure else ""))
+    if handed_back:
+        return (f"room {room}'s result was handed back (recycle()): its memory holds later "
+                f"rooms now")
+    if ungathered:
+        return (f"room {room} has only this rank's slice: with fanout='scatter' its result "
+                f"comes from queue().step(), which all-gathers it")
+    return None

@@ -231,6 +231,13 @@ def language_logits(model: Any, prompt: list[int], res: disagg.EmbeddingResult
     pos, my_delta = rope_index(model, input_ids, grids)  # the model's own rope-index code
     if my_delta != delta or not torch.equal(pos[:, 0, image], res.mrope_positions.long()):
         return torch.empty(0), "M-RoPE positions or delta differ from the Embedding side's"
+    return llm_logits(model, input_ids, pos, image, res), None
+
+
+def llm_logits(model: Any, input_ids: torch.Tensor, pos: torch.Tensor, image: torch.Tensor,
+               res: disagg.EmbeddingResult) -> torch.Tensor:
+    """The LLM and lm_head alone: the received rows scattered into the prompt's
+    embeddings at its image-pad places (`image`, [L] bool), deepstack as extras."""
     mask = image[None]  # [1, L]
     with torch.no_grad():  # the LLM only
         embeds = model.get_input_embeddings()(input_ids)
@@ -242,7 +249,7 @@ def language_logits(model: Any, prompt: list[int], res: disagg.EmbeddingResult
                                               for i in range(deepstack_layers(model))]}
         hidden = model.model.language_model(inputs_embeds=embeds, position_ids=pos,
                                             **kw).last_hidden_state
-        return model.lm_head(hidden), None
+        return model.lm_head(hidden)
 
 
 def reference_logits(model: Any, prompt: list[int], images: list[Image.Image]) -> torch.Tensor:

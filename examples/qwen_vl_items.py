@@ -41,6 +41,7 @@ from qwen_vl import (
     deepstack_layers,
     expand,
     image_processor,
+    llm_logits,
     reference_logits,
     rope_index,
     tiny_model,
@@ -170,18 +171,7 @@ def logits_from_items(model: Any, prompt: list[int], grids: torch.Tensor,
     if not torch.equal(res.fill_ids.long(), input_ids[0, image_mask]):
         return torch.empty(0), "fill_ids are not the image-pad id"
     pos, _ = rope_index(model, input_ids, grids)  # positions: the Language side's own
-    mask = image_mask[None]
-    with torch.no_grad():
-        embeds = model.get_input_embeddings()(input_ids)
-        embeds = embeds.masked_scatter(mask[..., None], res.embeddings)
-        kw = {}
-        if deepstack_layers(model):
-            kw = {"visual_pos_masks": mask,
-                  "deepstack_visual_embeds": [res.extra[f"deepstack_{i}"]
-                                              for i in range(deepstack_layers(model))]}
-        hidden = model.model.language_model(inputs_embeds=embeds, position_ids=pos,
-                                            **kw).last_hidden_state
-        return model.lm_head(hidden), None
+    return llm_logits(model, input_ids, pos, image_mask, res), None
 
 
 def language_side(ctx: disagg.Context, name: str, model: Any, args: argparse.Namespace,

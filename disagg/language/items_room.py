@@ -33,7 +33,7 @@ import torch
 from ..errors import DisaggError, Failure, FailureCause
 from ..items import Item, ItemCache, offsets
 from ..recycle import BufferSet
-from ..results import make_outputs, prefix_views, to_result
+from ..results import make_outputs, no_result, prefix_views, to_result
 from ..types import TERMINAL, EmbeddingResult, TransferStatus, advance
 from ..wire import MAX_ITEMS_PER_MESSAGE, Alloc, AllocItem
 from .room import RecvRoom, needs_resume
@@ -308,17 +308,10 @@ class ItemRoom:
         e = self._e
         with e.cond:
             self.advance()
-            if self.status is not TransferStatus.SUCCESS:
-                raise DisaggError(f"room {self.room} has no result: status {self.status.name}"
-                                  + (f" ({self.failure})" if self.failure else ""),
-                                  rank=e.rank, room=self.room)
-            if self.handed_back:
-                raise DisaggError(f"room {self.room}'s result was handed back (recycle()): its "
-                                  f"memory holds later rooms now", rank=e.rank, room=self.room)
-            if e.scatter and not self.gathered:
-                raise DisaggError(f"room {self.room} has only this rank's slices: with "
-                                  f"fanout='scatter' its result comes from queue().step(), "
-                                  f"which all-gathers it", rank=e.rank, room=self.room)
+            why = no_result(self.room, self.status, self.failure, self.handed_back,
+                            e.scatter and not self.gathered)
+            if why is not None:
+                raise DisaggError(why, rank=e.rank, room=self.room)
             if self.result is None:
                 assert self.outputs is not None and self.buffers is not None
                 self.result = to_result(e.geometry, self.outputs, (), self.seq_len)

@@ -13,7 +13,7 @@ from torch.distributed import ProcessGroup
 
 from ..errors import DisaggError, Failure, FailureCause
 from ..gather import gather_slices
-from ..results import prefix_views, to_result
+from ..results import no_result, prefix_views, to_result
 from ..types import TERMINAL, EmbeddingResult, TransferStatus
 from .items_room import ItemRoom, claim, hit_indices, resolve
 from .room import needs_resume
@@ -281,17 +281,10 @@ class Receiver:
             return self._items.get_result()
         e, r = self._engine, self._r
         with e.cond:
-            if r.status != TransferStatus.SUCCESS:
-                raise DisaggError(f"room {r.room} has no result: status {r.status.name}"
-                                  + (f" ({r.failure})" if r.failure else ""),
-                                  rank=e.rank, room=r.room)
-            if r.handed_back:
-                raise DisaggError(f"room {r.room}'s result was handed back (recycle()): its "
-                                  f"memory holds later rooms now", rank=e.rank, room=r.room)
-            if e.scatter and not r.gathered:
-                raise DisaggError(f"room {r.room} has only this rank's slice: with "
-                                  f"fanout='scatter' its result comes from queue().step(), "
-                                  f"which all-gathers it", rank=e.rank, room=r.room)
+            why = no_result(r.room, r.status, r.failure, r.handed_back,
+                            e.scatter and not r.gathered)
+            if why is not None:
+                raise DisaggError(why, rank=e.rank, room=r.room)
             if r.result is None:
                 assert r.outputs is not None and r.buffers is not None
                 assert r.seq_len is not None

@@ -61,6 +61,16 @@ def item(key: int, n: int, src: int | None = None) -> Item:
     return Item(b"k%d" % key, n, src)
 
 
+def land(w: World, c: DisaggConfig, room: int, key: int, n: int, src: int = 0) -> None:
+    """A room of one item from `src`, landed whole: the item is cached after."""
+    r = w.lang().receiver(room, src_rank=src)
+    assert r.init(items=[item(key, n)])
+    s = w.emb(src).sender(room)
+    give(s, rows(c, key, n))
+    assert w.finish(r, f"room {room}") is TransferStatus.SUCCESS
+    assert w.ended(s, f"sender {room}") is TransferStatus.SUCCESS
+
+
 @pytest.mark.parametrize(("kw", "blocks"), [
     ({}, None), ({"recv_into": "pool"}, None),
     ({"recv_into": "pool", "auto_resume": False}, 2), ({}, 2)],
@@ -154,12 +164,7 @@ def test_a_repeated_item_is_a_hit_copied_locally_and_never_sent() -> None:
 def test_a_caller_that_does_not_ask_gives_every_row_and_only_the_needed_ones_leave() -> None:
     c = cfg()
     with World(c) as w:
-        first = w.lang().receiver(1, src_rank=0)
-        assert first.init(items=[item(5, 30)])
-        s = w.emb(0).sender(1)
-        give(s, rows(c, 5, 30))
-        assert w.finish(first, "room 1") is TransferStatus.SUCCESS
-        w.ended(s, "sender 1")
+        land(w, c, 1, 5, 30)
         sent = w.counter(0, "bytes_sent")
         # progressive, without needed(): three parts over [new 6][hit 30][new 10]
         s2 = w.emb(0).sender(2)
@@ -181,12 +186,7 @@ def test_a_caller_that_does_not_ask_gives_every_row_and_only_the_needed_ones_lea
 def test_a_source_whose_items_are_all_hits_needs_nothing_and_ends_without_data() -> None:
     c = cfg()
     with World(c) as w:
-        r = w.lang().receiver(1, src_rank=1)
-        assert r.init(items=[item(1, 16)])
-        s = w.emb(1).sender(1)
-        give(s, rows(c, 1, 16))
-        assert w.finish(r, "room 1") is TransferStatus.SUCCESS
-        w.ended(s, "sender 1")
+        land(w, c, 1, 1, 16, src=1)
         r2 = w.lang().receiver(2, src_rank=0)
         assert r2.init(items=[item(1, 16, 1), item(9, 16, 0)])
         s1, s0 = w.emb(1).sender(2), w.emb(0).sender(2)
@@ -203,12 +203,7 @@ def test_a_source_whose_items_are_all_hits_needs_nothing_and_ends_without_data()
 def test_a_key_seen_with_another_length_is_a_miss() -> None:
     c = cfg()
     with World(c) as w:
-        r = w.lang().receiver(1, src_rank=0)
-        assert r.init(items=[item(1, 16)])
-        s = w.emb(0).sender(1)
-        give(s, rows(c, 1, 16))
-        w.finish(r, "room 1")
-        w.ended(s, "sender 1")
+        land(w, c, 1, 1, 16)
         r2 = w.lang().receiver(2, src_rank=0)
         assert r2.init(items=[Item(b"k1", 17)])
         assert r2.hits == []
@@ -306,12 +301,7 @@ def test_an_alloc_that_asks_for_nothing_is_never_answered_with_a_frame() -> None
     and the pair's stream stays aligned for the next room."""
     c = cfg()
     with World(c) as w:
-        r = w.lang().receiver(1, src_rank=1)
-        assert r.init(items=[item(1, 16)])
-        s = w.emb(1).sender(1)
-        give(s, rows(c, 1, 16))
-        assert w.finish(r, "room 1") is TransferStatus.SUCCESS
-        w.ended(s, "sender 1")
+        land(w, c, 1, 1, 16, src=1)
         frames = len(w.link(1).metas())
         r2 = w.lang().receiver(2, src_rank=1)
         assert r2.init(items=[item(1, 16)])  # all hits: source 1 only told
