@@ -120,6 +120,17 @@ def test_step_benchmark_reports_step_against_its_all_reduce() -> None:
     assert p.stdout.count("all-reduce") == 3, p.stdout
 
 
+def test_scale_benchmark_measures_a_small_world_and_models_the_fleets() -> None:
+    p = subprocess.run([sys.executable, "scripts/bench_scale.py", "--embedding", "2",
+                        "--language", "2", "--store-seconds", "0.1"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=150)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "store, one client (measured)" in p.stdout and "multi_get" in p.stdout
+    assert "embedding pairs/rank 2" in p.stdout and "language  pairs/rank 2" in p.stdout
+    for fleet in ("8 x 32", "32 x 128", "128 x 1024"):
+        assert fleet in p.stdout, p.stdout
+
+
 def test_wrong_process_count_is_said_once_briefly() -> None:
     """Issue 18: a world that does not fit the config used to print the same
     error in 80-130 lines of per-rank tracebacks; now one line, once."""

@@ -186,7 +186,9 @@ def test_a_dead_tp_rank_fails_its_instance_s_queued_rooms() -> None:
     assert l1["error_after_s"] < 3.0 + 10.0
     ready = l1["readiness"]
     assert ready["ready"] is False and ready["instance"].startswith("lost: ")
-    # the source of the failed rooms was told, and let their budget go
-    assert [cause for _, cause in e["senders"]] in (
-        [FailureCause.PEER_LOST.name] * 2, [FailureCause.ABORT.name] * 2), e["senders"]
+    # the source of the failed rooms ended them: told by the surviving rank's abort,
+    # or on its own when it saw the dead rank first (either may come first per room)
+    assert all(status == "FAILED" and cause in (FailureCause.PEER_LOST.name,
+                                                FailureCause.ABORT.name)
+               for status, cause in e["senders"]), e["senders"]
     assert e["detect_s"] < 2.0 + 1.5, e["detect_s"]  # a killed peer reads not alive in time
