@@ -29,7 +29,7 @@ import torch.distributed as dist
 from .errors import DisaggError, Failure, FailureCause, LockstepError
 from .items import Item
 from .language import LanguageEngine, Receiver
-from .language.items_room import resolve
+from .language.item_lanes import resolve
 from .language.receiver import check_tokens
 from .types import EmbeddingResult, TransferStatus
 

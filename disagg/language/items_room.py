@@ -24,115 +24,45 @@ the room's success is seen (`settle`).
 
 from __future__ import annotations
 
-import threading
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from ..errors import DisaggError, Failure, FailureCause
-from ..items import Item, ItemCache, offsets
+from ..items import Item, offsets
 from ..recycle import BufferSet
 from ..results import make_outputs, no_result, prefix_views, to_result
 from ..types import TERMINAL, EmbeddingResult, TransferStatus, advance
-from ..wire import MAX_ITEMS_PER_MESSAGE, Alloc, AllocItem
+from ..wire import Alloc
+from .item_lanes import lanes_of
 from .room import RecvRoom, needs_resume
 
 if TYPE_CHECKING:
-    from .receiver import Receiver, ReceiverHost
+    from torch.distributed import ProcessGroup
+
+    from .host import ReceiverHost
 
 
-class ItemsHost(Protocol):
-    """What an item room needs of its engine beyond a `Receiver`'s."""
+class LaneHandle(Protocol):
+    """The caller's calls on one lane (a `Receiver` of its `RecvRoom` is one)."""
 
-    item_cache: ItemCache | None
-    item_lock: threading.Lock
+    def init(self, num_tokens: int | None = None, *, seq_len: int | None = None) -> bool: ...
 
-    def new_lane(self, room: int, src_rank: int) -> RecvRoom: ...
+    def resume(self, num_tokens: int | None = None) -> bool: ...
 
-    def untrack(self, r: RecvRoom) -> None: ...
-
-    def tell(self, src: int, msg: Alloc) -> None: ...
-
-
-@dataclass
-class Lane:
-    """One source's share of the room: its item table (as its ALLOC says), and
-    where each run of its wire rows goes in the room (lane row, room row, rows)."""
-
-    src: int
-    table: tuple[AllocItem, ...]
-    runs: list[tuple[int, int, int]]
-    state: RecvRoom | None = None  # None: every item of it is a hit (nothing comes)
-    in_place: bool = False  # its outputs are views of the room's
-    copied: int = 0  # its rows copied into the room's outputs so far
-    told: bool = False  # init() sent its ALLOC
-    tokens: int = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.tokens = sum(n for _, _, n in self.runs)
-
-
-def resolve(items: object, src_rank: int | None) -> list[Item]:
-    """The caller's items with every source named; `ValueError` saying what is wrong."""
-    if not isinstance(items, (list, tuple)) or not items:
-        raise ValueError(f"items={items!r}: a non-empty list of disagg.Item")
-    out = []
-    for i, it in enumerate(items):
-        if not isinstance(it, Item):
-            raise ValueError(f"items[{i}] is a {type(it).__name__}, not a disagg.Item")
-        src = it.src_rank if it.src_rank is not None else src_rank
-        if src is None:
-            raise ValueError(f"items[{i}] names no src_rank and the room has none")
-        out.append(Item(it.key, it.num_tokens, src))
-    per_source: dict[int | None, int] = {}
-    for it in out:
-        per_source[it.src_rank] = per_source.get(it.src_rank, 0) + 1
-    worst = max(per_source.values())
-    if worst > MAX_ITEMS_PER_MESSAGE:
-        raise ValueError(f"{worst} items from one source: at most {MAX_ITEMS_PER_MESSAGE} "
-                         f"(an ALLOC's item table)")
-    return out
-
-
-def claim(cache: ItemCache | None, lock: threading.Lock, items: list[Item],
-          shape: str) -> list[bool]:
-    """Which items are hits, each pinned until `release` (all misses: no cache)."""
-    if cache is None:
-        return [False] * len(items)
-    with lock:
-        return cache.claim(items, shape)
-
-
-def lanes_of(items: list[Item], hits: list[bool]) -> dict[int, Lane]:
-    """Per source, in order of first appearance: its item table and runs."""
-    starts = offsets(items)
-    tables: dict[int, list[AllocItem]] = {}
-    runs: dict[int, list[tuple[int, int, int]]] = {}
-    at: dict[int, int] = {}
-    for i, (it, hit, start) in enumerate(zip(items, hits, starts, strict=True)):
-        src = it.src_rank
-        assert src is not None
-        tables.setdefault(src, []).append(AllocItem(i, start, it.num_tokens, not hit))
-        rs = runs.setdefault(src, [])
-        if hit:
-            continue
-        w = at.get(src, 0)
-        if rs and rs[-1][0] + rs[-1][2] == w and rs[-1][1] + rs[-1][2] == start:
-            rs[-1] = (rs[-1][0], rs[-1][1], rs[-1][2] + it.num_tokens)
-        else:
-            rs.append((w, start, it.num_tokens))
-        at[src] = w + it.num_tokens
-    return {src: Lane(src, tuple(t), runs[src]) for src, t in tables.items()}
+    def gather(self, group: ProcessGroup | None) -> None: ...
 
 
 class ItemRoom:
     """One room declared as items on this rank (see the module docstring). The
-    `Receiver` that made it hands every call to it; the engine lock guards it."""
+    `Receiver` that made it hands every call to it; the engine lock guards it.
+    `handle(lane)` makes the caller's handle of a lane (the receiver's class)."""
 
-    def __init__(self, engine: ReceiverHost, host: ItemsHost, room: int, items: list[Item],
-                 hits: list[bool], *, settle_on_end: bool) -> None:
-        self._e, self._host = engine, host
+    def __init__(self, host: ReceiverHost, handle: Callable[[RecvRoom], LaneHandle], room: int,
+                 items: list[Item], hits: list[bool], *, settle_on_end: bool) -> None:
+        self._e = host
+        self._handle = handle
         self.room = room
         self.items, self.hits = items, hits
         # the hits were claimed by the room itself (no TP peers): it settles when
@@ -155,7 +85,7 @@ class ItemRoom:
 
     # -------------------------------------------------------- the caller's calls
 
-    def init(self, receiver: type[Receiver]) -> bool:
+    def init(self) -> bool:
         """Make the result, copy the hits in, and ask every source (lock held by
         no one). False: a lane found no blocks yet (or the room failed): call
         again; lanes asked already are not asked twice."""
@@ -168,13 +98,13 @@ class ItemRoom:
             for lane in self.lanes.values():
                 if lane.state is None and not lane.told:  # it sends nothing: only told so
                     lane.told = True
-                    self._host.tell(lane.src, Alloc(
+                    self._e.tell(lane.src, Alloc(
                         self.room, e.rank, e.instance_size, (), 0, seq_len=0,
                         scatter=e.scatter, items=lane.table))
         ok = True
         for lane in self.lanes.values():
             if lane.state is not None:
-                ok = receiver(e, lane.state).init(seq_len=lane.tokens) and ok
+                ok = self._handle(lane.state).init(seq_len=lane.tokens) and ok
         with e.cond:
             self.advance()
             return ok and self.failure is None
@@ -186,9 +116,9 @@ class ItemRoom:
         bufs, _ = e.recycler.take(self.seq_len, self)
         self.buffers, self.outputs = bufs, bufs.views(self.seq_len)
         if any(self.hits):
-            cache = self._host.item_cache
+            cache = self._e.item_cache
             assert cache is not None
-            with self._host.item_lock:
+            with self._e.item_lock:
                 for it, hit, start in zip(self.items, self.hits, offsets(self.items),
                                           strict=True):
                     if hit:
@@ -225,11 +155,11 @@ class ItemRoom:
         return self.failure is None and any(
             lane.state is not None and needs_resume(lane.state) for lane in self.lanes.values())
 
-    def resume(self, receiver: type[Receiver], num_tokens: int | None) -> bool:
+    def resume(self, num_tokens: int | None) -> bool:
         ok = True
         for lane in self.lanes.values():
             if lane.state is not None:
-                ok = receiver(self._e, lane.state).resume(num_tokens) and ok
+                ok = self._handle(lane.state).resume(num_tokens) and ok
         return ok
 
     def progress(self) -> tuple[int, int]:
@@ -321,12 +251,12 @@ class ItemRoom:
                                     e.device)
             return self.result
 
-    def gather(self, receiver: type[Receiver], group: object) -> None:
+    def gather(self, group: ProcessGroup | None) -> None:
         """fanout="scatter": every lane's slices, all-gathered in the same order on
         every TP rank, then copied to their places."""
         for lane in self.lanes.values():
             if lane.state is not None:
-                receiver(self._e, lane.state).gather(group)  # type: ignore[arg-type]
+                self._handle(lane.state).gather(group)
         with self._e.cond:
             self.gathered = True
             self.sync()
@@ -389,12 +319,12 @@ class ItemRoom:
         """The room ended and its end was seen: release its hits, and with `keep`
         (it succeeded, and this is the place every TP rank agrees on) offer its
         landed items to the cache. Once."""
-        cache = self._host.item_cache
+        cache = self._e.item_cache
         if self.settled or cache is None:
             self.settled = True
             return
         self.settled = True
-        with self._host.item_lock:
+        with self._e.item_lock:
             if keep and self.status is TransferStatus.SUCCESS and self.outputs is not None:
                 for it, hit, start in zip(self.items, self.hits, offsets(self.items),
                                           strict=True):
@@ -402,7 +332,3 @@ class ItemRoom:
                         cache.put(it.key, {k: t[start:start + it.num_tokens]
                                            for k, t in self.outputs.items()})
             cache.release(self.items, self.hits)
-
-
-def hit_indices(hits: list[bool]) -> list[int]:
-    return [i for i, h in enumerate(hits) if h]

@@ -3,85 +3,22 @@ makes the same calls on it (see `disagg.language.machine` for its states)."""
 
 from __future__ import annotations
 
-import threading
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
-import torch
 from torch.distributed import ProcessGroup
 
 from ..errors import DisaggError, Failure, FailureCause
 from ..gather import gather_slices
 from ..results import no_result, prefix_views, to_result
 from ..types import TERMINAL, EmbeddingResult, TransferStatus
-from .items_room import ItemRoom, claim, hit_indices, resolve
+from .item_lanes import claim, hit_indices, resolve
+from .items_room import ItemRoom
 from .room import needs_resume
 
 if TYPE_CHECKING:
-    from ..config import DisaggConfig
-    from ..geometry import Geometry
-    from ..items import ItemCache
-    from ..liveness import Liveness
-    from ..recycle import Recycler
-    from ..stats import Stats
-    from ..wire import Alloc
-    from .actions import Action
-    from .credit import Credits
-    from .machine import RecvMachine
+    from .host import ReceiverHost
     from .room import RecvRoom
-
-
-class ReceiverHost(Protocol):
-    """What a `Receiver` needs of its engine (`LanguageEngine` is one): the
-    handle depends on this, not on the engine."""
-
-    rank: int
-    cfg: DisaggConfig
-    geometry: Geometry
-    device: torch.device
-    stats: Stats
-    cond: threading.Condition
-    machine: RecvMachine
-    credits: Credits
-    liveness: Liveness
-    recycler: Recycler
-    rooms: dict[tuple[int, int], RecvRoom]
-    scatter: bool
-    instance_size: int
-    membership: Callable[[int], bool] | None
-
-    def clock(self) -> float: ...
-
-    def execute(self, r: RecvRoom, actions: list[Action]) -> None: ...
-
-    def first_alloc_tokens(self) -> int: ...
-
-    def can_prepost(self, r: RecvRoom) -> bool: ...
-
-    def ask_resume(self, r: RecvRoom, num_tokens: int | None, *, landed: int,
-                   at_least: int = 1) -> bool: ...
-
-    def post_claimed(self, src: int) -> None: ...
-
-    def stream_lost(self, src: int) -> str | None: ...
-
-    def poll(self, room: RecvRoom) -> TransferStatus: ...
-
-    # rooms declared as items (`items_room.ItemsHost`)
-    item_cache: ItemCache | None
-    item_lock: threading.Lock
-    item_shape: str
-
-    def output_rows(self, seq_len: int) -> int: ...
-
-    def check_source(self, src_rank: int) -> None: ...
-
-    def new_lane(self, room: int, src_rank: int) -> RecvRoom: ...
-
-    def untrack(self, r: RecvRoom) -> None: ...
-
-    def tell(self, src: int, msg: Alloc) -> None: ...
 
 
 def check_tokens(call: str, num_tokens: object, name: str = "num_tokens") -> None:
@@ -121,7 +58,8 @@ class Receiver:
             hits = ([False] * len(resolved) if e.instance_size > 1 and not queued
                     else claim(e.item_cache, e.item_lock, resolved, e.item_shape))
             e.untrack(r)  # its lanes, one per source, stand in its place
-            self._items = ItemRoom(e, e, r.room, resolved, hits, settle_on_end=not queued)
+            self._items = ItemRoom(e, lambda lane: Receiver(e, lane), r.room, resolved, hits,
+                                   settle_on_end=not queued)
 
     @property
     def hits(self) -> list[int]:
@@ -159,7 +97,7 @@ class Receiver:
             if seq_len is not None and seq_len != self._items.seq_len:
                 raise ValueError(f"init(seq_len={seq_len}): the items sum to "
                                  f"{self._items.seq_len} tokens")
-            return self._items.init(Receiver)
+            return self._items.init()
         e, r = self._engine, self._r
         if num_tokens is not None:
             want = num_tokens
@@ -262,7 +200,7 @@ class Receiver:
         blocks yet (or the room failed); a repeat in the same round does nothing."""
         check_tokens("resume", num_tokens)
         if self._items is not None:
-            return self._items.resume(Receiver, num_tokens)
+            return self._items.resume(num_tokens)
         e, r = self._engine, self._r
         with e.cond:
             if r.failure is not None:
@@ -337,7 +275,7 @@ class Receiver:
         instance in the same order, once every rank holds its slice: all-gather
         the slices so this rank's result is the whole room (`disagg.gather`)."""
         if self._items is not None:
-            self._items.gather(Receiver, group)
+            self._items.gather(group)
             return
         e, r = self._engine, self._r
         with e.cond:
