@@ -80,17 +80,19 @@ from .actions import (
     SendAbortFrame,
     SendReject,
 )
+from .item_table import take_items
 from .room import (
     Grant,
     Lane,
     LaneState,
-    Part,
     SendRoom,
+    add_runs,
+    decided_on_the_wire,
     lane_state,
     lane_total,
     set_status,
+    waiting_for,
 )
-from .rows import RowMap, item_tokens, needed_tokens
 from .rules import alloc_conflict
 from .schedule import Scheduler
 
@@ -129,9 +131,7 @@ class SendMachine(Scheduler):
              ready: torch.cuda.Event | None, now: float) -> list[Action]:
         """A part of the room (progressive send), as its runs of wire rows: what
         waiting grants can take of it leaves at once."""
-        for sources, n in runs:
-            r.parts.append(Part(r.given, n, sources, ready))
-            r.given += n
+        add_runs(r, runs, ready)
         r.last_progress = now
         out: list[Action] = []
         for lane in list(r.lanes.values()):
@@ -173,7 +173,7 @@ class SendMachine(Scheduler):
             return [self.refuse(lang, r.room, why, grant),
                     *self.fail(r, f"embedding rank {self.rank}: {why}",
                                FailureCause.BAD_MESSAGE)]
-        problem = self.take_items(r, lang, grant)
+        problem = take_items(r, lang, grant)
         if problem is not None:
             return [self.refuse(lang, r.room, problem[0], grant),
                     *self.fail(r, f"embedding rank {self.rank}: {problem[0]}", problem[1])]
@@ -190,44 +190,11 @@ class SendMachine(Scheduler):
         tables must agree; a room that needs nothing from here ends SUCCESS."""
         problem = None
         for lang, grant in grants.items():
-            problem = problem or self.take_items(r, lang, grant)
+            problem = problem or take_items(r, lang, grant)
             r.lanes[lang] = self.new_lane(lang, grant)
         if problem is not None:
             return self.fail(r, f"embedding rank {self.rank}: {problem[0]}", problem[1])
         return self._maybe_succeed(r, now)
-
-    def take_items(self, r: SendRoom, lang: int,
-                   grant: Grant) -> tuple[str, FailureCause] | None:
-        """A rank's ALLOC declares the room's item table for this source: the
-        first one sets it, every other rank's must be the same. Rows the caller
-        gave before it came are re-cut to the needed ones (`rows.RowMap`).
-        What is wrong, and its cause, or None."""
-        first = not r.lanes and r.items is None
-        if not first and grant.items != r.items:
-            return (f"language rank {lang}'s ALLOC declares "
-                    f"{'no' if grant.items is None else len(grant.items)} item(s), other "
-                    f"ranks of its instance {'none' if r.items is None else len(r.items)}, or "
-                    f"other ones (TP ranks disagree on the room's items or their hits)",
-                    FailureCause.BAD_MESSAGE)
-        if not first or grant.items is None:
-            return None
-        r.items = grant.items
-        if r.sources is None:
-            return None
-        if r.aux:
-            return (f"room {r.room} is declared as items but send() gave aux values: a room "
-                    f"with items carries no aux", FailureCause.LENGTH_MISMATCH)
-        if r.seq_len != item_tokens(r.items):
-            return (f"room {r.room}'s items from this rank hold {item_tokens(r.items)} "
-                    f"tokens, but send() gave {r.seq_len}", FailureCause.LENGTH_MISMATCH)
-        rows = r.rows = RowMap(r.items, r.seq_len)
-        parts, r.parts, r.given = r.parts, [], 0
-        for p in parts:
-            for sources, n in rows.select(p.sources, p.num_tokens):
-                r.parts.append(Part(r.given, n, sources, p.ready))
-                r.given += n
-        r.seq_len = needed_tokens(r.items)
-        return None
 
     def resume(self, r: SendRoom, lang: int, grant: Grant, why: str | None) -> list[Action]:
         """A RESUME for a live room keyed by `grant.key` (= sent_tokens)."""
@@ -341,27 +308,10 @@ class SendMachine(Scheduler):
             return []
         if now - r.last_progress <= limit or any(p.in_flight for p in r.lanes.values()):
             return []
-        waiting = ("the caller's data (send())" if r.sources is None else
-                   "the caller's next part (send())" if r.given < r.seq_len and any(
-                       p.pending is not None for p in r.lanes.values()) else
-                   "ALLOC" if not r.lanes else
-                   f"ALLOC from {r.instance_size - len(r.lanes)} more rank(s)"
-                   if r.instance_size and len(r.lanes) < r.instance_size else "RESUME")
         return self.fail(r, f"embedding rank {self.rank}: timed out after {limit:g}s waiting "
-                            f"for {waiting}", FailureCause.TIMEOUT)
+                            f"for {waiting_for(r)}", FailureCause.TIMEOUT)
 
     # -------------------------------------------------------- internals
-
-    @staticmethod
-    def decided_on_the_wire(r: SendRoom) -> bool:
-        """Every rank of the instance has the room's last chunk on the wire (or
-        received): the room's outcome is its sends' completion, whoever aborts
-        meanwhile, so both sides agree (SUCCESS if they complete)."""
-        return (r.sources is not None and r.instance_size is not None
-                and len(r.lanes) == r.instance_size
-                and all(lane.done or (lane.in_flight
-                                      and lane.sent_tokens == lane_total(r, lane)
-                                      and not lane.aborting) for lane in r.lanes.values()))
 
     def fail(self, r: SendRoom, reason: str, cause: FailureCause, *,
              force: bool = False) -> list[Action]:
@@ -372,7 +322,7 @@ class SendMachine(Scheduler):
         `force`: a peer declared dead ends its rooms at once (DESIGN 0.3)."""
         if r.failure is not None or r.ended:
             return []
-        if not force and self.decided_on_the_wire(r):
+        if not force and decided_on_the_wire(r):
             return []
         r.failure = Failure(reason, cause, self.rank)
         out: list[Action] = [CountFailure(cause)]

@@ -135,3 +135,36 @@ def set_status(room: SendRoom, status: TransferStatus) -> None:
     """The only writer of `room.status`: progress is monotone, an ended room
     never changes, and FAILED is reached only through a failure."""
     room.status = advance(room.room, room.status, status, room.failure)
+
+
+def add_runs(room: SendRoom, runs: list[tuple[list[torch.Tensor], int]],
+             ready: torch.cuda.Event | None) -> None:
+    """Append a part's runs of wire rows (each the tensors of its rows, wire
+    order, and their count) after what was given so far."""
+    for sources, n in runs:
+        room.parts.append(Part(room.given, n, sources, ready))
+        room.given += n
+
+
+def decided_on_the_wire(room: SendRoom) -> bool:
+    """Every rank of the instance has the room's last chunk on the wire (or
+    received): the room's outcome is its sends' completion, whoever aborts
+    meanwhile, so both sides agree (SUCCESS if they complete)."""
+    return (room.sources is not None and room.instance_size is not None
+            and len(room.lanes) == room.instance_size
+            and all(lane.done or (lane.in_flight
+                                  and lane.sent_tokens == lane_total(room, lane)
+                                  and not lane.aborting) for lane in room.lanes.values()))
+
+
+def waiting_for(room: SendRoom) -> str:
+    """What a room that made no progress waits for, for its timeout's reason."""
+    if room.sources is None:
+        return "the caller's data (send())"
+    if room.given < room.seq_len and any(p.pending is not None for p in room.lanes.values()):
+        return "the caller's next part (send())"
+    if not room.lanes:
+        return "ALLOC"
+    if room.instance_size and len(room.lanes) < room.instance_size:
+        return f"ALLOC from {room.instance_size - len(room.lanes)} more rank(s)"
+    return "RESUME"
