@@ -88,6 +88,7 @@ class ItemCache:
         self._entries: collections.OrderedDict[bytes, Entry] = collections.OrderedDict()
         self.bytes = 0
         self.hits = self.misses = self.evictions = self.bytes_reused = 0
+        self._digest: int | None = None  # `digest()`, until the keys or their order change
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -106,6 +107,7 @@ class ItemCache:
                 assert e is not None and it.key is not None
                 e.pins += 1
                 self._entries.move_to_end(it.key)
+                self._digest = None
                 self.hits += 1
                 self.bytes_reused += e.nbytes
             elif it.key is not None:
@@ -140,6 +142,7 @@ class ItemCache:
         if old is not None:
             if old.num_tokens == n and old.shape == shape:
                 self._entries.move_to_end(key)
+                self._digest = None
                 return True  # the same item again: keep the copy we have
             if old.pins:
                 return False  # a live room reads it: the new one waits for a later landing
@@ -153,19 +156,24 @@ class ItemCache:
             self.evictions += 1
         if self.bytes + nbytes > self.max_bytes:
             return False
+        self._digest = None
         self._entries[key] = Entry(n, shape, {name: t.clone() for name, t in rows.items()},
                                    nbytes)
         self.bytes += nbytes
         return True
 
     def _drop(self, key: bytes) -> None:
+        self._digest = None
         e = self._entries.pop(key)
         self.bytes -= e.nbytes
 
     def digest(self) -> int:
         """The cache's keys in LRU order, with their sizes, as a 63-bit number:
-        equal on TP ranks whose caches made the same decisions."""
-        h = hashlib.blake2b(digest_size=8)
-        for k, e in self._entries.items():
-            h.update(len(k).to_bytes(1, "little") + k + e.num_tokens.to_bytes(8, "little"))
-        return int.from_bytes(h.digest(), "little") >> 1
+        equal on TP ranks whose caches made the same decisions. Read by every
+        `step()`: hashed again only after the keys or their order changed."""
+        if self._digest is None:
+            h = hashlib.blake2b(digest_size=8)
+            for k, e in self._entries.items():
+                h.update(len(k).to_bytes(1, "little") + k + e.num_tokens.to_bytes(8, "little"))
+            self._digest = int.from_bytes(h.digest(), "little") >> 1
+        return self._digest

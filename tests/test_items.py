@@ -126,6 +126,9 @@ def test_same_rooms_in_the_same_order_make_the_same_cache(ops: list) -> None:
             a.release(items, hits)
             b.release(items, hits)
         assert a.digest() == b.digest() and a.bytes <= a.max_bytes
+        fresh = ItemCache(0)
+        fresh._entries = a._entries  # hashed anew: the remembered digest is current
+        assert a.digest() == fresh.digest()
         for items, hits in pinned:
             for it, hit in zip(items, hits, strict=True):
                 assert not hit or (it.key in a and it.key in b)
