@@ -90,19 +90,18 @@ class Sender:
                                     or seq_len < n):
             raise ValueError(f"send(room={r.room}): seq_len={seq_len!r} must be an int >= the "
                              f"{n} tokens given")
-        with e.cond:
+        ready = None
+        if e.device.type == "cuda":  # the sends wait for the producer's stream
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(e.device))
+        too_long: ValueError | None = None
+        with e.cond:  # one hold: an ALLOC may set the room's item table at any time
             if r.items is not None and r.sources is None:
                 if needed_tokens(r.items) == 0:
                     return r.status  # every item of this rank was a hit: nothing to send
                 self._check_item_rows(n if seq_len is None else seq_len, aux)
                 if not r.asked:
                     r.rows = RowMap(r.items, item_tokens(r.items))
-        ready = None
-        if e.device.type == "cuda":  # the sends wait for the producer's stream
-            ready = torch.cuda.Event()
-            ready.record(torch.cuda.current_stream(e.device))
-        too_long: ValueError | None = None
-        with e.cond:
             if r.failure is not None:
                 return r.status  # e.g. aborted by the Language side before its data came
             if r.ended:

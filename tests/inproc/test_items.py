@@ -317,3 +317,48 @@ def test_an_alloc_that_asks_for_nothing_is_never_answered_with_a_frame() -> None
         assert same(r3.result(), rows(c, 7, 16))
         w.ended(s3, "sender 3")
         w.settle_whole()
+
+
+def test_an_alloc_that_lands_while_send_runs_still_cuts_the_rows() -> None:
+    """send() reads the room's item table and hands its rows over in one hold of
+    the engine lock: an ALLOC that sets the table at any moment of the call
+    finds either no rows yet (and re-cuts them when they come) or rows already
+    cut, never rows taken as a room without items."""
+    c = cfg()
+    with World(c) as w:
+        land(w, c, 1, 5, 30)
+        r = w.lang().receiver(2, src_rank=0)
+        assert r.init(items=[item(6, 6), item(5, 30)])  # the second is a hit
+        s = w.emb(0).sender(2)
+        eng = w.emb(0)
+        real = eng.cond
+
+        class DeliverOnSecondHold:
+            """The engine's condition; the second time send() takes it, the
+            ALLOC waiting on the control channel is delivered first (a send()
+            that took the lock twice would see the table appear in between)."""
+
+            holds = 0
+
+            def __enter__(self) -> object:
+                self.holds += 1
+                if self.holds == 2:
+                    w.deliver_all()
+                return real.__enter__()
+
+            def __exit__(self, *exc: object) -> object:
+                return real.__exit__(*exc)
+
+            def __getattr__(self, name: str) -> object:
+                return getattr(real, name)
+
+        eng.cond = DeliverOnSecondHold()  # type: ignore[assignment]
+        try:
+            give(s, cat([rows(c, 6, 6), rows(c, 5, 30)]))  # all of its rows, not asked
+        finally:
+            eng.cond = real
+        w.deliver_all()
+        assert w.finish(r, "room 2") is TransferStatus.SUCCESS, r.failure
+        assert same(r.result(), cat([rows(c, 6, 6), rows(c, 5, 30)]))
+        assert w.ended(s, "sender 2") is TransferStatus.SUCCESS
+        w.settle_whole()
