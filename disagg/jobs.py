@@ -20,6 +20,7 @@ milliseconds, and a peer lost meanwhile holds only its own thread).
 
 from __future__ import annotations
 
+import datetime
 import logging
 import threading
 import time
@@ -33,12 +34,12 @@ from .errors import GeometryMismatch
 from .geometry import Geometry
 from .pairing import hello, pair_group
 from .roster import POLL_S, Member, Seen, key, scan
-from .store import QuickReads, candidate_ids
+from .store import candidate_ids
 from .transport import TorchPairTransport
 
 log = logging.getLogger(__name__)
 
-READ_TIMEOUT_S = 0.2  # a read of a key that vanished fails this fast (`store.QuickReads`)
+READ_TIMEOUT_S = 0.2  # a read of a key that vanished fails this fast (see `Roster._reader`)
 EPOCH_EVERY_S = 0.5  # how often the epoch (bumped by every join and leave) is read
 
 
@@ -80,7 +81,7 @@ class Roster:
         self._examined = 0
         self._unwritten: dict[int, float] = {}
         self._left_read = 0
-        self._reads = QuickReads(store, READ_TIMEOUT_S)
+        self._read_store: dist.Store | None = None  # `_reader`
         self._stop = threading.Event()
         self._first_pass = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True,
@@ -118,7 +119,7 @@ class Roster:
     def leave(self) -> None:
         """Delete this rank's entries (a clean shutdown leaves nothing of its own
         in the store); the peers see it gone at their next rescan."""
-        self._reads.close()
+        self._read_store = None  # its client's socket closes with it
         try:
             self._depart(self.me.id)
             self.store.add(key("epoch"), 1)
@@ -197,7 +198,7 @@ class Roster:
         look = [i for i, since in self._unwritten.items() if now - since <= self.peer_timeout]
         self._unwritten = {i: self._unwritten[i] for i in look}
         present = [i for i in look if self.store.check([key("m", i)])]
-        for i, raw in zip(present, self._reads.all([key("m", i) for i in present]),
+        for i, raw in zip(present, self._read_all([key("m", i) for i in present]),
                           strict=True):
             self._unwritten.pop(i, None)
             m = None if raw is None else Member.decode(raw)
@@ -205,7 +206,7 @@ class Roster:
                 self._records[i] = m
         records = dict(self._records)
         leases = {i: int(raw) if raw is not None else -1
-                  for i, raw in zip(records, self._reads.all([key("lease", i) for i in records]),
+                  for i, raw in zip(records, self._read_all([key("lease", i) for i in records]),
                                     strict=True)}
         with self._lock:
             known = dict(self.known)
@@ -242,7 +243,7 @@ class Roster:
         if n <= self._left_read:
             return
         idx = list(range(self._left_read + 1, n + 1))
-        for i, raw in zip(idx, self._reads.all([key("left", i) for i in idx]), strict=True):
+        for i, raw in zip(idx, self._read_all([key("left", i) for i in idx]), strict=True):
             if raw is None:
                 break  # logged, not yet written: read from here next time
             self._left_read = i
@@ -253,6 +254,37 @@ class Roster:
                 log.error("rank id %d: this rank was collected from the rendezvous store (its "
                           "lease stood still for peer_timeout): peers no longer use it; "
                           "restart this job to join again", self.me.id)
+
+    def _read_all(self, keys: list[str]) -> list[bytes | None]:
+        """The values of `keys` in one store op (`multi_get`); None for a key
+        deleted since it was seen (a member leaving or collected meanwhile),
+        found by reading the keys one by one when the batch could not be read."""
+        if not keys:
+            return []
+        try:  # a short timeout: a missing key makes a get (and multi_get) wait
+            return list(self._reader().multi_get(keys))
+        except (RuntimeError, dist.DistError, AttributeError):
+            pass
+        out: list[bytes | None] = []
+        for k in keys:
+            try:
+                out.append(self._reader().get(k))
+            except (RuntimeError, dist.DistError):
+                out.append(None)  # deleted meanwhile
+        return out
+
+    def _reader(self) -> dist.Store:
+        """A client of the store for reads of keys that may vanish (a member
+        leaving or collected between a check and a get): a get waits for a
+        missing key up to the client's timeout, and this thread also keeps
+        this rank's lease, so it must not wait long: peers would collect it."""
+        if self._read_store is None:
+            clone = getattr(self.store, "clone", None)
+            if clone is None:  # not a TCPStore: its own timeout stands
+                return self.store
+            self._read_store = clone()
+            self._read_store.set_timeout(datetime.timedelta(seconds=READ_TIMEOUT_S))
+        return self._read_store
 
     def _join(self, m: Member, now: float) -> None:
         try:

@@ -1,8 +1,7 @@
 """Jobs mode's rendezvous store: connecting to it, hosting it, and what a
 rank writes there first (its id and its member record). Every other store
 call of jobs mode is the roster's (`jobs.py`), which lists the other role's
-ids allocated so far with `candidate_ids`, and reads keys that may vanish
-with `QuickReads`."""
+ids allocated so far with `candidate_ids`."""
 
 from __future__ import annotations
 
@@ -63,45 +62,3 @@ def candidate_ids(store: dist.Store, embedding: bool, tp: int) -> list[int]:
         return [language_id(k, i, tp) for k in range(instances) for i in range(tp)
                 if language_id(k, i, tp) <= MAX_ID]
     return list(range(min(store.add(key("emb", "next"), 0), EMBEDDING_IDS)))
-
-
-class QuickReads:
-    """Reads of keys that may vanish (a member leaving or collected between a
-    check and a get) on a client of their own with a short timeout: a get
-    waits for a missing key up to the client's timeout, and the roster thread
-    that reads also keeps its rank's lease, so it must not wait long (peers
-    would collect it)."""
-
-    def __init__(self, store: dist.Store, timeout_s: float) -> None:
-        self._store, self._timeout_s = store, timeout_s
-        self._client: dist.Store | None = None
-
-    def all(self, keys: list[str]) -> list[bytes | None]:
-        """The values of `keys` in one store op (`multi_get`); None for a key
-        deleted since it was seen, found by reading the keys one by one when
-        the batch could not be read."""
-        if not keys:
-            return []
-        try:
-            return list(self._reader().multi_get(keys))
-        except (RuntimeError, dist.DistError, AttributeError):
-            pass
-        out: list[bytes | None] = []
-        for k in keys:
-            try:
-                out.append(self._reader().get(k))
-            except (RuntimeError, dist.DistError):
-                out.append(None)  # deleted meanwhile
-        return out
-
-    def close(self) -> None:
-        self._client = None  # its socket closes with it
-
-    def _reader(self) -> dist.Store:
-        if self._client is None:
-            clone = getattr(self._store, "clone", None)
-            if clone is None:  # not a TCPStore: its own timeout stands
-                return self._store
-            self._client = clone()
-            self._client.set_timeout(datetime.timedelta(seconds=self._timeout_s))
-        return self._client
