@@ -73,6 +73,11 @@ class Roster:
         self._lease = 0
         self._collected = False  # a peer collected this rank's record (see `_rescan`)
         self._read_store: dist.Store | None = None  # `_reader`
+        # the roster thread's own client: a pair's rendezvous waits on the shared
+        # one (up to the pair's timeout, for a peer gone meanwhile), and a call
+        # behind it there would stall this rank's lease until peers collect it
+        clone = getattr(store, "clone", None)
+        self._mine: dist.Store = clone() if clone is not None else store
         self._stop = threading.Event()
         self._first_pass = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True,
@@ -142,8 +147,8 @@ class Roster:
         while not self._stop.is_set():
             now = time.monotonic()
             try:
-                self._lease = self.store.add(key("lease", self.me.id), 1)
-                epoch = self.store.add(key("epoch"), 0)
+                self._lease = self._mine.add(key("lease", self.me.id), 1)
+                epoch = self._mine.add(key("epoch"), 0)
                 if epoch != self._epoch or now >= next_rescan:
                     self._epoch = epoch
                     self._rescan(now)
@@ -169,7 +174,7 @@ class Roster:
                 seen.lease_moved_at = now
 
     def _rescan(self, now: float) -> None:
-        if not self._collected and not self.store.check([key("m", self.me.id)]):
+        if not self._collected and not self._mine.check([key("m", self.me.id)]):
             # a peer collected this rank (its lease stood still, e.g. a stall longer
             # than peer_timeout): the others have dropped it, and it cannot be met
             # again under this id; the job must join again (restart)
@@ -177,8 +182,8 @@ class Roster:
             log.error("rank id %d: this rank was collected from the rendezvous store (its "
                       "lease stood still for peer_timeout): peers no longer use it; restart "
                       "this job to join again", self.me.id)
-        ids = candidate_ids(self.store, self.embedding, self.tp)
-        present = [i for i in ids if self.store.check([key("m", i)])]
+        ids = candidate_ids(self._mine, self.embedding, self.tp)
+        present = [i for i in ids if self._mine.check([key("m", i)])]
         records: dict[int, Member] = {}
         for i in present:
             try:  # a record deleted since the check: a store get would wait for it
@@ -187,15 +192,15 @@ class Roster:
                 continue  # deleted meanwhile
             if m is not None and m.id == i and m.role != self.me.role:
                 records[i] = m
-        leases = {i: self.store.add(key("lease", i), 0) for i in records}
+        leases = {i: self._mine.add(key("lease", i), 0) for i in records}
         with self._lock:
             known = dict(self.known)
         result = scan(known, records, leases, now, self.peer_timeout)
         for i in result.collect:
             for k in (key("m", i), key("lease", i)):
-                self.store.delete_key(k)
+                self._mine.delete_key(k)
         if result.collect:
-            self.store.add(key("epoch"), 1)
+            self._mine.add(key("epoch"), 1)
         for i, why in result.left:
             with self._lock:
                 self.known.pop(i, None)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -74,6 +75,6 @@ def test_items_example_skips_encodes_and_stays_bit_exact(encoders: int) -> None:
         assert p.stdout.count(f"] OK {model}: logits bit-exact for 3 turns from {encoders} "
                               f"encoder(s); 3 of 6 images were hits") == 1, out
     # every image encoded exactly once, by its encoder, however often it was sent
-    encoded = [int(line.split("encoded ")[1].split()[0]) for line in p.stdout.splitlines()
-               if "] qwen2_vl: encoded" in line]
+    # ranks share stdout, so their lines may run together: find reports, not lines
+    encoded = [int(n) for n in re.findall(r"\] qwen2_vl: encoded (\d+) image", p.stdout)]
     assert sorted(encoded) == ([3] if encoders == 1 else [1, 2]), out
