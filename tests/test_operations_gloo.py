@@ -85,8 +85,12 @@ def run_cancel(rank: int, world: int, init_method: str) -> dict[str, Any]:
             out["room_2"] = (s2.wait(60).name, s2.failure.cause.name if s2.failure else None)
             out["rooms_1_3"] = (s1.wait(60).name, s3.wait(60).name)
             wait_key("ops/cancel/again")
-            s2b = ctx.embedding.sender(2)  # the id is free again
-            s2b.send(*tensors(2))
+            # the pair and the queue carry on after a cancel. (Reusing id 2 here at
+            # once would race a TP rank's late ABORT for the old room, a known
+            # limitation until rooms carry an incarnation; the in-process test
+            # reuses the id once every message of the old room was delivered.)
+            s2b = ctx.embedding.sender(4)
+            s2b.send(*tensors(4))
             out["room_2_again"] = s2b.wait(60).name
             wait_key("ops/cancel/done")
             out["whole"] = check_whole(ctx, "at the end")["pool_free_blocks"]
@@ -100,7 +104,7 @@ def run_cancel(rank: int, world: int, init_method: str) -> dict[str, Any]:
             out["done"], out["failed"] = drain(q, deadline)
             if rank == 1:
                 store().set("ops/cancel/again", "1")
-            q.add(2, src_rank=0, seq_len=SEQ)
+            q.add(4, src_rank=0, seq_len=SEQ)
             again, _ = drain(q, deadline)
             out["again"] = again
             out["whole"] = check_whole(ctx, "at the end")["pool_free_blocks"]
@@ -120,7 +124,7 @@ def test_cancel_on_one_tp_rank_ends_the_room_everywhere_and_at_its_source() -> N
         assert lang["done"] == {1: True, 3: True}
         _, cause, where = lang["failed"][2]
         assert cause == "CANCELLED" and where == 1, lang["failed"]
-        assert lang["again"] == {2: True}
+        assert lang["again"] == {4: True}
     assert "client disconnected" in l1["failed"][2][0]
     # the other rank's own text: the queue naming rank 1, or the source's answer to
     # its allocation, which says who cancelled (whichever reached it first)
