@@ -143,11 +143,16 @@ class Roster:
 
     def _run(self) -> None:
         transport.bind_device(self.device)
-        next_rescan = 0.0
+        next_rescan = next_lease = 0.0
+        # peers collect a lease that stood still for peer_timeout: 8 bumps in that
+        # window are plenty, and each costs the store one op (docs/performance.md)
+        lease_every = max(POLL_S, self.peer_timeout / 8)
         while not self._stop.is_set():
             now = time.monotonic()
             try:
-                self._lease = self._mine.add(key("lease", self.me.id), 1)
+                if now >= next_lease:
+                    self._lease = self._mine.add(key("lease", self.me.id), 1)
+                    next_lease = now + lease_every
                 epoch = self._mine.add(key("epoch"), 0)
                 if epoch != self._epoch or now >= next_rescan:
                     self._epoch = epoch
@@ -185,14 +190,14 @@ class Roster:
         ids = candidate_ids(self._mine, self.embedding, self.tp)
         present = [i for i in ids if self._mine.check([key("m", i)])]
         records: dict[int, Member] = {}
-        for i in present:
-            try:  # a record deleted since the check: a store get would wait for it
-                m = Member.decode(self._reader().get(key("m", i)))
-            except (RuntimeError, dist.DistError):
-                continue  # deleted meanwhile
+        for i, raw in zip(present, self._read_all([key("m", i) for i in present]),
+                          strict=True):
+            m = None if raw is None else Member.decode(raw)
             if m is not None and m.id == i and m.role != self.me.role:
                 records[i] = m
-        leases = {i: self._mine.add(key("lease", i), 0) for i in records}
+        leases = {i: int(raw) if raw is not None else -1
+                  for i, raw in zip(records, self._read_all([key("lease", i) for i in records]),
+                                    strict=True)}
         with self._lock:
             known = dict(self.known)
         result = scan(known, records, leases, now, self.peer_timeout)
@@ -209,6 +214,24 @@ class Roster:
             self._on_gone(i, why)
         for m in result.joined:
             self._join(m, now)
+
+    def _read_all(self, keys: list[str]) -> list[bytes | None]:
+        """The values of `keys` in one store op (`multi_get`); None for a key
+        deleted since it was seen (a member leaving or collected meanwhile),
+        found by reading the keys one by one when the batch could not be read."""
+        if not keys:
+            return []
+        try:  # a short timeout: a missing key makes a get (and multi_get) wait
+            return list(self._reader().multi_get(keys))
+        except (RuntimeError, dist.DistError, AttributeError):
+            pass
+        out: list[bytes | None] = []
+        for k in keys:
+            try:
+                out.append(self._reader().get(k))
+            except (RuntimeError, dist.DistError):
+                out.append(None)  # deleted meanwhile
+        return out
 
     def _reader(self) -> dist.Store:
         """A client of the store for reads of keys that may vanish (a member

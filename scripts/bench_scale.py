@@ -130,10 +130,12 @@ def model(e: int, lang: int, k: int | None, pair_create_s: float,
     used = e if k is None else min(k, e)
     hb = min(1.0, peer_timeout / 4)
     rescan = peer_timeout / 4
-    # jobs mode, per rank and second: a lease bump and an epoch read each cycle,
-    # and a rescan (check, get, lease read per candidate of the other role)
-    store = ((e + lang) * 2 / POLL_S
-             + e * (3 * lang + 1) / rescan + lang * (3 * e + 1) / rescan)
+    # jobs mode, per rank and second: an epoch read each cycle, a lease bump
+    # every peer_timeout / 8, and a rescan: the id counter, a check per candidate
+    # of the other role, then one multi_get of the records and one of the leases
+    lease_every = max(POLL_S, peer_timeout / 8)
+    store = ((e + lang) * (1 / POLL_S + 1 / lease_every)
+             + e * (lang + 3) / rescan + lang * (e + 3) / rescan)
     return {"pairs_per_embedding_rank": lang, "pairs_per_language_rank": lang_pairs,
             "pairs_carrying_rooms_per_language_rank": used,
             "heartbeats_per_s_fleet": 2 * e * lang / hb,
