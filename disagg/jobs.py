@@ -40,6 +40,7 @@ from .transport import TorchPairTransport
 log = logging.getLogger(__name__)
 
 READ_TIMEOUT_S = 0.2  # a read of a key that vanished fails this fast (see `Roster._reader`)
+EPOCH_EVERY_S = 0.5  # how often the epoch (bumped by every join and leave) is read
 
 
 class Roster:
@@ -72,6 +73,15 @@ class Roster:
         self._epoch = -1
         self._lease = 0
         self._collected = False  # a peer collected this rank's record (see `_rescan`)
+        # membership read incrementally (docs/performance.md, "Fleet scale"): the
+        # records of present members (a record never changes), the candidate ids
+        # examined so far, ids examined before their record was written (looked
+        # at again until `peer_timeout` passed), and the departures log read so far
+        self._records: dict[int, Member] = {}
+        self._examined = 0
+        self._unwritten: dict[int, float] = {}
+        self._left_read = 0
+        self._hole: tuple[int, float] | None = None  # a departure logged, not yet written: since
         self._read_store: dist.Store | None = None  # `_reader`
         # the roster thread's own client: a pair's rendezvous waits on the shared
         # one (up to the pair's timeout, for a peer gone meanwhile), and a call
@@ -117,8 +127,7 @@ class Roster:
         in the store); the peers see it gone at their next rescan."""
         self._read_store = None  # its client's socket closes with it
         try:
-            for k in (key("m", self.me.id), key("lease", self.me.id)):
-                self.store.delete_key(k)
+            self._depart(self.me.id)
             self.store.add(key("epoch"), 1)
         except (RuntimeError, dist.DistError) as e:
             log.warning("rank id %d: could not deregister from the rendezvous store: %s",
@@ -143,7 +152,7 @@ class Roster:
 
     def _run(self) -> None:
         transport.bind_device(self.device)
-        next_rescan = next_lease = 0.0
+        next_rescan = next_lease = next_epoch = 0.0
         # peers collect a lease that stood still for peer_timeout: 8 bumps in that
         # window are plenty, and each costs the store one op (docs/performance.md)
         lease_every = max(POLL_S, self.peer_timeout / 8)
@@ -153,7 +162,10 @@ class Roster:
                 if now >= next_lease:
                     self._lease = self._mine.add(key("lease", self.me.id), 1)
                     next_lease = now + lease_every
-                epoch = self._mine.add(key("epoch"), 0)
+                epoch = self._epoch
+                if now >= next_epoch:  # a join or a leave bumps it: rescan then
+                    epoch = self._mine.add(key("epoch"), 0)
+                    next_epoch = now + EPOCH_EVERY_S
                 if epoch != self._epoch or now >= next_rescan:
                     self._epoch = epoch
                     self._rescan(now)
@@ -179,22 +191,26 @@ class Roster:
                 seen.lease_moved_at = now
 
     def _rescan(self, now: float) -> None:
-        if not self._collected and not self._mine.check([key("m", self.me.id)]):
-            # a peer collected this rank (its lease stood still, e.g. a stall longer
-            # than peer_timeout): the others have dropped it, and it cannot be met
-            # again under this id; the job must join again (restart)
-            self._collected = True
-            log.error("rank id %d: this rank was collected from the rendezvous store (its "
-                      "lease stood still for peer_timeout): peers no longer use it; restart "
-                      "this job to join again", self.me.id)
+        """Who joined and who left, read incrementally: the new candidate ids (each
+        examined once, or again until its record is written), the departures
+        logged since the last rescan, and every present member's lease in one
+        `multi_get`. In steady state three store ops, whatever the fleet's size."""
+        self._read_departures(now)
         ids = candidate_ids(self._mine, self.embedding, self.tp)
-        present = [i for i in ids if self._mine.check([key("m", i)])]
-        records: dict[int, Member] = {}
+        fresh = ids[self._examined:]
+        self._examined = len(ids)
+        for i in fresh:
+            self._unwritten.setdefault(i, now)
+        look = [i for i, since in self._unwritten.items() if now - since <= self.peer_timeout]
+        self._unwritten = {i: self._unwritten[i] for i in look}
+        present = [i for i in look if self._mine.check([key("m", i)])]
         for i, raw in zip(present, self._read_all([key("m", i) for i in present]),
                           strict=True):
+            self._unwritten.pop(i, None)
             m = None if raw is None else Member.decode(raw)
             if m is not None and m.id == i and m.role != self.me.role:
-                records[i] = m
+                self._records[i] = m
+        records = dict(self._records)
         leases = {i: int(raw) if raw is not None else -1
                   for i, raw in zip(records, self._read_all([key("lease", i) for i in records]),
                                     strict=True)}
@@ -202,8 +218,8 @@ class Roster:
             known = dict(self.known)
         result = scan(known, records, leases, now, self.peer_timeout)
         for i in result.collect:
-            for k in (key("m", i), key("lease", i)):
-                self._mine.delete_key(k)
+            self._depart(i)
+            self._records.pop(i, None)
         if result.collect:
             self._mine.add(key("epoch"), 1)
         for i, why in result.left:
@@ -214,6 +230,42 @@ class Roster:
             self._on_gone(i, why)
         for m in result.joined:
             self._join(m, now)
+
+    def _depart(self, member_id: int) -> None:
+        """Log a departure (a leave, or a collection), then delete the member's
+        keys: readers learn of it from the log, in one read for all of them."""
+        n = self._mine.add(key("left", "n"), 1)
+        self._mine.set(key("left", n), str(member_id))
+        for k in (key("m", member_id), key("lease", member_id)):
+            self._mine.delete_key(k)
+
+    def _read_departures(self, now: float) -> None:
+        """The departures logged since the last read: those members' records are
+        no longer present (the scan then reports them gone). This rank's own id
+        there means a peer collected it (its lease stood still, e.g. a stall
+        longer than peer_timeout): the others have dropped it, and it cannot be
+        met again under this id; the job must join again (restart)."""
+        n = self._mine.add(key("left", "n"), 0)
+        if n <= self._left_read:
+            return
+        idx = list(range(self._left_read + 1, n + 1))
+        for i, raw in zip(idx, self._read_all([key("left", i) for i in idx]), strict=True):
+            if raw is None:  # logged, not yet written: read from here next time, unless
+                # its writer died in between: a hole older than peer_timeout is skipped
+                if self._hole is None or self._hole[0] != i:
+                    self._hole = (i, now)
+                if now - self._hole[1] <= self.peer_timeout:
+                    break
+                self._left_read = i
+                continue
+            self._left_read = i
+            gone = int(raw)
+            self._records.pop(gone, None)
+            if gone == self.me.id and not self._collected:
+                self._collected = True
+                log.error("rank id %d: this rank was collected from the rendezvous store (its "
+                          "lease stood still for peer_timeout): peers no longer use it; "
+                          "restart this job to join again", self.me.id)
 
     def _read_all(self, keys: list[str]) -> list[bytes | None]:
         """The values of `keys` in one store op (`multi_get`); None for a key

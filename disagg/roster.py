@@ -15,9 +15,11 @@ Keys, under `NS` (values are JSON or counters; never pickle):
     epoch                 bumped on every join and leave: readers rescan when it moves
     name/<name>           a name's generation counter: a rank that registers under a
                           name already live supersedes it (a restart)
-    m/<id>                a member's record (below); deleted when it leaves or is
-                          collected: absence is departure
-    lease/<id>            counter its owner bumps every POLL_S; a member whose lease
+    m/<id>                a member's record (below; it never changes); deleted when it
+                          leaves or is collected: absence is departure
+    left/n, left/<i>      the departures log: a counter, and the i-th departed id
+                          (written before its keys are deleted), read incrementally
+    lease/<id>            counter its owner bumps every peer_timeout / 8; a member whose lease
                           stands still for peer_timeout is collected by whoever sees it
     pair/<e>/<l>/...      a pair's handshake and its Gloo rendezvous
 

@@ -181,8 +181,23 @@ def test_a_rescan_reads_records_and_leases_in_one_store_op_each() -> None:
     me = member(EMBEDDING_IDS, "llm/0", role="language")
     roster = Roster(store, me, Geometry.from_config(DisaggConfig(hidden_size=32, block_size=8)),
                     1, torch.device("cpu"), 10.0, 10.0, lambda m, t: None, lambda i, w: None)
-    roster._collected = True  # (not registered here: skip the self-check)
     roster._rescan(0.0)
     assert sorted(roster.known) == list(range(n)) and len(roster.refused) == n
     assert counts.get("multi_get") == 2, counts  # the records, then their leases
-    assert counts.get("get", 0) == 0 and counts.get("add", 0) == 1, counts  # the id counter
+    assert counts.get("check") == n, counts  # each new id, once
+    assert counts.get("get", 0) == 0 and counts.get("add", 0) == 2, counts  # two counters
+    # steady state: the two counters and the leases, whatever the number of members
+    counts.clear()
+    roster._rescan(1.0)
+    assert counts == {"add": 2, "multi_get": 1}, counts
+    # a departure is read from the log, in one more multi_get
+    server.add(key("left", "n"), 1)
+    server.set(key("left", 1), "3")
+    server.delete_key(key("m", 3))
+    server.delete_key(key("lease", 3))
+    counts.clear()
+    gone: list[int] = []
+    roster._on_gone = lambda i, why: gone.append(i)
+    roster._rescan(2.0)
+    assert gone == [3] and 3 not in roster.known
+    assert counts == {"add": 2, "multi_get": 2}, counts
