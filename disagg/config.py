@@ -133,6 +133,17 @@ class DisaggConfig:
     memory, for later rooms that declare the same items (least recently used
     out first; 0: off). See docs/items.md."""
 
+    max_pairs: int = 24
+    """Live pair groups per rank at most. A pair is made when a room first needs
+    it; at the cap the least recently used idle pair is closed first (never one
+    with a live room or a frame owed), and a room waits for one to idle. On GPU
+    each pair's communicator takes memory, threads and one of the 32 CUDA
+    streams torch pools per device: keep it below 32. See docs/deployment.md."""
+
+    pair_idle_s: float = 300.0
+    """A pair group idle (no live room, nothing owed) this long is closed; it is
+    made again when a room needs it."""
+
     def __post_init__(self) -> None:
         def positive_int(name: str) -> None:
             v = getattr(self, name)
@@ -140,7 +151,7 @@ class DisaggConfig:
                 raise _bad(name, v, "must be an int >= 1")
 
         for name in ("num_embedding_ranks", "language_tp_size", "hidden_size",
-                     "block_size", "num_blocks"):
+                     "block_size", "num_blocks", "max_pairs"):
             positive_int(name)
         if self.num_blocks > MAX_BLOCKS_PER_MESSAGE:
             # a first allocation may take the whole pool, and one ALLOC must carry it
@@ -165,7 +176,7 @@ class DisaggConfig:
         if self.host is not None and (not isinstance(self.host, str) or not self.host
                                       or self.host == "0.0.0.0"):
             raise _bad("host", self.host, "must be a routable address or None")
-        for name in ("bootstrap_timeout", "peer_timeout", "step_timeout"):
+        for name in ("bootstrap_timeout", "peer_timeout", "step_timeout", "pair_idle_s"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
                 raise _bad(name, v, "must be a number of seconds > 0")

@@ -5,11 +5,11 @@ Start-up, identical on every rank:
  1. init_process_group (env:// inside torchrun, or the explicit arguments);
  2. publish hostname, then geometry and (Embedding ranks) the ZeroMQ address in
     the c10d store, and check every rank's geometry against rank 0's;
- 3. create one process group per (Embedding, Language) pair and one Gloo group
-    per Language instance, all in the same order on every rank, so a broken
-    pair can be torn down alone (on NCCL every group call holds the device's
-    lock, and a world whose pair communicators could wait on each other in a
-    cycle is refused: docs/nccl.md);
+ 3. create one Gloo group per Language instance, in the same order on every
+    rank; each (Embedding, Language) pair's group is made only when a room
+    first needs it, by the pair's own thread, on the world's store, and closed
+    when idle (`links.py`; on NCCL a world whose pair communicators could wait
+    on each other in a cycle is refused: docs/nccl.md);
  4. start the control thread.
 """
 
@@ -44,10 +44,12 @@ from .errors import DisaggError
 from .geometry import Geometry, Topology
 from .language import LanguageEngine
 from .language_side import LanguageSide
+from .links import PairBook
+from .pairing import PairMaker, destroy_pair, max_ctas_from_env
 from .shell import readiness
 from .startup import check_peers
 from .stats import Stats
-from .transport import PairTransport, TorchPairTransport, device_lock
+from .transport import PairTransport, device_lock
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +128,7 @@ class Context:
         self._closers: list[Callable[[], None]] = []
         self._groups: list[dist.ProcessGroup] = []
         self._transports: dict[int, PairTransport] = {}  # peer -> its pair's
+        self._book: PairBook | None = None
         self._zctx = zmq.Context()
         self._control: ControlChannel | None = None
         self._embedding: EmbeddingEngine | None = None  # the side this rank has
@@ -134,7 +137,8 @@ class Context:
         try:
             self._start()
         except BaseException:
-            self._zctx.destroy(linger=0)
+            if not self._closed:
+                self._zctx.destroy(linger=0)
             raise
 
     def _start(self) -> None:
@@ -158,23 +162,19 @@ class Context:
                if self.device.type == "cuda" else None)
         store.set(f"{key}/rank/{self.rank}", json.dumps(
             {"geometry": self.geometry.to_dict(), "address": self.control_address,
-             "backend": self.backend, "fanout": self.cfg.fanout, "gpu": gpu}))
+             "backend": self.backend, "fanout": self.cfg.fanout, "gpu": gpu,
+             "max_pairs": self.cfg.max_pairs}))
         peers = {r: json.loads(_get(store, f"{key}/rank/{r}")) for r in range(self.world_size)}
         check_peers(self.rank, self.backend, self.geometry, topo, peers, hostnames)
-        # Groups: the same calls in the same order on every rank.
-        # A pair's transport timeout outlasts every room deadline (bootstrap_timeout,
-        # answered by a frame within peer_timeout) with peer_timeout to spare: a
-        # late room ends itself and never the pair (a Gloo timeout closes it).
+        # Pair groups are made when a room first needs them (links.py), on the
+        # world's store; only the instance groups are made here, in the same
+        # order on every rank. A pair's transport timeout outlasts every room
+        # deadline (bootstrap_timeout, answered by a frame within peer_timeout)
+        # with peer_timeout to spare: a late room ends itself and never the pair.
         timeout = datetime.timedelta(seconds=self.cfg.bootstrap_timeout
                                      + 2 * self.cfg.peer_timeout)
-        pair_groups: dict[tuple[int, int], dist.ProcessGroup] = {}
-        for e in topo.embedding_ranks:
-            for lang in topo.language_ranks:
-                g = new_group([e, lang], timeout=timeout, backend=self.backend,
-                              device=self.device)
-                if self.rank in (e, lang):
-                    pair_groups[(e, lang)] = g
-                    self._groups.append(g)
+        book = self._book = self._pair_book(store, f"{key}/pair", timeout.total_seconds(),
+                                            stats)
         instance_group = gather_group = None
         for i in range(topo.num_instances):
             g = new_group(topo.instance_ranks(i), backend="gloo",
@@ -198,17 +198,14 @@ class Context:
                     self._groups.append(g)
             if gather_group is not None:
                 warm_up(gather_group, self.device)
-        transports: dict[int, PairTransport] = {}
-        for (e, lang), g in sorted(pair_groups.items()):  # one global order: no deadlock
-            peer = lang if is_embedding else e
-            t = TorchPairTransport(g, peer, self.device, timeout.total_seconds())
-            t.connect(sending=is_embedding)
-            transports[peer] = t
+        others = list(topo.language_ranks if is_embedding else topo.embedding_ranks)
+        transports: dict[int, PairTransport] = {p: book.link(p) for p in others}
         self._transports = dict(transports)  # the engines drop theirs at close
         if is_embedding:
             peer_blocks = {r: int(peers[r]["geometry"]["num_blocks"]) for r in topo.language_ranks}
             engine = EmbeddingEngine(self.cfg, self.rank, topo, self.geometry, peer_blocks,
                                      transports, self.device, stats, control)
+            engine.attach(book)
             control.start(engine, self.device)
             self._embedding = engine
         else:
@@ -216,8 +213,43 @@ class Context:
                                     {e: peers[e]["address"] for e in topo.embedding_ranks})
             lang_engine = LanguageEngine(self.cfg, self.rank, topo, self.geometry, transports,
                                          self.device, stats, control)
+            lang_engine.attach(book)
             control.start(lang_engine, self.device)
             self._language = LanguageSide(lang_engine, instance_group, gather_group)
+        caps = {r: int(peers[r].get("max_pairs", self.cfg.max_pairs)) for r in peers}
+        warm = [p for p in others
+                if len(topo.language_ranks) <= caps[p if not is_embedding else self.rank]
+                and len(topo.embedding_ranks) <= caps[self.rank if not is_embedding else p]]
+        self._warm(book, warm, timeout.total_seconds())
+
+    def _warm(self, book: PairBook, others: list[int], timeout_s: float) -> None:
+        """The pairs both ends warm (`links.py`, "Warm pairs": each end's peers of
+        the other role fit under its `max_pairs`), now, one after another in one
+        global order, (Embedding, Language) ascending, as every rank does: the
+        first pair not yet made has both its ends at it, so none waits in a
+        cycle."""
+        deadline = time.monotonic() + timeout_s
+        for peer in sorted(others):
+            if not book.warm(peer, lambda: time.monotonic() < deadline):
+                self.shutdown(0.0)  # the engines' threads run already
+                raise DisaggError(f"start-up: the pair with rank {peer} was not made in "
+                                  f"{timeout_s:.0f}s; did every rank call disagg.init?",
+                                  rank=self.rank)
+
+    def _pair_base(self, peer: int) -> str:
+        """The store keys of the pair with `peer`, under the book's base."""
+        e, lang = (self.rank, peer) if self.role == "embedding" else (peer, self.rank)
+        return f"/{e}/{lang}"
+
+    def _pair_book(self, store: dist.Store, base: str, timeout_s: float,
+                   stats: Stats) -> PairBook:
+        """This rank's pairs, made on demand on `store` under `base` (links.py)."""
+        embedding = self.role == "embedding"
+
+        maker = PairMaker(store, lambda peer: f"{base}{self._pair_base(peer)}", embedding=embedding, device=self.device,
+                          timeout_s=timeout_s, max_ctas=max_ctas_from_env())
+        return PairBook(maker, destroy_pair, max_pairs=self.cfg.max_pairs,
+                        idle_s=self.cfg.pair_idle_s, stats=stats)
 
     @property
     def embedding(self) -> EmbeddingEngine:
@@ -304,7 +336,9 @@ class Context:
                 t = self._transports.get(peer)
                 if t is not None:
                     t.abort()
-            self._transports.clear()  # they hold the groups: let them go with them
+            self._transports.clear()
+            if self._book is not None:
+                self._book.close_all()
             if self._control is not None:
                 self._control.close()
             self._zctx.term()

@@ -110,6 +110,10 @@ class ControlChannel:
         self._name = name
         self._router: zmq.Socket | None = None
         self._peers: frozenset[int] = frozenset()  # ROUTER side: who may speak to us
+        # ROUTER side, jobs mode: asked about a rank not yet allowed whose message
+        # came first (it met this rank in the store before this rank met it);
+        # True once it is allowed (`allow`)
+        self.admit: Callable[[int], bool] | None = None
         self._dealers: dict[int, zmq.Socket] = {}
         self._dealer_lock = threading.Lock()
         self._closed = False
@@ -299,6 +303,8 @@ class ControlChannel:
         """A message to an Embedding rank: from a known Language rank, speaking for
         itself, in a Language->Embedding kind."""
         claimed = rank_of_identity(identity)
+        if claimed is not None and claimed not in self._peers and self.admit is not None:
+            self.admit(claimed)
         if claimed is None or claimed not in self._peers:
             self._bad(None, None, f"message from unknown peer identity {identity[:32]!r}")
             return
@@ -317,7 +323,8 @@ class ControlChannel:
             self._deliver(claimed, msg)
 
     def _inbound_dealer(self, src: int, payload: bytes) -> None:
-        """A message to a Language rank from Embedding rank `src`: REJECT or HEARTBEAT."""
+        """A message to a Language rank from Embedding rank `src`: REJECT, HEARTBEAT
+        or PAIR_DOWN (an idle close: `wire.PairClose`)."""
         msg = self._decode(src, payload)
         if msg is None:
             return

@@ -1,21 +1,18 @@
-"""`disagg.join`: separate jobs that meet through a rendezvous store (DESIGN 0.3,
-"Deployments"). This process's job is its own torchrun world, or it has no
-world at all; ranks of other jobs are met through one c10d `TCPStore`.
+"""Jobs mode's membership (DESIGN 0.3, "Deployments"): this process's job is
+its own torchrun world, or it has no world at all; ranks of other jobs are
+met through one c10d `TCPStore`. The `Roster` registers this rank, keeps its
+lease, reads who joined and who left (incrementally: docs/performance.md,
+"Fleet scale"), checks each new member's geometry, and reports members to
+the context, which gives each a pair made on demand (`links.py`): a pair's
+two-rank group is made with the backend's own constructor on a prefix of the
+rendezvous store when a room first needs it (`pairing.py`). That constructor
+needs no default world (an encoder process without torchrun), never touches
+the host framework's default world or its collectives, fixes each end's rank
+in the group (Embedding 0, Language 1) and lets one pair be dropped alone;
+vLLM builds its stateless NCCL groups the same way.
 
-Each (Embedding, Language) pair gets a two-rank Gloo or NCCL group made with
-the backend's own constructor on a prefix of the rendezvous store, when both
-ends have seen each other in the store. That constructor needs no default
-world (an encoder process without torchrun), never touches the host
-framework's default world or its collectives, fixes each end's rank in the
-group (Embedding 0, Language 1: nothing to exchange afterwards) and lets one
-pair be dropped alone; `new_group(...).merge_remote_group` needs a default
-world on both sides and assigns ranks through the store. vLLM builds its
-stateless NCCL groups the same way.
-
-Threads: the roster thread (membership: lease, rescans, collection) and one
-short-lived thread per forming pair (a pair's rendezvous blocks until both
-ends construct it; a handshake in the store first makes that a matter of
-milliseconds, and a peer lost meanwhile holds only its own thread).
+Threads: the roster thread (membership: lease, rescans, collection); pairs
+are made by their own stream threads.
 """
 
 from __future__ import annotations
@@ -32,10 +29,8 @@ import torch.distributed as dist
 from . import transport
 from .errors import GeometryMismatch
 from .geometry import Geometry
-from .pairing import hello, pair_group
 from .roster import POLL_S, Member, Seen, key, scan
 from .store import candidate_ids
-from .transport import TorchPairTransport
 
 log = logging.getLogger(__name__)
 
@@ -46,30 +41,26 @@ EPOCH_EVERY_S = 0.5  # how often the epoch (bumped by every join and leave) is r
 class Roster:
     """This rank's view of the deployment: registers itself, keeps its lease,
     forms a pair with every member of the other role as it appears, and
-    reports departures. `on_pair(member, transport)` and `on_gone(id, why)`
+    reports departures. `on_member(member)` and `on_gone(id, why)`
     are the context's."""
 
     def __init__(self, store: dist.Store, me: Member, geometry: Geometry, tp: int,
-                 device: torch.device, pair_timeout_s: float, peer_timeout: float,
-                 on_pair: Callable[[Member, TorchPairTransport], None],
+                 device: torch.device, peer_timeout: float,
+                 on_member: Callable[[Member], None],
                  on_gone: Callable[[int, str], None]) -> None:
         self.store = store
         self.me = me
         self.geometry = geometry
         self.tp = tp
         self.device = device
-        self.pair_timeout_s = pair_timeout_s
         self.peer_timeout = peer_timeout
-        self._on_pair, self._on_gone = on_pair, on_gone
+        self._on_member, self._on_gone = on_member, on_gone
         self.embedding = me.role == "embedding"
         self._lock = threading.Lock()
         self.known: dict[int, Seen] = {}  # members of the other role: forming, formed or refused
         self.names: dict[int, str] = {}  # usable now: id -> name
         self.refused: dict[int, str] = {}  # id -> why its pair was refused (geometry)
         self.store_error: str | None = None  # the store is unreachable (live pairs go on)
-        # one thread per pair being formed: each waits for its own peer's hello,
-        # and a constructor releases the GIL, so pairs never wait on each other
-        self._forming: dict[int, threading.Thread] = {}
         self._epoch = -1
         self._lease = 0
         self._collected = False  # a peer collected this rank's record (see `_rescan`)
@@ -81,6 +72,7 @@ class Roster:
         self._examined = 0
         self._unwritten: dict[int, float] = {}
         self._left_read = 0
+        self._looked_up: dict[int, float] = {}  # `admit`: when each unknown id was read
         self._hole: tuple[int, float] | None = None  # a departure logged, not yet written: since
         self._read_store: dist.Store | None = None  # `_reader`
         # the roster thread's own client: a pair's rendezvous waits on the shared
@@ -97,30 +89,21 @@ class Roster:
 
     def start(self, settle_s: float) -> None:
         """Register, then start; return once the members present now have been
-        seen and their pairs formed (or `settle_s` passed)."""
+        seen (or `settle_s` passed). Their pairs are made when rooms need them."""
         self.store.set(key("m", self.me.id), self.me.encode().decode())
         self.store.add(key("lease", self.me.id), 1)
         self.store.add(key("epoch"), 1)
         self._thread.start()
         self._first_pass.wait(settle_s)
-        deadline = time.monotonic() + settle_s
-        for t in self._threads_forming():
-            t.join(max(0.0, deadline - time.monotonic()))
 
     def halt(self, timeout_s: float) -> None:
         """Stop the thread: nobody joins or leaves this rank's view any more."""
         self._stop.set()
-        deadline = time.monotonic() + timeout_s
-        for t in [self._thread, *self._threads_forming()]:
-            if t.is_alive():
-                t.join(max(0.0, deadline - time.monotonic()))
-            if t.is_alive():  # a pair's constructor waiting for a peer lost meanwhile
-                log.error("rank id %d: %s still running after %.1fs (it ends at the pair's "
-                          "timeout)", self.me.id, t.name, timeout_s)
-
-    def _threads_forming(self) -> list[threading.Thread]:
-        with self._lock:
-            return list(self._forming.values())
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)
+        if self._thread.is_alive():  # a store call that waits for its timeout
+            log.error("rank id %d: %s still running after %.1fs", self.me.id,
+                      self._thread.name, timeout_s)
 
     def leave(self) -> None:
         """Delete this rank's entries (a clean shutdown leaves nothing of its own
@@ -298,7 +281,33 @@ class Roster:
             self._read_store.set_timeout(datetime.timedelta(seconds=READ_TIMEOUT_S))
         return self._read_store
 
+    def admit(self, member_id: int) -> bool:
+        """A message came from `member_id` before this rank met it (control
+        thread): it met this rank in the store first. Read its record now and
+        join it if it is a member of the other role (the rescan would, a
+        moment later). Whether it is usable. An id found wanting is not looked
+        up again for a second: a hostile peer costs at most one read a second."""
+        now = time.monotonic()
+        with self._lock:
+            if member_id in self.known:
+                return member_id in self.names
+            if now - self._looked_up.get(member_id, -1e9) < 1.0:
+                return False
+            self._looked_up[member_id] = now
+            if len(self._looked_up) > 1024:
+                self._looked_up.clear()
+        raw = self._read_all([key("m", member_id)])[0]
+        m = None if raw is None else Member.decode(raw)
+        if m is None or m.id != member_id or m.role == self.me.role:
+            return False
+        self._join(m, now)
+        with self._lock:
+            return member_id in self.names
+
     def _join(self, m: Member, now: float) -> None:
+        with self._lock:  # once: a rescan and an early message may both find it
+            if m.id in self.known:
+                return
         try:
             theirs = Geometry.from_dict(m.geometry)
             self.geometry.check_compatible(theirs, rank=self.me.id, peer=m.id)
@@ -313,60 +322,19 @@ class Roster:
                 self.known[m.id] = Seen(m, -1, now)
                 self.refused[m.id] = why
             return
-        t = threading.Thread(target=self._form, args=(m,), daemon=True,
-                             name=f"disagg-pair-{self.me.id}-{m.id}")
         with self._lock:
             self.known[m.id] = Seen(m, -1, now)
-            self._forming[m.id] = t
-        t.start()
+        self._on_member(m)
 
-    def _knows(self, member_id: int) -> bool:
+    def usable(self, member_id: int) -> None:
+        """A member joined (its pair made, if the context warmed it): listed by
+        `peers()` from now on, unless it left meanwhile."""
+        with self._lock:
+            seen = self.known.get(member_id)
+            if seen is not None and member_id not in self.refused:
+                self.names[member_id] = seen.member.name
+
+    def knows(self, member_id: int) -> bool:
         """Whether `member_id` is still a member this rank pairs with."""
         with self._lock:
-            return member_id in self.known
-
-    def _form(self, m: Member) -> None:
-        """The pair's thread: a handshake (both ends are here), then the backend's
-        constructor on the pair's prefix of the store."""
-        transport.bind_device(self.device)
-        try:
-            if self._make(m):
-                with self._lock:
-                    if m.id in self.known:
-                        self.names[m.id] = m.name
-        finally:
-            with self._lock:
-                self._forming.pop(m.id, None)
-
-    def _make(self, m: Member) -> bool:
-        e, lang = (self.me.id, m.id) if self.embedding else (m.id, self.me.id)
-        base = key("pair", e, lang)
-        mine, theirs = ("e", "l") if self.embedding else ("l", "e")
-        added = False
-        try:
-            if not hello(self.store, base, mine, theirs, lambda: self._knows(m.id), self._stop):
-                return False
-            pg = pair_group(self.store, base, self.embedding, self.device, self.pair_timeout_s)
-            t = TorchPairTransport(pg, m.id, self.device, self.pair_timeout_s,
-                                   group_peer=1 if self.embedding else 0)
-            if self.embedding:
-                # ready for the Language rank's messages before it can send any: it
-                # sends only once the first frame below has reached it
-                self._on_pair(m, t)
-                added = True
-            t.connect(sending=self.embedding)
-            if not self.embedding:
-                self._on_pair(m, t)
-            self.store.delete_key(f"{base}/hello/{mine}")
-            if self.device.type != "cuda":  # Gloo's rendezvous key of the peer: read, done
-                self.store.delete_key(f"{base}/pg/0/{1 if self.embedding else 0}")
-        except Exception as err:  # the peer went away as the pair formed
-            log.warning("rank id %d: pair with %d not formed: %s", self.me.id, m.id, err)
-            if added:
-                self._on_gone(m.id, f"its pair broke as it formed: {err}")
-            with self._lock:  # seen again at a later rescan, if it is still a member
-                self.known.pop(m.id, None)
-            return False
-        return True
-
-
+            return member_id in self.known and member_id not in self.refused

@@ -18,11 +18,14 @@ from __future__ import annotations
 import datetime
 import logging
 import socket
+import threading
+import time
 
 import torch
 import torch.distributed as dist
 import zmq
 
+from . import transport as transport_mod
 from .backend import backend_choice, cuda_index, destroy_group, local_rank, new_group
 from .config import DisaggConfig
 from .context import Context
@@ -33,10 +36,11 @@ from .geometry import Geometry, Topology
 from .jobs import Roster
 from .language import LanguageEngine
 from .language_side import LanguageSide
+from .links import PairBook
 from .roster import EMBEDDING_IDS, MAX_ID, Member, key, language_id
 from .stats import Stats
 from .store import connect_store, embedding_id, new_member
-from .transport import PairTransport, TorchPairTransport
+from .transport import PairTransport
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +90,10 @@ class JobsContext(Context):
         self._embedding: EmbeddingEngine | None = None
         self._language: LanguageSide | None = None
         self._roster: Roster | None = None
+        self._book: PairBook | None = None
+        self._addresses: dict[int, str] = {}  # member id -> its control address
+        self._connected: set[int] = set()  # Language side: control sockets made
+        self._warming: list[threading.Thread] = []  # `_warm_member`
         self.control_address: str | None = None
         self.rendezvous = rendezvous
         try:
@@ -136,15 +144,19 @@ class JobsContext(Context):
         self._stats = stats
         control = self._control = ControlChannel(self._zctx, name=f"disagg-control-{self.rank}")
         transports: dict[int, PairTransport] = {}
+        self._book = self._pair_book(self._store, "", cfg.bootstrap_timeout
+                                     + 2 * cfg.peer_timeout, stats)
         if self.role == "embedding":
             self.control_address = control.bind_router(cfg.host or _host(self.rendezvous), ())
             engine = EmbeddingEngine(cfg, self.rank, self.topology, self.geometry, {},
                                      transports, self.device, stats, control, peers=())
+            engine.attach(self._book)
             control.start(engine, self.device)
             self._embedding = engine
         else:
             lang_engine = LanguageEngine(cfg, self.rank, self.topology, self.geometry,
                                          transports, self.device, stats, control, peers=())
+            lang_engine.attach(self._book)
             control.start(lang_engine, self.device)
             group = self._instance_group(instance_group)
             self._language = LanguageSide(lang_engine, group, group)
@@ -153,11 +165,16 @@ class JobsContext(Context):
                         address=self.control_address)
         self.name = me.name
         self._roster = Roster(self._store, me, self.geometry, cfg.language_tp_size,
-                              self.device, cfg.bootstrap_timeout + 2 * cfg.peer_timeout,
-                              cfg.peer_timeout, self._on_pair, self._on_gone)
+                              self.device, cfg.peer_timeout, self._on_member, self._on_gone)
+        if self._embedding is not None:
+            control.admit = self._roster.admit
         if self._language is not None:
             self._language.engine.membership = self._roster.is_member
+            self._language.engine.connect = self._connect
         self._roster.start(SETTLE_S)
+        deadline = time.monotonic() + SETTLE_S  # the pairs of the members present now
+        for t in list(self._warming):
+            t.join(max(0.0, deadline - time.monotonic()))
 
     def _instance_group(self, given: dist.ProcessGroup | None) -> dist.ProcessGroup | None:
         """The Gloo group of this rank's TP instance (None for TP 1): made on the
@@ -184,26 +201,81 @@ class JobsContext(Context):
 
     # ---------------------------------------------------------------- roster events
 
-    def _on_pair(self, m: Member, transport: TorchPairTransport) -> None:
-        """A pair with member `m` is formed (roster's pair thread)."""
-        assert self._control is not None
-        self._transports[m.id] = transport
+    def _pair_base(self, peer: int) -> str:
+        e, lang = (self.rank, peer) if self.role == "embedding" else (peer, self.rank)
+        return key("pair", e, lang)
+
+    def _on_member(self, m: Member) -> None:
+        """Member `m` of the other role joined (roster thread): usable from now
+        on; its pair is made when a room first needs it."""
+        assert self._control is not None and self._book is not None
+        link = self._book.link(m.id)
+        self._transports[m.id] = link
+        self._addresses[m.id] = m.address or ""
         if self._embedding is not None:
             self._control.allow(m.id)
-            self._embedding.add_peer(m.id, transport, int(str(m.geometry["num_blocks"])))
+            self._embedding.add_peer(m.id, link, int(str(m.geometry["num_blocks"])))
         elif self._language is not None:
-            assert m.address is not None
-            self._control.add_dealer(self.rank, m.id, m.address)
-            self._language.engine.add_peer(m.id, transport)
+            self._language.engine.add_peer(m.id, link)
+        assert self._roster is not None
+        if not self._small():  # past the cap: pairs on demand only
+            self._roster.usable(m.id)
+            return
+        t = threading.Thread(target=self._warm_member, args=(m.id,), daemon=True,
+                             name=f"disagg-warm-{self.rank}-{m.id}")
+        self._warming = [w for w in self._warming if w.is_alive()] + [t]
+        t.start()
+
+    def _small(self) -> bool:
+        """Whether pairs are warmed as members join: while every rank of either
+        role could pair with every rank of the other under `max_pairs`. Both
+        ends decide it alike, from the store's two id counters (ranks ever
+        joined, so a restarted rank counts again: the rule errs on demand)."""
+        cap = self.cfg.max_pairs
+        try:
+            embedding = self._store.add(key("emb", "next"), 0)
+            language = self._store.add(key("inst", "next"), 0) * self.cfg.language_tp_size
+        except (RuntimeError, dist.DistError):
+            return False
+        return embedding <= cap and language <= cap
+
+    def _warm_member(self, member_id: int) -> None:
+        """Within the cap, a member's pair is made as it joins (`links.py`, "Warm
+        pairs"): it warms this rank's pair too, once it sees this rank (within a
+        rescan or two). Listed by `peers()` once made, or once given up."""
+        transport_mod.bind_device(self.device)
+        roster, book = self._roster, self._book
+        assert roster is not None and book is not None
+        deadline = time.monotonic() + 2 * self.cfg.peer_timeout + SETTLE_S
+        try:
+            book.warm(member_id, lambda: roster.knows(member_id)
+                      and time.monotonic() < deadline)
+        finally:
+            roster.usable(member_id)
+
+    def _connect(self, member_id: int) -> None:
+        """Language side, first use of Embedding rank `member_id` (engine lock
+        held): its control socket is connected now, not at its join, so a rank
+        has sockets only to the encoders it uses."""
+        if member_id in self._connected or self._control is None:
+            return
+        address = self._addresses.get(member_id)
+        if address:
+            self._connected.add(member_id)
+            self._control.add_dealer(self.rank, member_id, address)
 
     def _on_gone(self, member_id: int, why: str) -> None:
         self._transports.pop(member_id, None)
+        if self._book is not None:
+            self._book.link(member_id).abort()
         if self._embedding is not None:
             self._embedding.peer_gone(member_id, why)
             if self._control is not None:
                 self._control.disallow(member_id)
         elif self._language is not None:
             self._language.engine.peer_gone(member_id, why)
+        if self._book is not None:
+            self._book.forget(member_id)
 
     # ---------------------------------------------------------------- public
 
@@ -226,12 +298,16 @@ class JobsContext(Context):
         if self._roster is not None:
             self._roster.halt(bound)
         super().shutdown(timeout_s)
+        for t in self._warming:  # the book is stopped: each ends at its next look
+            t.join(bound)
         if self._roster is not None:
             self._roster.leave()
         self._roster = None
         self.__dict__.pop("_store", None)  # its socket closes with the last reference
 
     def _close_partial(self) -> None:
+        if self._book is not None:
+            self._book.close_all()
         for g in self._groups:
             destroy_group(g, self.device)
         self._groups.clear()

@@ -6,6 +6,11 @@ Embedding rank answers each one. So each side hears the other at least every
 interval while both live, and declares a peer dead after `peer_timeout` of
 silence, even when no recv of its own is posted to notice. A BYE heartbeat is
 a clean goodbye. Pure bookkeeping: the clock comes in as `now`.
+
+With pairs made on demand (`lazy`, links.py) only the peers a rank uses now
+are watched: heartbeats go to, and silence counts for, the peers whose pair is
+open or wanted (`activate`); the others are known and believed alive (in jobs
+mode membership says when one leaves), at no cost per peer.
 """
 
 from __future__ import annotations
@@ -20,6 +25,22 @@ class Liveness:
         self.dead: dict[int, str] = {}  # peer -> why it is considered dead
         self.heartbeat_interval = min(1.0, peer_timeout / 4)
         self._next_heartbeat = now
+        self.lazy = False  # watch only the `active` peers
+        self.active: set[int] = set()
+
+    def activate(self, peer: int, now: float) -> None:
+        """A peer in use (a room wants its pair, or the pair is open): watched
+        from now on, as if just heard."""
+        if self.lazy and peer in self._heard and peer not in self.active:
+            self.active.add(peer)
+            self._heard[peer] = max(self._heard[peer], now)
+
+    def deactivate(self, peer: int) -> None:
+        """Its pair closed, idle: no longer watched."""
+        self.active.discard(peer)
+
+    def watched(self, peer: int) -> bool:
+        return not self.lazy or peer in self.active
 
     def add(self, peer: int, now: float) -> None:
         """A peer that joined (jobs mode): heard now, alive."""
@@ -37,7 +58,7 @@ class Liveness:
         """Live peers silent for longer than peer_timeout, with why."""
         return [(p, f"no heartbeat for {now - t:.1f}s (peer_timeout={self.peer_timeout:g}s)")
                 for p, t in self._heard.items()
-                if p not in self.dead and now - t > self.peer_timeout]
+                if p not in self.dead and now - t > self.peer_timeout and self.watched(p)]
 
     def mark_dead(self, peer: int, why: str) -> bool:
         """True if `peer` was alive until now."""
@@ -64,3 +85,7 @@ class Liveness:
 
     def alive(self) -> list[int]:
         return [p for p in self._heard if p not in self.dead]
+
+    def beat_targets(self) -> list[int]:
+        """Live peers a heartbeat goes to: the watched ones."""
+        return [p for p in self._heard if p not in self.dead and self.watched(p)]

@@ -20,10 +20,12 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 COUNTERS = ("bytes_sent", "bytes_received", "chunks", "resumes", "failures",
             "auto_alloc_overallocated_blocks",
             # the item cache (Language ranks with item_cache_bytes; 0 elsewhere)
-            "item_hits", "item_misses", "item_bytes_reused", "item_evictions")
+            "item_hits", "item_misses", "item_bytes_reused", "item_evictions",
+            # pair groups made on demand and closed (links.py)
+            "pairs_created", "pairs_closed")
 # auto_alloc_resumes_avoided goes negative when "auto" spends rounds to save memory
 GAUGES = ("pool_total_blocks", "pool_free_blocks", "rooms_live", "auto_alloc_resumes_avoided",
-          "item_cache_bytes")
+          "item_cache_bytes", "pairs_live")
 
 
 class _HasStats(Protocol):

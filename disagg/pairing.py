@@ -1,17 +1,21 @@
-"""Jobs mode: one (Embedding, Language) pair's group, formed. Both ends say
-hello in the store and wait for the other's (so both constructors meet within
-milliseconds), then each calls the backend's own constructor on the pair's
-prefix of the store, with fixed ranks: Embedding 0, Language 1."""
+"""One (Embedding, Language) pair's group, formed, in either deployment. Both
+ends say hello in the store and wait for the other's (so both constructors
+meet within milliseconds), then each calls the backend's own constructor on
+the pair's prefix of the store, with fixed ranks: Embedding 0, Language 1.
+Each making of a pair is a generation with keys of its own (`links.py`)."""
 
 from __future__ import annotations
 
 import contextlib
 import datetime
+import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 import torch.distributed as dist
+
+from .transport import TorchPairTransport, device_lock
 
 HELLO_POLL_S = (0.002, 0.05)  # a forming pair looks for its peer's hello this often (first, at most)
 
@@ -41,15 +45,92 @@ def hello(store: dist.Store, base: str, mine: str, theirs: str, wanted: Callable
 
 
 def pair_group(store: dist.Store, base: str, embedding: bool, device: torch.device,
-               timeout_s: float) -> dist.ProcessGroup:
+               timeout_s: float, max_ctas: int = 0) -> dist.ProcessGroup:
     """The pair's two-rank group on `base`'s prefix of the store (this end's
-    rank: 0 on the Embedding side); returns once both ends constructed it."""
+    rank: 0 on the Embedding side); returns once both ends constructed it.
+
+    On NCCL the communicator is made here, eagerly, in the calling thread (a
+    pair's own, holding no lock): made lazily it would form at the pair's
+    first op, which is posted under the device lock, and every other pair of
+    the device would wait for the peer meanwhile. `max_ctas` > 0 makes a thin
+    communicator (at most that many CTAs, i.e. channels): a point-to-point pair
+    needs few, and each costs memory on the device."""
     timeout = datetime.timedelta(seconds=timeout_s)
     prefix = dist.PrefixStore(f"{base}/pg", store)
+    rank = 0 if embedding else 1
     if device.type == "cuda":
         opts = dist.ProcessGroupNCCL.Options()
         opts._timeout = timeout
-        return dist.ProcessGroupNCCL(prefix, 0 if embedding else 1, 2,  # type: ignore[return-value]
-                                     opts)
-    return dist.ProcessGroupGloo(prefix, 0 if embedding else 1, 2,  # type: ignore[return-value]
-                                 timeout)
+        config = getattr(opts, "config", None)
+        if max_ctas and config is not None:
+            config.min_ctas, config.max_ctas = 1, max_ctas
+        pg = dist.ProcessGroupNCCL(prefix, rank, 2, opts)
+        eager = getattr(pg, "eager_connect_single_device", None)
+        if eager is not None:
+            eager(device)
+        return pg  # type: ignore[return-value]
+    return dist.ProcessGroupGloo(prefix, rank, 2, timeout)  # type: ignore[return-value]
+
+
+def destroy_pair(t: TorchPairTransport) -> None:
+    """End a group made by `pair_group` (a pair closed when idle, or at
+    shutdown): nothing is pending on it, or it was aborted first."""
+    shutdown = getattr(t.group, "shutdown", None)
+    if shutdown is None:
+        return  # it goes with its last reference
+    if t.device.type == "cuda":
+        with device_lock(t.device):
+            shutdown()
+    else:
+        shutdown()
+
+
+# NCCL: at most this many CTAs (channels) per pair communicator, a thin one for a
+# point-to-point pair (unset or 0: NCCL's default). Read by disagg, never set.
+MAX_CTAS_ENV = "DISAGG_PAIR_NCCL_MAX_CTAS"
+
+
+def max_ctas_from_env(env: Mapping[str, str] = os.environ) -> int:
+    """`DISAGG_PAIR_NCCL_MAX_CTAS`: a `ValueError` naming it if it is not an int >= 0."""
+    raw = env.get(MAX_CTAS_ENV, "").strip()
+    if not raw:
+        return 0
+    try:
+        n = int(raw)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise ValueError(f"{MAX_CTAS_ENV}={raw!r}: must be an int >= 0 (0: NCCL's default)")
+    return n
+
+
+class PairMaker:
+    """Makes this rank's pair groups on `store` (world mode: the world's store;
+    jobs mode: the rendezvous store). `base(peer)` names a pair's keys; each
+    generation has its own under it. Called by `links.PairLink.ensure`, in the
+    pair's own thread."""
+
+    def __init__(self, store: dist.Store, base: Callable[[int], str], *, embedding: bool,
+                 device: torch.device, timeout_s: float, max_ctas: int = 0) -> None:
+        self.store, self.base = store, base
+        self.embedding, self.device = embedding, device
+        self.timeout_s, self.max_ctas = timeout_s, max_ctas
+        self._never = threading.Event()  # `wanted` says when to stop
+
+    def __call__(self, peer: int, gen: int, wanted: Callable[[], bool]) -> TorchPairTransport | None:
+        base = f"{self.base(peer)}/{gen}"
+        mine, theirs = ("e", "l") if self.embedding else ("l", "e")
+        if not hello(self.store, base, mine, theirs, wanted, self._never):
+            return None
+        pg = pair_group(self.store, base, self.embedding, self.device, self.timeout_s,
+                        self.max_ctas)
+        t = TorchPairTransport(pg, peer, self.device, self.timeout_s,
+                               group_peer=1 if self.embedding else 0)
+        t.connect(sending=self.embedding)
+        # both ends read the other's hello and rendezvous keys before the connect
+        # frame could pass: they are done with
+        with contextlib.suppress(RuntimeError, dist.DistError):
+            self.store.delete_key(f"{base}/hello/{mine}")
+            if self.device.type != "cuda":
+                self.store.delete_key(f"{base}/pg/0/{1 if self.embedding else 0}")
+        return t

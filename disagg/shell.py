@@ -16,6 +16,7 @@ from .config import DisaggConfig
 from .control import ControlPort
 from .errors import DisaggError
 from .geometry import Geometry
+from .links import PairBook
 from .liveness import Liveness
 from .logs import RateLimitedLog
 from .progress import Progress
@@ -50,6 +51,23 @@ class EngineShell:
         self._warn = RateLimitedLog(logger)
         self._closing = False
         self.progress = Progress(self.cond)  # the pause and the sweep (progress.py)
+        self.links: PairBook | None = None  # pairs made on demand (`attach`)
+
+    def attach(self, book: PairBook) -> None:
+        """Pairs made on demand (links.py): this engine answers the book's
+        questions, and watches only the peers it uses (liveness.py)."""
+        self.links = book
+        book.host = self  # type: ignore[assignment]
+        self.liveness.lazy = True
+
+    def pair_opened(self, peer: int) -> None:
+        """The book formed the pair with `peer`: watched while it is open."""
+        with self._lock:
+            self.liveness.activate(peer, self.clock())
+
+    def pair_closed(self, peer: int) -> None:
+        with self._lock:
+            self.liveness.deactivate(peer)
 
     def holds_lock(self) -> bool:
         """Whether the calling thread holds the engine lock (tests check that no
@@ -85,11 +103,13 @@ class EngineShell:
         """`ctx.health()`: per peer, alive, seconds since last heard, live rooms,
         and the pair's state ("ok", or "lost: why"). One meaning for `alive`,
         whatever ended a pair: the peer is believed up and usable, i.e. heard
-        within peer_timeout, its pair not lost, and this rank not shut down."""
+        within peer_timeout (or not watched: its pair is not in use, made on
+        demand, `links.py`), its pair not lost, and this rank not shut down."""
         now = self.clock()
         limit = self.liveness.peer_timeout
         return {p: {"alive": (not self._closing and p not in lost and p not in self.liveness.dead
-                              and self.liveness.silence(p, now) <= limit),
+                              and (self.liveness.silence(p, now) <= limit
+                                   or not self.liveness.watched(p))),
                     "last_heard_s": round(self.liveness.silence(p, now), 3),
                     "rooms_live": rooms_live.get(p, 0),
                     "pair": "ok" if p not in lost else f"lost: {lost[p]}"}

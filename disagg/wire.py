@@ -26,7 +26,8 @@ from .errors import ProtocolError, clip_reason
 MAGIC = 0xD15A
 # 2: a pre-posted RESUME carries the tokens its posted recvs expect
 # 3: an ALLOC may carry its source's item table (FLAG_ITEMS)
-VERSION = 3
+# 4: PAIR_DOWN with FLAG_IDLE, i.e. PairClose (pairs made on demand, closed when idle)
+VERSION = 4
 MAX_ROOM = (1 << 63) - 1
 MAX_BLOCKS_PER_MESSAGE = 1 << 20
 MAX_REASON_BYTES = 1024
@@ -61,6 +62,10 @@ FLAG_PREPOSTED = 8
 FLAG_ITEMS = 16
 # ABORT: the Language serving loop cancelled the room (`RoomQueue.cancel`)
 FLAG_CANCELLED = 32
+# PAIR_DOWN: not a loss but an idle close of one generation (`PairClose`); with
+# FLAG_ASK (E -> L) a request: close it if it is idle on your side too
+FLAG_IDLE = 64
+FLAG_ASK = 128
 _ITEM = struct.Struct("<iiii")
 ITEM_ENTRY_BYTES = _ITEM.size
 
@@ -163,7 +168,22 @@ class PairDown:
     reason: str
 
 
-ControlMessage = Alloc | Resume | Abort | Reject | Heartbeat | PairDown
+@dataclass(frozen=True)
+class PairClose(PairDown):
+    """L -> E: the Language rank closed its end of the pair's process group of
+    generation `gen` (idle: no live room, nothing owed), and the Embedding rank
+    closes its end; the next group of the pair is generation `gen + 1`. Sent
+    before any later ALLOC on the same socket, so it arrives first. `ask`
+    (E -> L): the Embedding rank would like it closed (it is at `max_pairs`, or
+    the pair idled for `pair_idle_s`); the Language rank closes it if it is
+    idle on its side too, else ignores it. A PAIR_DOWN with FLAG_IDLE on the
+    wire: the pair is down until a room needs it again, not lost."""
+
+    gen: int = 0
+    ask: bool = False
+
+
+ControlMessage = Alloc | Resume | Abort | Reject | Heartbeat | PairDown | PairClose
 
 
 def _reason_bytes(reason: str) -> bytes:
@@ -201,8 +221,11 @@ def encode(msg: ControlMessage) -> bytes:
                             msg.rank, 0, msg.frames, 0, 0)
     if isinstance(msg, PairDown):
         raw = _reason_bytes(msg.reason)
-        return _HEADER.pack(MAGIC, VERSION, MsgKind.PAIR_DOWN, 0, 0, msg.rank,
-                            0, 0, 0, len(raw)) + raw
+        flags, gen = 0, 0
+        if isinstance(msg, PairClose):
+            flags, gen = FLAG_IDLE | (FLAG_ASK if msg.ask else 0), msg.gen
+        return _HEADER.pack(MAGIC, VERSION, MsgKind.PAIR_DOWN, flags, 0, msg.rank,
+                            0, gen, 0, len(raw)) + raw
     if isinstance(msg, Reject):
         raw = _reason_bytes(msg.reason)
         return _HEADER.pack(MAGIC, VERSION, MsgKind.REJECT, 0, msg.room, -1,
@@ -293,7 +316,8 @@ def decode(data: bytes) -> ControlMessage:
         return Heartbeat(lang_rank, bool(flags & FLAG_BYE), max(-1, sent_tokens))
     allowed = {MsgKind.ALLOC: FLAG_DIRECT | FLAG_SCATTER | FLAG_PREPOSTED | FLAG_ITEMS,
                MsgKind.RESUME: FLAG_DIRECT | FLAG_PREPOSTED,
-               MsgKind.ABORT: FLAG_DIRECT | FLAG_CANCELLED}.get(kind, FLAG_DIRECT)
+               MsgKind.ABORT: FLAG_DIRECT | FLAG_CANCELLED,
+               MsgKind.PAIR_DOWN: FLAG_DIRECT | FLAG_IDLE | FLAG_ASK}.get(kind, FLAG_DIRECT)
     if flags & ~allowed:
         raise ProtocolError(f"unknown flags 0x{flags:x}")
     if kind in (MsgKind.ALLOC, MsgKind.RESUME):
@@ -335,5 +359,11 @@ def decode(data: bytes) -> ControlMessage:
     if kind is MsgKind.ABORT:
         return Abort(room, lang_rank, reason, bool(flags & FLAG_CANCELLED))
     if kind is MsgKind.PAIR_DOWN:
+        if flags & FLAG_IDLE:
+            if sent_tokens < 0:
+                raise ProtocolError(f"PAIR_DOWN (idle) of generation {sent_tokens}")
+            return PairClose(lang_rank, reason, sent_tokens, bool(flags & FLAG_ASK))
+        if flags & FLAG_ASK:
+            raise ProtocolError("PAIR_DOWN asks for an idle close without FLAG_IDLE")
         return PairDown(lang_rank, reason)
     return Reject(room, sent_tokens, reason)

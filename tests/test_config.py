@@ -59,6 +59,8 @@ INVALID: dict[str, list[object]] = {
     "peer_timeout": [0, -0.5, float("nan"), "10", None, False],
     "slow_room_s": [0, -1.0, float("nan"), "10", True],
     "item_cache_bytes": [-1, 1.5, "1", True, None],
+    "max_pairs": [0, -1, 1.5, "24", True, None],
+    "pair_idle_s": [0, -1.0, "300", True, None],
     "step_timeout": [0, -1.0, "10", True, None],
 }
 
@@ -82,6 +84,8 @@ VALID: dict[str, list[object]] = {
     "peer_timeout": [0.5, 10, 10.0],
     "slow_room_s": [None, 0.5, 10],
     "item_cache_bytes": [0, 1 << 30],
+    "max_pairs": [1, 24],
+    "pair_idle_s": [0.5, 300],
     "step_timeout": [0.5, 300],
 }
 
@@ -132,7 +136,7 @@ def test_defaults_match_the_design():
         "extra_buffers": {}, "recv_into": "output", "fanout": "copy", "backend": None,
             "host": None,
         "bootstrap_timeout": 300.0, "peer_timeout": 10.0, "slow_room_s": 10.0,
-        "item_cache_bytes": 0, "step_timeout": 120.0,
+        "item_cache_bytes": 0, "step_timeout": 120.0, "max_pairs": 24, "pair_idle_s": 300.0,
     }
     assert cfg.torch_dtype is torch.bfloat16
 

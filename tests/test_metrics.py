@@ -28,6 +28,7 @@ class FakeContext:
     def stats(self) -> dict[str, object]:
         return {"bytes_sent": 0, "bytes_received": self.bytes, "chunks": 4, "resumes": 1,
                 "failures": 2, "auto_alloc_resumes_avoided": -3, "pool_total_blocks": 16, "pool_free_blocks": 12, "rooms_live": 1,
+                "pairs_live": 2, "pairs_created": 5, "pairs_closed": 3,
                 "failures_by_cause": {"abort": 1, "peer_lost": 1},
                 "rooms_live_by_peer": {0: 1},
                 "latency_s": {"recv_total_s": {"count": 4.0, "p50": 0.25, "p99": 0.5,
@@ -57,6 +58,8 @@ def test_scrape_reads_stats_afresh_and_shutdown_stops_the_server() -> None:
         m = scrape(exporter.port)
         assert m[key("disagg_bytes_received_total")] == 1000
         assert m[key("disagg_pool_free_blocks")] == 12
+        assert m[key("disagg_pairs_live")] == 2 and m[key("disagg_pairs_created_total")] == 5
+        assert m[key("disagg_pairs_closed_total")] == 3
         assert m[key("disagg_failures_by_cause_total", cause="peer_lost")] == 1
         assert m[key("disagg_rooms_live_by_peer", peer="0")] == 1
         assert m[key("disagg_latency_seconds", stage="recv_total_s", quantile="0.99")] == 0.5

@@ -130,7 +130,7 @@ def test_a_store_outage_collects_nobody_for_it() -> None:
     from disagg.jobs import Roster
     me = member(EMBEDDING_IDS, "llm/0", role="language")
     roster = Roster(None, me, Geometry.from_config(DisaggConfig(hidden_size=32, block_size=8)),
-                    1, torch.device("cpu"), 10.0, 2.0, lambda m, t: None, lambda i, w: None)
+                    1, torch.device("cpu"), 2.0, lambda m: None, lambda i, w: None)
     roster.known = {0: Seen(member(0, "a"), 4, 10.0)}
     stale = scan(dict(roster.known), {0: member(0, "a")}, {0: 4}, 20.0, 2.0)
     assert stale.collect == [0]  # without the grace: collected for the outage
@@ -180,7 +180,7 @@ def test_a_rescan_reads_records_and_leases_in_one_store_op_each() -> None:
     store = CountingStore(server, counts)
     me = member(EMBEDDING_IDS, "llm/0", role="language")
     roster = Roster(store, me, Geometry.from_config(DisaggConfig(hidden_size=32, block_size=8)),
-                    1, torch.device("cpu"), 10.0, 10.0, lambda m, t: None, lambda i, w: None)
+                    1, torch.device("cpu"), 10.0, lambda m: None, lambda i, w: None)
     roster._rescan(0.0)
     assert sorted(roster.known) == list(range(n)) and len(roster.refused) == n
     assert counts.get("multi_get") == 2, counts  # the records, then their leases

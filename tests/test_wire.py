@@ -19,7 +19,9 @@ from disagg.control import MAX_MESSAGE_BYTES
 from disagg.errors import ProtocolError
 from disagg.meta import FLAG_FIRST, FLAG_LAST, META_LEN, META_MAGIC, FrameKind, Meta, _check
 from disagg.wire import (
+    FLAG_ASK,
     FLAG_DIRECT,
+    FLAG_IDLE,
     FLAG_ITEMS,
     HEADER_SIZE,
     MAGIC,
@@ -35,6 +37,7 @@ from disagg.wire import (
     AllocItem,
     Heartbeat,
     MsgKind,
+    PairClose,
     PairDown,
     Reject,
     Resume,
@@ -59,6 +62,8 @@ resumes = st.builds(Resume, room=ROOMS, lang_rank=I32, sent_tokens=I64, block_id
                     allocated_tokens=I64, direct=st.booleans())
 aborts = st.builds(Abort, room=ROOMS, lang_rank=I32, reason=REASONS)
 rejects = st.builds(Reject, room=ROOMS, sent_tokens=I64, reason=REASONS)
+closes = st.builds(PairClose, rank=I32, reason=REASONS, gen=st.integers(0, 2**63 - 1),
+                   ask=st.booleans())
 messages = st.one_of(allocs, resumes, aborts, rejects)
 
 
@@ -81,6 +86,24 @@ def test_round_trip(msg):
     data = encode(msg)
     assert decode(data) == msg
     assert peek_room(data) == msg.room
+
+
+@FAST
+@given(closes)
+def test_pair_close_round_trips(msg):
+    assert decode(encode(msg)) == msg
+
+
+def test_pair_close_is_a_pair_down_with_flag_idle_and_stays_itself():
+    data = encode(PairClose(3, "idle", gen=7, ask=True))
+    _, _, kind, flags, *_ = HEADER.unpack_from(data)
+    assert kind == MsgKind.PAIR_DOWN and flags == FLAG_IDLE | FLAG_ASK
+    assert decode(data) == PairClose(3, "idle", gen=7, ask=True)
+    assert decode(encode(PairDown(3, "gone"))) == PairDown(3, "gone")  # not a PairClose
+    with pytest.raises(ProtocolError, match="generation -1"):
+        decode(header(kind=MsgKind.PAIR_DOWN, flags=FLAG_IDLE, sent_tokens=-1))
+    with pytest.raises(ProtocolError, match="without FLAG_IDLE"):
+        decode(header(kind=MsgKind.PAIR_DOWN, flags=FLAG_ASK))
 
 
 def test_alloc_exact_bytes():

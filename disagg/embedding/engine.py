@@ -29,7 +29,7 @@ from ..stats import Stats
 from ..topology import Topology
 from ..transport import PairTransport
 from ..types import TransferStatus, check_room_id
-from ..wire import Abort, Alloc, ControlMessage, Heartbeat, PairDown, Reject, Resume
+from ..wire import Abort, Alloc, ControlMessage, Heartbeat, PairClose, PairDown, Reject, Resume
 from .actions import (
     Action,
     Count,
@@ -116,6 +116,10 @@ class EmbeddingEngine(EmbeddingPeers):
             elif not self._closing:
                 self._post(peer, Heartbeat(self.rank))
             return
+        if isinstance(msg, PairClose):  # before PairDown: it is one, on the wire
+            if not msg.ask:
+                self.peer_closed_pair(peer, msg.gen)
+            return
         if isinstance(msg, PairDown):
             with self._lock:
                 self._pair_lost(peer, PeerLost(f"it tore the pair down: {msg.reason}",
@@ -127,6 +131,7 @@ class EmbeddingEngine(EmbeddingPeers):
         with self._lock:
             r, now = self._rooms.get(msg.room), self.clock()
             if isinstance(msg, Alloc):
+                self.need(peer, now)
                 self.execute(self.admission.alloc(r, msg, now))
                 if r is not None:
                     self.cond.notify_all()  # needed() may have its answer
@@ -163,6 +168,7 @@ class EmbeddingEngine(EmbeddingPeers):
                 self._refuse(self.lobby.expired(now))
                 for r in list(self._rooms.values()):
                     self.execute(self.machine.tick(r, now))
+        self.ask_idle(now)
         self.flush()  # ABORT frames for the rooms that timed out
 
     # ------------------------------------------------------------ executing actions (locked)

@@ -84,6 +84,10 @@ class Lobby:
         grants = self._early.get(room)
         return grants is not None and (lang is None or lang in grants)
 
+    def waiting_from(self, lang: int) -> bool:
+        """Whether an ALLOC of Language rank `lang` waits for its room's `sender()`."""
+        return any(lang in grants for grants in self._early.values())
+
     def ended(self, room: int) -> str | None:
         """How a room that ended here ended, while remembered."""
         t = self._tombstones.get(room)

@@ -105,6 +105,12 @@ def defer_frame(room: int, pad: list[torch.Tensor], done: Done) -> Frame:
     return Frame(Meta(FrameKind.DEFER, room, flags=FLAG_PADDED), pad, None, done)
 
 
+def _is_open(t: PairTransport) -> bool:
+    """Whether posts on `t` need no group made first (links.py)."""
+    is_open = getattr(t, "is_open", None)
+    return is_open is None or bool(is_open())
+
+
 class PairSender:
     """Writes one pair's stream. `submit` queues a frame; `flush` posts queued
     frames, in order, and must be called without the engine lock. The pair's
@@ -134,9 +140,15 @@ class PairSender:
             # the engine lock, and this thread would only contend with it.
             self._queued.append(frame)
 
-    def flush(self) -> None:
+    def flush(self, own: bool = False) -> None:
         """Post every queued frame. If another thread is posting, it posts ours
-        too: it looks at the queue again after it lets go of `_posting`."""
+        too: it looks at the queue again after it lets go of `_posting`. Only
+        the pair's own thread (`own`) posts on a pair whose group must be made
+        first (links.py): a caller wakes it instead."""
+        if not own and not _is_open(self.transport):
+            with self._cv:
+                self._cv.notify()
+            return
         while self._queued:
             if not self._posting.acquire(blocking=False):
                 return
@@ -170,7 +182,8 @@ class PairSender:
                     if self._stop and not self._queued and not self._posting.locked():
                         return
                     self._cv.wait(0.5)
-            self.flush()
+            self._ensure()
+            self.flush(own=True)
             with self._cv:
                 if not self._posted:
                     continue
@@ -185,6 +198,27 @@ class PairSender:
                     self.dead = err = e
                 frame.posted = None  # the tensors may go
             frame.done(err)
+
+    def _ensure(self) -> None:
+        """Make the pair's group if it is not open (links.py) before posting what
+        is queued; a pair lost meanwhile fails those frames."""
+        ensure = getattr(self.transport, "ensure", None)
+        if ensure is None or not self._queued or self.dead is not None:
+            return
+        try:
+            ensure()
+        except Exception as e:  # reported through every queued frame
+            self.dead = e
+
+    def busy(self) -> bool:
+        """Frames queued or not yet done: the pair carries something."""
+        with self._cv:
+            return bool(self._queued or self._posted) or self._posting.locked()
+
+    def in_flight(self) -> bool:
+        """Frames posted and not yet done."""
+        with self._cv:
+            return bool(self._posted) or self._posting.locked()
 
     def request_stop(self) -> None:
         """Finish queued frames, then exit; do not wait for it."""
@@ -243,6 +277,14 @@ class SendStreams:
         t = self._transports.get(lang_rank)
         if t is not None:
             t.abort()
+
+    def busy(self, lang_rank: int) -> bool:
+        s = self._senders.get(lang_rank)
+        return s is not None and s.busy()
+
+    def in_flight(self, lang_rank: int) -> bool:
+        s = self._senders.get(lang_rank)
+        return s is not None and s.in_flight()
 
     def alive(self) -> list[int]:
         """Language ranks whose pair thread still runs (a frame still pending)."""

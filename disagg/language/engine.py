@@ -33,7 +33,7 @@ from ..stats import Stats
 from ..topology import Topology
 from ..transport import PairTransport
 from ..types import EmbeddingResult, TransferStatus, check_room_id
-from ..wire import Alloc, ControlMessage, Heartbeat, PairDown, Reject, Resume
+from ..wire import Alloc, ControlMessage, Heartbeat, PairClose, PairDown, Reject, Resume
 from . import timing
 from .actions import (
     Action,
@@ -138,6 +138,7 @@ class LanguageEngine(LanguagePeers):
     def tell(self, src: int, msg: Alloc) -> None:
         """An ALLOC that asks for nothing (every item of `src` is a hit): sent for
         `needed()` to answer; if it cannot be sent, nothing here waits on it."""
+        self.reach(src)
         why = self._post(src, msg)
         if why is not None:
             log.info("language rank %d: could not tell embedding rank %d that room %d needs "
@@ -159,6 +160,7 @@ class LanguageEngine(LanguagePeers):
         r = self.rooms[src_rank, room] = RecvRoom(room, src_rank, created=now,
                                                   last_progress=now)
         self.stats.set_gauge("rooms_live", len(self.rooms))
+        self.need(src_rank, now)
         return r
 
     def output_rows(self, seq_len: int) -> int:
@@ -230,6 +232,10 @@ class LanguageEngine(LanguagePeers):
             if msg.bye:
                 self._peer_bye(src, msg.frames)
             return
+        if isinstance(msg, PairClose):  # before PairDown: it is one, on the wire
+            if msg.ask:  # it would like the pair closed: if it is idle here too
+                self.close_pair(src, asked=True)
+            return
         if isinstance(msg, PairDown):
             self._peer_dead(src, f"it tore the pair down: {msg.reason}", told=True)
             return
@@ -249,14 +255,18 @@ class LanguageEngine(LanguagePeers):
     def on_tick(self) -> None:
         now = self.clock()
         if not self._closing and self.liveness.heartbeat_due(now):
-            for e in self.liveness.alive():
+            self.unwatch_idle()
+            for e in self.liveness.beat_targets():
                 self._post(e, Heartbeat(self.rank))
+        if self.links is not None and not self._closing:
+            for e in self.pairs_due(now):
+                self.close_pair(e, asked=self.links.links[e].close_asked)
         for e, why in self.liveness.expired(now):
             self._peer_dead(e, why)
         with self._lock:
             if self.progress.sweep_due(now):
                 for r in list(self.rooms.values()):
-                    self.execute(r, self.machine.tick(r, now))
+                    self.execute(r, self.machine.tick(r, now, self.pair_note))
 
     # ------------------------------------------------------------ executing actions (locked)
 

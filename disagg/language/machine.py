@@ -40,6 +40,8 @@ free. `needs_resume` is exactly PARTIAL.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from ..errors import Failure, FailureCause
 from ..meta import FLAG_GIVEN, Meta
 from ..plan import prepost_tokens
@@ -234,7 +236,11 @@ class RecvMachine(FrameChecks):
         return [*out, *self.fail(r, f"language rank {self.rank}: {why}", FailureCause.PEER_LOST),
                 *self._maybe_untrack(r)]
 
-    def tick(self, r: RecvRoom, now: float) -> list[Action]:
+    def tick(self, r: RecvRoom, now: float,
+             pair_note: Callable[[int], str] | None = None) -> list[Action]:
+        """Timeouts. `pair_note(src)`: why the pair with `src` is not open, if it
+        is not (a pair made on demand, waiting under `max_pairs`), for the
+        reason of a room that got no chunk."""
         if r.failure is not None or r.status in TERMINAL:
             return []
         boot = self.bootstrap_timeout
@@ -256,8 +262,10 @@ class RecvMachine(FrameChecks):
             # stopped answering, still peer_timeout before the pair's transport
             # timeout (bootstrap + 2 x peer_timeout) could end the pair.
             stage = "first chunk" if r.seq_len is None else "next chunk"
+            note = pair_note(r.src_rank) if pair_note is not None else ""
             return [*self.fail(r, f"language rank {self.rank}: no {stage} from embedding "
-                                  f"rank {r.src_rank} within {bound:g}s", FailureCause.TIMEOUT),
+                                  f"rank {r.src_rank} within {bound:g}s"
+                                  + (f" ({note})" if note else ""), FailureCause.TIMEOUT),
                     Post(Abort(r.room, self.rank, "timeout"))]
         return []
 

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import collections
 import logging
+from collections.abc import Callable
 
 from ..errors import PeerLost
+from ..pairs import LinkState
 from ..shell import EngineShell
 from ..transport import PairTransport
-from ..wire import PairDown
+from ..wire import PairClose, PairDown
 from .actions import Action
 from .landing import ReadingPair
 from .machine import RecvMachine
@@ -45,6 +47,8 @@ class LanguagePeers(EngineShell):
             if first and not clean:
                 # before any block under a posted recv is reused or FAILED is said
                 pair.transport.abort()
+            if first and self.links is not None:  # its slot under max_pairs is free
+                self.links.lose(pair.src, abort=not clean)
             if first and not self._closing and not clean:
                 log.error("language rank %d: %s", self.rank, why)
                 if tell:
@@ -75,6 +79,8 @@ class LanguagePeers(EngineShell):
                 return
             if not clean and not told and not self._closing:
                 self._post(src, PairDown(self.rank, why))
+            if self.links is not None:  # made (warm) but never read from: its slot
+                self.links.lose(src, abort=not clean)
             self._fail_rooms_from(src, f"embedding rank {src} is down: {why}",
                                   release_landing=False, clean=clean)
 
@@ -104,6 +110,87 @@ class LanguagePeers(EngineShell):
         """Why the stream from Embedding rank `src` is unusable, or None (lock held)."""
         pair = self._pairs.get(src)
         return None if pair is None else pair.m.dead
+
+    # ------------------------------------------------------------ pairs on demand
+
+    # jobs mode: connects the control socket to a peer the first time it is used
+    connect: Callable[[int], None] | None = None
+
+    def need(self, src: int, now: float) -> None:
+        """A room wants data from `src` (lock held): its pair is in use, watched,
+        and reachable (links.py)."""
+        if self.links is None:
+            return
+        self.links.touch(src)
+        self.liveness.activate(src, now)
+        self.reach(src)
+
+    def reach(self, src: int) -> None:
+        """The control socket to `src` is connected (jobs mode connects on first use)."""
+        if self.connect is not None:
+            self.connect(src)
+
+    def pair_note(self, src: int) -> str:
+        """Why the pair with `src` is not open, for a timeout's reason."""
+        return "" if self.links is None else self.links.why_not_open(src)
+
+    def unwatch_idle(self) -> None:
+        """Peers watched for a room that ended before their pair opened (a REJECT,
+        a cancel): no longer watched once nothing wants them."""
+        if self.links is None:
+            return
+        with self._lock:
+            for src in list(self.liveness.active):
+                link = self.links.links.get(src)
+                if (link is not None and link.state is LinkState.CLOSED
+                        and not self.pair_busy(src)):
+                    self.liveness.deactivate(src)
+
+    def pair_busy(self, src: int) -> bool:
+        """Whether the pair with `src` carries anything: a live room from it, a
+        frame owed or posted ahead. An idle pair may be closed."""
+        with self._lock:
+            if any(s == src for s, _ in self.rooms):
+                return True
+            pair = self._pairs.get(src)
+            return pair is not None and (pair.m.owed > 0 or pair.job is not None
+                                         or pair.next_meta is not None)
+
+    def close_pair(self, src: int, *, asked: bool = False) -> bool:
+        """Close the pair with `src` if it is idle here: PAIR_CLOSE first (it
+        reaches the peer before any later ALLOC), then this end's group, off the
+        engine lock. Whether it was closed. `asked`: the peer asked for it (it is
+        at its cap); a busy pair is then closed as soon as it idles."""
+        assert self.links is not None
+        with self._lock:
+            link = self.links.links.get(src)
+            if self._closing or link is None:
+                return False
+            if self.pair_busy(src):
+                link.close_asked = asked  # then closed as soon as it idles (`on_tick`)
+                return False
+            link.close_asked = False
+            gen = link.begin_close()
+            if gen is None:
+                return False
+            if self._post(src, PairClose(self.rank, "idle", gen=gen)) is not None:
+                link.cancel_close()
+                return False
+        link.finish_close()
+        return True
+
+    def pairs_due(self, now: float) -> list[int]:
+        """Pairs to close now: idle for `pair_idle_s`, or asked for by their peer
+        and idle at last."""
+        assert self.links is not None
+        asked = [p for p, k in list(self.links.links.items()) if k.close_asked]
+        return self.links.idle(now) + asked
+
+    def make_room(self, candidates: list[int]) -> None:
+        """At `max_pairs`: close the least recently used idle pair."""
+        for src in candidates:
+            if self.close_pair(src):
+                return
 
     def add_peer(self, src: int, transport: PairTransport) -> None:
         """Jobs mode: Embedding rank `src` joined and its pair is made (its

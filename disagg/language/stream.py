@@ -32,6 +32,12 @@ from .pair import Next, RecvPair
 log = logging.getLogger(__name__)
 
 
+def _is_open(t: PairTransport) -> bool:
+    """Whether posts on `t` need no group made first (links.py)."""
+    is_open = getattr(t, "is_open", None)
+    return is_open is None or bool(is_open())
+
+
 class PairReceiver:
     """The one thread that reads a pair's stream (from Embedding rank `src`),
     doing the I/O its pair machine (`pair.RecvPair`, `self.m`, guarded by the
@@ -96,7 +102,13 @@ class PairReceiver:
         (engine lock not held), then let this thread wait for the frame."""
         with self.cv:
             job = self.job
-            if job is None or not self.m.claim():
+            if job is None:
+                return
+            if not _is_open(self.transport):  # its group is made by this pair's thread
+                self.m.caller_gone()
+                self.wake.notify()
+                return
+            if not self.m.claim():
                 return
         t = self.transport
         ok = False
@@ -132,6 +144,8 @@ class PairReceiver:
                 self.engine.pair_lost(self, PeerLost(str(m.dead), peer=self.src))
                 return
             try:
+                if not self._ensure():
+                    continue  # nothing owed any more: back to sleep
                 self._read_frame()
                 with self.cv:
                     last = m.last_read()
@@ -146,6 +160,15 @@ class PairReceiver:
                 log.exception("receiver thread for embedding rank %d", self.src)
                 self.engine.pair_lost(self, e)
                 return
+
+    def _ensure(self) -> bool:
+        """The pair's group is open, made now if it was not (links.py), while a
+        frame is still owed on it; `PeerLost` if the pair is lost."""
+        ensure = getattr(self.transport, "ensure", None)
+        if ensure is None:
+            return True
+        m = self.m
+        return bool(ensure(lambda: m.owed > 0 and m.dead is None))
 
     def _post_next(self, meta_if_owed: bool = False) -> Job | None:
         """Post, in stream order, what the machine says comes next: a handed-over

@@ -1,0 +1,368 @@
+"""Pairs made on demand: `PairLink`, the `PairTransport` the engines hold for a
+peer, whose process group is made when a stream thread first needs it and
+closed when it idles; `PairBook`, a rank's links under one cap. The rules
+are `pairs.py`'s; the making is the context's (`pairing.PairMaker`).
+
+Who makes a group: only a pair's own stream thread (`ensure`), never a
+caller and never under the engine lock or the device lock (on NCCL the
+communicator forms eagerly in that thread, after both ends said hello in the
+store, so it is a matter of milliseconds and other pairs keep posting
+meanwhile). A caller that would post on a pair that is not open hands the
+post to the pair's thread instead (`is_open`).
+
+Warm pairs: while a rank knows at most `max_pairs` peers of the other role,
+the context makes every pair at once (world mode at `init`, in one global
+order; jobs mode as members join), so a small deployment pays nothing at its
+first room and watches every peer, as if pairs were made at start-up. Past
+the cap, pairs are made only on demand.
+
+Who closes one: the Language side, when the pair is idle on its side (no live
+room from the peer, nothing owed): it sends PAIR_CLOSE with the generation,
+then destroys its end; the Embedding side destroys its end when the message
+arrives, before it reads any later ALLOC of that Language rank (one ordered
+socket), so both sides make the next generation together.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+import torch
+
+from .errors import PeerLost
+from .meta import Meta
+from .pairs import LIVE, LinkState, LinkView, evictable, idle_due, may_form
+from .stats import Stats
+from .transport import Posted, TorchPairTransport
+
+log = logging.getLogger(__name__)
+
+WAIT_S = 0.1  # a thread waiting for a slot under the cap looks again this often
+
+
+class LinkHost(Protocol):
+    """What a book asks of its rank's engine (each call takes the engine lock
+    itself; the book's lock is never held across one)."""
+
+    def pair_busy(self, peer: int) -> bool: ...
+
+    def make_room(self, candidates: list[int]) -> None: ...
+
+    def pair_opened(self, peer: int) -> None: ...
+
+    def pair_closed(self, peer: int) -> None: ...
+
+
+# (peer, generation, still wanted) -> the formed transport, or None if it stopped
+# being wanted before the peer came
+Maker = Callable[[int, int, Callable[[], bool]], "TorchPairTransport | None"]
+
+
+class PairBook:
+    """One rank's links. `link(peer)` makes a peer's (cheap: no group yet)."""
+
+    def __init__(self, make: Maker, destroy: Callable[[TorchPairTransport], None], *,
+                 max_pairs: int, idle_s: float, stats: Stats,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.make, self.destroy = make, destroy
+        self.max_pairs, self.idle_s = max_pairs, idle_s
+        self.stats, self.clock = stats, clock
+        self.cv = threading.Condition()
+        self.links: dict[int, PairLink] = {}
+        self.host: LinkHost | None = None  # the engine, once built
+        self.stopped = False
+        stats.add(pairs_created=0, pairs_closed=0)
+        stats.set_gauge("pairs_live", 0)
+
+    @property
+    def live(self) -> int:
+        return sum(1 for k in self.links.values() if k.state in LIVE)
+
+    def link(self, peer: int) -> PairLink:
+        with self.cv:
+            k = self.links.get(peer)
+            if k is None:
+                k = self.links[peer] = PairLink(self, peer)
+            return k
+
+    def views(self) -> list[LinkView]:
+        with self.cv:
+            return [LinkView(k.peer, k.state, k.last_used) for k in self.links.values()]
+
+    def touch(self, peer: int) -> None:
+        """A room of `peer`'s was made or answered: the pair is in use now."""
+        k = self.links.get(peer)
+        if k is not None:
+            k.last_used = self.clock()
+
+    def idle(self, now: float) -> list[int]:
+        """Open pairs due to close (`pairs.idle_due`)."""
+        host = self.host
+        return [] if host is None else idle_due(self.views(), host.pair_busy, now, self.idle_s)
+
+    def _changed(self) -> None:  # cv held
+        self.stats.set_gauge("pairs_live", self.live)
+        self.cv.notify_all()
+
+    def lose(self, peer: int, *, abort: bool) -> None:
+        """The pair with `peer` is lost for good (`PairLink.lose`)."""
+        k = self.links.get(peer)
+        if k is not None:
+            k.lose(abort=abort)
+
+    def forget(self, peer: int) -> None:
+        """A peer that left (jobs mode): its link is aborted and its group goes."""
+        with self.cv:
+            k = self.links.pop(peer, None)
+        if k is not None:
+            k.abort()
+            k.drop()
+
+    def why_not_open(self, peer: int) -> str:
+        """Why the pair with `peer` is not open now ("" if it is, or has no link)."""
+        with self.cv:
+            k = self.links.get(peer)
+            if k is None or k.state is LinkState.OPEN:
+                return ""
+            if k.broken is not None:
+                return f"its pair group is lost: {k.broken}"
+            if k.state is LinkState.CLOSED and self.live >= self.max_pairs:
+                return (f"its pair group waits for a slot: this rank is at max_pairs="
+                        f"{self.max_pairs} with every pair busy")
+            if k.state is LinkState.FORMING:
+                return ("its pair group is still being made: the peer has not joined in "
+                        "(it may be at its max_pairs with every pair busy)")
+            return f"its pair group is {k.state.value}" + (f": {k.broken}" if k.broken else "")
+
+    def warm(self, peer: int, wanted: Callable[[], bool]) -> bool:
+        """Make the pair with `peer` now, before any room needs it (the calling
+        thread: one of the context's), while `wanted`; whether it is open. The
+        peer must warm it too, or a room must need it there, within that time.
+        A pair lost meanwhile is the engines' business: False here."""
+        try:
+            return self.link(peer).ensure(wanted)
+        except PeerLost as e:
+            log.debug("warming the pair with rank %d: %s", peer, e)
+            return False
+
+    def stop(self) -> None:
+        """Shutting down: no pair forms any more; a thread waiting for one gives up."""
+        with self.cv:
+            self.stopped = True
+            self.cv.notify_all()
+
+    def close_all(self) -> None:
+        """Destroy every group left (after the threads stopped or were aborted)."""
+        self.stop()
+        with self.cv:
+            links = list(self.links.values())
+        for k in links:
+            k.drop()
+        # let go of the maker (and so of the store it holds: a world's store closes
+        # its sockets with its last reference) and of the engine, without waiting
+        # for the garbage collector to break the book's cycles
+        with self.cv:
+            self.links.clear()
+        self.host = None
+        self.make = _stopped
+
+
+def _stopped(peer: int, gen: int, wanted: Callable[[], bool]) -> TorchPairTransport | None:
+    raise PeerLost("shut down", peer=peer)
+
+
+class PairLink:
+    """A `PairTransport` whose group is made on demand, generation after
+    generation. Its state is guarded by the book's lock."""
+
+    def __init__(self, book: PairBook, peer: int) -> None:
+        self.book = book
+        self.peer = peer
+        self.gen = 0  # the generation open now, or made next
+        self.state = LinkState.CLOSED
+        self.inner: TorchPairTransport | None = None
+        self.last_used = book.clock()
+        self.asked_at = -1e9  # Embedding side: when it last asked the peer to close it
+        self.close_asked = False  # Language side: the peer asked, and the pair was busy
+        self.broken: str | None = None
+
+    # ------------------------------------------------------------ PairTransport
+
+    def post_frame(self, meta: Meta, payload: list[torch.Tensor],
+                   ready: torch.cuda.Event | None = None) -> Posted:
+        return self._open().post_frame(meta, payload, ready)
+
+    def wait(self, posted: Posted, what: str = "send") -> None:
+        self._inner().wait(posted, what)
+
+    def post_meta_recv(self) -> Posted:
+        return self._open().post_meta_recv()
+
+    def wait_meta(self, posted: Posted) -> Meta:
+        return self._inner().wait_meta(posted)
+
+    def post_recv(self, dsts: list[torch.Tensor]) -> Posted:
+        return self._open().post_recv(dsts)
+
+    def abort(self) -> None:
+        """The pair is lost for good: what stands on its group ends now (NCCL: the
+        communicator is aborted), and it is never made again."""
+        self.lose(abort=True)
+
+    def lose(self, *, abort: bool) -> None:
+        """The pair is lost for good (its peer died, said goodbye, or its stream
+        broke): no post goes on it again, and its slot under the cap is free at
+        once. `abort`: what stands on its group ends now (not after a clean
+        goodbye, whose last frames were read). Its group is destroyed when the
+        peer is forgotten, or at shutdown."""
+        with self.book.cv:
+            self.broken = self.broken or "aborted"
+            t = self.inner
+            if self.state in (LinkState.OPEN, LinkState.CLOSED):  # else its owner does
+                self.state = LinkState.BROKEN
+            self.book._changed()
+        if t is not None and abort:
+            t.abort()
+
+    @property
+    def aborted(self) -> bool:
+        return self.broken is not None
+
+    def _inner(self) -> TorchPairTransport:
+        t = self.inner
+        if t is None:
+            raise PeerLost(f"the pair with rank {self.peer} has no group "
+                           f"({self.broken or self.state.value})", peer=self.peer)
+        return t
+
+    def _open(self) -> TorchPairTransport:
+        if self.state is not LinkState.OPEN:
+            raise PeerLost(f"the pair with rank {self.peer} is {self.state.value}"
+                           + (f": {self.broken}" if self.broken else ""), peer=self.peer)
+        self.last_used = self.book.clock()
+        return self._inner()
+
+    # ------------------------------------------------------------ making
+
+    def is_open(self) -> bool:
+        return self.state is LinkState.OPEN
+
+    def ensure(self, wanted: Callable[[], bool] = lambda: True) -> bool:
+        """Make the pair's group if it is not open (the pair's own thread only, no
+        lock held): under the cap, closing (or, on the Embedding side, asking
+        the peer to close) an idle pair first when at it. True once open; False
+        if it stopped being `wanted` first; `PeerLost` if the pair is lost or
+        the rank shuts down."""
+        book = self.book
+        while True:
+            candidates: list[int] | None = None
+            with book.cv:
+                if self.broken is not None or book.stopped:
+                    raise PeerLost(f"the pair with rank {self.peer} is "
+                                   f"{self.broken or 'shut down'}", peer=self.peer)
+                if self.state is LinkState.OPEN:
+                    self.last_used = book.clock()
+                    return True
+                if not wanted():
+                    return False
+                if may_form(self.state, book.live, book.max_pairs):
+                    self.state, gen = LinkState.FORMING, self.gen
+                    book._changed()
+                elif self.state is LinkState.CLOSED and book.host is not None:
+                    candidates = evictable(
+                        [LinkView(k.peer, k.state, k.last_used) for k in book.links.values()],
+                        lambda p: False, exclude=self.peer)
+                else:
+                    book.cv.wait(WAIT_S)
+                    continue
+            if candidates is not None:  # at the cap: the host closes (or asks) one
+                assert book.host is not None
+                book.host.make_room(candidates)
+                with book.cv:
+                    if book.live >= book.max_pairs:
+                        book.cv.wait(WAIT_S)
+                continue
+            self._form(gen, wanted)
+
+    def _form(self, gen: int, wanted: Callable[[], bool]) -> None:
+        book = self.book
+        t: TorchPairTransport | None = None
+        err: BaseException | None = None
+        try:
+            t = book.make(self.peer, gen, lambda: (wanted() and self.broken is None
+                                                   and not book.stopped))
+        except Exception as e:  # the peer went away as the pair formed
+            err = e
+        with book.cv:
+            if t is not None and self.broken is None:
+                self.inner, self.state = t, LinkState.OPEN
+                self.last_used = book.clock()
+                book.stats.add(pairs_created=1)
+            else:
+                self.state = LinkState.BROKEN if self.broken else LinkState.CLOSED
+            book._changed()
+        if t is not None and self.inner is not t:  # aborted while it formed
+            t.abort()
+            book.destroy(t)
+        if err is not None:
+            raise PeerLost(f"the pair with rank {self.peer} was not formed: {err}",
+                           peer=self.peer) from err
+        if self.inner is t and t is not None and book.host is not None:
+            book.host.pair_opened(self.peer)
+
+    # ------------------------------------------------------------ closing
+
+    def begin_close(self, gen: int | None = None) -> int | None:
+        """Mark an open pair closing (of generation `gen`, if given): its
+        generation, or None if it is not open (or of another generation)."""
+        with self.book.cv:
+            if self.state is not LinkState.OPEN or (gen is not None and gen != self.gen):
+                return None
+            self.state = LinkState.CLOSING
+            return self.gen
+
+    def cancel_close(self) -> None:
+        """The PAIR_CLOSE could not be sent: the pair stays open."""
+        with self.book.cv:
+            if self.state is LinkState.CLOSING:
+                self.state = LinkState.OPEN
+            self.book._changed()
+
+    def finish_close(self) -> None:
+        """Destroy the closing group (no lock held but the device's); the next one
+        is the next generation."""
+        t = self.inner
+        try:
+            if t is not None:
+                self.book.destroy(t)
+        except Exception as e:  # a group broken meanwhile: gone all the same
+            log.debug("closing the pair with rank %d: %s", self.peer, e)
+        finally:
+            with self.book.cv:
+                self.inner = None
+                self.gen += 1
+                self.state = LinkState.BROKEN if self.broken else LinkState.CLOSED
+                self.book.stats.add(pairs_closed=1)
+                self.book._changed()
+        if self.book.host is not None:
+            self.book.host.pair_closed(self.peer)
+
+    def drop(self) -> None:
+        """Shutdown or departure: destroy the group, whatever its state."""
+        with self.book.cv:
+            t, self.inner = self.inner, None
+            was_live = self.state in LIVE
+            self.state = LinkState.BROKEN if self.broken else LinkState.CLOSED
+            self.book._changed()
+        if t is not None:
+            try:
+                self.book.destroy(t)
+            except Exception as e:
+                log.debug("destroying the pair with rank %d: %s", self.peer, e)
+            if was_live:
+                with self.book.cv:
+                    self.book.stats.add(pairs_closed=1)

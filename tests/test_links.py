@@ -1,0 +1,280 @@
+"""Pairs made on demand (issue 28), without a process group: the pure rules
+(`pairs.py`), and `PairBook`/`PairLink` with a fake maker and host, driven
+step by step: the cap, eviction of the least recently used idle pair,
+generations, a pair no longer wanted, a pair lost as it forms, stats."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+
+from disagg.errors import PeerLost
+from disagg.links import PairBook, PairLink
+from disagg.pairs import LinkState, LinkView, evictable, idle_due, may_form
+from disagg.stats import Stats
+
+pytestmark = pytest.mark.timeout(30)
+
+
+# ------------------------------------------------------------------ rules
+
+
+def views(*rows: tuple[int, LinkState, float]) -> list[LinkView]:
+    return [LinkView(p, s, t) for p, s, t in rows]
+
+
+def test_evictable_is_open_idle_pairs_least_recently_used_first() -> None:
+    links = views((1, LinkState.OPEN, 5.0), (2, LinkState.OPEN, 1.0), (3, LinkState.OPEN, 3.0),
+                  (4, LinkState.FORMING, 0.0), (5, LinkState.CLOSED, 0.0))
+    assert evictable(links, lambda p: False) == [2, 3, 1]
+    assert evictable(links, lambda p: p == 2) == [3, 1]  # a live room or a frame owed
+    assert evictable(links, lambda p: False, exclude=3) == [2, 1]
+
+
+def test_idle_due_needs_the_idle_time_and_an_idle_pair() -> None:
+    links = views((1, LinkState.OPEN, 0.0), (2, LinkState.OPEN, 9.5), (3, LinkState.CLOSING, 0.0))
+    assert idle_due(links, lambda p: False, now=10.0, idle_s=1.0) == [1]
+    assert idle_due(links, lambda p: p == 1, now=10.0, idle_s=1.0) == []
+
+
+def test_may_form_only_a_closed_pair_under_the_cap() -> None:
+    assert may_form(LinkState.CLOSED, 1, 2)
+    assert not may_form(LinkState.CLOSED, 2, 2)
+    assert not may_form(LinkState.OPEN, 0, 2)
+    assert not may_form(LinkState.BROKEN, 0, 2)
+
+
+# ------------------------------------------------------------------ book and links
+
+
+class FakeTransport:
+    def __init__(self, peer: int, gen: int) -> None:
+        self.peer, self.gen = peer, gen
+        self.aborted = self.destroyed = False
+        self.group = self
+
+    def abort(self) -> None:
+        self.aborted = True
+
+    def post_recv(self, dsts: list[Any]) -> tuple[int, int]:
+        return (self.peer, self.gen)
+
+
+class Host:
+    """The engine's side: busy peers, and closes on request (as the Language
+    side does: PAIR_CLOSE, then this end)."""
+
+    def __init__(self, book: PairBook) -> None:
+        self.book = book
+        self.busy: set[int] = set()
+        self.opened: list[int] = []
+        self.closed: list[int] = []
+
+    def pair_busy(self, peer: int) -> bool:
+        return peer in self.busy
+
+    def make_room(self, candidates: list[int]) -> None:
+        for p in candidates:
+            if p not in self.busy:
+                link = self.book.links[p]
+                if link.begin_close() is not None:
+                    link.finish_close()
+                    return
+
+    def pair_opened(self, peer: int) -> None:
+        self.opened.append(peer)
+
+    def pair_closed(self, peer: int) -> None:
+        self.closed.append(peer)
+
+
+class Clock:
+    t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def book(max_pairs: int = 2, make: Any = None) -> tuple[PairBook, Host, list[tuple[int, int]],
+                                                        Clock]:
+    made: list[tuple[int, int]] = []
+    clock = Clock()
+
+    def maker(peer: int, gen: int, wanted: Any) -> FakeTransport:
+        made.append((peer, gen))
+        return FakeTransport(peer, gen)
+
+    def destroy(t: Any) -> None:
+        t.destroyed = True
+
+    b = PairBook(make or maker, destroy, max_pairs=max_pairs, idle_s=10.0, stats=Stats(),
+                 clock=clock)
+    h = Host(b)
+    b.host = h  # type: ignore[assignment]
+    return b, h, made, clock
+
+
+def test_a_pair_is_made_on_first_need_and_posts_go_to_it() -> None:
+    b, h, made, _ = book()
+    link = b.link(7)
+    assert not link.is_open() and made == [] and b.stats.snapshot()["pairs_live"] == 0
+    with pytest.raises(PeerLost, match="closed"):
+        link.post_recv([])  # nobody posts on a pair that is not open
+    assert link.ensure()
+    assert link.is_open() and made == [(7, 0)] and h.opened == [7]
+    assert link.post_recv([]) == (7, 0)
+    assert link.ensure() and made == [(7, 0)]  # open: nothing made again
+    snap = b.stats.snapshot()
+    assert (snap["pairs_live"], snap["pairs_created"], snap["pairs_closed"]) == (1, 1, 0)
+
+
+def test_at_the_cap_the_least_recently_used_idle_pair_closes_and_generations_move() -> None:
+    b, h, made, clock = book(max_pairs=2)
+    a, c, d = b.link(1), b.link(2), b.link(3)
+    a.ensure()
+    clock.t = 1.0
+    c.ensure()
+    clock.t = 2.0
+    h.busy = {1}  # pair 1 has a live room: never closed, though least recently used
+    first = a.inner
+    assert d.ensure()
+    assert c.state is LinkState.CLOSED and c.gen == 1 and h.closed == [2]
+    assert a.is_open() and a.inner is first and d.is_open()
+    h.busy = set()
+    clock.t = 3.0
+    assert c.ensure()  # made again: the next generation, after closing pair 1 (LRU)
+    assert made == [(1, 0), (2, 0), (3, 0), (2, 1)]
+    assert a.state is LinkState.CLOSED and first is not None and first.destroyed
+    snap = b.stats.snapshot()
+    assert (snap["pairs_live"], snap["pairs_created"], snap["pairs_closed"]) == (2, 4, 2)
+
+
+def test_at_the_cap_with_every_pair_busy_a_room_waits_until_one_idles() -> None:
+    b, h, _, _ = book(max_pairs=1)
+    b.link(1).ensure()
+    h.busy = {1}
+    got: list[bool] = []
+    t = threading.Thread(target=lambda: got.append(b.link(2).ensure()))
+    t.start()
+    t.join(0.3)
+    assert t.is_alive() and not got  # waiting, not failed, not over the cap
+    assert b.live == 1
+    h.busy = set()  # the room on pair 1 ended
+    t.join(5)
+    assert got == [True] and b.links[1].state is LinkState.CLOSED
+
+
+def test_a_pair_no_longer_wanted_stops_waiting() -> None:
+    b, h, _, _ = book(max_pairs=1)
+    b.link(1).ensure()
+    h.busy = {1}
+    assert b.link(2).ensure(wanted=lambda: False) is False
+    assert b.links[2].state is LinkState.CLOSED and b.live == 1
+
+
+def test_a_pair_lost_as_it_forms_is_lost_for_good_and_its_slot_is_free() -> None:
+    started, release = threading.Event(), threading.Event()
+
+    def make(peer: int, gen: int, wanted: Any) -> FakeTransport | None:
+        started.set()
+        release.wait(5)
+        return FakeTransport(peer, gen)
+
+    b, _, _, _ = book(max_pairs=1, make=make)
+    link = b.link(1)
+    errors: list[BaseException] = []
+
+    def form() -> None:
+        try:
+            link.ensure()
+        except PeerLost as e:
+            errors.append(e)
+
+    t = threading.Thread(target=form)
+    t.start()
+    assert started.wait(5)
+    link.abort()  # its peer declared dead meanwhile
+    release.set()
+    t.join(5)
+    assert errors and "aborted" in str(errors[0])
+    assert link.state is LinkState.BROKEN and link.inner is None and b.live == 0
+    with pytest.raises(PeerLost):
+        link.ensure()
+
+
+def test_a_maker_that_fails_gives_the_slot_back() -> None:
+    def make(peer: int, gen: int, wanted: Any) -> FakeTransport:
+        raise RuntimeError("connection reset")
+
+    b, _, _, _ = book(max_pairs=1, make=make)
+    with pytest.raises(PeerLost, match="not formed: connection reset"):
+        b.link(1).ensure()
+    assert b.live == 0 and b.links[1].state is LinkState.CLOSED
+
+
+def test_close_is_refused_for_another_generation_and_cancel_keeps_it_open() -> None:
+    b, _, _, _ = book()
+    link: PairLink = b.link(1)
+    link.ensure()
+    assert link.begin_close(gen=5) is None and link.is_open()
+    assert link.begin_close() == 0
+    link.cancel_close()  # its PAIR_CLOSE could not be sent
+    assert link.is_open() and link.gen == 0
+
+
+def test_idle_lists_pairs_unused_for_idle_s() -> None:
+    b, h, _, clock = book()
+    b.link(1).ensure()
+    b.link(2).ensure()
+    clock.t = 5.0
+    b.touch(2)
+    clock.t = 11.0
+    assert b.idle(clock.t) == [1]
+    h.busy = {1}
+    assert b.idle(clock.t) == []
+
+
+def test_shutdown_stops_waiters_and_destroys_every_group() -> None:
+    b, h, _, _ = book(max_pairs=1)
+    first = b.link(1)
+    first.ensure()
+    h.busy = {1}
+    errors: list[BaseException] = []
+
+    def wait() -> None:
+        try:
+            b.link(2).ensure()
+        except PeerLost as e:
+            errors.append(e)
+
+    t = threading.Thread(target=wait)
+    t.start()
+    t.join(0.2)
+    inner = first.inner
+    b.close_all()
+    t.join(5)
+    assert errors and "shut down" in str(errors[0])
+    assert inner is not None and inner.destroyed and b.live == 0
+
+
+def test_a_pair_not_open_says_why_for_a_timeout_s_reason() -> None:
+    b, h, _, _ = book(max_pairs=1)
+    b.link(1).ensure()
+    h.busy = {1}
+    b.link(2)
+    assert b.why_not_open(1) == ""
+    assert b.why_not_open(2) == ("its pair group waits for a slot: this rank is at "
+                                 "max_pairs=1 with every pair busy")
+    b.links[2].lose(abort=True)
+    assert b.why_not_open(2) == "its pair group is lost: aborted"
+    assert b.why_not_open(99) == ""  # no link: nothing to say
+
+
+def test_thin_communicators_are_asked_for_by_an_environment_variable() -> None:
+    from disagg.pairing import max_ctas_from_env
+    assert max_ctas_from_env({}) == 0 and max_ctas_from_env({"DISAGG_PAIR_NCCL_MAX_CTAS": "2"}) == 2
+    for bad in ("-1", "two", "1.5"):
+        with pytest.raises(ValueError, match=r"DISAGG_PAIR_NCCL_MAX_CTAS='.*': must be an int"):
+            max_ctas_from_env({"DISAGG_PAIR_NCCL_MAX_CTAS": bad})
