@@ -525,10 +525,14 @@ def check_int16_batch(env: Env) -> Outcome:
 
 
 def check_jobs_group(env: Env) -> Outcome:
-    """Jobs mode's pair group (disagg/jobs.py): the backend's own constructor on a
-    PrefixStore of a TCPStore, with no default world, as `disagg.join` makes it,
-    on a world of one (NCCL refuses two ranks of a communicator on one GPU, so a
-    real pair needs two GPUs): construct, first op, teardown, twice."""
+    """A pair group as `disagg/pairing.py` makes it (world and jobs mode alike):
+    the backend's own constructor on a PrefixStore of a TCPStore, with no
+    default world, on a world of one (NCCL refuses two ranks of a communicator
+    on one GPU, so a real pair needs two GPUs). Twice: NCCL's default
+    communicator, then a thin one (`DISAGG_PAIR_NCCL_MAX_CTAS=2`: min 1, max 2 CTAs);
+    each made eagerly (`eager_connect_single_device`, as pairs are, off the
+    device lock), its first op, the device memory it took (free memory before
+    and after, NCCL's buffers included), and teardown (`shutdown`)."""
     from disagg.store import host_store
     assert not dist.is_initialized()
     import socket
@@ -538,13 +542,20 @@ def check_jobs_group(env: Env) -> Outcome:
     store = host_store(port, "127.0.0.1")
     timeout = datetime.timedelta(seconds=60)
     t: dict[str, float] = {}
-    for attempt in range(2):
+    for attempt, max_ctas in enumerate((0, 2)):
         prefix = dist.PrefixStore(f"disagg/jobs/v1/pair/{attempt}/pg", store)
+        free0 = torch.cuda.mem_get_info(env.device)[0] if env.cuda else 0
         t0 = time.perf_counter()
         if env.cuda:
             opts = dist.ProcessGroupNCCL.Options()
             opts._timeout = timeout
+            config = getattr(opts, "config", None)
+            if max_ctas and config is not None:
+                config.min_ctas, config.max_ctas = 1, max_ctas
             pg: Any = dist.ProcessGroupNCCL(prefix, 0, 1, opts)
+            eager = getattr(pg, "eager_connect_single_device", None)
+            if eager is not None:
+                eager(env.device)
         else:
             pg = dist.ProcessGroupGloo(prefix, 0, 1, timeout)
         t[f"construct_{attempt}_ms"] = (time.perf_counter() - t0) * 1e3
@@ -553,9 +564,11 @@ def check_jobs_group(env: Env) -> Outcome:
         with device_lock(env.device):
             work = pg.allreduce([x])
         if not wait_until(work.is_completed, time.monotonic() + 60):
-            raise AssertionError("first op on the jobs-mode group not done in 60 s")
+            raise AssertionError("first op on the pair group not done in 60 s")
         work.wait()
         t[f"first_op_{attempt}_ms"] = (time.perf_counter() - t0) * 1e3
+        t[f"device_mib_{attempt}"] = ((free0 - torch.cuda.mem_get_info(env.device)[0]) / 2**20
+                                      if env.cuda else 0.0)
         assert x.tolist() == [1.0] * 4
         t0 = time.perf_counter()
         if hasattr(pg, "shutdown"):
@@ -564,10 +577,13 @@ def check_jobs_group(env: Env) -> Outcome:
         t[f"teardown_{attempt}_ms"] = (time.perf_counter() - t0) * 1e3
     assert not dist.is_initialized(), "a default world was made"
     kind = "ProcessGroupNCCL" if env.cuda else "ProcessGroupGloo"
+    mem = (f"; device memory {t['device_mib_0']:.0f} MiB default / {t['device_mib_1']:.0f} MiB "
+           f"thin" if env.cuda else "")
     return Outcome(f"{kind}: ok x2",
                    f"construct {t['construct_0_ms']:.0f}/{t['construct_1_ms']:.0f} ms; first op "
                    f"{t['first_op_0_ms']:.0f}/{t['first_op_1_ms']:.0f} ms; teardown "
-                   f"{t['teardown_0_ms']:.0f}/{t['teardown_1_ms']:.0f} ms (no default world)", t)
+                   f"{t['teardown_0_ms']:.0f}/{t['teardown_1_ms']:.0f} ms{mem} (default, then "
+                   f"thin; no default world)", t)
 
 
 def check_lock_cost(env: Env) -> Outcome:
@@ -633,7 +649,7 @@ CHECKS: list[tuple[str, str, Callable[[Env], Outcome]]] = [
     ("nccl", "cycle guard (E>=2, L>=2)", check_cycle_guard),
     ("nccl", "disagg.init, world of one", check_init_one_rank),
     ("nccl", "world of one: groups, first op", check_world_of_one),
-    ("nccl", "jobs-mode pair group, no world", check_jobs_group),
+    ("nccl", "pair group (eager; default and thin), no world", check_jobs_group),
     ("nccl", "int16 batch, then byte views", check_int16_batch),
     ("nccl", "device lock, uncontended", check_lock_cost),
     ("model", "examples/qwen_vl.py", check_model),

@@ -122,13 +122,18 @@ def test_step_benchmark_reports_step_against_its_all_reduce() -> None:
 
 def test_scale_benchmark_measures_a_small_world_and_models_the_fleets() -> None:
     p = subprocess.run([sys.executable, "scripts/bench_scale.py", "--embedding", "2",
-                        "--language", "2", "--store-seconds", "0.1"],
+                        "--language", "2", "--max-pairs", "1", "--store-seconds", "0.1"],
                        cwd=ROOT, capture_output=True, text=True, timeout=150)
     assert p.returncode == 0, p.stdout + p.stderr
     assert "store, one client (measured)" in p.stdout and "multi_get" in p.stdout
-    assert "embedding pairs/rank 2" in p.stdout and "language  pairs/rank 2" in p.stdout
+    # pairs on demand under a cap of 1: none at start, at most one live, made again
+    assert "full mesh (measured)" in p.stdout and "pairs at start 0" in p.stdout, p.stdout
+    assert "pairs at start 2" not in p.stdout and "pairs at start 1" not in p.stdout
+    assert "embedding pairs live/rank max 1" in p.stdout, p.stdout
+    assert "language  pairs live/rank max 1" in p.stdout, p.stdout
     for fleet in ("8 x 32", "32 x 128", "128 x 1024"):
         assert fleet in p.stdout, p.stdout
+    assert "met by the model" in p.stdout and "NOT met" not in p.stdout, p.stdout
 
 
 def test_wrong_process_count_is_said_once_briefly() -> None:
