@@ -168,6 +168,9 @@ class PairBook:
         with self.cv:
             self.links.clear()
         self.host = None
+        close = getattr(self.make, "close", None)
+        if close is not None:
+            close()
         self.make = _stopped
 
 

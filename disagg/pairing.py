@@ -104,6 +104,9 @@ def max_ctas_from_env(env: Mapping[str, str] = os.environ) -> int:
     return n
 
 
+KEEP_CLIENTS = 4  # store clients a rank keeps for forming pairs
+
+
 class PairMaker:
     """Makes this rank's pair groups on `store` (world mode: the world's store;
     jobs mode: the rendezvous store). `base(peer)` names a pair's keys; each
@@ -116,13 +119,55 @@ class PairMaker:
         self.embedding, self.device = embedding, device
         self.timeout_s, self.max_ctas = timeout_s, max_ctas
         self._never = threading.Event()  # `wanted` says when to stop
+        self._lock = threading.Lock()
+        self._idle: list[dist.Store] = []  # store clients kept for the next pairs (`_take`)
+        self._shared_taken = False  # `store` serves a forming pair now
 
     def __call__(self, peer: int, gen: int, wanted: Callable[[], bool]) -> TorchPairTransport | None:
         base = f"{self.base(peer)}/{gen}"
         mine, theirs = ("e", "l") if self.embedding else ("l", "e")
-        if not hello(self.store, base, mine, theirs, wanted, self._never):
+        store = self._take()
+        try:
+            return self._make(store, peer, base, mine, theirs, wanted)
+        finally:
+            self._give(store)
+
+    def _take(self) -> dist.Store:
+        """A store client no other forming pair of this rank uses now: a client
+        runs one op at a time, and the constructor's rendezvous waits in it for
+        the peer's key. Two constructors on one client would chain: the second's
+        key waits behind the first's wait, and a peer held up the same way could
+        be the one the first waits for (a cycle). So the rank's own client
+        serves one forming pair at a time (its other users, hellos and the
+        roster, only wait a moment behind it), and pairs forming meanwhile take
+        clients of their own, kept for reuse (making one connects, and on some
+        hosts resolves an address by DNS: seconds where that times out)."""
+        with self._lock:
+            if not self._shared_taken:  # the usual case: one pair forms at a time
+                self._shared_taken = True
+                return self.store
+            if self._idle:
+                return self._idle.pop()
+        clone = getattr(self.store, "clone", None)
+        return clone() if clone is not None else self.store
+
+    def _give(self, store: dist.Store) -> None:
+        with self._lock:
+            if store is self.store:
+                self._shared_taken = False
+            elif len(self._idle) < KEEP_CLIENTS:
+                self._idle.append(store)
+
+    def close(self) -> None:
+        """Let go of the kept clients (their sockets close with them)."""
+        with self._lock:
+            self._idle.clear()
+
+    def _make(self, store: dist.Store, peer: int, base: str, mine: str, theirs: str,
+              wanted: Callable[[], bool]) -> TorchPairTransport | None:
+        if not hello(store, base, mine, theirs, wanted, self._never):
             return None
-        pg = pair_group(self.store, base, self.embedding, self.device, self.timeout_s,
+        pg = pair_group(store, base, self.embedding, self.device, self.timeout_s,
                         self.max_ctas)
         t = TorchPairTransport(pg, peer, self.device, self.timeout_s,
                                group_peer=1 if self.embedding else 0)
@@ -130,7 +175,7 @@ class PairMaker:
         # both ends read the other's hello and rendezvous keys before the connect
         # frame could pass: they are done with
         with contextlib.suppress(RuntimeError, dist.DistError):
-            self.store.delete_key(f"{base}/hello/{mine}")
+            store.delete_key(f"{base}/hello/{mine}")
             if self.device.type != "cuda":
-                self.store.delete_key(f"{base}/pg/0/{1 if self.embedding else 0}")
+                store.delete_key(f"{base}/pg/0/{1 if self.embedding else 0}")
         return t
