@@ -44,8 +44,7 @@ from .errors import DisaggError
 from .geometry import Geometry, Topology
 from .language import LanguageEngine
 from .language_side import LanguageSide
-from .links import PairBook
-from .pairing import PairMaker, destroy_pair, max_ctas_from_env
+from .pair_book import PairBook, make_book
 from .shell import readiness
 from .startup import check_peers
 from .stats import Stats
@@ -220,21 +219,12 @@ class Context:
         warm = [p for p in others
                 if len(topo.language_ranks) <= caps[p if not is_embedding else self.rank]
                 and len(topo.embedding_ranks) <= caps[self.rank if not is_embedding else p]]
-        self._warm(book, warm, timeout.total_seconds())
-
-    def _warm(self, book: PairBook, others: list[int], timeout_s: float) -> None:
-        """The pairs both ends warm (`links.py`, "Warm pairs": each end's peers of
-        the other role fit under its `max_pairs`), now, one after another in one
-        global order, (Embedding, Language) ascending, as every rank does: the
-        first pair not yet made has both its ends at it, so none waits in a
-        cycle."""
-        deadline = time.monotonic() + timeout_s
-        for peer in sorted(others):
-            if not book.warm(peer, lambda: time.monotonic() < deadline):
-                self.shutdown(0.0)  # the engines' threads run already
-                raise DisaggError(f"start-up: the pair with rank {peer} was not made in "
-                                  f"{timeout_s:.0f}s; did every rank call disagg.init?",
-                                  rank=self.rank)
+        missed = book.warm_in_order(warm, timeout.total_seconds())
+        if missed is not None:
+            self.shutdown(0.0)  # the engines' threads run already
+            raise DisaggError(f"start-up: the pair with rank {missed} was not made in "
+                              f"{timeout.total_seconds():.0f}s; did every rank call "
+                              f"disagg.init?", rank=self.rank)
 
     def _pair_base(self, peer: int) -> str:
         """The store keys of the pair with `peer`, under the book's base."""
@@ -244,12 +234,9 @@ class Context:
     def _pair_book(self, store: dist.Store, base: str, timeout_s: float,
                    stats: Stats) -> PairBook:
         """This rank's pairs, made on demand on `store` under `base` (links.py)."""
-        embedding = self.role == "embedding"
-
-        maker = PairMaker(store, lambda peer: f"{base}{self._pair_base(peer)}", embedding=embedding, device=self.device,
-                          timeout_s=timeout_s, max_ctas=max_ctas_from_env())
-        return PairBook(maker, destroy_pair, max_pairs=self.cfg.max_pairs,
-                        idle_s=self.cfg.pair_idle_s, stats=stats)
+        return make_book(store, lambda peer: f"{base}{self._pair_base(peer)}",
+                         embedding=self.role == "embedding", device=self.device,
+                         timeout_s=timeout_s, cfg=self.cfg, stats=stats)
 
     @property
     def embedding(self) -> EmbeddingEngine:

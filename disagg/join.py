@@ -36,7 +36,7 @@ from .geometry import Geometry, Topology
 from .jobs import Roster
 from .language import LanguageEngine
 from .language_side import LanguageSide
-from .links import PairBook
+from .pair_book import PairBook
 from .roster import EMBEDDING_IDS, MAX_ID, Member, key, language_id
 from .stats import Stats
 from .store import connect_store, embedding_id, new_member

@@ -1,7 +1,7 @@
 """Pairs made on demand: `PairLink`, the `PairTransport` the engines hold for a
 peer, whose process group is made when a stream thread first needs it and
-closed when it idles; `PairBook`, a rank's links under one cap. The rules
-are `pairs.py`'s; the making is the context's (`pairing.PairMaker`).
+closed when it idles. A rank's links live in its `pair_book.PairBook`, under
+one cap. The rules are `pairs.py`'s; the making is `pairing.PairMaker`'s.
 
 Who makes a group: only a pair's own stream thread (`ensure`), never a
 caller and never under the engine lock or the device lock (on NCCL the
@@ -26,156 +26,22 @@ socket), so both sides make the next generation together.
 from __future__ import annotations
 
 import logging
-import threading
-import time
 from collections.abc import Callable
-from typing import Protocol
+from typing import TYPE_CHECKING
 
 import torch
 
 from .errors import PeerLost
 from .meta import Meta
-from .pairs import LIVE, LinkState, LinkView, evictable, idle_due, may_form
-from .stats import Stats
+from .pairs import LIVE, LinkState, LinkView, evictable, may_form
 from .transport import Posted, TorchPairTransport
+
+if TYPE_CHECKING:
+    from .pair_book import PairBook
 
 log = logging.getLogger(__name__)
 
 WAIT_S = 0.1  # a thread waiting for a slot under the cap looks again this often
-
-
-class LinkHost(Protocol):
-    """What a book asks of its rank's engine (each call takes the engine lock
-    itself; the book's lock is never held across one)."""
-
-    def pair_busy(self, peer: int) -> bool: ...
-
-    def make_room(self, candidates: list[int]) -> None: ...
-
-    def pair_opened(self, peer: int) -> None: ...
-
-    def pair_closed(self, peer: int) -> None: ...
-
-
-# (peer, generation, still wanted) -> the formed transport, or None if it stopped
-# being wanted before the peer came
-Maker = Callable[[int, int, Callable[[], bool]], "TorchPairTransport | None"]
-
-
-class PairBook:
-    """One rank's links. `link(peer)` makes a peer's (cheap: no group yet)."""
-
-    def __init__(self, make: Maker, destroy: Callable[[TorchPairTransport], None], *,
-                 max_pairs: int, idle_s: float, stats: Stats,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self.make, self.destroy = make, destroy
-        self.max_pairs, self.idle_s = max_pairs, idle_s
-        self.stats, self.clock = stats, clock
-        self.cv = threading.Condition()
-        self.links: dict[int, PairLink] = {}
-        self.host: LinkHost | None = None  # the engine, once built
-        self.stopped = False
-        stats.add(pairs_created=0, pairs_closed=0)
-        stats.set_gauge("pairs_live", 0)
-
-    @property
-    def live(self) -> int:
-        return sum(1 for k in self.links.values() if k.state in LIVE)
-
-    def link(self, peer: int) -> PairLink:
-        with self.cv:
-            k = self.links.get(peer)
-            if k is None:
-                k = self.links[peer] = PairLink(self, peer)
-            return k
-
-    def views(self) -> list[LinkView]:
-        with self.cv:
-            return [LinkView(k.peer, k.state, k.last_used) for k in self.links.values()]
-
-    def touch(self, peer: int) -> None:
-        """A room of `peer`'s was made or answered: the pair is in use now."""
-        k = self.links.get(peer)
-        if k is not None:
-            k.last_used = self.clock()
-
-    def idle(self, now: float) -> list[int]:
-        """Open pairs due to close (`pairs.idle_due`)."""
-        host = self.host
-        return [] if host is None else idle_due(self.views(), host.pair_busy, now, self.idle_s)
-
-    def _changed(self) -> None:  # cv held
-        self.stats.set_gauge("pairs_live", self.live)
-        self.cv.notify_all()
-
-    def lose(self, peer: int, *, abort: bool) -> None:
-        """The pair with `peer` is lost for good (`PairLink.lose`)."""
-        k = self.links.get(peer)
-        if k is not None:
-            k.lose(abort=abort)
-
-    def forget(self, peer: int) -> None:
-        """A peer that left (jobs mode): its link is aborted and its group goes."""
-        with self.cv:
-            k = self.links.pop(peer, None)
-        if k is not None:
-            k.abort()
-            k.drop()
-
-    def why_not_open(self, peer: int) -> str:
-        """Why the pair with `peer` is not open now ("" if it is, or has no link)."""
-        with self.cv:
-            k = self.links.get(peer)
-            if k is None or k.state is LinkState.OPEN:
-                return ""
-            if k.broken is not None:
-                return f"its pair group is lost: {k.broken}"
-            if k.state is LinkState.CLOSED and self.live >= self.max_pairs:
-                return (f"its pair group waits for a slot: this rank is at max_pairs="
-                        f"{self.max_pairs} with every pair busy")
-            if k.state is LinkState.FORMING:
-                return ("its pair group is still being made: the peer has not joined in "
-                        "(it may be at its max_pairs with every pair busy)")
-            return f"its pair group is {k.state.value}" + (f": {k.broken}" if k.broken else "")
-
-    def warm(self, peer: int, wanted: Callable[[], bool]) -> bool:
-        """Make the pair with `peer` now, before any room needs it (the calling
-        thread: one of the context's), while `wanted`; whether it is open. The
-        peer must warm it too, or a room must need it there, within that time.
-        A pair lost meanwhile is the engines' business: False here."""
-        try:
-            return self.link(peer).ensure(wanted)
-        except PeerLost as e:
-            log.debug("warming the pair with rank %d: %s", peer, e)
-            return False
-
-    def stop(self) -> None:
-        """Shutting down: no pair forms any more; a thread waiting for one gives up."""
-        with self.cv:
-            self.stopped = True
-            self.cv.notify_all()
-
-    def close_all(self) -> None:
-        """Destroy every group left (after the threads stopped or were aborted)."""
-        self.stop()
-        with self.cv:
-            links = list(self.links.values())
-        for k in links:
-            k.drop()
-        # let go of the maker (and so of the store it holds: a world's store closes
-        # its sockets with its last reference) and of the engine, without waiting
-        # for the garbage collector to break the book's cycles
-        with self.cv:
-            self.links.clear()
-        self.host = None
-        close = getattr(self.make, "close", None)
-        if close is not None:
-            close()
-        self.make = _stopped
-
-
-def _stopped(peer: int, gen: int, wanted: Callable[[], bool]) -> TorchPairTransport | None:
-    raise PeerLost("shut down", peer=peer)
 
 
 class PairLink:

@@ -16,9 +16,9 @@ from .config import DisaggConfig
 from .control import ControlPort
 from .errors import DisaggError
 from .geometry import Geometry
-from .links import PairBook
 from .liveness import Liveness
 from .logs import RateLimitedLog
+from .pair_book import PairBook
 from .progress import Progress
 from .stats import Stats
 from .topology import Topology

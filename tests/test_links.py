@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 
 from disagg.errors import PeerLost
-from disagg.links import PairBook, PairLink
+from disagg.links import PairLink
+from disagg.pair_book import PairBook
 from disagg.pairs import LinkState, LinkView, evictable, idle_due, may_form
 from disagg.stats import Stats
 
