@@ -40,8 +40,8 @@ EPOCH_EVERY_S = 0.5  # how often the epoch (bumped by every join and leave) is r
 
 class Roster:
     """This rank's view of the deployment: registers itself, keeps its lease,
-    forms a pair with every member of the other role as it appears, and
-    reports departures. `on_member(member)` and `on_gone(id, why)`
+    reports every member of the other role as it appears (the context gives
+    it a pair, made on demand) and every departure. `on_member(member)` and `on_gone(id, why)`
     are the context's."""
 
     def __init__(self, store: dist.Store, me: Member, geometry: Geometry, tp: int,
@@ -57,7 +57,7 @@ class Roster:
         self._on_member, self._on_gone = on_member, on_gone
         self.embedding = me.role == "embedding"
         self._lock = threading.Lock()
-        self.known: dict[int, Seen] = {}  # members of the other role: forming, formed or refused
+        self.known: dict[int, Seen] = {}  # members of the other role met: usable or refused
         self.names: dict[int, str] = {}  # usable now: id -> name
         self.refused: dict[int, str] = {}  # id -> why its pair was refused (geometry)
         self.store_error: str | None = None  # the store is unreachable (live pairs go on)

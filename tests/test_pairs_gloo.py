@@ -11,30 +11,17 @@ import time
 from typing import Any
 
 import pytest
-import torch
 import torch.distributed as dist
 from harness import check_whole, spawn
+from test_operations_gloo import BS, H, exact, tensors
 
 import disagg
 from disagg.types import TERMINAL
 
 pytestmark = pytest.mark.timeout(180)
 
-H, BS, SEQ = 32, 16, 40
+SEQ = 40  # test_operations_gloo's rooms
 ROUNDS = 6
-
-
-def tensors(room: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(room)
-    return (torch.randn(SEQ, H, generator=g).to(torch.bfloat16),
-            torch.randint(0, 1 << 20, (SEQ,), generator=g, dtype=torch.int32),
-            torch.randint(0, 1 << 12, (3, SEQ), generator=g, dtype=torch.int32))
-
-
-def exact(res: disagg.EmbeddingResult, room: int) -> bool:
-    emb, ids, pos = tensors(room)
-    return (torch.equal(res.embeddings.view(torch.int16), emb.view(torch.int16))
-            and torch.equal(res.fill_ids, ids) and torch.equal(res.mrope_positions, pos))
 
 
 def cfg(num_embedding_ranks: int, max_pairs: int, idle_s: float = 300.0) -> disagg.DisaggConfig:

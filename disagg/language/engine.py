@@ -260,7 +260,8 @@ class LanguageEngine(LanguagePeers):
                 self._post(e, Heartbeat(self.rank))
         if self.links is not None and not self._closing:
             for e in self.pairs_due(now):
-                self.close_pair(e, asked=self.links.links[e].close_asked)
+                link = self.links.links.get(e)  # a member gone meanwhile: no link
+                self.close_pair(e, asked=link is not None and link.close_asked)
         for e, why in self.liveness.expired(now):
             self._peer_dead(e, why)
         with self._lock:
