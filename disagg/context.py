@@ -137,6 +137,8 @@ class Context:
             self._start()
         except BaseException:
             if not self._closed:
+                if self._book is not None:
+                    self._book.close_all()
                 self._zctx.destroy(linger=0)
             raise
 

@@ -89,7 +89,7 @@ class PairLink:
         goodbye, whose last frames were read). Its group is destroyed when the
         peer is forgotten, or at shutdown."""
         with self.book.cv:
-            self.broken = self.broken or "aborted"
+            self.broken = self.broken or ("aborted" if abort else "lost")
             t = self.inner
             if self.state in (LinkState.OPEN, LinkState.CLOSED):  # else its owner does
                 self.state = LinkState.BROKEN

@@ -121,7 +121,7 @@ class PairMaker:
         self._never = threading.Event()  # `wanted` says when to stop
         self._lock = threading.Lock()
         self._idle: list[dist.Store] = []  # store clients kept for the next pairs (`_take`)
-        self._shared_taken = False  # `store` serves a forming pair now
+        self._give(self._take())  # the first client, now rather than at a first room
 
     def __call__(self, peer: int, gen: int, wanted: Callable[[], bool]) -> TorchPairTransport | None:
         base = f"{self.base(peer)}/{gen}"
@@ -133,19 +133,15 @@ class PairMaker:
             self._give(store)
 
     def _take(self) -> dist.Store:
-        """A store client no other forming pair of this rank uses now: a client
-        runs one op at a time, and the constructor's rendezvous waits in it for
-        the peer's key. Two constructors on one client would chain: the second's
-        key waits behind the first's wait, and a peer held up the same way could
-        be the one the first waits for (a cycle). So the rank's own client
-        serves one forming pair at a time (its other users, hellos and the
-        roster, only wait a moment behind it), and pairs forming meanwhile take
-        clients of their own, kept for reuse (making one connects, and on some
-        hosts resolves an address by DNS: seconds where that times out)."""
+        """A store client of this forming pair's own. A client runs one op at a
+        time, and the constructor's rendezvous waits in it for the peer's key.
+        On a shared client that wait would chain with any other blocking call
+        there (another pair's constructor, or the application's own
+        `store.wait` on the world's store), and a peer held up the same way
+        could be the one it waits for: a cycle. Clients are kept for reuse, and
+        one is made at start-up (making one connects, and on some hosts
+        resolves an address by DNS: seconds where that times out)."""
         with self._lock:
-            if not self._shared_taken:  # the usual case: one pair forms at a time
-                self._shared_taken = True
-                return self.store
             if self._idle:
                 return self._idle.pop()
         clone = getattr(self.store, "clone", None)
@@ -153,9 +149,7 @@ class PairMaker:
 
     def _give(self, store: dist.Store) -> None:
         with self._lock:
-            if store is self.store:
-                self._shared_taken = False
-            elif len(self._idle) < KEEP_CLIENTS:
+            if store is not self.store and len(self._idle) < KEEP_CLIENTS:
                 self._idle.append(store)
 
     def close(self) -> None:
