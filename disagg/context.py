@@ -224,9 +224,11 @@ class Context:
         missed = book.warm_in_order(warm, timeout.total_seconds())
         if missed is not None:
             self.shutdown(0.0)  # the engines' threads run already
-            raise DisaggError(f"start-up: the pair with rank {missed} was not made in "
-                              f"{timeout.total_seconds():.0f}s; did every rank call "
-                              f"disagg.init?", rank=self.rank)
+            why = book.warm_failed.get(missed)
+            raise DisaggError(f"start-up: the pair with rank {missed} was not made"
+                              + (f": {why}" if why else
+                                 f" in {timeout.total_seconds():.0f}s; did every rank call "
+                                 f"disagg.init?"), rank=self.rank)
 
     def _pair_base(self, peer: int) -> str:
         """The store keys of the pair with `peer`, under the book's base."""

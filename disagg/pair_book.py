@@ -67,6 +67,7 @@ class PairBook:
         self.links: dict[int, PairLink] = {}
         self.host: LinkHost | None = None  # the engine, once built
         self.stopped = False
+        self.warm_failed: dict[int, str] = {}  # peer -> why `warm` could not make it
         stats.add(pairs_created=0, pairs_closed=0)
         stats.set_gauge("pairs_live", 0)
 
@@ -134,11 +135,14 @@ class PairBook:
         """Make the pair with `peer` now, before any room needs it (the calling
         thread: one of the context's), while `wanted`; whether it is open. The
         peer must warm it too, or a room must need it there, within that time.
-        A pair lost meanwhile is the engines' business: False here."""
+        A pair that could not be made is made again when a room needs it (one
+        lost meanwhile is the engines' business): False here, and why in
+        `warm_failed`."""
         try:
             return self.link(peer).ensure(wanted)
         except PeerLost as e:
-            log.debug("warming the pair with rank %d: %s", peer, e)
+            log.info("warming the pair with rank %d: %s", peer, e)
+            self.warm_failed[peer] = str(e)
             return False
 
     def warm_in_order(self, peers: list[int], timeout_s: float) -> int | None:

@@ -199,12 +199,16 @@ class TorchPairTransport:
         self._complete(posted.works, what)
 
     def connect(self, *, sending: bool) -> None:
-        """One tiny frame before any other: NCCL creates a pair's communicator on
-        its first op, which must not happen later under the engine's lock. Every
-        rank connects its pairs in one global order (`context.py`): communicator
-        creation is collective, and so never waits in a cycle."""
+        """One tiny frame each way before any other, as the pair forms
+        (`pairing.PairMaker`, after both ends said hello): a first op on NCCL
+        that would create a communicator made lazily happens here, not later
+        under the engine's lock."""
         t = torch.zeros(1, dtype=torch.int64, device=self.device)
         self._complete(self._post(dist.isend if sending else dist.irecv, [t]), "connect")
+        # and back: each end returns only once the other's first op is done, so
+        # neither tears the group down (a peer that shuts down at once) under an
+        # op of the other's still in flight
+        self._complete(self._post(dist.irecv if sending else dist.isend, [t]), "connect")
 
     def post_meta_recv(self) -> Posted:
         """Post the recv of the next meta frame. The receiver posts it while the
