@@ -26,29 +26,66 @@ socket), so both sides make the next generation together.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
 from .errors import PeerLost
 from .meta import Meta
 from .pairs import LIVE, LinkState, LinkView, evictable, may_form
+from .stats import Stats
 from .transport import Posted, TorchPairTransport
-
-if TYPE_CHECKING:
-    from .pair_book import PairBook
 
 log = logging.getLogger(__name__)
 
 WAIT_S = 0.1  # a thread waiting for a slot under the cap looks again this often
 
 
+class LinkHost(Protocol):
+    """What a book asks of its rank's engine (each call takes the engine lock
+    itself; the book's lock is never held across one)."""
+
+    def pair_busy(self, peer: int) -> bool: ...
+
+    def make_room(self, candidates: list[int]) -> None: ...
+
+    def pair_opened(self, peer: int) -> None: ...
+
+    def pair_closed(self, peer: int) -> None: ...
+
+
+# (peer, generation, still wanted) -> the formed transport, or None if it stopped
+# being wanted before the peer came
+Maker = Callable[[int, int, Callable[[], bool]], "TorchPairTransport | None"]
+
+
+class LinkOwner(Protocol):
+    """What a link reads and calls of its rank's book (`pair_book.PairBook`),
+    under the book's lock `cv`."""
+
+    cv: threading.Condition
+    clock: Callable[[], float]
+    stopped: bool
+    max_pairs: int
+    host: LinkHost | None
+    make: Maker
+    destroy: Callable[[TorchPairTransport], None]
+    stats: Stats
+    links: dict[int, PairLink]
+
+    @property
+    def live(self) -> int: ...
+
+    def _changed(self) -> None: ...
+
+
 class PairLink:
     """A `PairTransport` whose group is made on demand, generation after
     generation. Its state is guarded by the book's lock."""
 
-    def __init__(self, book: PairBook, peer: int) -> None:
+    def __init__(self, book: LinkOwner, peer: int) -> None:
         self.book = book
         self.peer = peer
         self.gen = 0  # the generation open now, or made next

@@ -9,38 +9,19 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Protocol
 
 import torch
 import torch.distributed as dist
 
 from .config import DisaggConfig
 from .errors import PeerLost
-from .links import PairLink
+from .links import LinkHost, Maker, PairLink
 from .pairing import PairMaker, destroy_pair, max_ctas_from_env
 from .pairs import LIVE, LinkState, LinkView, idle_due
 from .stats import Stats
 from .transport import TorchPairTransport
 
 log = logging.getLogger(__name__)
-
-
-class LinkHost(Protocol):
-    """What a book asks of its rank's engine (each call takes the engine lock
-    itself; the book's lock is never held across one)."""
-
-    def pair_busy(self, peer: int) -> bool: ...
-
-    def make_room(self, candidates: list[int]) -> None: ...
-
-    def pair_opened(self, peer: int) -> None: ...
-
-    def pair_closed(self, peer: int) -> None: ...
-
-
-# (peer, generation, still wanted) -> the formed transport, or None if it stopped
-# being wanted before the peer came
-Maker = Callable[[int, int, Callable[[], bool]], "TorchPairTransport | None"]
 
 
 def make_book(store: dist.Store, base: Callable[[int], str], *, embedding: bool,
