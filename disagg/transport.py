@@ -142,6 +142,13 @@ class PairTransport(Protocol):
     def abort(self) -> None: ...
 
 
+def is_open(t: PairTransport) -> bool:
+    """Whether posts on `t` need no group made first: a pair made on demand
+    (`links.PairLink`) is made by its own thread, never by a caller."""
+    fn = getattr(t, "is_open", None)
+    return fn is None or bool(fn())
+
+
 class TorchPairTransport:
     """`PairTransport` on a `torch.distributed` group holding this rank and `peer`.
 

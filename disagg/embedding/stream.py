@@ -105,12 +105,6 @@ def defer_frame(room: int, pad: list[torch.Tensor], done: Done) -> Frame:
     return Frame(Meta(FrameKind.DEFER, room, flags=FLAG_PADDED), pad, None, done)
 
 
-def _is_open(t: PairTransport) -> bool:
-    """Whether posts on `t` need no group made first (links.py)."""
-    is_open = getattr(t, "is_open", None)
-    return is_open is None or bool(is_open())
-
-
 class PairSender:
     """Writes one pair's stream. `submit` queues a frame; `flush` posts queued
     frames, in order, and must be called without the engine lock. The pair's
@@ -145,7 +139,7 @@ class PairSender:
         too: it looks at the queue again after it lets go of `_posting`. Only
         the pair's own thread (`own`) posts on a pair whose group must be made
         first (links.py): a caller wakes it instead."""
-        if not own and not _is_open(self.transport):
+        if not own and not transport_mod.is_open(self.transport):
             with self._cv:
                 self._cv.notify()
             return

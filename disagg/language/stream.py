@@ -32,12 +32,6 @@ from .pair import Next, RecvPair
 log = logging.getLogger(__name__)
 
 
-def _is_open(t: PairTransport) -> bool:
-    """Whether posts on `t` need no group made first (links.py)."""
-    is_open = getattr(t, "is_open", None)
-    return is_open is None or bool(is_open())
-
-
 class PairReceiver:
     """The one thread that reads a pair's stream (from Embedding rank `src`),
     doing the I/O its pair machine (`pair.RecvPair`, `self.m`, guarded by the
@@ -104,7 +98,7 @@ class PairReceiver:
             job = self.job
             if job is None:
                 return
-            if not _is_open(self.transport):  # its group is made by this pair's thread
+            if not transport_mod.is_open(self.transport):  # made by this pair's thread
                 self.m.caller_gone()
                 self.wake.notify()
                 return
