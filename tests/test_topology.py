@@ -1042,8 +1042,12 @@ def test_scatter_slice_failing_fails_the_room_on_every_rank() -> None:
     for x in (a, b):
         (_, why), = x["failed"]
         assert "the encoder crashed" in why or "failed on language rank" in why, why
+    # rank 1's first chunk is what its first allocation held of the 100 tokens
+    # (its size follows the rooms before, default_alloc_tokens="auto"), and a
+    # resume round may carry the rest before the abort; nothing reached rank 2
     nb = token_nbytes("e1_tp2_scatter")
-    assert a["received"] == 100 * nb and b["received"] == 0, (a, b)
+    assert 0 < a["received"] <= 100 * nb and a["received"] % nb == 0, (a, b)
+    assert b["received"] == 0, b
 
 
 def test_scatter_embedding_side_bytes_per_room() -> None:
