@@ -9,11 +9,13 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import time
 from collections.abc import Mapping
 
 import torch
 import torch.distributed as dist
 
+from . import streams
 from .config import DisaggConfig
 from .topology import Topology
 from .transport import device_lock
@@ -161,18 +163,21 @@ def new_group(ranks: list[int], *, backend: str, timeout: datetime.timedelta,
         return dist.new_group(ranks, timeout=timeout, backend=backend)
 
 
-def warm_up(group: dist.ProcessGroup, device: torch.device) -> None:
+def warm_up(group: dist.ProcessGroup, device: torch.device, timeout_s: float) -> None:
     """A group's first collective, now, under the device lock: on NCCL it creates
     the communicator (collective over the group's ranks, which all call this at
     the same point of start-up), so no later collective creates it inside a
     serving loop's `step()`. Returns once the collective is done."""
-    t = torch.zeros(1, device=device)
-    with device_lock(device):
-        work = dist.all_reduce(t, group=group, async_op=True)
+    with streams.on_library_stream(device):  # never behind the application's work
+        t = torch.zeros(1, device=device)
+        with device_lock(device):
+            work = dist.all_reduce(t, group=group, async_op=True)
     assert work is not None
-    work.wait()
-    if device.type == "cuda":
-        torch.cuda.current_stream(device).synchronize()
+    if device.type == "cuda" and not streams.wait_until(  # host-observed (transport.py)
+            work.is_completed, time.monotonic() + timeout_s):
+        raise TimeoutError(f"the instance group's first all-reduce on {device} did not end "
+                           f"within {timeout_s:.0f}s: is every rank of the instance starting?")
+    work.wait()  # Gloo: blocks, bounded by the group's timeout; CUDA: only its error
 
 
 def destroy_group(group: dist.ProcessGroup, device: torch.device) -> None:

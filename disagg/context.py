@@ -198,7 +198,7 @@ class Context:
                     gather_group = g
                     self._groups.append(g)
             if gather_group is not None:
-                warm_up(gather_group, self.device)
+                warm_up(gather_group, self.device, self.cfg.step_timeout)
         others = list(topo.language_ranks if is_embedding else topo.embedding_ranks)
         transports: dict[int, PairTransport] = {p: book.link(p) for p in others}
         self._transports = dict(transports)  # the engines drop theirs at close

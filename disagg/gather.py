@@ -15,35 +15,52 @@ collectives are in lockstep by the same contract as the step's all-reduce.
 
 from __future__ import annotations
 
+import contextlib
+import time
+
 import torch
 import torch.distributed as dist
 
+from . import streams
+from .errors import TransferTimeout
 from .plan import scatter_stride
-from .transport import device_lock
+from .streams import wait_until
+from .transport import FRAME_POLL_S, device_lock
 
 # torch 2.13 renamed all_gather_into_tensor (same arguments); older torch has only that
 _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 def gather_slices(outputs: dict[str, torch.Tensor], seq_len: int, instance_size: int,
-                  index: int, group: dist.ProcessGroup) -> int:
+                  index: int, group: dist.ProcessGroup, timeout_s: float = 600.0) -> int:
     """All-gather every buffer's slices in place; return the bytes this rank
-    received from the others (its own slice excluded, padding included)."""
+    received from the others (its own slice excluded, padding included).
+
+    On CUDA the collectives are posted on the library stream (`streams.py`:
+    the results were made there, and no stream of the application's is waited
+    for) and host-observed by polling their works, as a pair's recvs are;
+    `TransferTimeout` past `timeout_s`."""
     stride = scatter_stride(seq_len, instance_size)
     received = 0
-    for out in outputs.values():
-        # as bytes: every backend gathers uint8, whatever the buffer's dtype
-        rows = out.view(out.shape[0], -1).view(torch.uint8)  # contiguous (make_outputs)
-        assert rows.shape[0] == stride * instance_size
-        mine = rows[index * stride:(index + 1) * stride]
-        if out.device.type == "cuda":  # NCCL: one thread at a time issues to a device
-            with device_lock(out.device):
-                _all_gather(rows, mine, group=group)
-        else:
-            _all_gather(rows, mine, group=group)
-        received += rows[0].nbytes * stride * (instance_size - 1)
-    for out in outputs.values():
-        if out.device.type == "cuda":  # host-observed before the room is reported done
-            torch.cuda.current_stream(out.device).synchronize()
-            break
+    works: list[dist.Work] = []
+    device = next(iter(outputs.values())).device
+    cuda = device.type == "cuda"
+    with streams.on_library_stream(device):
+        for out in outputs.values():
+            # as bytes: every backend gathers uint8, whatever the buffer's dtype
+            rows = out.view(out.shape[0], -1).view(torch.uint8)  # contiguous (make_outputs)
+            assert rows.shape[0] == stride * instance_size
+            mine = rows[index * stride:(index + 1) * stride]
+            # NCCL: one thread at a time issues to a device
+            with device_lock(device) if cuda else contextlib.nullcontext():
+                work = _all_gather(rows, mine, group=group, async_op=True)
+            assert work is not None
+            works.append(work)
+            received += rows[0].nbytes * stride * (instance_size - 1)
+    deadline = time.monotonic() + timeout_s
+    for w in works:
+        if cuda and not wait_until(w.is_completed, deadline, FRAME_POLL_S):
+            raise TransferTimeout(f"scatter's all-gather on {device} not done after "
+                                  f"{timeout_s:.0f}s")
+        w.wait()  # Gloo: blocks; CUDA, once complete: only raises the work's error
     return received

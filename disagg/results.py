@@ -10,6 +10,7 @@ import dataclasses
 
 import torch
 
+from . import streams
 from .geometry import PACKED_IDS, Geometry
 from .pages import empty_result
 from .types import EmbeddingResult, TransferStatus
@@ -17,9 +18,11 @@ from .types import EmbeddingResult, TransferStatus
 
 def make_outputs(geometry: Geometry, rows: int,
                  device: torch.device) -> dict[str, torch.Tensor]:
-    """One [rows, *per_token] tensor per wire buffer, where chunks land."""
-    return {b.name: empty_result((rows, *b.per_token_shape), b.dtype, device)
-            for b in geometry.wire_buffers}
+    """One [rows, *per_token] tensor per wire buffer, where chunks land: made on
+    the library stream, whichever thread asks (`streams.py`)."""
+    with streams.on_library_stream(device):
+        return {b.name: empty_result((rows, *b.per_token_shape), b.dtype, device)
+                for b in geometry.wire_buffers}
 
 
 def to_result(geometry: Geometry, outputs: dict[str, torch.Tensor],
@@ -41,8 +44,12 @@ def prefix_views(geometry: Geometry, outputs: dict[str, torch.Tensor] | None, nu
                  aux: tuple[int, ...], device: torch.device) -> EmbeddingResult:
     """Views (no copy) of the first `num_tokens` tokens of a room's outputs;
     zero-length tensors before its first chunk landed. `fill_ids` and
-    `mrope_positions` are strided views into the packed ids."""
-    if outputs is None:
+    `mrope_positions` are strided views into the packed ids. Called on the
+    caller's thread: its current stream is the one that will read them
+    (`streams.hand_over`)."""
+    if outputs is not None:
+        streams.hand_over(outputs.values())
+    else:
         outputs = {b.name: torch.empty((0, *b.per_token_shape), dtype=b.dtype, device=device)
                    for b in geometry.wire_buffers}
         num_tokens = 0

@@ -11,7 +11,11 @@ completion is host-observed: on Gloo `Work.wait()`; on CUDA the host polls the
 work's own end event (`Work.is_completed()`) before `Work.wait()`, so no block
 is reused and no status changes while a kernel may still touch the memory, and
 no stream of the caller's is ever made to wait for a peer. Waits are bounded by
-the pair group's timeout (Gloo closes the pair when it fires).
+the pair group's timeout (Gloo closes the pair when it fires). Every
+allocation and post here is made on the device's library stream
+(`streams.py`): an op waits for disagg's own work and a frame's producer
+event, never for what the application queued on its streams, and a meta comes
+to the host by a copy polled on that stream, not by a sync.
 
 NCCL's rules (docs/nccl.md): every NCCL call this process makes on a device (a
 post: isend, irecv, batch_isend_irecv; a pair's first op, which creates its
@@ -33,8 +37,16 @@ from typing import NamedTuple, Protocol
 import torch
 import torch.distributed as dist
 
+from . import streams
 from .errors import PeerLost, TransferTimeout
 from .meta import META_LEN, Meta
+from .streams import wait_until
+
+# On CUDA, how late the host may see a frame's sends or payload recvs end (they
+# are on their way: the receiver posts its payload recvs once the meta landed);
+# a meta recv, which can stand for a whole encode, backs off to 1 ms
+FRAME_POLL_S = 1e-4
+META_POLL_S = 1e-3
 
 _device_locks: dict[tuple[str, int], threading.Lock] = {}
 _device_locks_guard = threading.Lock()
@@ -60,26 +72,15 @@ def device_lock(device: torch.device) -> threading.Lock:
 
 
 def bind_device(device: torch.device | None) -> None:
-    """Make `device` this thread's current CUDA device (a no-op on the CPU).
-    Every thread of disagg's calls it first: a thread whose first CUDA call
-    (a post, a `Work.is_completed()`) finds no current device makes a context
-    on GPU 0, about 0.5 GiB there for every process of the node."""
+    """Make `device` this thread's current CUDA device, and the library's stream
+    on it (`streams.py`) its current stream (a no-op on the CPU). Every thread
+    of disagg's calls it first: a thread whose first CUDA call (a post, a
+    `Work.is_completed()`) finds no current device makes a context on GPU 0,
+    about 0.5 GiB there for every process of the node, and a thread working on
+    the device's default stream waits for the application's work queued there."""
     if device is not None and device.type == "cuda":
         torch.cuda.set_device(device)
-
-
-def wait_until(done: Callable[[], bool], deadline: float) -> bool:
-    """Poll `done` (e.g. a CUDA event's or a NCCL work's completion) until it is
-    true or `time.monotonic()` passes `deadline`; whether it became true. Sleeps
-    between looks, 10 us doubling to 1 ms: a chunk seen late by at most ~1 ms,
-    and a waiting thread leaves the GIL to the others."""
-    delay = 1e-5
-    while not done():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(delay)
-        delay = min(delay * 2, 1e-3)
-    return True
+        streams.use_library_stream(device)
 
 
 def as_bytes(t: torch.Tensor) -> torch.Tensor:
@@ -195,22 +196,25 @@ class TorchPairTransport:
         """Post a frame's sends and return at once; `wait` completes them. Frames
         go out in the order they are posted: the caller orders the posts."""
         if ready is not None:
-            # NCCL's stream waits for the posting thread's current stream (torch's
-            # rule), and that one for the producer's: the sends read finished data
-            torch.cuda.current_stream(self.device).wait_event(ready)
-        # a meta tensor per frame: several frames may be in flight
-        tensors = [meta.to_tensor().to(self.device), *payload]
+            # NCCL's stream waits for the poster's current stream (torch's rule),
+            # the library stream (`_post`), and that one for the producer's event:
+            # the sends read finished data, and nobody's host waits for it
+            streams.wait_for(self.device, [ready])
+        # a meta tensor per frame (several frames may be in flight), copied to the
+        # device without the host waiting for the producer
+        tensors = [streams.to_device(meta.to_tensor(), self.device), *payload]
         return Posted(self._post(dist.isend, tensors), tensors)
 
     def wait(self, posted: Posted, what: str = "send") -> None:
-        self._complete(posted.works, what)
+        self._complete(posted.works, what, FRAME_POLL_S)
 
     def connect(self, *, sending: bool) -> None:
         """One tiny frame each way before any other, as the pair forms
         (`pairing.PairMaker`, after both ends said hello): a first op on NCCL
         that would create a communicator made lazily happens here, not later
         under the engine's lock."""
-        t = torch.zeros(1, dtype=torch.int64, device=self.device)
+        with streams.on_library_stream(self.device):
+            t = torch.zeros(1, dtype=torch.int64, device=self.device)
         self._complete(self._post(dist.isend if sending else dist.irecv, [t]), "connect")
         # and back: each end returns only once the other's first op is done, so
         # neither tears the group down (a peer that shuts down at once) under an
@@ -221,15 +225,22 @@ class TorchPairTransport:
         """Post the recv of the next meta frame. The receiver posts it while the
         previous frame's payload still lands: a Gloo or NCCL send waits for its
         recv to be posted, so a late post costs a round trip per frame."""
-        t = torch.empty(META_LEN, dtype=torch.int64, device=self.device)
+        with streams.on_library_stream(self.device):  # it may run on a caller's thread
+            t = torch.empty(META_LEN, dtype=torch.int64, device=self.device)
         return Posted(self._post(dist.irecv, [t]), [t])
 
     def wait_meta(self, posted: Posted) -> Meta:
-        self._complete(posted.works, "meta recv")
-        return Meta.from_tensor(posted.tensors[0].cpu())
+        self._complete(posted.works, "meta recv", META_POLL_S)
+        return Meta.from_tensor(self._to_host(posted.tensors[0], "meta recv"))
 
     def post_recv(self, dsts: list[torch.Tensor]) -> Posted:
         return Posted(self._post(dist.irecv, dsts), dsts)
+
+    def _to_host(self, t: torch.Tensor, what: str) -> torch.Tensor:
+        try:
+            return streams.to_host(t, self.timeout_s)
+        except TimeoutError as e:
+            raise TransferTimeout(f"{what} with rank {self.peer}: {e}", peer=self.peer) from e
 
     def _post(self, op: Callable[..., dist.Work | None],
               tensors: list[torch.Tensor]) -> list[dist.Work]:
@@ -241,7 +252,9 @@ class TorchPairTransport:
         if self.aborted:
             raise PeerLost(f"the pair with rank {self.peer} was aborted", peer=self.peer)
         try:
-            with self._post_lock:  # NCCL: one thread at a time issues to the device
+            # the op's NCCL stream waits for the library stream (streams.py), never
+            # for the application's; NCCL: one thread at a time issues to the device
+            with streams.on_library_stream(self.device), self._post_lock:
                 if self._group_peer is not None:
                     p, g = self._group_peer, self.group
                     return [g.send([t], p, 0) if op is dist.isend else g.recv([t], p, 0)
@@ -255,7 +268,7 @@ class TorchPairTransport:
         assert all(w is not None for w in works)  # we are a member of the pair group
         return works  # type: ignore[return-value]
 
-    def _complete(self, works: list[dist.Work], what: str) -> None:
+    def _complete(self, works: list[dist.Work], what: str, longest: float = META_POLL_S) -> None:
         done = True
         try:
             if self._cuda:
@@ -264,7 +277,7 @@ class TorchPairTransport:
                 # stream, shared with the application) wait for the peer, which for
                 # a meta recv lasts as long as the peer's encoder takes.
                 deadline = time.monotonic() + self.timeout_s
-                done = all(wait_until(w.is_completed, deadline) for w in works)
+                done = all(wait_until(w.is_completed, deadline, longest) for w in works)
             if done:
                 for w in works:
                     w.wait()  # on CUDA, once complete: only raises the work's error

@@ -75,7 +75,8 @@ from disagg.language.landing import copy_out  # noqa: E402
 from disagg.plan import segment_plan  # noqa: E402
 from disagg.pool import BlockPool  # noqa: E402
 from disagg.results import make_outputs, to_result  # noqa: E402
-from disagg.transport import TorchPairTransport, device_lock, wait_until  # noqa: E402
+from disagg.streams import wait_until  # noqa: E402
+from disagg.transport import TorchPairTransport, device_lock  # noqa: E402
 from disagg.types import TransferStatus  # noqa: E402
 
 PASS, FAIL, SKIP = "PASS", "FAIL", "SKIP"
@@ -133,6 +134,7 @@ CONTRACT_ROWS = {
     "producer": "test_device.py::test_sends_wait_for_the_producer_stream",
     "aborts": "test_abort.py::",
     "threads": "test_device.py::test_every_library_thread_binds_the_ranks_device_first",
+    "side": "test_device.py::test_a_caller_on_a_side_stream_under_allocator_churn",
 }
 _contract: dict[str, dict[str, str]] = {}  # device -> test id -> "" (passed) or why not
 
@@ -183,8 +185,57 @@ def check_producer_stream(env: Env) -> Outcome:
     that stream at once: only the producer's event keeps the sends from reading
     them before they are written."""
     return _contract_row(env, "producer", "embeddings written on a side stream ~20 ms after "
-                         "send(); sends waited for the producer's event" if env.cuda else
+                         "send(); send() returned before they were, and the sends waited for "
+                         "the producer's event" if env.cuda else
                          "CPU: no streams (the same calls)")
+
+
+def check_side_stream(env: Env) -> Outcome:
+    """The Language caller takes each result on a side stream, queues a slow read
+    of it there and lets it go at once, while a thread churns the allocator on
+    a third stream and later rooms land: every read bit-exact (issue 29,
+    finding 3: result memory marked used by the caller's stream)."""
+    return _contract_row(env, "side", "12 rooms read on a side stream after a GPU delay, "
+                         "results dropped at once, allocator churn on another stream: "
+                         "bit-exact" if env.cuda else "CPU: no streams (the same calls)")
+
+
+def check_library_stream(env: Env) -> Outcome:
+    """Issue 29, finding 8, on the device: with the default stream busy (the
+    application's step, ~200 ms of GPU sleep), what disagg does on the host
+    (a meta's read back, a meta's copy to the device, pool mode's copy-out
+    and its host-observed end) returns before that step does."""
+    if not env.cuda:
+        raise Skip("no streams on the CPU")
+    from disagg import streams
+    dev = env.device
+    geom, _ = _pool_geometry(env)
+    pool = BlockPool(geom, dev, with_buffers=True)
+    plan = segment_plan(list(range(4)), geom.block_size, 4 * geom.block_size, direct=False)
+    outputs = make_outputs(geom, 4 * geom.block_size, dev)
+    words = torch.arange(64, dtype=torch.int64, device=dev)
+    env.sync()
+    busy = torch.cuda.Event()
+    default = torch.cuda.default_stream(dev)
+    with torch.cuda.stream(default):
+        torch.cuda._sleep(400_000_000)  # ~200 ms at 2 GHz
+        busy.record(default)
+    t0 = time.perf_counter()
+    host = streams.to_host(words)
+    read_s = time.perf_counter() - t0
+    on_device = streams.to_device(torch.arange(8, dtype=torch.int64), dev)
+    t0 = time.perf_counter()
+    copy_out(geom, pool, outputs, plan, 0, dev)
+    copy_s = time.perf_counter() - t0
+    waited = busy.query()
+    env.sync()
+    assert not waited, "a host read or the copy-out waited for the default stream's work"
+    assert torch.equal(host, torch.arange(64)), "read back: bytes differ"
+    assert torch.equal(on_device.cpu(), torch.arange(8)), "to the device: bytes differ"
+    return Outcome(f"read {read_s * 1e6:.0f} us, copy-out {copy_s * 1e6:.0f} us",
+                   "default stream busy ~200 ms: a meta-sized read back, a copy to the "
+                   "device and a pool copy-out all done before it, on the library stream",
+                   {"read_us": read_s * 1e6, "copy_out_us": copy_s * 1e6})
 
 
 def check_threads(env: Env) -> Outcome:
@@ -640,6 +691,8 @@ CHECKS: list[tuple[str, str, Callable[[Env], Outcome]]] = [
     ("contract", "producer stream's event", check_producer_stream),
     ("contract", "abort in every state", check_aborts),
     ("contract", "threads bind the device", check_threads),
+    ("contract", "caller on a side stream, allocator churn", check_side_stream),
+    ("pools", "library stream: no wait for the default stream", check_library_stream),
     ("pools", "pool allocation", check_pool_alloc),
     ("pools", "pool copy-out vs plain copy", check_copy_out),
     ("pools", "result() ids split", check_result_split),

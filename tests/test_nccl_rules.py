@@ -6,6 +6,7 @@ whose pair communicators could wait on each other in a cycle is refused."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import threading
 from typing import Any
@@ -70,6 +71,9 @@ def test_cuda_posts_hold_the_device_lock(monkeypatch: pytest.MonkeyPatch) -> Non
 
     monkeypatch.setattr(transport.dist, "batch_isend_irecv", batch)
     monkeypatch.setattr(transport.dist, "P2POp", lambda *a, **k: (a, k))
+    # no CUDA here: the library stream's bookkeeping is tests/test_streams.py's
+    monkeypatch.setattr(transport.streams, "on_library_stream",
+                        lambda device: contextlib.nullcontext())
     t = TorchPairTransport(None, 1, CUDA0, 5.0)  # type: ignore[arg-type]
     t._post(transport.dist.irecv, [torch.zeros(1)])
     assert seen == [True]
@@ -146,7 +150,7 @@ def test_the_gather_groups_first_collective_is_made_at_start_up_under_the_lock(
         return Work()
 
     monkeypatch.setattr(dbackend.dist, "all_reduce", all_reduce)
-    dbackend.warm_up("instance", CPU)  # type: ignore[arg-type]
+    dbackend.warm_up("instance", CPU, 5.0)  # type: ignore[arg-type]
     assert seen == [("all_reduce", True), ("wait", False)]  # never waits under the lock
 
 
@@ -157,8 +161,10 @@ def test_the_lock_serialises_posts_from_several_threads(
     overlaps = 0
     guard = threading.Lock()
 
+    posts = 0
+
     def batch(ops: list[Any]) -> list[FakeWork]:
-        nonlocal inside, overlaps
+        nonlocal inside, overlaps, posts
         with guard:
             inside += 1
             overlaps += inside > 1
@@ -166,10 +172,13 @@ def test_the_lock_serialises_posts_from_several_threads(
             pass
         with guard:
             inside -= 1
+            posts += 1
         return [FakeWork(1, [])]
 
     monkeypatch.setattr(transport.dist, "batch_isend_irecv", batch)
     monkeypatch.setattr(transport.dist, "P2POp", lambda *a, **k: (a, k))
+    monkeypatch.setattr(transport.streams, "on_library_stream",
+                        lambda device: contextlib.nullcontext())
     pairs = [TorchPairTransport(None, p, CUDA0, 5.0) for p in range(4)]  # type: ignore[arg-type]
 
     def run(t: TorchPairTransport) -> None:
@@ -181,7 +190,7 @@ def test_the_lock_serialises_posts_from_several_threads(
         th.start()
     for th in threads:
         th.join()
-    assert overlaps == 0
+    assert posts == 4 * 300 and overlaps == 0  # every post made, none overlapping
 
 
 @pytest.mark.parametrize(("world", "e", "t", "refused"), [

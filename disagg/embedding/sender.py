@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
+from .. import streams
 from ..config import DisaggConfig
 from ..errors import DisaggError, Failure, FailureCause, PoolFull
 from ..geometry import Geometry
@@ -90,10 +91,7 @@ class Sender:
                                     or seq_len < n):
             raise ValueError(f"send(room={r.room}): seq_len={seq_len!r} must be an int >= the "
                              f"{n} tokens given")
-        ready = None
-        if e.device.type == "cuda":  # the sends wait for the producer's stream
-            ready = torch.cuda.Event()
-            ready.record(torch.cuda.current_stream(e.device))
+        ready = streams.producer_event(e.device)  # the sends wait for it (CUDA)
         too_long: ValueError | None = None
         with e.cond:  # one hold: an ALLOC may set the room's item table at any time
             if r.items is not None and r.sources is None:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import streams
 from .. import transport as transport_mod
 from ..errors import DisaggError
 from ..geometry import Geometry
@@ -55,25 +56,23 @@ def data_frame(meta: Meta, parts: list[Part], plan: list[Segment], done: Done) -
     producer event: the copies and the sends run after all of them."""
     events = [p.ready for p in parts if p.ready is not None]
     ready = events[0] if len(events) == 1 else None
-    if len(events) > 1:  # one event after all of them, on the posting thread's stream
-        stream = torch.cuda.current_stream(parts[0].sources[0].device)
-        for e in events:
-            stream.wait_event(e)
+    device = parts[0].sources[0].device if parts else torch.device("cpu")
     payload: list[torch.Tensor] = []
-    for j in range(len(parts[0].sources) if parts else 0):  # none: a meta-only frame
-        for s in plan:
-            a = meta.token_offset + s.chunk_start
-            b = a + s.num_tokens
-            pieces = [p.sources[j][max(a, p.start) - p.start:min(b, p.start + p.num_tokens)
-                                   - p.start]
-                      for p in parts if p.start < b and a < p.start + p.num_tokens]
-            payload.append(pieces[0] if len(pieces) == 1 else torch.cat(pieces))
+    with streams.on_library_stream(device):  # a joined piece is made there
+        if len(events) > 1:  # the library stream waits for every producer
+            streams.wait_for(device, events)
+        for j in range(len(parts[0].sources) if parts else 0):  # none: a meta-only frame
+            for s in plan:
+                a = meta.token_offset + s.chunk_start
+                b = a + s.num_tokens
+                pieces = [p.sources[j][max(a, p.start) - p.start:min(b, p.start + p.num_tokens)
+                                       - p.start]
+                          for p in parts if p.start < b and a < p.start + p.num_tokens]
+                payload.append(pieces[0] if len(pieces) == 1 else torch.cat(pieces))
     if len(events) > 1:  # the sends wait for the copies and every producer
-        ready = torch.cuda.Event()
-        ready.record(torch.cuda.current_stream(parts[0].sources[0].device))
+        ready = streams.joined_event(device)
     if meta.aux_follows:  # more aux than the meta holds: all of it, after the first chunk
-        payload.append(torch.tensor(meta.aux, dtype=torch.int64,
-                                    device=parts[0].sources[0].device))
+        payload.append(streams.to_device(torch.tensor(meta.aux, dtype=torch.int64), device))
     return Frame(meta, payload, ready, done)
 
 
@@ -83,8 +82,9 @@ def filler(geometry: Geometry, grant: Grant, device: torch.device) -> list[torch
     if grant.expect <= 0:
         return []
     plan = segment_plan(grant.block_ids, geometry.block_size, grant.expect, direct=grant.direct)
-    return [torch.zeros((s.num_tokens, *b.per_token_shape), dtype=b.dtype, device=device)
-            for b in geometry.wire_buffers for s in plan]
+    with streams.on_library_stream(device):
+        return [torch.zeros((s.num_tokens, *b.per_token_shape), dtype=b.dtype, device=device)
+                for b in geometry.wire_buffers for s in plan]
 
 
 def abort_frame(room: int, reason: str, device: torch.device, done: Done,
@@ -93,10 +93,10 @@ def abort_frame(room: int, reason: str, device: torch.device, done: Done,
     exactly this one; after `pad` (FLAG_PADDED) when it answers a pre-posted
     allocation, whose recvs then take the filler."""
     if pad is None:
-        return Frame(Meta(FrameKind.ABORT, room), [reason_tensor(reason).to(device)], None,
-                     done)
+        return Frame(Meta(FrameKind.ABORT, room),
+                     [streams.to_device(reason_tensor(reason), device)], None, done)
     return Frame(Meta(FrameKind.ABORT, room, flags=FLAG_PADDED),
-                 [*pad, reason_tensor(reason).to(device)], None, done)
+                 [*pad, streams.to_device(reason_tensor(reason), device)], None, done)
 
 
 def defer_frame(room: int, pad: list[torch.Tensor], done: Done) -> Frame:

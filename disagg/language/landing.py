@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Protocol
 
 import torch
 
+from .. import streams
+from ..errors import TransferTimeout
 from ..geometry import Geometry
 from ..plan import Segment, segment_plan
 from ..pool import BlockPool
@@ -118,12 +120,16 @@ def destinations(geometry: Geometry, pool: BlockPool, r: RecvRoom, a: Credit, n:
 
 def copy_out(geometry: Geometry, pool: BlockPool, outputs: dict[str, torch.Tensor],
              plan: list[Segment], offset: int, device: torch.device) -> None:
-    """Pool mode: a chunk that landed in pool blocks, into the room's output."""
-    for b in geometry.wire_buffers:
-        out = outputs[b.name]
-        for s in plan:
-            start = offset + s.chunk_start
-            out[start:start + s.num_tokens].copy_(pool.token_view(b.name, s.dst_token,
-                                                                  s.num_tokens))
-    if device.type == "cuda":
-        torch.cuda.current_stream(device).synchronize()  # before blocks are reused
+    """Pool mode: a chunk that landed in pool blocks, into the room's output, on
+    the library stream, and host-observed before the room's status moves (the
+    blocks' next recvs are posted on that stream, after the copy, anyway)."""
+    with streams.on_library_stream(device):
+        for b in geometry.wire_buffers:
+            out = outputs[b.name]
+            for s in plan:
+                start = offset + s.chunk_start
+                out[start:start + s.num_tokens].copy_(pool.token_view(b.name, s.dst_token,
+                                                                      s.num_tokens))
+    if not streams.settle(device):
+        raise TransferTimeout(f"pool mode's copy-out on {device} not done after "
+                              f"{streams.HOST_READ_TIMEOUT_S:.0f}s")

@@ -286,7 +286,8 @@ class Receiver:
         assert index is not None
         if group is not None:  # TP > 1; without the lock: the other ranks may take a while
             t0 = time.monotonic()
-            nbytes = gather_slices(outputs, seq_len, e.instance_size, index, group)
+            nbytes = gather_slices(outputs, seq_len, e.instance_size, index, group,
+                                   e.cfg.peer_timeout)
             e.stats.add(bytes_gathered=nbytes)
             e.stats.observe_bytes("gathered", nbytes)
             e.stats.observe("gather_s", time.monotonic() - t0)

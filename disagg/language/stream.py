@@ -15,12 +15,14 @@ is owed, so the next frame is never waiting for a late post.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
 
 import torch
 
+from .. import streams
 from .. import transport as transport_mod
 from ..errors import PeerLost, ProtocolError, StreamBroken, TransferTimeout
 from ..meta import ABORT_REASON_BYTES, FrameKind, Meta, reason_from_tensor
@@ -237,6 +239,8 @@ class PairReceiver:
             t.wait(posted, "payload recv")
         if aux is not None:
             t.wait(aux, "aux recv")
+        if landing.aux is not None:  # the machine reads the values on the host
+            landing = dataclasses.replace(landing, aux=streams.to_host(landing.aux))
         r = landing.room
         if landing.copy_out and r.outputs is not None:  # blocks still the room's
             e = self.engine
@@ -246,9 +250,10 @@ class PairReceiver:
 
     def _reason(self) -> str:
         """An ABORT frame's reason: its last tensor, fixed size."""
-        buf = torch.empty(ABORT_REASON_BYTES, dtype=torch.uint8, device=self.engine.device)
+        with streams.on_library_stream(self.engine.device):
+            buf = torch.empty(ABORT_REASON_BYTES, dtype=torch.uint8, device=self.engine.device)
         self.transport.wait(self.transport.post_recv([buf]), "abort reason recv")
-        return reason_from_tensor(buf)
+        return reason_from_tensor(streams.to_host(buf))
 
     def _prepost_answered(self, job: Job, meta: Meta) -> None:
         """A pre-posted frame's meta was not DATA: a padded ABORT (its reason

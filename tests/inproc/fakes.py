@@ -24,7 +24,7 @@ keeps the promises of the real thing that the engines rely on:
   copy of a matched message is queued there (after an optional
   `torch.cuda._sleep`, so anything that reads too early sees garbage), and a
   wait returns only once the copy's event is host-observed, through the
-  library's own polling (`disagg.transport.wait_until`). On CPU it copies at
+  library's own polling (`disagg.streams.wait_until`). On CPU it copies at
   the match, as before.
 - `FakeControl` routes control messages between the engines: `post` encodes
   with `wire.encode` and queues; delivery decodes with `wire.decode`, checks
@@ -55,7 +55,7 @@ from typing import Any, Literal
 
 import torch
 
-from disagg import wire
+from disagg import streams, wire
 from disagg.config import DisaggConfig
 from disagg.control import ControlHandler
 from disagg.embedding import EmbeddingEngine, Sender
@@ -64,7 +64,8 @@ from disagg.geometry import Geometry, Topology
 from disagg.language import LanguageEngine, Receiver
 from disagg.meta import META_LEN, FrameKind, Meta
 from disagg.stats import Stats
-from disagg.transport import Posted, wait_until
+from disagg.streams import wait_until
+from disagg.transport import Posted
 from disagg.types import TransferStatus
 from disagg.wire import ControlMessage
 
@@ -205,8 +206,8 @@ class FakePairTransport:
             raise self.link.misuse(f"room {meta.room}: a DATA frame without the producer's "
                                    f"CUDA event: its sends may read the tensors before the "
                                    f"producer's stream has written them")
-        # a meta tensor per frame, as the real one
-        tensors = [meta.to_tensor().to(self.link.device), *payload]
+        # a meta tensor per frame, as the real one (copied on the library stream)
+        tensors = [streams.to_device(meta.to_tensor(), self.link.device), *payload]
         return Posted(self.link.post_sends(meta, tensors, ready),  # type: ignore[arg-type]
                       tensors)
 
@@ -216,13 +217,14 @@ class FakePairTransport:
     def post_meta_recv(self) -> Posted:
         self._record("post_meta_recv", 1)
         self._only("language", "post_meta_recv")
-        t = torch.empty(META_LEN, dtype=torch.int64, device=self.link.device)
+        with streams.on_library_stream(self.link.device):
+            t = torch.empty(META_LEN, dtype=torch.int64, device=self.link.device)
         return Posted(self.link.post_recvs([t]), [t])  # type: ignore[arg-type]
 
     def wait_meta(self, posted: Posted) -> Meta:
         self.wait(posted, "meta recv")
-        # ProtocolError if garbled, as the real one
-        return Meta.from_tensor(posted.tensors[0].cpu())
+        # ProtocolError if garbled, as the real one (read back on the library stream)
+        return Meta.from_tensor(streams.to_host(posted.tensors[0]))
 
     def post_recv(self, dsts: list[torch.Tensor]) -> Posted:
         self._record("post_recv", len(dsts))
@@ -305,7 +307,8 @@ class FakeLink:
                      if t.device != self.device]
         if elsewhere:  # NCCL takes device tensors only, Gloo (here) CPU ones
             raise self.misuse(f"tensors posted off the link's device {self.device}: {elsewhere}")
-        with self._cv:
+        # as the real transport: every post is made on the library stream
+        with streams.on_library_stream(self.device), self._cv:
             if self.broken is not None:  # as the real transport: posting on a broken pair
                 raise PeerLost(f"posting on {self.name} failed: {self.broken}")
             if self.stream is not None:

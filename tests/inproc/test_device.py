@@ -11,10 +11,15 @@ real.
   producer's event;
 - embeddings written on a side stream behind a GPU delay, `send()` called
   from that stream at once: only the producer's event keeps the sends from
-  reading them before they are written.
+  reading them before they are written, and `send()` returns before they are;
+- a Language caller on a side stream under allocator churn: every result it
+  read there after letting it go is bit-exact.
 """
 
 from __future__ import annotations
+
+import contextlib
+import dataclasses
 
 import pytest
 import torch
@@ -95,7 +100,11 @@ def test_sends_wait_for_the_producer_stream() -> None:
                 with torch.cuda.stream(producer):
                     torch.cuda._sleep(PRODUCER_DELAY_CYCLES)  # an encoder still at work
                     emb = staged.embeddings.clone()  # written only after the delay
+                    written = torch.cuda.Event()
+                    written.record(producer)
                     s.send(emb, staged.fill_ids, staged.mrope_positions, aux=data.aux)
+                # finding 8: send() returns without waiting for the encoder's work
+                assert not written.query(), "send() waited for the producer's stream"
             else:
                 emb = staged.embeddings.clone()
                 s.send(emb, staged.fill_ids, staged.mrope_positions, aux=data.aux)
@@ -106,6 +115,68 @@ def test_sends_wait_for_the_producer_stream() -> None:
             assert not bad, f"read before the producer wrote it: {bad}"
             assert w.ended(s, "sender") is SUCCESS, s.failure
             del emb
+
+
+def test_a_caller_on_a_side_stream_under_allocator_churn_reads_every_room_bit_exact() -> None:
+    """Issue 29, finding 3: result memory is made on the library stream and read
+    by the caller on a stream of its own. The caller here takes each result on
+    a side stream, queues a slow read of it there (a GPU delay, then a copy) and
+    drops it at once, while a churn thread allocates, scribbles on and frees
+    device memory on a third stream, and the next rooms land: a result whose
+    memory went back to the allocator before the caller's read ran
+    (`record_stream` missing) shows up as a copy that differs."""
+    import threading
+
+    from disagg import transport
+
+    cfg = DisaggConfig(hidden_size=256, block_size=16, num_blocks=64, default_alloc_tokens=512,
+                       recv_into="output", bootstrap_timeout=30.0, peer_timeout=5.0)
+    cuda = TEST_DEVICE.type == "cuda"
+    stop = threading.Event()
+    churned = 0
+
+    def churn() -> None:
+        nonlocal churned
+        transport.bind_device(TEST_DEVICE)
+        own = torch.cuda.Stream(TEST_DEVICE) if cuda else None
+        while not stop.is_set():
+            with torch.cuda.stream(own) if own is not None else contextlib.nullcontext():
+                for n in (300, 4096, 17, 90_000):
+                    torch.full((n, 256), 7.0, device=TEST_DEVICE).add_(1)
+            churned += 1
+
+    side = torch.cuda.Stream(TEST_DEVICE) if cuda else None
+    churner = threading.Thread(target=churn, name="churn", daemon=True)
+    churner.start()
+    try:
+        with World(cfg, auto_control=True, embedding_blocks=256) as w:
+            copies = []
+            for room in range(12):
+                data = room_data(cfg, 80 + room, 97 + 61 * room)
+                s = w.emb().sender(data.room)
+                send(s, data)
+                r = w.lang().receiver(data.room, src_rank=0)
+                assert r.init(), "no blocks in an idle pool"
+                assert w.finish(r, f"room {data.room}") is SUCCESS, r.failure
+                with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+                    res = r.result()
+                    if side is not None:
+                        torch.cuda._sleep(PRODUCER_DELAY_CYCLES // 4)  # the LLM's step
+                    copies.append((data, dataclasses.replace(
+                        res, embeddings=res.embeddings.clone(), fill_ids=res.fill_ids.clone(),
+                        mrope_positions=(None if res.mrope_positions is None
+                                         else res.mrope_positions.clone()),
+                        extra={n: t.clone() for n, t in res.extra.items()})))
+                del res, r  # the caller lets go at once; its read is still queued
+                assert w.ended(s, "sender") is SUCCESS, s.failure
+            if side is not None:
+                side.synchronize()
+            bad = [m for data, got in copies for m in mismatches(got, data)]
+            assert not bad, f"a result was overwritten under the caller's read: {bad[:4]}"
+    finally:
+        stop.set()
+        churner.join(10)
+    assert churned > 0 and not churner.is_alive()
 
 
 def test_every_library_thread_binds_the_ranks_device_first(monkeypatch: pytest.MonkeyPatch) -> None:
