@@ -114,15 +114,19 @@ class PairBook:
 
     def warm(self, peer: int, wanted: Callable[[], bool]) -> bool:
         """Make the pair with `peer` now, before any room needs it (the calling
-        thread: one of the context's), while `wanted`; whether it is open. The
-        peer must warm it too, or a room must need it there, within that time.
-        A pair that could not be made is made again when a room needs it (one
-        lost meanwhile is the engines' business): False here, and why in
-        `warm_failed`."""
+        thread: one of the context's), while `wanted`. The peer must warm it
+        too, or a room must need it there, within that time. False: it was not
+        made in time (why in `warm_failed`), and is made again when a room needs
+        it. A pair lost meanwhile (its peer came, then said goodbye or died, as
+        a peer that starts and stops at once does) is the engines' business,
+        not start-up's: True."""
         try:
             return self.link(peer).ensure(wanted)
         except PeerLost as e:
             log.info("warming the pair with rank %d: %s", peer, e)
+            with self.cv:
+                if not self.stopped:
+                    return True
             self.warm_failed[peer] = str(e)
             return False
 

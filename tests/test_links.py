@@ -205,6 +205,31 @@ def test_a_pair_lost_as_it_forms_is_lost_for_good_and_its_slot_is_free() -> None
         link.ensure()
 
 
+def test_a_warm_pair_whose_peer_came_and_left_is_no_start_up_failure() -> None:
+    """A peer that finishes its init and shuts down at once says goodbye while
+    this rank's warm-up still holds the pair it just made (seen on CI:
+    test_scatter_init failed start-up on the Embedding rank). Start-up fails
+    only for a pair not made in time, or when this rank itself stops."""
+    formed, release = threading.Event(), threading.Event()
+
+    def make(peer: int, gen: int, wanted: Any) -> FakeTransport:
+        formed.set()
+        release.wait(5)  # made; the goodbye comes before the link says OPEN
+        return FakeTransport(peer, gen)
+
+    b, _, _, _ = book(max_pairs=2, make=make)
+    result: list[int | None] = []
+    t = threading.Thread(target=lambda: result.append(b.warm_in_order([1], 5.0)))
+    t.start()
+    assert formed.wait(5)
+    b.link(1).lose(abort=False)  # the peer's goodbye, on the control thread
+    release.set()
+    t.join(5)
+    assert result == [None] and b.warm_failed == {}
+    b.stop()
+    assert b.warm_in_order([2], 5.0) == 2 and "shut down" in b.warm_failed[2]
+
+
 def test_a_maker_that_fails_gives_the_slot_back() -> None:
     def make(peer: int, gen: int, wanted: Any) -> FakeTransport:
         raise RuntimeError("connection reset")
