@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import torch
+from test_transport import DoneWork  # a work that is done
 
 from disagg import streams
 from disagg import transport as tr
@@ -142,14 +143,6 @@ def cuda(monkeypatch: pytest.MonkeyPatch) -> FakeCuda:
     return fake
 
 
-class FakeWork:
-    def wait(self) -> bool:
-        return True
-
-    def is_completed(self) -> bool:
-        return True
-
-
 class RecordingGroup:
     """A two-rank pair group made by the backend's constructor (`group_peer`
     ops): records the current stream at each post; a recv of a meta gets
@@ -160,15 +153,15 @@ class RecordingGroup:
         self.posts: list[tuple[str, int, str]] = []
         self.meta_words = meta_words
 
-    def send(self, tensors: list[torch.Tensor], peer: int, tag: int) -> FakeWork:
+    def send(self, tensors: list[torch.Tensor], peer: int, tag: int) -> DoneWork:
         self.posts.append(("send", tensors[0].nbytes, self.cuda.current().name))
-        return FakeWork()
+        return DoneWork()
 
-    def recv(self, tensors: list[torch.Tensor], peer: int, tag: int) -> FakeWork:
+    def recv(self, tensors: list[torch.Tensor], peer: int, tag: int) -> DoneWork:
         self.posts.append(("recv", tensors[0].nbytes, self.cuda.current().name))
         if self.meta_words is not None:
             tensors[0].copy_(self.meta_words.view(torch.uint8))
-        return FakeWork()
+        return DoneWork()
 
 
 def test_one_library_stream_per_device_made_once_whoever_asks(cuda: FakeCuda) -> None:

@@ -17,7 +17,7 @@ from disagg.meta import FrameKind, Meta
 from disagg.transport import TorchPairTransport, as_bytes
 
 
-class _Work:
+class DoneWork:
     def wait(self) -> bool:
         return True
 
@@ -31,13 +31,13 @@ class RecordingGroup:
     def __init__(self) -> None:
         self.ops: list[tuple[str, torch.Tensor]] = []
 
-    def send(self, tensors: list[torch.Tensor], peer: int, tag: int) -> _Work:
+    def send(self, tensors: list[torch.Tensor], peer: int, tag: int) -> DoneWork:
         self.ops += [("send", t) for t in tensors]
-        return _Work()
+        return DoneWork()
 
-    def recv(self, tensors: list[torch.Tensor], peer: int, tag: int) -> _Work:
+    def recv(self, tensors: list[torch.Tensor], peer: int, tag: int) -> DoneWork:
         self.ops += [("recv", t) for t in tensors]
-        return _Work()
+        return DoneWork()
 
 
 def transport() -> tuple[TorchPairTransport, RecordingGroup]:
