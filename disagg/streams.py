@@ -44,6 +44,8 @@ from collections.abc import Callable, Iterable, Iterator
 
 import torch
 
+from .errors import TransferTimeout
+
 # A copy of a few bytes behind disagg's own queued work: a device that does
 # not finish it in this time is wedged
 HOST_READ_TIMEOUT_S = 60.0
@@ -152,14 +154,14 @@ def to_host(t: torch.Tensor, timeout_s: float = HOST_READ_TIMEOUT_S) -> torch.Te
     """A small device tensor that has landed (host-observed), on the host: copied
     on the library stream and polled, so the host waits for that copy and
     disagg's own work before it, never for the application's streams (a plain
-    `.cpu()` synchronises the current stream). `TimeoutError` past `timeout_s`."""
+    `.cpu()` synchronises the current stream). `TransferTimeout` past `timeout_s`."""
     if not _cuda(t.device):
         return t
     host = _pinned_empty(t)
     with on_library_stream(t.device):
         host.copy_(t, non_blocking=True)
     if not settle(t.device, timeout_s):
-        raise TimeoutError(f"reading {t.nbytes} bytes back from {t.device}: not done after "
+        raise TransferTimeout(f"reading {t.nbytes} bytes back from {t.device}: not done after "
                            f"{timeout_s:.0f}s")
     return host
 

@@ -239,7 +239,7 @@ class TorchPairTransport:
     def _to_host(self, t: torch.Tensor, what: str) -> torch.Tensor:
         try:
             return streams.to_host(t, self.timeout_s)
-        except TimeoutError as e:
+        except TransferTimeout as e:
             raise TransferTimeout(f"{what} with rank {self.peer}: {e}", peer=self.peer) from e
 
     def _post(self, op: Callable[..., dist.Work | None],

@@ -23,6 +23,7 @@ from test_transport import DoneWork  # a work that is done
 from disagg import streams
 from disagg import transport as tr
 from disagg.config import DisaggConfig
+from disagg.errors import TransferTimeout
 from disagg.geometry import Geometry
 from disagg.language.landing import copy_out
 from disagg.meta import FrameKind, Meta
@@ -303,7 +304,7 @@ def test_pool_modes_copy_out_is_host_observed_by_an_event_not_a_sync(cuda: FakeC
 
 def test_a_host_read_that_never_ends_is_a_timeout_not_a_hang(cuda: FakeCuda) -> None:
     cuda.event_polls = 10**9
-    with pytest.raises(TimeoutError, match="not done after"):
+    with pytest.raises(TransferTimeout, match="not done after"):
         streams.to_host(torch.zeros(4, dtype=torch.int64), timeout_s=0.01)
 
 
