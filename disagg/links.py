@@ -78,6 +78,8 @@ class LinkOwner(Protocol):
     @property
     def live(self) -> int: ...
 
+    def views(self) -> list[LinkView]: ...
+
     def _changed(self) -> None: ...
 
 
@@ -179,9 +181,7 @@ class PairLink:
                     self.state, gen = LinkState.FORMING, self.gen
                     book._changed()
                 elif self.state is LinkState.CLOSED and book.host is not None:
-                    candidates = evictable(
-                        [LinkView(k.peer, k.state, k.last_used) for k in book.links.values()],
-                        lambda p: False, exclude=self.peer)
+                    candidates = evictable(book.views(), lambda p: False, exclude=self.peer)
                 else:
                     book.cv.wait(WAIT_S)
                     continue

@@ -110,7 +110,7 @@ class PairBook:
             if k.state is LinkState.FORMING:
                 return ("its pair group is still being made: the peer has not joined in "
                         "(it may be at its max_pairs with every pair busy)")
-            return f"its pair group is {k.state.value}" + (f": {k.broken}" if k.broken else "")
+            return f"its pair group is {k.state.value}"
 
     def warm(self, peer: int, wanted: Callable[[], bool]) -> bool:
         """Make the pair with `peer` now, before any room needs it (the calling
