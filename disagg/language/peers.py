@@ -184,7 +184,7 @@ class LanguagePeers(EngineShell):
         and idle at last."""
         assert self.links is not None
         asked = [p for p, k in list(self.links.links.items()) if k.close_asked]
-        return self.links.idle(now) + asked
+        return list(dict.fromkeys(self.links.idle(now) + asked))  # each once
 
     def make_room(self, candidates: list[int]) -> None:
         """At `max_pairs`: close the least recently used idle pair."""
