@@ -161,8 +161,8 @@ def to_host(t: torch.Tensor, timeout_s: float = HOST_READ_TIMEOUT_S) -> torch.Te
     with on_library_stream(t.device):
         host.copy_(t, non_blocking=True)
     if not settle(t.device, timeout_s):
-        raise TransferTimeout(f"reading {t.nbytes} bytes back from {t.device}: not done after "
-                           f"{timeout_s:.0f}s")
+        raise TransferTimeout(f"reading {t.nbytes} bytes back from {t.device}: not done "
+                              f"after {timeout_s:.0f}s")
     return host
 
 
