@@ -126,7 +126,6 @@ class Context:
         self._closed = False
         self._closers: list[Callable[[], None]] = []
         self._groups: list[dist.ProcessGroup] = []
-        self._transports: dict[int, PairTransport] = {}  # peer -> its pair's
         self._book: PairBook | None = None
         self._zctx = zmq.Context()
         self._control: ControlChannel | None = None
@@ -201,7 +200,6 @@ class Context:
                 warm_up(gather_group, self.device, self.cfg.step_timeout)
         others = list(topo.language_ranks if is_embedding else topo.embedding_ranks)
         transports: dict[int, PairTransport] = {p: book.link(p) for p in others}
-        self._transports = dict(transports)  # the engines drop theirs at close
         if is_embedding:
             peer_blocks = {r: int(peers[r]["geometry"]["num_blocks"]) for r in topo.language_ranks}
             engine = EmbeddingEngine(self.cfg, self.rank, topo, self.geometry, peer_blocks,
@@ -323,12 +321,9 @@ class Context:
             # A pair whose thread still waits (a frozen peer) has an op pending:
             # abort it first, so destroying its group (under the device lock)
             # never waits for that op's kernels.
-            for peer in eng.stuck_peers() if eng is not None else []:
-                t = self._transports.get(peer)
-                if t is not None:
-                    t.abort()
-            self._transports.clear()
             if self._book is not None:
+                for peer in eng.stuck_peers() if eng is not None else []:
+                    self._book.lose(peer, abort=True)
                 self._book.close_all()
             if self._control is not None:
                 self._control.close()
@@ -337,7 +332,7 @@ class Context:
                 try:
                     destroy_group(g, self.device)
                 except Exception as e:  # a group broken by a dead peer
-                    log.debug("destroying a pair group: %s", e)
+                    log.debug("destroying an instance group: %s", e)
             self._groups.clear()
             if self._language is not None:
                 self._language.release_group()

@@ -84,7 +84,6 @@ class JobsContext(Context):
         self._closed = False
         self._closers = []
         self._groups: list[dist.ProcessGroup] = []
-        self._transports: dict[int, PairTransport] = {}  # member id -> its pair's (to abort)
         self._zctx = zmq.Context()
         self._control: ControlChannel | None = None
         self._embedding: EmbeddingEngine | None = None
@@ -210,7 +209,6 @@ class JobsContext(Context):
         on; its pair is made when a room first needs it."""
         assert self._control is not None and self._book is not None
         link = self._book.link(m.id)
-        self._transports[m.id] = link
         self._addresses[m.id] = m.address or ""
         if self._embedding is not None:
             self._control.allow(m.id)
@@ -265,9 +263,8 @@ class JobsContext(Context):
             self._control.add_dealer(self.rank, member_id, address)
 
     def _on_gone(self, member_id: int, why: str) -> None:
-        self._transports.pop(member_id, None)
-        if self._book is not None:
-            self._book.link(member_id).abort()
+        if self._book is not None:  # before its rooms fail or give memory back
+            self._book.lose(member_id, abort=True)
         if self._embedding is not None:
             self._embedding.peer_gone(member_id, why)
             if self._control is not None:
