@@ -18,8 +18,8 @@ event, never for what the application queued on its streams, and a meta comes
 to the host by a copy polled on that stream, not by a sync.
 
 NCCL's rules (docs/nccl.md): every NCCL call this process makes on a device (a
-post: isend, irecv, batch_isend_irecv; a pair's first op, which creates its
-communicator; a group's creation and destruction in `context.py`) goes through
+post, one send or recv per tensor on the pair's group; a group's creation and
+destruction) goes through
 that device's lock, `device_lock`, so no two threads ever issue NCCL
 operations on one device at once. Gloo has no such rule, and a Gloo post may
 wait milliseconds for a busy pair: there each pair has a lock of its own (the
@@ -31,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Callable
 from typing import NamedTuple, Protocol
 
 import torch
@@ -92,31 +91,6 @@ def as_bytes(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1).view(torch.uint8)
 
 
-def batched(group: dist.ProcessGroup, device: torch.device, op: Callable[..., dist.Work | None],
-            peer: int, tensors: list[torch.Tensor]) -> list[dist.Work]:
-    """NCCL: one frame's ops in one group launch (`batch_isend_irecv`), with the
-    group closed whatever happens. torch's coalescing manager has no
-    `try/finally`: an op that raises inside it (a broken or aborted pair) leaves
-    the group's coalescing state and the thread's NCCL group open, and later
-    ops of this thread would then be queued, never launched."""
-    try:
-        return dist.batch_isend_irecv([dist.P2POp(op, t, peer, group=group) for t in tensors])
-    except BaseException:
-        close_coalescing(group, device)
-        raise
-
-
-def close_coalescing(group: dist.ProcessGroup, device: torch.device) -> None:
-    """End a coalescing block an exception left open on `group` (a no-op when none
-    is): drop torch's pending op list, and end the backend's group launch, whose
-    own error (the pair is broken already) is not the one to report."""
-    state = dist.distributed_c10d._world.pg_coalesce_state
-    if state.pop(group, None) is None:
-        return
-    with contextlib.suppress(Exception):
-        group._end_coalescing(device)
-
-
 class Posted(NamedTuple):
     """A frame's posted sends, and every tensor they read (kept alive until done)."""
 
@@ -160,20 +134,18 @@ class TorchPairTransport:
     """
 
     def __init__(self, group: dist.ProcessGroup, peer: int, device: torch.device,
-                 timeout_s: float, *, group_peer: int | None = None) -> None:
+                 timeout_s: float, *, group_peer: int) -> None:
         self.group = group
         self.peer = peer
         self.device = device
         self.timeout_s = timeout_s
         self._cuda = device.type == "cuda"
-        # A group made by the backend's own constructor (jobs mode: a two-rank
-        # group over a prefix of the rendezvous store) is not registered with
-        # the default world, so its ops go through the group object, addressed
-        # by the peer's rank in the group (`group_peer`), one op per tensor.
+        # The pair's group is made by the backend's own constructor on a prefix of
+        # the store (`pairing.py`), not registered with any default world, so its
+        # ops go through the group object, addressed by the peer's rank in the
+        # group (`group_peer`), one op per tensor (`batch_isend_irecv` needs a
+        # registered group).
         self._group_peer = group_peer
-        # NCCL wants a pair's ops in one group launch; on Gloo a batch only adds
-        # Python overhead (~10 us per op) to what are independent posts anyway
-        self._batched = self._cuda and group_peer is None
         self._post_lock = device_lock(device) if self._cuda else threading.Lock()
         self.aborted = False
 
@@ -203,7 +175,7 @@ class TorchPairTransport:
         # a meta tensor per frame (several frames may be in flight), copied to the
         # device without the host waiting for the producer
         tensors = [streams.to_device(meta.to_tensor(), self.device), *payload]
-        return Posted(self._post(dist.isend, tensors), tensors)
+        return Posted(self._post(True, tensors), tensors)
 
     def wait(self, posted: Posted, what: str = "send") -> None:
         self._complete(posted.works, what, FRAME_POLL_S)
@@ -215,11 +187,11 @@ class TorchPairTransport:
         under the engine's lock."""
         with streams.on_library_stream(self.device):
             t = torch.zeros(1, dtype=torch.int64, device=self.device)
-        self._complete(self._post(dist.isend if sending else dist.irecv, [t]), "connect")
+        self._complete(self._post(sending, [t]), "connect")
         # and back: each end returns only once the other's first op is done, so
         # neither tears the group down (a peer that shuts down at once) under an
         # op of the other's still in flight
-        self._complete(self._post(dist.irecv if sending else dist.isend, [t]), "connect")
+        self._complete(self._post(not sending, [t]), "connect")
 
     def post_meta_recv(self) -> Posted:
         """Post the recv of the next meta frame. The receiver posts it while the
@@ -227,14 +199,14 @@ class TorchPairTransport:
         recv to be posted, so a late post costs a round trip per frame."""
         with streams.on_library_stream(self.device):  # it may run on a caller's thread
             t = torch.empty(META_LEN, dtype=torch.int64, device=self.device)
-        return Posted(self._post(dist.irecv, [t]), [t])
+        return Posted(self._post(False, [t]), [t])
 
     def wait_meta(self, posted: Posted) -> Meta:
         self._complete(posted.works, "meta recv", META_POLL_S)
         return Meta.from_tensor(self._to_host(posted.tensors[0], "meta recv"))
 
     def post_recv(self, dsts: list[torch.Tensor]) -> Posted:
-        return Posted(self._post(dist.irecv, dsts), dsts)
+        return Posted(self._post(False, dsts), dsts)
 
     def _to_host(self, t: torch.Tensor, what: str) -> torch.Tensor:
         try:
@@ -242,12 +214,10 @@ class TorchPairTransport:
         except TransferTimeout as e:
             raise TransferTimeout(f"{what} with rank {self.peer}: {e}", peer=self.peer) from e
 
-    def _post(self, op: Callable[..., dist.Work | None],
-              tensors: list[torch.Tensor]) -> list[dist.Work]:
+    def _post(self, send: bool, tensors: list[torch.Tensor]) -> list[dist.Work]:
         # Every op carries the bytes of its tensor (a view, no copy): both ends
         # agree on sizes in bytes already, and no dtype can then be one the
-        # backend lacks (NCCL has no int16; an exception inside a coalesced NCCL
-        # launch leaves the thread's group open).
+        # backend lacks (NCCL has no int16).
         tensors = [as_bytes(t) for t in tensors]
         if self.aborted:
             raise PeerLost(f"the pair with rank {self.peer} was aborted", peer=self.peer)
@@ -255,18 +225,11 @@ class TorchPairTransport:
             # the op's NCCL stream waits for the library stream (streams.py), never
             # for the application's; NCCL: one thread at a time issues to the device
             with streams.on_library_stream(self.device), self._post_lock:
-                if self._group_peer is not None:
-                    p, g = self._group_peer, self.group
-                    return [g.send([t], p, 0) if op is dist.isend else g.recv([t], p, 0)
-                            for t in tensors]
-                if self._batched:
-                    return batched(self.group, self.device, op, self.peer, tensors)
-                works = [op(t, self.peer, group=self.group) for t in tensors]
+                p, g = self._group_peer, self.group
+                return [g.send([t], p, 0) if send else g.recv([t], p, 0) for t in tensors]
         except RuntimeError as e:  # the pair is already broken (e.g. the peer died)
             raise PeerLost(f"posting to/from rank {self.peer} failed: {e}",
                            peer=self.peer) from e
-        assert all(w is not None for w in works)  # we are a member of the pair group
-        return works  # type: ignore[return-value]
 
     def _complete(self, works: list[dist.Work], what: str, longest: float = META_POLL_S) -> None:
         done = True

@@ -91,3 +91,44 @@ def test_the_kit_runs_the_test_tree_without_importing_it() -> None:
     assert proc.stdout.strip() == "[] []", proc.stdout
     g = _load()
     assert all(f.startswith("tests/inproc/") for f in g.CONTRACT_FILES)  # type: ignore[attr-defined]
+
+
+def test_the_int16_probe_closes_the_coalescing_torch_leaves_open(monkeypatch) -> None:
+    """Issue 29, finding 2: torch's coalescing manager has no try/finally, so an op
+    that raises inside `batch_isend_irecv` (a broken or aborted NCCL pair, an
+    int16 tensor) leaves the group's coalescing open. disagg's pairs never batch
+    (one op per tensor on the pair's group); the kit's int16 row still probes
+    torch's raw batch, and its `close_coalescing` ends what that leaves open.
+    torch's behaviour is reproduced by a stand-in."""
+    import torch
+    import torch.distributed as dist
+
+    g = _load()
+    state = dist.distributed_c10d._world.pg_coalesce_state
+    calls: list[str] = []
+
+    class Group:
+        def _start_coalescing(self, device: torch.device) -> None:
+            calls.append("start")
+
+        def _end_coalescing(self, device: torch.device) -> None:
+            calls.append("end")
+            raise RuntimeError("NCCL communicator was aborted")  # its own error: not reported
+
+    group = Group()
+
+    def torch_batch(ops: list) -> list:  # what torch does, up to the op that raises
+        state.setdefault(ops[0].group, [])
+        ops[0].group._start_coalescing(torch.device("cpu"))
+        raise RuntimeError("NCCL error: remote process exited")
+
+    monkeypatch.setattr(dist, "batch_isend_irecv", torch_batch)
+    monkeypatch.setattr(dist, "P2POp", lambda op, t, peer, group: type(
+        "Op", (), {"group": group})())
+    with pytest.raises(RuntimeError, match="remote process exited"):
+        dist.batch_isend_irecv([dist.P2POp(dist.isend, torch.zeros(2), 0, group=group)])
+    assert group in state  # left open
+    g.close_coalescing(group, torch.device("cpu"))  # type: ignore[attr-defined]
+    assert calls == ["start", "end"] and group not in state
+    g.close_coalescing(group, torch.device("cpu"))  # type: ignore[attr-defined]  # nothing open
+    assert calls == ["start", "end"]

@@ -33,11 +33,11 @@ def test_one_lock_per_device() -> None:
 
 
 def test_cuda_transports_share_the_device_lock_gloo_ones_do_not() -> None:
-    a = TorchPairTransport(None, 1, CUDA0, 5.0)  # type: ignore[arg-type]
-    b = TorchPairTransport(None, 2, CUDA0, 5.0)  # type: ignore[arg-type]
+    a = TorchPairTransport(None, 1, CUDA0, 5.0, group_peer=1)  # type: ignore[arg-type]
+    b = TorchPairTransport(None, 2, CUDA0, 5.0, group_peer=1)  # type: ignore[arg-type]
     assert a._post_lock is b._post_lock is device_lock(CUDA0)
-    c = TorchPairTransport(None, 1, CPU, 5.0)  # type: ignore[arg-type]
-    d = TorchPairTransport(None, 2, CPU, 5.0)  # type: ignore[arg-type]
+    c = TorchPairTransport(None, 1, CPU, 5.0, group_peer=1)  # type: ignore[arg-type]
+    d = TorchPairTransport(None, 2, CPU, 5.0, group_peer=1)  # type: ignore[arg-type]
     assert c._post_lock is not d._post_lock  # a busy Gloo pair never holds up another
     assert c._post_lock is not device_lock(CPU)
 
@@ -62,47 +62,52 @@ class FakeWork:
         return True
 
 
+class PairGroup:
+    """A pair group as `TorchPairTransport` calls it (one op per tensor); each
+    op calls `on_op` first."""
+
+    def __init__(self, on_op: Any) -> None:
+        self.on_op = on_op
+
+    def send(self, tensors: list[torch.Tensor], peer: int, tag: int) -> FakeWork:
+        self.on_op()
+        return FakeWork(1, [])
+
+    def recv(self, tensors: list[torch.Tensor], peer: int, tag: int) -> FakeWork:
+        self.on_op()
+        return FakeWork(1, [])
+
+
 def test_cuda_posts_hold_the_device_lock(monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[bool] = []
-
-    def batch(ops: list[Any]) -> list[FakeWork]:
-        seen.append(device_lock(CUDA0).locked())
-        return [FakeWork(1, [])]
-
-    monkeypatch.setattr(transport.dist, "batch_isend_irecv", batch)
-    monkeypatch.setattr(transport.dist, "P2POp", lambda *a, **k: (a, k))
     # no CUDA here: the library stream's bookkeeping is tests/test_streams.py's
     monkeypatch.setattr(transport.streams, "on_library_stream",
                         lambda device: contextlib.nullcontext())
-    t = TorchPairTransport(None, 1, CUDA0, 5.0)  # type: ignore[arg-type]
-    t._post(transport.dist.irecv, [torch.zeros(1)])
+    g = PairGroup(lambda: seen.append(device_lock(CUDA0).locked()))
+    t = TorchPairTransport(g, 1, CUDA0, 5.0, group_peer=1)  # type: ignore[arg-type]
+    t._post(False, [torch.zeros(1)])
     assert seen == [True]
     assert not device_lock(CUDA0).locked()  # held for the call alone
 
 
-def test_gloo_posts_hold_the_pairs_lock(monkeypatch: pytest.MonkeyPatch) -> None:
-    t = TorchPairTransport(None, 1, CPU, 5.0)  # type: ignore[arg-type]
+def test_gloo_posts_hold_the_pairs_lock() -> None:
     seen: list[bool] = []
-
-    def isend(tensor: torch.Tensor, peer: int, group: Any = None) -> FakeWork:
-        seen.append(t._post_lock.locked())
-        return FakeWork(1, [])
-
-    monkeypatch.setattr(transport.dist, "isend", isend)
+    g = PairGroup(lambda: seen.append(t._post_lock.locked()))
+    t = TorchPairTransport(g, 1, CPU, 5.0, group_peer=1)  # type: ignore[arg-type]
     t.post_frame(Meta(FrameKind.ABORT, 7), [torch.zeros(3)])
     assert seen == [True, True] and not t._post_lock.locked()
 
 
 def test_cuda_completion_is_observed_on_the_host_before_wait() -> None:
     log: list[str] = []
-    t = TorchPairTransport(None, 1, CUDA0, 5.0)  # type: ignore[arg-type]
+    t = TorchPairTransport(None, 1, CUDA0, 5.0, group_peer=1)  # type: ignore[arg-type]
     t._complete([FakeWork(3, log), FakeWork(2, log)], "payload recv")  # type: ignore[list-item]
     assert log[-2:] == ["wait", "wait"] and "wait" not in log[:-2], log
     assert log.count("is_completed") == 5
 
 
 def test_cuda_completion_is_bounded_and_errors_keep_their_kind() -> None:
-    t = TorchPairTransport(None, 1, CUDA0, 0.05)  # type: ignore[arg-type]
+    t = TorchPairTransport(None, 1, CUDA0, 0.05, group_peer=1)  # type: ignore[arg-type]
     log: list[str] = []
     with pytest.raises(TransferTimeout, match="not done after"):
         t._complete([FakeWork(10**9, log)], "meta recv")  # type: ignore[list-item]
@@ -163,7 +168,7 @@ def test_the_lock_serialises_posts_from_several_threads(
 
     posts = 0
 
-    def batch(ops: list[Any]) -> list[FakeWork]:
+    def op() -> None:
         nonlocal inside, overlaps, posts
         with guard:
             inside += 1
@@ -173,17 +178,15 @@ def test_the_lock_serialises_posts_from_several_threads(
         with guard:
             inside -= 1
             posts += 1
-        return [FakeWork(1, [])]
 
-    monkeypatch.setattr(transport.dist, "batch_isend_irecv", batch)
-    monkeypatch.setattr(transport.dist, "P2POp", lambda *a, **k: (a, k))
     monkeypatch.setattr(transport.streams, "on_library_stream",
                         lambda device: contextlib.nullcontext())
-    pairs = [TorchPairTransport(None, p, CUDA0, 5.0) for p in range(4)]  # type: ignore[arg-type]
+    pairs = [TorchPairTransport(PairGroup(op), p, CUDA0, 5.0,  # type: ignore[arg-type]
+                                group_peer=1) for p in range(4)]
 
     def run(t: TorchPairTransport) -> None:
         for _ in range(300):
-            t._post(transport.dist.isend, [torch.zeros(1)])
+            t._post(True, [torch.zeros(1)])
 
     threads = [threading.Thread(target=run, args=(t,)) for t in pairs]
     for th in threads:
