@@ -258,10 +258,7 @@ class LanguageEngine(LanguagePeers):
             self.unwatch_idle()
             for e in self.liveness.beat_targets():
                 self._post(e, Heartbeat(self.rank))
-        if self.links is not None and not self._closing:
-            for e in self.pairs_due(now):
-                link = self.links.links.get(e)  # a member gone meanwhile: no link
-                self.close_pair(e, asked=link is not None and link.close_asked)
+        self.close_due(now)
         for e, why in self.liveness.expired(now):
             self._peer_dead(e, why)
         with self._lock:

@@ -167,7 +167,7 @@ class LanguagePeers(EngineShell):
             if self._closing or link is None:
                 return False
             if self.pair_busy(src):
-                link.close_asked = asked  # then closed as soon as it idles (`on_tick`)
+                link.close_asked = asked  # then closed as soon as it idles (`close_due`)
                 return False
             link.close_asked = False
             gen = link.begin_close()
@@ -179,12 +179,14 @@ class LanguagePeers(EngineShell):
         link.finish_close()
         return True
 
-    def pairs_due(self, now: float) -> list[int]:
-        """Pairs to close now: idle for `pair_idle_s`, or asked for by their peer
-        and idle at last."""
-        assert self.links is not None
-        asked = [p for p, k in list(self.links.links.items()) if k.close_asked]
-        return list(dict.fromkeys(self.links.idle(now) + asked))  # each once
+    def close_due(self, now: float) -> None:
+        """Control thread: close the pairs idle for `pair_idle_s`, and those their
+        peer asked to close that are idle at last (each once)."""
+        if self.links is None or self._closing:
+            return
+        asked = {p for p, k in list(self.links.links.items()) if k.close_asked}
+        for src in dict.fromkeys([*self.links.idle(now), *asked]):
+            self.close_pair(src, asked=src in asked)
 
     def make_room(self, candidates: list[int]) -> None:
         """At `max_pairs`: close the least recently used idle pair."""
