@@ -40,7 +40,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -91,15 +91,14 @@ def library_stream(device: torch.device) -> torch.cuda.Stream | None:
     return s
 
 
-@contextlib.contextmanager
-def on_library_stream(device: torch.device) -> Iterator[None]:
-    """The library stream as this thread's current stream, for the block."""
+_NO_STREAM = contextlib.nullcontext()
+
+
+def on_library_stream(device: torch.device) -> contextlib.AbstractContextManager[object]:
+    """The library stream as this thread's current stream, for the block (on
+    the CPU nothing: every post goes through here, so it costs nothing there)."""
     s = library_stream(device)
-    if s is None:
-        yield
-        return
-    with torch.cuda.stream(s):
-        yield
+    return _NO_STREAM if s is None else torch.cuda.stream(s)
 
 
 def use_library_stream(device: torch.device) -> None:
