@@ -32,10 +32,9 @@ class Admission:
 
     def alloc(self, r: SendRoom | None, m: Alloc, now: float) -> list[Action]:
         lang, room = m.lang_rank, m.room
-        # an item room's ALLOC to a source all of whose items are hits asks for
-        # nothing: it only tells the source (`needed()` is then [])
-        nothing = m.items is not None and m.seq_len == 0
-        if nothing:
+        grant = Grant(0, m.block_ids, m.allocated_tokens, m.direct, now, m.seq_len, m.scatter,
+                      m.preposted, self.alloc_expect(m) if m.preposted else -1, m.items)
+        if grant.asks_nothing:
             why = (("an ALLOC that needs no item carries blocks or posted recvs"
                     if m.block_ids or m.allocated_tokens or m.preposted else None)
                    or self.check_instance_size(m.instance_size, scatter=m.scatter))
@@ -43,8 +42,6 @@ class Admission:
             why = (self.check_grant(lang, m.block_ids, m.allocated_tokens, m.direct,
                                     allow_empty=False)
                    or self.check_instance_size(m.instance_size, scatter=m.scatter))
-        grant = Grant(0, m.block_ids, m.allocated_tokens, m.direct, now, m.seq_len, m.scatter,
-                      m.preposted, self.alloc_expect(m) if m.preposted else -1, m.items)
         if r is not None:
             return self.machine.alloc(r, lang, grant, m.instance_size, why,
                                       self.other_instance)

@@ -84,6 +84,12 @@ class Lobby:
         grants = self._early.get(room)
         return grants is not None and (lang is None or lang in grants)
 
+    def complete_from(self, lang: int) -> set[int]:
+        """Rooms whose early ALLOC from `lang` asks for nothing: its part of them
+        is complete, as a lane all sent is, whatever becomes of `lang`."""
+        return {room for room, grants in self._early.items()
+                if (g := grants.get(lang)) is not None and g.asks_nothing}
+
     def waiting_from(self, lang: int) -> bool:
         """Whether an ALLOC of Language rank `lang` waits for its room's `sender()`."""
         return any(lang in grants for grants in self._early.values())

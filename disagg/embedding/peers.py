@@ -157,10 +157,14 @@ class EmbeddingPeers(EngineShell):
         why = f"embedding rank {self.rank}: language rank {lang} is down: {err}"
         for r in list(self._rooms.values()):
             self.execute(self.machine.peer_lost(r, lang, why, clean=clean))
+        # Early ALLOCs go with it, and its instance's are refused, except in the
+        # rooms it asked nothing of this rank for: its part of those is complete
+        # (as a lane all sent, above), so they go on and end at their sender()
         instance = self.topology.instance_of(lang)
-        self.lobby.drop(lambda room, lr, g: lr == lang)
+        complete = self.lobby.complete_from(lang)
+        self.lobby.drop(lambda room, lr, g: lr == lang and room not in complete)
         self._refuse(self.lobby.drop(
-            lambda room, lr, g: self.topology.instance_of(lr) == instance,
+            lambda room, lr, g: room not in complete and self.topology.instance_of(lr) == instance,
             f"language rank {lang} of this room's instance is down: {err}"))
 
     def health(self) -> dict[int, dict[str, object]]:

@@ -36,6 +36,12 @@ class Grant:
     # ALLOC only: the room's items this source sends (wire FLAG_ITEMS); None: no items
     items: tuple[AllocItem, ...] | None = None
 
+    @property
+    def asks_nothing(self) -> bool:
+        """An item room's ALLOC to a source all of whose items are hits there: it
+        only tells the source (`needed()` is then []), and owes no frame."""
+        return self.items is not None and self.seq_len == 0
+
 
 @dataclass
 class Part:

@@ -362,3 +362,33 @@ def test_an_alloc_that_lands_while_send_runs_still_cuts_the_rows() -> None:
         assert same(r.result(), cat([rows(c, 6, 6), rows(c, 5, 30)]))
         assert w.ended(s, "sender 2") is TransferStatus.SUCCESS
         w.settle_whole()
+
+
+@pytest.mark.parametrize("ending", ["goodbye", "death"])
+def test_an_alloc_that_asks_for_nothing_outlives_the_rank_that_sent_it(ending: str) -> None:
+    """A Language rank whose items from a source were all hits tells that source
+    so (an ALLOC that asks for nothing), has its room, and goes away before the
+    source's encoder gets to `sender()`. Its part of the room is complete, as a
+    lane all sent is (`SendMachine.peer_lost`): the room ends SUCCESS there and
+    `needed()` is []. (`bench_items.py` hung on it: the ALLOC was dropped with
+    its rank, and `needed()` waited for one that could never come.)"""
+    c = cfg(bootstrap_timeout=60.0)  # the ALLOC outlasts the silence that kills its rank
+    with World(c) as w:
+        land(w, c, 1, key=1, n=16)  # item 1 is in the Language rank's cache now
+        r = w.lang().receiver(2, src_rank=0)
+        assert r.init(items=[item(1, 16)])  # a hit: source 0 is asked for nothing
+        assert w.finish(r, "room 2") is TransferStatus.SUCCESS
+        w.deliver_all()  # the ALLOC waits in source 0's lobby: no sender() yet
+        lang = w.topology.language_ranks[0]
+        if ending == "goodbye":
+            w.control.start_auto()
+            w.lang().close(5.0)
+            w.control.stop_auto()
+            w.deliver_all()
+        else:
+            w.kill(lang)
+            w.advance(2 * c.peer_timeout)
+        assert lang in w.emb(0).lost_peers()
+        s = w.emb(0).sender(2)
+        assert s.needed() == []
+        assert w.ended(s, "sender 2") is TransferStatus.SUCCESS, s.failure
