@@ -116,6 +116,9 @@ class PairLink:
     def post_recv(self, dsts: list[torch.Tensor]) -> Posted:
         return self._open().post_recv(dsts)
 
+    def post_frame_recv(self, dsts: list[torch.Tensor]) -> tuple[Posted, Posted | None]:
+        return self._open().post_frame_recv(dsts)
+
     def abort(self) -> None:
         """The pair is lost for good: what stands on its group ends now (NCCL: the
         communicator is aborted), and it is never made again."""

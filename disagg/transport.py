@@ -18,10 +18,10 @@ event, never for what the application queued on its streams, and a meta comes
 to the host by a copy polled on that stream, not by a sync.
 
 NCCL's rules (docs/nccl.md): every NCCL call this process makes on a device (a
-post, one send or recv per tensor on the pair's group; a group's creation and
-destruction) goes through
-that device's lock, `device_lock`, so no two threads ever issue NCCL
-operations on one device at once. Gloo has no such rule, and a Gloo post may
+post: a frame's sends, or its recvs, as one group launch on the pair's group,
+`post_ops`; a group's creation and destruction) goes through that device's
+lock, `device_lock`, so no two threads ever issue NCCL operations on one
+device at once. Gloo has no such rule, and a Gloo post may
 wait milliseconds for a busy pair: there each pair has a lock of its own (the
 same structure, never contended across pairs).
 """
@@ -31,7 +31,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 import torch.distributed as dist
@@ -114,7 +114,45 @@ class PairTransport(Protocol):
 
     def post_recv(self, dsts: list[torch.Tensor]) -> Posted: ...
 
+    def post_frame_recv(self, dsts: list[torch.Tensor]) -> tuple[Posted, Posted | None]: ...
+
     def abort(self) -> None: ...
+
+
+def post_ops(group: Any, peer: int, ops: list[tuple[bool, torch.Tensor]],
+             *, coalesce: bool) -> list[dist.Work]:
+    """Issue `ops` (send or recv, tensor) to `peer` on `group`, in order, and return
+    the works to complete: one per op, or one for them all when `coalesce`.
+
+    On NCCL (`supports_coalescing`) the ops go out as one coalescing block: one
+    NCCL group launch for a frame's tensors instead of one launch each. torch
+    issues the point-to-point ops of a block on the communicator of the group
+    itself, the one `pairing.pair_group` made eagerly; a point-to-point op
+    outside a block would go on a second communicator for the two ranks, which
+    torch makes lazily at the first such op (here under the device lock, every
+    other pair of the device waiting) and which holds buffers of its own. The block's one work (`_end_coalescing`) completes
+    once every op in it has; an op that raises inside the block still ends it,
+    so the group is never left open (issue 29, finding 2). Gloo has no
+    coalescing: an op each. `group` is a backend object as `pairing.py` makes
+    it (ProcessGroupNCCL or ProcessGroupGloo), whose coalescing calls take no
+    device, unlike a registered ProcessGroup's."""
+    if not coalesce:
+        return [group.send([t], peer, 0) if send else group.recv([t], peer, 0) for send, t in ops]
+    group._start_coalescing()
+    try:
+        for send, t in ops:
+            if send:
+                group.send([t], peer, 0)
+            else:
+                group.recv([t], peer, 0)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            group._end_coalescing()
+        raise
+    work = group._end_coalescing()
+    if work is None:  # no op issued: nothing to wait for (never so for a post)
+        return []
+    return [work]
 
 
 def is_open(t: PairTransport) -> bool:
@@ -143,9 +181,9 @@ class TorchPairTransport:
         # The pair's group is made by the backend's own constructor on a prefix of
         # the store (`pairing.py`), not registered with any default world, so its
         # ops go through the group object, addressed by the peer's rank in the
-        # group (`group_peer`), one op per tensor (`batch_isend_irecv` needs a
-        # registered group).
+        # group (`group_peer`); see `post_ops` for how a post's tensors go out.
         self._group_peer = group_peer
+        self._coalesce = bool(getattr(group, "supports_coalescing", False))
         self._post_lock = device_lock(device) if self._cuda else threading.Lock()
         self.aborted = False
 
@@ -208,6 +246,20 @@ class TorchPairTransport:
     def post_recv(self, dsts: list[torch.Tensor]) -> Posted:
         return Posted(self._post(False, dsts), dsts)
 
+    def post_frame_recv(self, dsts: list[torch.Tensor]) -> tuple[Posted, Posted | None]:
+        """Post the recvs of a whole frame whose sizes are known ahead (pre-posted):
+        its meta, then `dsts`, in one post (on NCCL one group launch, whose one work
+        both halves wait: a frame's sends complete together). The meta's, and the
+        payload's or None."""
+        with streams.on_library_stream(self.device):
+            meta = torch.empty(META_LEN, dtype=torch.int64, device=self.device)
+        works = self._post(False, [meta, *dsts])
+        if not dsts:
+            return Posted(works, [meta]), None
+        if self._coalesce:
+            return Posted(works, [meta]), Posted(works, dsts)
+        return Posted(works[:1], [meta]), Posted(works[1:], dsts)
+
     def _to_host(self, t: torch.Tensor, what: str) -> torch.Tensor:
         try:
             return streams.to_host(t, self.timeout_s)
@@ -225,8 +277,8 @@ class TorchPairTransport:
             # the op's NCCL stream waits for the library stream (streams.py), never
             # for the application's; NCCL: one thread at a time issues to the device
             with streams.on_library_stream(self.device), self._post_lock:
-                p, g = self._group_peer, self.group
-                return [g.send([t], p, 0) if send else g.recv([t], p, 0) for t in tensors]
+                return post_ops(self.group, self._group_peer, [(send, t) for t in tensors],
+                                coalesce=self._coalesce)
         except RuntimeError as e:  # the pair is already broken (e.g. the peer died)
             raise PeerLost(f"posting to/from rank {self.peer} failed: {e}",
                            peer=self.peer) from e

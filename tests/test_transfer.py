@@ -481,18 +481,22 @@ def sc_ops_per_chunk(env: Env) -> dict[str, Any]:
         embedding_side(env, spec)
         return {"delta": env.delta()}
     transport = env.ctx.language.engine._transports[0]
-    posted: list[int] = []
-    real_post_recv = transport.post_recv
+    posted: list[int] = []  # payload recvs per post, pre-posted (with the meta) or not
 
-    def recording_post_recv(dsts: list[Any]) -> Any:
-        posted.append(len(dsts))
-        return real_post_recv(dsts)
+    def record(name: str) -> None:
+        real = getattr(transport, name)
 
-    transport.post_recv = recording_post_recv
+        def recording(dsts: list[Any]) -> Any:
+            posted.append(len(dsts))
+            return real(dsts)
+        setattr(transport, name, recording)
+
+    record("post_recv")
+    record("post_frame_recv")
     try:
         receive(env, spec, init_tokens=seq)
     finally:
-        del transport.post_recv
+        del transport.post_recv, transport.post_frame_recv
     return {"delta": env.delta(), "posted": posted,
             "wire_buffers": [b.name for b in env.ctx.language.engine.geometry.wire_buffers]}
 
@@ -508,7 +512,7 @@ def sc_posts_outside_engine_lock(env: Env) -> dict[str, Any]:
         names = ["post_frame"]
     else:
         engine = env.ctx.language.engine
-        names = ["post_recv", "post_meta_recv"]
+        names = ["post_recv", "post_meta_recv", "post_frame_recv"]
     transport = next(iter(engine._transports.values()))
     under_lock: list[str] = []
     calls = [0]

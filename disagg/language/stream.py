@@ -109,8 +109,7 @@ class PairReceiver:
         t = self.transport
         ok = False
         try:
-            job.meta = t.post_meta_recv()
-            job.payload = t.post_recv(job.dsts) if job.dsts else None
+            job.meta, job.payload = t.post_frame_recv(job.dsts)
             ok = True
         except Exception as e:  # the pair is broken: its thread finds out and ends it
             log.debug("posting room %d's pre-posted recvs: %s", job.room.room, e)
@@ -186,8 +185,7 @@ class PairReceiver:
         t = self.transport
         if step is Next.JOB:
             assert job is not None
-            job.meta = t.post_meta_recv()
-            job.payload = t.post_recv(job.dsts) if job.dsts else None
+            job.meta, job.payload = t.post_frame_recv(job.dsts)
         elif step is Next.META:
             if self.next_meta is None:
                 self.next_meta = t.post_meta_recv()

@@ -231,6 +231,10 @@ class FakePairTransport:
         self._only("language", "post_recv")
         return Posted(self.link.post_recvs(list(dsts)), dsts)  # type: ignore[arg-type]
 
+    def post_frame_recv(self, dsts: list[torch.Tensor]) -> tuple[Posted, Posted | None]:
+        # two posts here: a fake link matches message by message, as Gloo does
+        return self.post_meta_recv(), self.post_recv(dsts) if dsts else None
+
     def abort(self) -> None:
         """As Gloo's: the pair's pending ops end when its peer's connection
         closes, not here; counted, so tests see when the engine calls it."""
