@@ -1,4 +1,5 @@
-"""One-GPU verification kit: what one CUDA device can prove about disagg's GPU path.
+"""GPU verification kit: what one CUDA device (two, for the pair section) can prove
+about disagg's GPU path.
 
     python scripts/gpu_check.py                  # every check on cuda, a table; exit 1 on a failure
     python scripts/gpu_check.py --json out.json  # the same, and one record per check
@@ -28,8 +29,15 @@ Sections (docs/nccl.md says what each proves, and what only several GPUs can):
             group creation under the device lock, the first op (which creates the
             communicator), a batched send/recv to itself, teardown; the lock's
             uncontended cost; jobs mode's pair group (the backend's constructor on a
-            PrefixStore, no default world) built and torn down on one rank. On the
-            CPU dry-run the same with Gloo.
+            PrefixStore, no default world) built and torn down on one rank; a
+            frame's posts on such a group as one coalescing block (a rank paired
+            with itself). On the CPU dry-run the same with Gloo, where it can.
+  pair      TWO GPUs: a real Embedding/Language pair of two processes over NCCL
+            (scripts/_gpu_pair_worker.py): rooms bit-exact, pre-posted or not; a
+            caller's stream sync, torch.cuda.synchronize() and a CUDA-graph capture
+            (thread_local, then global) while a recv stands; the Embedding rank
+            SIGKILLed under a waiting room. Skipped with one GPU; on the CPU
+            dry-run the same two processes over Gloo.
   model     OPTIONAL: examples/qwen_vl.py (a real model), when the file exists and
             CUDA is there; skipped otherwise.
 
@@ -589,6 +597,32 @@ def check_int16_batch(env: Env) -> Outcome:
                    {"raw_error": raw_error, "left_open": left_open})
 
 
+def _free_port() -> int:
+    import socket
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        return int(sk.getsockname()[1])
+
+
+def _group_of_one(env: Env, store: dist.Store, prefix: str, max_ctas: int = 0) -> Any:
+    """A group of this one rank made as `disagg/pairing.py` makes a pair's: the
+    backend's own constructor on a PrefixStore, NCCL's communicator made eagerly."""
+    timeout = datetime.timedelta(seconds=60)
+    pstore = dist.PrefixStore(prefix, store)
+    if not env.cuda:
+        return dist.ProcessGroupGloo(pstore, 0, 1, timeout)
+    opts = dist.ProcessGroupNCCL.Options()
+    opts._timeout = timeout
+    config = getattr(opts, "config", None)
+    if max_ctas and config is not None:
+        config.min_ctas, config.max_ctas = 1, max_ctas
+    pg = dist.ProcessGroupNCCL(pstore, 0, 1, opts)
+    eager = getattr(pg, "eager_connect_single_device", None)
+    if eager is not None:
+        eager(env.device)
+    return pg
+
+
 def check_jobs_group(env: Env) -> Outcome:
     """A pair group as `disagg/pairing.py` makes it (world and jobs mode alike):
     the backend's own constructor on a PrefixStore of a TCPStore, with no
@@ -600,29 +634,12 @@ def check_jobs_group(env: Env) -> Outcome:
     and after, NCCL's buffers included), and teardown (`shutdown`)."""
     from disagg.store import host_store
     assert not dist.is_initialized()
-    import socket
-    with socket.socket() as sk:
-        sk.bind(("127.0.0.1", 0))
-        port = sk.getsockname()[1]
-    store = host_store(port, "127.0.0.1")
-    timeout = datetime.timedelta(seconds=60)
+    store = host_store(_free_port(), "127.0.0.1")
     t: dict[str, float] = {}
     for attempt, max_ctas in enumerate((0, 2)):
-        prefix = dist.PrefixStore(f"disagg/jobs/v1/pair/{attempt}/pg", store)
         free0 = torch.cuda.mem_get_info(env.device)[0] if env.cuda else 0
         t0 = time.perf_counter()
-        if env.cuda:
-            opts = dist.ProcessGroupNCCL.Options()
-            opts._timeout = timeout
-            config = getattr(opts, "config", None)
-            if max_ctas and config is not None:
-                config.min_ctas, config.max_ctas = 1, max_ctas
-            pg: Any = dist.ProcessGroupNCCL(prefix, 0, 1, opts)
-            eager = getattr(pg, "eager_connect_single_device", None)
-            if eager is not None:
-                eager(env.device)
-        else:
-            pg = dist.ProcessGroupGloo(prefix, 0, 1, timeout)
+        pg = _group_of_one(env, store, f"disagg/jobs/v1/pair/{attempt}/pg", max_ctas)
         t[f"construct_{attempt}_ms"] = (time.perf_counter() - t0) * 1e3
         x = torch.ones(4, device=env.device)
         t0 = time.perf_counter()
@@ -649,6 +666,199 @@ def check_jobs_group(env: Env) -> Outcome:
                    f"{t['first_op_0_ms']:.0f}/{t['first_op_1_ms']:.0f} ms; teardown "
                    f"{t['teardown_0_ms']:.0f}/{t['teardown_1_ms']:.0f} ms{mem} (default, then "
                    f"thin; no default world)", t)
+
+
+def check_pair_posts(env: Env) -> Outcome:
+    """Issue 29, finding 9, on the device: how `disagg.transport.post_ops` posts a
+    frame on a pair group made as pairs are (constructor, eager communicator),
+    driven as a pair of one rank with itself (NCCL lets a rank send to itself
+    when the recv is in the same group launch). One coalescing block of a
+    frame's sends and recvs (bf16, int16 and int64 tensors as byte views) gives
+    one work, completes host-observed, bytes exact; the device memory the first
+    block takes says whether torch made a second communicator for it (it does
+    for a point-to-point op outside a block); a block whose first op raises
+    leaves the group usable; and the cost of posting and completing one block."""
+    if not env.cuda:
+        raise Skip("NCCL only: Gloo has no coalescing and no pair of a rank with itself")
+    from disagg import streams
+    from disagg.store import host_store
+    from disagg.transport import as_bytes, post_ops
+    dev = env.device
+    store = host_store(_free_port(), "127.0.0.1")
+    free0 = torch.cuda.mem_get_info(dev)[0]
+    pg = _group_of_one(env, store, "disagg/check/posts/pg")
+    free1 = torch.cuda.mem_get_info(dev)[0]
+    coalesce = bool(getattr(pg, "supports_coalescing", False))
+    assert coalesce, "ProcessGroupNCCL says it cannot coalesce: disagg posts an op per tensor"
+    with streams.on_library_stream(dev):
+        srcs = [torch.randn(512, 1024, device=dev).to(torch.bfloat16),
+                torch.arange(4096, dtype=torch.int16, device=dev),
+                torch.arange(7, dtype=torch.int64, device=dev)]
+        dsts = [torch.zeros_like(x) for x in srcs]
+
+    def frame() -> list[Any]:
+        ops = [(True, as_bytes(x)) for x in srcs] + [(False, as_bytes(x)) for x in dsts]
+        with streams.on_library_stream(dev), device_lock(dev):
+            return post_ops(pg, 0, ops, coalesce=True)
+
+    works = frame()
+    assert len(works) == 1, f"a block gave {len(works)} works"
+    if not wait_until(works[0].is_completed, time.monotonic() + 60):
+        raise AssertionError("a block of sends and recvs to itself not done in 60 s")
+    works[0].wait()
+    free2 = torch.cuda.mem_get_info(dev)[0]
+    for a, b in zip(srcs, dsts, strict=True):
+        assert torch.equal(a.view(-1).view(torch.uint8), b.view(-1).view(torch.uint8)), \
+            f"{a.dtype}: bytes differ"
+    raised = ""
+    try:  # an op that raises before any is issued: the block must still end
+        with device_lock(dev):
+            post_ops(pg, 0, [(False, torch.zeros(4, dtype=torch.uint8))], coalesce=True)
+    except Exception as e:
+        raised = f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
+    assert raised, "a recv into host memory on an NCCL group did not raise"
+    runs = []
+    for _ in range(50):
+        t0 = time.perf_counter()
+        (w,) = frame()
+        if not wait_until(w.is_completed, time.monotonic() + 60, 1e-5):
+            raise AssertionError("a block after the failed one not done: the group stayed open")
+        w.wait()
+        runs.append((time.perf_counter() - t0) * 1e6)
+    if hasattr(pg, "shutdown"):
+        pg.shutdown()
+    eager_mib, first_mib = (free0 - free1) / 2**20, (free1 - free2) / 2**20
+    med = statistics.median(runs)
+    return Outcome(f"1 work/frame, {med:.0f} us",
+                   f"one block of 3 sends + 3 recvs (bf16, int16, int64 as bytes), bit-exact; "
+                   f"eager communicator {eager_mib:.0f} MiB, first block {first_mib:.0f} MiB "
+                   f"more (a second communicator would take about as much again); a block "
+                   f"whose op raised ({raised}) left the group usable; post + complete "
+                   f"median {med:.0f} us (min {min(runs):.0f}, max {max(runs):.0f}, 50 runs)",
+                   {"eager_mib": eager_mib, "first_block_mib": first_mib, "raised": raised,
+                    "block_us_median": med, "block_us_min": min(runs),
+                    "block_us_max": max(runs)})
+
+
+# ---------------------------------------------------------------- pair
+
+PAIR_WORKER = ROOT / "scripts" / "_gpu_pair_worker.py"
+_pair: dict[str, dict[str, Any]] = {}  # device -> what the Language rank wrote
+
+
+def _pair_results(env: Env) -> dict[str, Any]:
+    """Run the two-process pair once (scripts/_gpu_pair_worker.py): on CUDA an
+    Embedding and a Language rank on GPUs 0 and 1 over NCCL, on the CPU both
+    over Gloo (the dry-run). The Language rank's record, or why there is none."""
+    key = str(env.device)
+    if key in _pair:
+        return _pair[key]
+    if env.cuda and torch.cuda.device_count() < 2:
+        _pair[key] = {"skip": f"needs two GPUs ({torch.cuda.device_count()} here): NCCL "
+                              f"refuses a pair's two ranks on one"}
+        return _pair[key]
+    out = env.tmp / "pair"
+    out.mkdir(exist_ok=True)
+    init = f"tcp://127.0.0.1:{_free_port()}"
+    store_port = _free_port()
+    procs = []
+    for rank in (0, 1):
+        child = dict(os.environ, LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2")
+        if not env.cuda:
+            child["CUDA_VISIBLE_DEVICES"] = ""
+        cmd = [sys.executable, str(PAIR_WORKER), "--rank", str(rank), "--init", init,
+               "--store-port", str(store_port), "--device", env.device.type, "--out", str(out)]
+        procs.append(subprocess.Popen(cmd, env=child, cwd=ROOT, stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True))
+    logs = []
+    try:
+        for proc in procs:
+            logs.append(proc.communicate(timeout=150)[0])
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    record_path = out / "rank1.json"
+    record = json.loads(record_path.read_text()) if record_path.exists() else {}
+    if procs[1].returncode != 0 or "error" in record:
+        record["error"] = record.get("error") or f"exit {procs[1].returncode}: {logs[1][-1500:]}"
+    if procs[0].returncode != -9:  # the Embedding rank is SIGKILLed in the last phase
+        record.setdefault("error", f"Embedding rank: exit {procs[0].returncode} (not the "
+                                   f"SIGKILL of the last phase): {logs[0][-1500:]}")
+    _pair[key] = record
+    return record
+
+
+def _pair_phase(env: Env, phase: str) -> dict[str, Any]:
+    record = _pair_results(env)
+    if "skip" in record:
+        raise Skip(record["skip"])
+    if phase not in record:
+        raise AssertionError(f"the pair stopped before its '{phase}' phase: "
+                             f"{record.get('error', 'no record')}")
+    return dict(record[phase], backend=record.get("backend"))
+
+
+def check_pair_rooms(env: Env) -> Outcome:
+    """12 rooms over a real pair (NCCL on two GPUs), half pre-posted, every byte."""
+    r = _pair_phase(env, "rooms")
+    return Outcome(f"{r['backend']}: {r['rooms']} rooms, {r['chunks']} chunks",
+                   f"half with seq_len known (a pre-posted frame's meta and payload in one "
+                   f"post), half not; every byte compared; {r['seconds']:.1f} s", r)
+
+
+def check_pair_sync(env: Env) -> Outcome:
+    """Finding 6: while a room's recv stands (its sender waits 2 s), the caller's
+    own stream synchronises at once; torch.cuda.synchronize() is reported (docs:
+    it waits for the frame)."""
+    r = _pair_phase(env, "sync")
+    assert r["room"] == "SUCCESS", r["room"]
+    if not env.cuda:
+        return Outcome("CPU: nothing to synchronise", f"the room: {r['room']}", r)
+    assert r["stream_s"] < r["delay_s"] / 4, \
+        f"the caller's stream waited {r['stream_s']:.2f} s for a recv that stands"
+    return Outcome(f"stream {r['stream_s'] * 1e3:.1f} ms, device {r['device_s']:.2f} s",
+                   f"recv standing ~{r['delay_s']:.0f} s: current_stream().synchronize() "
+                   f"{r['stream_s'] * 1e3:.1f} ms; torch.cuda.synchronize() "
+                   f"{r['device_s']:.2f} s (docs/nccl.md: it waits for the frame); room "
+                   f"{r['room']}", r)
+
+
+def check_pair_capture(env: Env) -> Outcome:
+    """Finding 6: a CUDA graph captured while a recv stands: with
+    capture_error_mode="thread_local" (what the docs ask) the capture, its replay
+    and the room succeed; with "global" (torch's default) what happens is reported."""
+    local = _pair_phase(env, "capture_thread_local")
+    glob = _pair_phase(env, "capture_global")
+    entry = _pair_phase(env, "graph_entry")
+    values = {"thread_local": local, "global": glob, "graph_entry": entry}
+    assert local["room"] == "SUCCESS", f"thread_local: the room {local['room']}"
+    assert entry["room"] == "SUCCESS", f"torch.cuda.graph(): the room {entry['room']}"
+    if not env.cuda:
+        return Outcome("CPU: no graphs", f"rooms {local['room']}, {glob['room']}, "
+                       f"{entry['room']}", values)
+    assert local["capture"] == "captured, replay exact", f"thread_local: {local['capture']}"
+    return Outcome(f"thread_local ok; global: {glob['capture'][:24]}",
+                   f"capture_begin() held 0.3 s while a recv stood: thread_local: "
+                   f"{local['capture']}, room {local['room']}; global: {glob['capture']}, "
+                   f"room {glob['room']}. Entering torch.cuda.graph() (it synchronises the "
+                   f"device) took {entry['enter_s']:.2f} s with a recv standing "
+                   f"~{entry['delay_s']:.0f} s", values)
+
+
+def check_pair_dead_peer(env: Env) -> Outcome:
+    """Findings 1 and 4: the Embedding rank SIGKILLed while a room waits on the
+    pair: the room fails with the cause, the Language process outlives the pair
+    group's timeout (CUDA: the watchdog spared it), shutdown() returns at once."""
+    r = _pair_phase(env, "dead")
+    assert r["status"] == "FAILED", r
+    assert r["peer_alive"] is False, f"health() still says the dead peer is alive: {r}"
+    assert r["shutdown_s"] < 10.0, f"shutdown took {r['shutdown_s']:.1f} s"
+    outlived = f", outlived the group timeout by waiting {r['outlived_s']:.0f} s" \
+        if env.cuda else ""
+    return Outcome(f"FAILED in {r['failed_s']:.1f} s, shutdown {r['shutdown_s']:.2f} s",
+                   f"{r['failure']}{outlived}", r)
 
 
 def check_lock_cost(env: Env) -> Outcome:
@@ -718,7 +928,12 @@ CHECKS: list[tuple[str, str, Callable[[Env], Outcome]]] = [
     ("nccl", "world of one: groups, first op", check_world_of_one),
     ("nccl", "pair group (eager; default and thin), no world", check_jobs_group),
     ("nccl", "int16 batch, then byte views", check_int16_batch),
+    ("nccl", "pair posts: one block per frame", check_pair_posts),
     ("nccl", "device lock, uncontended", check_lock_cost),
+    ("pair", "rooms bit-exact over a real pair", check_pair_rooms),
+    ("pair", "synchronize() with a recv standing", check_pair_sync),
+    ("pair", "graph capture with a recv standing", check_pair_capture),
+    ("pair", "dead peer: room fails, process lives", check_pair_dead_peer),
     ("model", "examples/qwen_vl.py", check_model),
 ]
 

@@ -15,11 +15,12 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "gpu_check.py"
 
-pytestmark = pytest.mark.timeout(90)
+pytestmark = pytest.mark.timeout(150)
 
 # Every check by name; on the CPU these cannot run, and say why.
 CPU_SKIPS = {"completion per chunk": "no CUDA events", "examples/qwen_vl.py": "optional",
              "int16 batch, then byte views": "NCCL only",
+             "pair posts: one block per frame": "NCCL only",
              "library stream: no wait for the default stream": "no streams on the CPU"}
 
 
@@ -37,7 +38,7 @@ def test_cpu_dry_run_passes_and_says_so(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     env.pop("CUDA_VISIBLE_DEVICES", None)
     proc = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--json", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=80, env=env)
+                          cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
     text = proc.stdout + proc.stderr
     assert proc.returncode == 0, text
     assert "CPU dry-run of the same code paths" in proc.stdout, text
@@ -57,7 +58,12 @@ def test_cpu_dry_run_passes_and_says_so(tmp_path: Path) -> None:
     assert rows["abort in every state"]["values"]["tests"] >= 40
     assert "refuses two ranks on one GPU" in rows["backend, 2 ranks on 1 GPU"]["detail"]
     # the table, as printed
-    assert "15 passed, 0 failed, 4 skipped" in proc.stdout, text
+    # the pair section: two processes, over Gloo here
+    assert rows["rooms bit-exact over a real pair"]["values"]["rooms"] == 12
+    assert rows["rooms bit-exact over a real pair"]["values"]["backend"] == "gloo"
+    dead = rows["dead peer: room fails, process lives"]["values"]
+    assert dead["status"] == "FAILED" and "rank 0" in dead["failure"], dead
+    assert "19 passed, 0 failed, 5 skipped" in proc.stdout, text
 
 
 def test_a_failed_check_fails_the_run() -> None:
