@@ -21,9 +21,9 @@ NCCL's rules (docs/nccl.md): every NCCL call this process makes on a device (a
 post: a frame's sends, or its recvs, as one group launch on the pair's group,
 `post_ops`; a group's creation and destruction) goes through that device's
 lock, `device_lock`, so no two threads ever issue NCCL operations on one
-device at once. Gloo has no such rule, and a Gloo post may
-wait milliseconds for a busy pair: there each pair has a lock of its own (the
-same structure, never contended across pairs).
+device at once. Gloo has no such rule, and a Gloo post may wait milliseconds
+for a busy pair: there each pair has a lock of its own (the same structure,
+never contended across pairs).
 """
 
 from __future__ import annotations
@@ -130,12 +130,13 @@ def post_ops(group: Any, peer: int, ops: list[tuple[bool, torch.Tensor]],
     itself, the one `pairing.pair_group` made eagerly; a point-to-point op
     outside a block would go on a second communicator for the two ranks, which
     torch makes lazily at the first such op (here under the device lock, every
-    other pair of the device waiting) and which holds buffers of its own. The block's one work (`_end_coalescing`) completes
-    once every op in it has; an op that raises inside the block still ends it,
-    so the group is never left open (issue 29, finding 2). Gloo has no
-    coalescing: an op each. `group` is a backend object as `pairing.py` makes
-    it (ProcessGroupNCCL or ProcessGroupGloo), whose coalescing calls take no
-    device, unlike a registered ProcessGroup's."""
+    other pair of the device waiting) and which holds buffers of its own. The
+    block's one work (`_end_coalescing`) completes once every op in it has; an
+    op that raises inside the block still ends it, so the group is never left
+    open (issue 29, finding 2). Gloo has no coalescing: an op each. `group` is
+    a backend object as `pairing.py` makes it (ProcessGroupNCCL or
+    ProcessGroupGloo), whose coalescing calls take no device, unlike a
+    registered ProcessGroup's."""
     if not coalesce:
         return [group.send([t], peer, 0) if send else group.recv([t], peer, 0) for send, t in ops]
     group._start_coalescing()

@@ -685,16 +685,17 @@ def check_pair_posts(env: Env) -> Outcome:
     from disagg.transport import as_bytes, post_ops
     dev = env.device
     store = host_store(_free_port(), "127.0.0.1")
+    with streams.on_library_stream(dev):  # before the memory readings below
+        srcs = [torch.randn(512, 1024, device=dev).to(torch.bfloat16),
+                torch.arange(4096, dtype=torch.int16, device=dev),
+                torch.arange(7, dtype=torch.int64, device=dev)]
+        dsts = [torch.zeros_like(x) for x in srcs]
+    env.sync()
     free0 = torch.cuda.mem_get_info(dev)[0]
     pg = _group_of_one(env, store, "disagg/check/posts/pg")
     free1 = torch.cuda.mem_get_info(dev)[0]
     coalesce = bool(getattr(pg, "supports_coalescing", False))
     assert coalesce, "ProcessGroupNCCL says it cannot coalesce: disagg posts an op per tensor"
-    with streams.on_library_stream(dev):
-        srcs = [torch.randn(512, 1024, device=dev).to(torch.bfloat16),
-                torch.arange(4096, dtype=torch.int16, device=dev),
-                torch.arange(7, dtype=torch.int64, device=dev)]
-        dsts = [torch.zeros_like(x) for x in srcs]
 
     def frame() -> list[Any]:
         ops = [(True, as_bytes(x)) for x in srcs] + [(False, as_bytes(x)) for x in dsts]
