@@ -45,6 +45,7 @@ from .geometry import Geometry, Topology
 from .language import LanguageEngine
 from .language_side import LanguageSide
 from .pair_book import PairBook, make_book
+from .pairs import warm_pair
 from .shell import readiness
 from .startup import check_peers
 from .stats import Stats
@@ -216,9 +217,10 @@ class Context:
             control.start(lang_engine, self.device)
             self._language = LanguageSide(lang_engine, instance_group, gather_group)
         caps = {r: int(peers[r].get("max_pairs", self.cfg.max_pairs)) for r in peers}
+        ends = {p: (self.rank, p) if is_embedding else (p, self.rank) for p in others}
         warm = [p for p in others
-                if len(topo.language_ranks) <= caps[p if not is_embedding else self.rank]
-                and len(topo.embedding_ranks) <= caps[self.rank if not is_embedding else p]]
+                if warm_pair(len(topo.embedding_ranks), len(topo.language_ranks),
+                             caps[ends[p][0]], caps[ends[p][1]])]
         missed = book.warm_in_order(warm, timeout.total_seconds())
         if missed is not None:
             self.shutdown(0.0)  # the engines' threads run already

@@ -37,6 +37,7 @@ from .jobs import Roster
 from .language import LanguageEngine
 from .language_side import LanguageSide
 from .pair_book import PairBook
+from .pairs import warm_pair
 from .roster import EMBEDDING_IDS, MAX_ID, Member, key, language_id
 from .stats import Stats
 from .store import connect_store, embedding_id, new_member
@@ -235,7 +236,7 @@ class JobsContext(Context):
             language = self._store.add(key("inst", "next"), 0) * self.cfg.language_tp_size
         except (RuntimeError, dist.DistError):
             return False
-        return embedding <= cap and language <= cap
+        return warm_pair(embedding, language, cap, cap)
 
     def _warm_member(self, member_id: int) -> None:
         """Within the cap, a member's pair is made as it joins (`links.py`, "Warm

@@ -59,3 +59,13 @@ def idle_due(links: Iterable[LinkView], busy: Callable[[int], bool], now: float,
 def may_form(state: LinkState, live: int, max_pairs: int) -> bool:
     """A closed pair may start forming now: the rank is under its cap."""
     return state is LinkState.CLOSED and live < max_pairs
+
+
+def warm_pair(n_embedding: int, n_language: int, embedding_cap: int, language_cap: int) -> bool:
+    """Whether a pair is made before any room needs it (at start-up, or as its
+    member joins) rather than on demand: while its Embedding end could hold a
+    pair with each of the `n_language` Language ranks under its `max_pairs`
+    (`embedding_cap`), and its Language end one with each of the `n_embedding`
+    Embedding ranks under its own (`language_cap`). Past either cap, pairs are
+    made only when rooms need them (and closed when idle)."""
+    return n_language <= embedding_cap and n_embedding <= language_cap

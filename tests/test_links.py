@@ -13,7 +13,7 @@ import pytest
 from disagg.errors import PeerLost
 from disagg.links import PairLink
 from disagg.pair_book import PairBook
-from disagg.pairs import LinkState, LinkView, evictable, idle_due, may_form
+from disagg.pairs import LinkState, LinkView, evictable, idle_due, may_form, warm_pair
 from disagg.stats import Stats
 
 pytestmark = pytest.mark.timeout(30)
@@ -45,6 +45,14 @@ def test_may_form_only_a_closed_pair_under_the_cap() -> None:
     assert not may_form(LinkState.CLOSED, 2, 2)
     assert not may_form(LinkState.OPEN, 0, 2)
     assert not may_form(LinkState.BROKEN, 0, 2)
+
+
+def test_a_pair_is_warmed_only_while_both_ends_can_hold_the_whole_other_side() -> None:
+    assert warm_pair(2, 4, embedding_cap=4, language_cap=2)
+    assert not warm_pair(2, 5, embedding_cap=4, language_cap=24)  # its Embedding end is short
+    assert not warm_pair(3, 4, embedding_cap=24, language_cap=2)  # its Language end is short
+    assert warm_pair(1, 1, embedding_cap=1, language_cap=1)
+
 
 
 # ------------------------------------------------------------------ book and links
