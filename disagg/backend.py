@@ -173,8 +173,7 @@ def warm_up(group: dist.ProcessGroup, device: torch.device, timeout_s: float) ->
         with device_lock(device):
             work = dist.all_reduce(t, group=group, async_op=True)
     assert work is not None
-    if device.type == "cuda" and not streams.wait_until(  # host-observed (transport.py)
-            work.is_completed, time.monotonic() + timeout_s):
+    if not streams.observed([work], device, time.monotonic() + timeout_s):
         raise TimeoutError(f"the instance group's first all-reduce on {device} did not end "
                            f"within {timeout_s:.0f}s: is every rank of the instance starting?")
     work.wait()  # Gloo: blocks, bounded by the group's timeout; CUDA: only its error

@@ -217,10 +217,9 @@ class Context:
             control.start(lang_engine, self.device)
             self._language = LanguageSide(lang_engine, instance_group, gather_group)
         caps = {r: int(peers[r].get("max_pairs", self.cfg.max_pairs)) for r in peers}
-        ends = {p: (self.rank, p) if is_embedding else (p, self.rank) for p in others}
         warm = [p for p in others
                 if warm_pair(len(topo.embedding_ranks), len(topo.language_ranks),
-                             caps[ends[p][0]], caps[ends[p][1]])]
+                             *(caps[r] for r in self._pair_ends(p)))]
         missed = book.warm_in_order(warm, timeout.total_seconds())
         if missed is not None:
             self.shutdown(0.0)  # the engines' threads run already
@@ -230,9 +229,13 @@ class Context:
                                  f" in {timeout.total_seconds():.0f}s; did every rank call "
                                  f"disagg.init?"), rank=self.rank)
 
+    def _pair_ends(self, peer: int) -> tuple[int, int]:
+        """The pair with `peer`'s (Embedding, Language) ranks."""
+        return (self.rank, peer) if self.role == "embedding" else (peer, self.rank)
+
     def _pair_base(self, peer: int) -> str:
         """The store keys of the pair with `peer`, under the book's base."""
-        e, lang = (self.rank, peer) if self.role == "embedding" else (peer, self.rank)
+        e, lang = self._pair_ends(peer)
         return f"/{e}/{lang}"
 
     def _pair_book(self, store: dist.Store, base: str, timeout_s: float,

@@ -24,7 +24,6 @@ import torch.distributed as dist
 from . import streams
 from .errors import TransferTimeout
 from .plan import scatter_stride
-from .streams import wait_until
 from .transport import FRAME_POLL_S, device_lock
 
 # torch 2.13 renamed all_gather_into_tensor (same arguments); older torch has only that
@@ -57,10 +56,9 @@ def gather_slices(outputs: dict[str, torch.Tensor], seq_len: int, instance_size:
             assert work is not None
             works.append(work)
             received += rows[0].nbytes * stride * (instance_size - 1)
-    deadline = time.monotonic() + timeout_s
+    if not streams.observed(works, device, time.monotonic() + timeout_s, FRAME_POLL_S):
+        raise TransferTimeout(f"scatter's all-gather on {device} not done after "
+                              f"{timeout_s:.0f}s")
     for w in works:
-        if cuda and not wait_until(w.is_completed, deadline, FRAME_POLL_S):
-            raise TransferTimeout(f"scatter's all-gather on {device} not done after "
-                                  f"{timeout_s:.0f}s")
         w.wait()  # Gloo: blocks; CUDA, once complete: only raises the work's error
     return received

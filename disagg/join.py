@@ -202,8 +202,7 @@ class JobsContext(Context):
     # ---------------------------------------------------------------- roster events
 
     def _pair_base(self, peer: int) -> str:
-        e, lang = (self.rank, peer) if self.role == "embedding" else (peer, self.rank)
-        return key("pair", e, lang)
+        return key("pair", *self._pair_ends(peer))
 
     def _on_member(self, m: Member) -> None:
         """Member `m` of the other role joined (roster thread): usable from now

@@ -41,6 +41,7 @@ import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 
@@ -180,6 +181,17 @@ def hand_over(tensors: Iterable[torch.Tensor]) -> None:
     for t in tensors:
         if _cuda(t.device):
             _record_stream(t, torch.cuda.current_stream(t.device))
+
+
+def observed(works: Iterable[Any], device: torch.device, deadline: float,
+             longest: float = 1e-3) -> bool:
+    """Whether `works` (NCCL or Gloo works on `device`) ended by `deadline`, seen
+    by the host: on CUDA each work's own end event is polled (`wait_until`),
+    since a work's `wait()` alone only makes the current stream wait for it; on
+    the CPU at once, Gloo's `wait()` blocking, bounded by its group's timeout.
+    The caller then calls each work's `wait()`, which reports its error."""
+    return not _cuda(device) or all(wait_until(w.is_completed, deadline, longest)
+                                    for w in works)
 
 
 def wait_until(done: Callable[[], bool], deadline: float, longest: float = 1e-3) -> bool:

@@ -39,7 +39,6 @@ import torch.distributed as dist
 from . import streams
 from .errors import PeerLost, TransferTimeout
 from .meta import META_LEN, Meta
-from .streams import wait_until
 
 # On CUDA, how late the host may see a frame's sends or payload recvs end (they
 # are on their way: the receiver posts its payload recvs once the meta landed);
@@ -236,8 +235,7 @@ class TorchPairTransport:
         """Post the recv of the next meta frame. The receiver posts it while the
         previous frame's payload still lands: a Gloo or NCCL send waits for its
         recv to be posted, so a late post costs a round trip per frame."""
-        with streams.on_library_stream(self.device):  # it may run on a caller's thread
-            t = torch.empty(META_LEN, dtype=torch.int64, device=self.device)
+        t = self._meta_buffer()
         return Posted(self._post(False, [t]), [t])
 
     def wait_meta(self, posted: Posted) -> Meta:
@@ -252,14 +250,17 @@ class TorchPairTransport:
         its meta, then `dsts`, in one post (on NCCL one group launch, whose one work
         both halves wait: a frame's sends complete together). The meta's, and the
         payload's or None."""
-        with streams.on_library_stream(self.device):
-            meta = torch.empty(META_LEN, dtype=torch.int64, device=self.device)
+        meta = self._meta_buffer()
         works = self._post(False, [meta, *dsts])
         if not dsts:
             return Posted(works, [meta]), None
         if self._coalesce:
             return Posted(works, [meta]), Posted(works, dsts)
         return Posted(works[:1], [meta]), Posted(works[1:], dsts)
+
+    def _meta_buffer(self) -> torch.Tensor:
+        with streams.on_library_stream(self.device):  # it may run on a caller's thread
+            return torch.empty(META_LEN, dtype=torch.int64, device=self.device)
 
     def _to_host(self, t: torch.Tensor, what: str) -> torch.Tensor:
         try:
@@ -285,15 +286,12 @@ class TorchPairTransport:
                            peer=self.peer) from e
 
     def _complete(self, works: list[dist.Work], what: str, longest: float = META_POLL_S) -> None:
-        done = True
         try:
-            if self._cuda:
-                # Host-observed: the work's own end event, polled. Work.wait() alone
-                # would only make this thread's current stream (the device's default
-                # stream, shared with the application) wait for the peer, which for
-                # a meta recv lasts as long as the peer's encoder takes.
-                deadline = time.monotonic() + self.timeout_s
-                done = all(wait_until(w.is_completed, deadline, longest) for w in works)
+            # Host-observed: on CUDA the work's own end event, polled. Work.wait()
+            # alone would only make this thread's current stream wait for the peer,
+            # which for a meta recv lasts as long as the peer's encoder takes.
+            done = streams.observed(works, self.device, time.monotonic() + self.timeout_s,
+                                    longest)
             if done:
                 for w in works:
                     w.wait()  # on CUDA, once complete: only raises the work's error
