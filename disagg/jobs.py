@@ -29,7 +29,7 @@ import torch.distributed as dist
 from . import transport
 from .errors import GeometryMismatch
 from .geometry import Geometry
-from .roster import POLL_S, Member, Seen, key, scan
+from .roster import POLL_S, Member, Seen, counter, key, scan
 from .store import candidate_ids
 
 log = logging.getLogger(__name__)
@@ -75,6 +75,7 @@ class Roster:
         self._looked_up: dict[int, float] = {}  # `admit`: when each unknown id was read
         self._hole: tuple[int, float] | None = None  # a departure logged, not yet written: since
         self._read_store: dist.Store | None = None  # `_reader`
+        self._failed_at = -1e9  # `_run`: when a pass last failed for a bug
         # the roster thread's own client: a pair's rendezvous waits on the shared
         # one (up to the pair's timeout, for a peer gone meanwhile), and a call
         # behind it there would stall this rank's lease until peers collect it
@@ -163,6 +164,11 @@ class Roster:
                                 "moving data; no one joins or is collected meanwhile): %s",
                                 self.me.id, e)
                 self.store_error = str(e)
+            except Exception:  # a bug here must not end the lease: peers would collect
+                # this rank while it serves. Said loudly, once a minute; the next pass retries
+                if now - self._failed_at > 60.0:
+                    self._failed_at = now
+                    log.exception("rank id %d: membership pass failed (retried)", self.me.id)
             self._first_pass.set()
             self._stop.wait(POLL_S)
 
@@ -194,7 +200,7 @@ class Roster:
             if m is not None and m.id == i and m.role != self.me.role:
                 self._records[i] = m
         records = dict(self._records)
-        leases = {i: int(raw) if raw is not None else -1
+        leases = {i: -1 if (n := counter(raw)) is None else n
                   for i, raw in zip(records, self._read_all([key("lease", i) for i in records]),
                                     strict=True)}
         with self._lock:
@@ -242,7 +248,11 @@ class Roster:
                 self._left_read = i
                 continue
             self._left_read = i
-            gone = int(raw)
+            gone = counter(raw)
+            if gone is None:
+                log.warning("rank id %d: departure %d in the rendezvous store is not an id: "
+                            "%r (skipped)", self.me.id, i, raw[:64])
+                continue
             self._records.pop(gone, None)
             if gone == self.me.id and not self._collected:
                 self._collected = True
@@ -253,17 +263,20 @@ class Roster:
     def _read_all(self, keys: list[str]) -> list[bytes | None]:
         """The values of `keys` in one store op (`multi_get`); None for a key
         deleted since it was seen (a member leaving or collected meanwhile),
-        found by reading the keys one by one when the batch could not be read."""
+        found by reading the keys one by one when the batch could not be read.
+        An empty value is one deleted meanwhile too: TCPStore's get waits for
+        the key, then reads it, and a delete between the two reads as b''
+        (no key here is ever written empty)."""
         if not keys:
             return []
         try:  # a short timeout: a missing key makes a get (and multi_get) wait
-            return list(self._reader().multi_get(keys))
+            return [v or None for v in self._reader().multi_get(keys)]
         except (RuntimeError, dist.DistError, AttributeError):
             pass
         out: list[bytes | None] = []
         for k in keys:
             try:
-                out.append(self._reader().get(k))
+                out.append(self._reader().get(k) or None)
             except (RuntimeError, dist.DistError):
                 out.append(None)  # deleted meanwhile
         return out

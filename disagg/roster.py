@@ -69,6 +69,15 @@ class Member:
         return m if ok else None
 
 
+def counter(raw: bytes | None) -> int | None:
+    """A counter or an id as the store holds it (a lease, a departure's id);
+    None for a value absent or not one (never trusted further)."""
+    try:
+        return int(raw) if raw else None
+    except ValueError:
+        return None
+
+
 def language_id(instance: int, index: int, tp: int) -> int:
     i = EMBEDDING_IDS + instance * tp + index
     if i > MAX_ID:

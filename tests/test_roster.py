@@ -13,7 +13,7 @@ from inproc.fakes import World
 from disagg.config import DisaggConfig
 from disagg.errors import FailureCause
 from disagg.geometry import Geometry
-from disagg.roster import EMBEDDING_IDS, MAX_ID, Member, Seen, language_id, scan
+from disagg.roster import EMBEDDING_IDS, MAX_ID, Member, Seen, counter, language_id, scan
 from disagg.topology import Topology
 from disagg.types import TransferStatus
 
@@ -201,3 +201,101 @@ def test_a_rescan_reads_records_and_leases_in_one_store_op_each() -> None:
     roster._rescan(2.0)
     assert gone == [3] and 3 not in roster.known
     assert counts == {"add": 2, "multi_get": 2}, counts
+
+
+def test_counters_read_back_from_the_store_are_never_trusted() -> None:
+    assert counter(b"17") == 17 and counter(b"-1") == -1
+    assert counter(None) is None and counter(b"") is None
+    assert counter(b"x1") is None and counter(b"\xff") is None
+
+
+class DeletedMeanwhile(CountingStore):
+    """A store whose reads of `gone` keys come back empty: what TCPStore's get
+    and multi_get return for a key deleted between their wait and their read
+    (a member leaving or collected while another rank reads its lease)."""
+
+    def __init__(self, store: Any, gone: set[str]) -> None:
+        super().__init__(store, {})
+        self.gone = gone
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "multi_get":
+            return lambda keys: [b"" if k in self.gone else v
+                                 for k, v in zip(keys, self._store.multi_get(keys), strict=True)]
+        if name == "get":
+            return lambda k: b"" if k in self.gone else self._store.get(k)
+        if name == "clone":
+            return lambda: DeletedMeanwhile(self._store.clone(), self.gone)
+        return super().__getattr__(name)
+
+
+def test_a_key_deleted_while_it_is_read_is_a_departure_not_a_crash() -> None:
+    """CI saw the roster thread die of `int(b'')`: a lease read as a peer
+    collected its member. Every value read back empty counts as deleted: the
+    lease is unknown (the member is collected only once it stood still for
+    peer_timeout), an empty departure is a hole read again later."""
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    from disagg.jobs import Roster
+    from disagg.roster import key
+    server = dist.TCPStore("127.0.0.1", 0, is_master=True, use_libuv=True,
+                           timeout=datetime.timedelta(seconds=10))
+    for i in range(2):
+        server.set(key("m", i), json.dumps({**json.loads(member(i, f"e{i}").encode()),
+                                            "backend": "nccl"}))
+        server.add(key("lease", i), 3)
+    server.add(key("emb", "next"), 2)
+    gone = {key("lease", 1)}
+    me = member(EMBEDDING_IDS, "llm/0", role="language")
+    roster = Roster(DeletedMeanwhile(server, gone),
+                    me, Geometry.from_config(DisaggConfig(hidden_size=32, block_size=8)),
+                    1, torch.device("cpu"), 2.0, lambda m: None, lambda i, w: None)
+    roster._rescan(0.0)
+    roster._rescan(1.0)
+    assert sorted(roster.known) == [0, 1]
+    assert roster.known[1].lease == -1 and roster.known[0].lease == 3
+    left: list[int] = []
+    roster._on_gone = lambda i, why: left.append(i)
+    server.add(key("left", "n"), 1)
+    server.set(key("left", 1), "1")
+    gone.add(key("left", 1))  # its read races too: looked at again next time
+    roster._rescan(1.5)
+    assert left == [] and roster._left_read == 0
+    gone.discard(key("left", 1))
+    roster._rescan(1.6)
+    assert left == [1] and roster._left_read == 1 and sorted(roster.known) == [0]
+
+
+def test_the_roster_thread_outlives_a_bug_in_one_pass(caplog: Any) -> None:
+    """A pass that raises something unforeseen is logged and the next one runs:
+    a dead roster thread stops this rank's lease, and peers would collect a
+    rank that still serves."""
+    import threading
+
+    import torch
+    import torch.distributed as dist
+
+    from disagg.jobs import Roster
+    me = member(EMBEDDING_IDS, "llm/0", role="language")
+    roster = Roster(dist.HashStore(), me,
+                    Geometry.from_config(DisaggConfig(hidden_size=32, block_size=8)),
+                    1, torch.device("cpu"), 2.0, lambda m: None, lambda i, w: None)
+    passes: list[float] = []
+    again = threading.Event()
+
+    def rescan(now: float) -> None:
+        passes.append(now)
+        if len(passes) == 1:
+            raise ValueError("a bug")
+        again.set()
+    roster._rescan = rescan  # type: ignore[method-assign]
+    roster._epoch = 0  # each pass reads the epoch as 1 (start bumps it): a rescan at once
+    try:
+        roster.start(settle_s=5.0)
+        assert again.wait(10.0), "no pass ran after the one that failed"
+    finally:
+        roster.halt(5.0)
+    assert "membership pass failed" in caplog.text and "ValueError: a bug" in caplog.text
