@@ -7,8 +7,10 @@ Who makes a group: only a pair's own stream thread (`ensure`), never a
 caller and never under the engine lock or the device lock (on NCCL the
 communicator forms eagerly in that thread, after both ends said hello in the
 store, so it is a matter of milliseconds and other pairs keep posting
-meanwhile). A caller that would post on a pair that is not open hands the
-post to the pair's thread instead (`is_open`).
+meanwhile). The Embedding end takes a slot only once its peer waits for the
+pair (`pairing.py`: no ring of ranks at their caps). A caller that would post
+on a pair that is not open hands the post to the pair's thread instead
+(`is_open`).
 
 Warm pairs: while a rank knows at most `max_pairs` peers of the other role,
 the context makes every pair at once (world mode at `init`, in one global
@@ -41,6 +43,7 @@ from .transport import Posted, TorchPairTransport
 log = logging.getLogger(__name__)
 
 WAIT_S = 0.1  # a thread waiting for a slot under the cap looks again this often
+FOLLOW_POLL_S = (0.002, 0.05)  # an Embedding end looks for its peer's hello this often
 
 
 class LinkHost(Protocol):
@@ -71,6 +74,9 @@ class LinkOwner(Protocol):
     max_pairs: int
     host: LinkHost | None
     make: Maker
+    # the Embedding end: whether the peer waits for generation `gen` now (it
+    # leads: `pairing.py`); None on the Language end
+    follow: Callable[[int, int], bool] | None
     destroy: Callable[[TorchPairTransport], None]
     stats: Stats
     links: dict[int, PairLink]
@@ -165,12 +171,15 @@ class PairLink:
     def ensure(self, wanted: Callable[[], bool] = lambda: True) -> bool:
         """Make the pair's group if it is not open (the pair's own thread only, no
         lock held): under the cap, closing (or, on the Embedding side, asking
-        the peer to close) an idle pair first when at it. True once open; False
-        if it stopped being `wanted` first; `PeerLost` if the pair is lost or
-        the rank shuts down."""
+        the peer to close) an idle pair first when at it. The Embedding side
+        takes a slot only once its peer waits for the pair (`pairing.py`). True
+        once open; False if it stopped being `wanted` first; `PeerLost` if the
+        pair is lost or the rank shuts down."""
         book = self.book
+        delay = FOLLOW_POLL_S[0]
         while True:
             candidates: list[int] | None = None
+            ready = self._peer_ready()  # no lock held: a store read on the Embedding side
             with book.cv:
                 if self.broken is not None or book.stopped:
                     raise PeerLost(f"the pair with rank {self.peer} is "
@@ -180,6 +189,10 @@ class PairLink:
                     return True
                 if not wanted():
                     return False
+                if not ready:
+                    book.cv.wait(delay)
+                    delay = min(delay * 2, FOLLOW_POLL_S[1])
+                    continue
                 if may_form(self.state, book.live, book.max_pairs):
                     self.state, gen = LinkState.FORMING, self.gen
                     book._changed()
@@ -196,6 +209,13 @@ class PairLink:
                         book.cv.wait(WAIT_S)
                 continue
             self._form(gen, wanted)
+
+    def _peer_ready(self) -> bool:
+        """Whether this end may take a slot for the pair now: the Language end
+        always; the Embedding end once the peer waits for this generation.
+        State and generation are read unlocked: a stale read costs one look more."""
+        follow = self.book.follow
+        return follow is None or self.state is not LinkState.CLOSED or follow(self.peer, self.gen)
 
     def _form(self, gen: int, wanted: Callable[[], bool]) -> None:
         book = self.book

@@ -32,7 +32,7 @@ def make_book(store: dist.Store, base: Callable[[int], str], *, embedding: bool,
     maker = PairMaker(store, base, embedding=embedding, device=device, timeout_s=timeout_s,
                       max_ctas=max_ctas_from_env())
     return PairBook(maker, destroy_pair, max_pairs=cfg.max_pairs, idle_s=cfg.pair_idle_s,
-                    stats=stats)
+                    stats=stats, follow=maker.waiting if embedding else None)
 
 
 class PairBook:
@@ -40,8 +40,10 @@ class PairBook:
 
     def __init__(self, make: Maker, destroy: Callable[[TorchPairTransport], None], *,
                  max_pairs: int, idle_s: float, stats: Stats,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 follow: Callable[[int, int], bool] | None = None) -> None:
         self.make, self.destroy = make, destroy
+        self.follow = follow  # the Embedding end's `PairMaker.waiting` (`links.py`)
         self.max_pairs, self.idle_s = max_pairs, idle_s
         self.stats, self.clock = stats, clock
         self.cv = threading.Condition()
@@ -107,6 +109,9 @@ class PairBook:
             if k.state is LinkState.CLOSED and self.live >= self.max_pairs:
                 return (f"its pair group waits for a slot: this rank is at max_pairs="
                         f"{self.max_pairs} with every pair busy")
+            if k.state is LinkState.CLOSED and self.follow is not None:
+                return ("its pair group waits for the Language rank to start making it "
+                        "(it may be at its max_pairs with every pair busy)")
             if k.state is LinkState.FORMING:
                 return ("its pair group is still being made: the peer has not joined in "
                         "(it may be at its max_pairs with every pair busy)")
@@ -164,6 +169,7 @@ class PairBook:
         if close is not None:
             close()
         self.make = _stopped
+        self.follow = None
 
 
 def _stopped(peer: int, gen: int, wanted: Callable[[], bool]) -> TorchPairTransport | None:

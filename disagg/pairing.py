@@ -1,8 +1,14 @@
 """One (Embedding, Language) pair's group, formed, in either deployment. Both
-ends say hello in the store and wait for the other's (so both constructors
-meet within milliseconds), then each calls the backend's own constructor on
-the pair's prefix of the store, with fixed ranks: Embedding 0, Language 1.
-Each making of a pair is a generation with keys of its own (`links.py`)."""
+ends say hello in the store (so both constructors meet within milliseconds),
+then each calls the backend's own constructor on the pair's prefix of the
+store, with fixed ranks: Embedding 0, Language 1. Each making of a pair is a
+generation with keys of its own (`links.py`).
+
+The Language end leads: it takes a slot under its cap, says hello and waits
+for the Embedding end. The Embedding end follows: it takes a slot only for a
+Language end whose hello stands (`PairMaker.waiting`), so it never holds one
+waiting. Were both to wait holding slots, ranks at their caps could wait on
+each other in a ring (E0 for L3, L3 for E1, E1 for L2, L2 for E0) for ever."""
 
 from __future__ import annotations
 
@@ -21,12 +27,13 @@ HELLO_POLL_S = (0.002, 0.05)  # a forming pair looks for its peer's hello this o
 
 
 def hello(store: dist.Store, base: str, mine: str, theirs: str, wanted: Callable[[], bool],
-      stop: threading.Event) -> bool:
+          stop: threading.Event, *, follow: bool = False) -> bool:
     """Say this rank is ready to construct the pair, and wait for the peer to
-    say so, for as long as it is a member and this rank runs. A hello stands
-    only while its rank waits for this very pair in a thread of its own, so
-    both constructors meet: there is no stale hello, and no two pairs
-    wait on each other."""
+    say so, for as long as it is a member and this rank runs; `follow` (the
+    Embedding end): the peer said so first, and a hello withdrawn meanwhile
+    is not waited for. A hello stands only while its rank waits for this very
+    pair in a thread of its own, so both constructors meet: there is no stale
+    hello, and no two pairs wait on each other."""
     store.set(f"{base}/hello/{mine}", "1")
     delay = HELLO_POLL_S[0]
     while not stop.is_set():
@@ -35,6 +42,8 @@ def hello(store: dist.Store, base: str, mine: str, theirs: str, wanted: Callable
         try:  # check, not wait: a store wait that times out logs a warning each time
             if store.check([f"{base}/hello/{theirs}"]):
                 return True
+            if follow:
+                break  # the leader gave up: look for it again without a slot
         except (RuntimeError, dist.DistError):
             pass  # the store is away: look again
         stop.wait(delay)
@@ -132,6 +141,18 @@ class PairMaker:
         finally:
             self._give(store)
 
+    def waiting(self, peer: int, gen: int) -> bool:
+        """Embedding end: whether Language rank `peer` waits for generation
+        `gen` of the pair now (its hello stands), so that a slot taken for it
+        is not held waiting (see the module's docstring)."""
+        store = self._take()
+        try:
+            return bool(store.check([f"{self.base(peer)}/{gen}/hello/l"]))
+        except (RuntimeError, dist.DistError):
+            return False  # the store is away: look again
+        finally:
+            self._give(store)
+
     def _take(self) -> dist.Store:
         """A store client of this forming pair's own. A client runs one op at a
         time, and the constructor's rendezvous waits in it for the peer's key.
@@ -159,7 +180,7 @@ class PairMaker:
 
     def _make(self, store: dist.Store, peer: int, base: str, mine: str, theirs: str,
               wanted: Callable[[], bool]) -> TorchPairTransport | None:
-        if not hello(store, base, mine, theirs, wanted, self._never):
+        if not hello(store, base, mine, theirs, wanted, self._never, follow=self.embedding):
             return None
         pg = pair_group(store, base, self.embedding, self.device, self.timeout_s,
                         self.max_ctas)

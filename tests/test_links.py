@@ -238,6 +238,145 @@ def test_a_warm_pair_whose_peer_came_and_left_is_no_start_up_failure() -> None:
     assert b.warm_in_order([2], 5.0) == 2 and "shut down" in b.warm_failed[2]
 
 
+def test_an_embedding_end_takes_no_slot_before_its_peer_waits() -> None:
+    """The Embedding end follows (`pairing.py`): a pair its peer has not
+    started holds no slot meanwhile, so another pair, whose peer waits, forms."""
+    asked = threading.Event()
+    looks: list[tuple[int, int]] = []
+
+    def follow(peer: int, gen: int) -> bool:
+        looks.append((peer, gen))
+        if len(looks) >= 3:
+            asked.set()
+        return peer == 2
+
+    b, _, made, _ = book(max_pairs=1)
+    b.follow = follow
+    stop = threading.Event()
+    result: list[bool] = []
+    t = threading.Thread(target=lambda: result.append(b.link(3).ensure(lambda: not stop.is_set())))
+    t.start()
+    assert asked.wait(5)
+    assert b.links[3].state is LinkState.CLOSED and b.live == 0 and made == []
+    assert "waits for the Language rank" in b.why_not_open(3)
+    assert b.link(2).ensure() and made == [(2, 0)]  # the slot was free
+    stop.set()
+    t.join(5)
+    assert result == [False] and set(looks) == {(3, 0), (2, 0)}
+
+
+class Fleet:
+    """Two Embedding and two Language ranks (ids 0, 1 and 2, 3), each with its
+    own book at max_pairs 1, making pairs as `pairing.py` does: hellos in a
+    shared store, the Language end leading. One room per (Embedding, Language)
+    pair, busy until both ends used the pair; a pair is closed at both ends by
+    the Language end (asked by the Embedding end when it needs room)."""
+
+    def __init__(self) -> None:
+        self.cv = threading.Condition()
+        self.hellos: set[tuple[int, int, int, str]] = set()
+        self.asked: set[tuple[int, int]] = set()  # (Embedding, Language) looked for
+        self.used: dict[tuple[int, int], set[int]] = {}
+        self.books = {r: self._book(r) for r in range(4)}
+
+    def _book(self, me: int) -> PairBook:
+        embedding = me < 2
+
+        def make(peer: int, gen: int, wanted: Any) -> FakeTransport | None:
+            e, lang = (me, peer) if embedding else (peer, me)
+            mine = (e, lang, gen, "e" if embedding else "l")
+            theirs = (e, lang, gen, "l" if embedding else "e")
+            with self.cv:
+                self.hellos.add(mine)
+                self.cv.notify_all()
+                while wanted():  # a hello stands until both constructed: never deleted
+                    if theirs in self.hellos:
+                        return FakeTransport(peer, gen)
+                    if embedding:
+                        break
+                    self.cv.wait(0.05)
+                self.hellos.discard(mine)
+            return None
+
+        def follow(peer: int, gen: int) -> bool:
+            with self.cv:
+                self.asked.add((me, peer))
+                return (me, peer, gen, "l") in self.hellos
+
+        b = PairBook(make, lambda t: None, max_pairs=1, idle_s=10.0, stats=Stats(),
+                     follow=follow if embedding else None)
+        b.host = self  # type: ignore[assignment]
+        return b
+
+    def pair_busy(self, peer: int) -> bool:  # the host of every book; only `idle` asks
+        return False
+
+    def make_room(self, candidates: list[int]) -> None:
+        """Any rank at its cap: every pair whose room is over is closed."""
+        with self.cv:
+            idle = [(e, lang) for (e, lang), used in self.used.items() if len(used) == 2]
+        for e, lang in idle:  # PAIR_CLOSE: the Language end, then the Embedding end
+            ends = (self.books[lang].links.get(e), self.books[e].links.get(lang))
+            if all(k is not None and k.is_open() for k in ends):
+                for k in ends:
+                    assert k is not None and k.begin_close() is not None
+                    k.finish_close()
+
+    def pair_opened(self, peer: int) -> None:
+        pass
+
+    def pair_closed(self, peer: int) -> None:
+        pass
+
+    def room(self, me: int, peer: int, deadline: float) -> bool:
+        """This end of pair (me, peer)'s room: the pair made, then used once."""
+        import time
+        e, lang = (me, peer) if me < 2 else (peer, me)
+        with self.cv:
+            self.used.setdefault((e, lang), set())
+        if not self.books[me].link(peer).ensure(lambda: time.monotonic() < deadline):
+            return False
+        with self.cv:
+            self.used[(e, lang)].add(me)
+        return True
+
+
+def test_ranks_at_their_caps_never_wait_on_each_other_in_a_ring() -> None:
+    """bench_scale's 2 x 2 at max_pairs 1 hung about one run in ten: E0 held its
+    slot for L3, L3 for E1, E1 for L2 and L2 for E0, each waiting for the next.
+    Driven into that order here: the Language ends of the ring start first and
+    wait; the Embedding ends, which follow, hold no slot for them, so the
+    other pairs form, their rooms end, and the ring's pairs form after them."""
+    import time
+    fleet = Fleet()
+    deadline = time.monotonic() + 10.0
+    results: dict[tuple[int, int], bool] = {}
+
+    def run(me: int, peer: int) -> threading.Thread:
+        t = threading.Thread(target=lambda: results.__setitem__(
+            (me, peer), fleet.room(me, peer, deadline)), daemon=True)
+        t.start()
+        return t
+
+    ring = [run(2, 0), run(3, 1), run(0, 3), run(1, 2)]
+    books = fleet.books
+
+    def ring_stands() -> bool:  # both Language ends wait; both Embedding ends looked
+        states = [books[lang].links[e].state for lang, e in ((2, 0), (3, 1))
+                  if e in books[lang].links]
+        with fleet.cv:
+            return states == [LinkState.FORMING] * 2 and {(0, 3), (1, 2)} <= fleet.asked
+    while not ring_stands():
+        assert time.monotonic() < deadline, "the ring's ends did not start"
+        time.sleep(0.005)
+    assert books[0].live == 0 and books[1].live == 0  # the followers hold no slot for them
+    rest = [run(0, 2), run(1, 3), run(2, 1), run(3, 0)]
+    for t in ring + rest:
+        t.join(max(0.0, deadline - time.monotonic()) + 1.0)
+    assert len(results) == 8 and all(results.values()), results
+    assert all(len(used) == 2 for used in fleet.used.values()) and len(fleet.used) == 4
+
+
 def test_a_maker_that_fails_gives_the_slot_back() -> None:
     def make(peer: int, gen: int, wanted: Any) -> FakeTransport:
         raise RuntimeError("connection reset")
@@ -304,6 +443,23 @@ def test_a_pair_not_open_says_why_for_a_timeout_s_reason() -> None:
     b.links[2].lose(abort=True)
     assert b.why_not_open(2) == "its pair group is lost: aborted"
     assert b.why_not_open(99) == ""  # no link: nothing to say
+
+
+def test_a_following_hello_never_waits_for_a_leader_gone() -> None:
+    """`pairing.hello`: the Language end waits for the Embedding end's hello;
+    the Embedding end, which said hello only because the Language end's stood,
+    does not wait if it was withdrawn meanwhile, and takes its own back."""
+    import torch.distributed as dist
+
+    from disagg.pairing import hello
+    store, never = dist.HashStore(), threading.Event()
+    assert not hello(store, "p/0", "e", "l", lambda: True, never, follow=True)
+    assert not store.check(["p/0/hello/e"])
+    waits = iter([True, True, False])
+    assert not hello(store, "p/0", "l", "e", lambda: next(waits), never)  # a leader waits
+    store.set("p/0/hello/l", "1")
+    assert hello(store, "p/0", "e", "l", lambda: True, never, follow=True)
+    assert store.check(["p/0/hello/e"])  # it stands until the pair is constructed
 
 
 def test_thin_communicators_are_asked_for_by_an_environment_variable() -> None:
