@@ -130,6 +130,8 @@ class PairMaker:
         self._never = threading.Event()  # `wanted` says when to stop
         self._lock = threading.Lock()
         self._idle: list[dist.Store] = []  # store clients kept for the next pairs (`_take`)
+        self._looker: dist.Store | None = None  # `waiting`'s own client, one check at a time
+        self._look_lock = threading.Lock()
         self._give(self._take())  # the first client, now rather than at a first room
 
     def __call__(self, peer: int, gen: int, wanted: Callable[[], bool]) -> TorchPairTransport | None:
@@ -144,14 +146,17 @@ class PairMaker:
     def waiting(self, peer: int, gen: int) -> bool:
         """Embedding end: whether Language rank `peer` waits for generation
         `gen` of the pair now (its hello stands), so that a slot taken for it
-        is not held waiting (see the module's docstring)."""
-        store = self._take()
-        try:
-            return bool(store.check([f"{self.base(peer)}/{gen}/hello/l"]))
-        except (RuntimeError, dist.DistError):
-            return False  # the store is away: look again
-        finally:
-            self._give(store)
+        is not held waiting (see the module's docstring). Every waiting pair
+        looks on one client of its own: a check never waits for a key, and
+        the pairs' clients (`_take`) are not churned by many pairs looking."""
+        with self._look_lock:
+            try:
+                if self._looker is None:
+                    clone = getattr(self.store, "clone", None)
+                    self._looker = clone() if clone is not None else self.store
+                return bool(self._looker.check([f"{self.base(peer)}/{gen}/hello/l"]))
+            except (RuntimeError, dist.DistError):
+                return False  # the store is away: look again
 
     def _take(self) -> dist.Store:
         """A store client of this forming pair's own. A client runs one op at a
@@ -177,6 +182,8 @@ class PairMaker:
         """Let go of the kept clients (their sockets close with them)."""
         with self._lock:
             self._idle.clear()
+        with self._look_lock:
+            self._looker = None
 
     def _make(self, store: dist.Store, peer: int, base: str, mine: str, theirs: str,
               wanted: Callable[[], bool]) -> TorchPairTransport | None:

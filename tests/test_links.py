@@ -462,6 +462,27 @@ def test_a_following_hello_never_waits_for_a_leader_gone() -> None:
     assert store.check(["p/0/hello/e"])  # it stands until the pair is constructed
 
 
+def test_an_embedding_end_looks_for_its_leader_on_a_client_of_its_own() -> None:
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    from disagg.pairing import PairMaker
+    server = dist.TCPStore("127.0.0.1", 0, is_master=True, use_libuv=True,
+                           timeout=datetime.timedelta(seconds=10))
+    maker = PairMaker(server, lambda peer: f"pair/{peer}", embedding=True,
+                      device=torch.device("cpu"), timeout_s=5.0)
+    assert not maker.waiting(3, 0)
+    looker = maker._looker
+    assert looker is not None and looker is not server
+    server.set("pair/3/1/hello/l", "1")
+    assert not maker.waiting(3, 0) and maker.waiting(3, 1)  # this generation's hello only
+    assert maker._looker is looker  # one client, kept
+    maker.close()
+    assert maker._looker is None and maker._idle == []
+
+
 def test_thin_communicators_are_asked_for_by_an_environment_variable() -> None:
     from disagg.pairing import max_ctas_from_env
     assert max_ctas_from_env({}) == 0 and max_ctas_from_env({"DISAGG_PAIR_NCCL_MAX_CTAS": "2"}) == 2
