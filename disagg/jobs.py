@@ -30,7 +30,7 @@ from . import transport
 from .errors import GeometryMismatch
 from .geometry import Geometry
 from .roster import POLL_S, Member, Seen, counter, key, scan
-from .store import candidate_ids
+from .store import candidate_ids, own_client
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +79,7 @@ class Roster:
         # the roster thread's own client: a pair's rendezvous waits on the shared
         # one (up to the pair's timeout, for a peer gone meanwhile), and a call
         # behind it there would stall this rank's lease until peers collect it
-        clone = getattr(store, "clone", None)
-        self._mine: dist.Store = clone() if clone is not None else store
+        self._mine = own_client(store)
         self._stop = threading.Event()
         self._first_pass = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True,
@@ -287,11 +286,11 @@ class Roster:
         missing key up to the client's timeout, and this thread also keeps
         this rank's lease, so it must not wait long: peers would collect it."""
         if self._read_store is None:
-            clone = getattr(self.store, "clone", None)
-            if clone is None:  # not a TCPStore: its own timeout stands
-                return self.store
-            self._read_store = clone()
-            self._read_store.set_timeout(datetime.timedelta(seconds=READ_TIMEOUT_S))
+            client = own_client(self.store)
+            if client is self.store:  # not a TCPStore: its own timeout stands
+                return client
+            client.set_timeout(datetime.timedelta(seconds=READ_TIMEOUT_S))
+            self._read_store = client
         return self._read_store
 
     def admit(self, member_id: int) -> bool:

@@ -21,6 +21,7 @@ from collections.abc import Callable, Mapping
 import torch
 import torch.distributed as dist
 
+from .store import own_client
 from .transport import TorchPairTransport, device_lock
 
 HELLO_POLL_S = (0.002, 0.05)  # a forming pair looks for its peer's hello this often (first, at most)
@@ -152,8 +153,7 @@ class PairMaker:
         with self._look_lock:
             try:
                 if self._looker is None:
-                    clone = getattr(self.store, "clone", None)
-                    self._looker = clone() if clone is not None else self.store
+                    self._looker = own_client(self.store)
                 return bool(self._looker.check([f"{self.base(peer)}/{gen}/hello/l"]))
             except (RuntimeError, dist.DistError):
                 return False  # the store is away: look again
@@ -170,8 +170,7 @@ class PairMaker:
         with self._lock:
             if self._idle:
                 return self._idle.pop()
-        clone = getattr(self.store, "clone", None)
-        return clone() if clone is not None else self.store
+        return own_client(self.store)
 
     def _give(self, store: dist.Store) -> None:
         with self._lock:

@@ -1,7 +1,8 @@
 """Jobs mode's rendezvous store: connecting to it, hosting it, and what a
 rank writes there first (its id and its member record). Every other store
 call of jobs mode is the roster's (`jobs.py`), which lists the other role's
-ids allocated so far with `candidate_ids`."""
+ids allocated so far with `candidate_ids`. `own_client` serves both modes'
+stores (the pairs' and the roster's clients)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,14 @@ def connect_store(rendezvous: str, timeout_s: float) -> dist.TCPStore:
                              timeout=datetime.timedelta(seconds=timeout_s))
     except (RuntimeError, ValueError) as e:
         raise DisaggError(f"cannot reach the rendezvous store at {rendezvous}: {e}") from e
+
+
+def own_client(store: dist.Store) -> dist.Store:
+    """A client of `store` of the caller's own (`TCPStore.clone`: a socket of its
+    own, so a call that waits there holds up no other user's calls); the
+    store itself when it cannot be cloned (a `HashStore`, a `FileStore`)."""
+    clone = getattr(store, "clone", None)
+    return clone() if clone is not None else store
 
 
 def host_store(port: int, host: str = "0.0.0.0", timeout_s: float = 30.0) -> dist.TCPStore:
