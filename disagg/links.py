@@ -36,6 +36,7 @@ import torch
 
 from .errors import PeerLost
 from .meta import Meta
+from .pairing import HELLO_POLL_S
 from .pairs import LIVE, LinkState, LinkView, evictable, may_form
 from .stats import Stats
 from .transport import Posted, TorchPairTransport
@@ -43,7 +44,6 @@ from .transport import Posted, TorchPairTransport
 log = logging.getLogger(__name__)
 
 WAIT_S = 0.1  # a thread waiting for a slot under the cap looks again this often
-FOLLOW_POLL_S = (0.002, 0.05)  # an Embedding end looks for its peer's hello this often
 
 
 class LinkHost(Protocol):
@@ -176,7 +176,7 @@ class PairLink:
         once open; False if it stopped being `wanted` first; `PeerLost` if the
         pair is lost or the rank shuts down."""
         book = self.book
-        delay = FOLLOW_POLL_S[0]
+        delay = HELLO_POLL_S[0]  # an Embedding end looks for its peer's hello as `hello` does
         while True:
             candidates: list[int] | None = None
             ready = self._peer_ready()  # no lock held: a store read on the Embedding side
@@ -191,7 +191,7 @@ class PairLink:
                     return False
                 if not ready:
                     book.cv.wait(delay)
-                    delay = min(delay * 2, FOLLOW_POLL_S[1])
+                    delay = min(delay * 2, HELLO_POLL_S[1])
                     continue
                 if may_form(self.state, book.live, book.max_pairs):
                     self.state, gen = LinkState.FORMING, self.gen
