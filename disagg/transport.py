@@ -136,15 +136,15 @@ def post_ops(group: Any, peer: int, ops: list[tuple[bool, torch.Tensor]],
     a backend object as `pairing.py` makes it (ProcessGroupNCCL or
     ProcessGroupGloo), whose coalescing calls take no device, unlike a
     registered ProcessGroup's."""
+    def issue(send: bool, t: torch.Tensor) -> dist.Work:
+        return group.send([t], peer, 0) if send else group.recv([t], peer, 0)
+
     if not coalesce:
-        return [group.send([t], peer, 0) if send else group.recv([t], peer, 0) for send, t in ops]
+        return [issue(send, t) for send, t in ops]
     group._start_coalescing()
     try:
         for send, t in ops:
-            if send:
-                group.send([t], peer, 0)
-            else:
-                group.recv([t], peer, 0)
+            issue(send, t)
     except BaseException:
         with contextlib.suppress(Exception):
             group._end_coalescing()
